@@ -1,0 +1,20 @@
+"""adn — adaptive depth networks with sub-path specialization.
+
+    import adn, torchvision
+    net = adn.convert(torchvision.models.resnet50())
+    net.skip = "TTFF"; y = net(x)
+"""
+from .convert import StageSpec, convert, register_adapter, split_point, supported_families
+from .distill import SubPathDistillationLoss
+from .layers import SkipAwareNorm, SkippableBlock, SkippableStage
+from .models import available_models, build_model
+from .network import AdaptiveDepthNetwork
+from .skip import SkipConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveDepthNetwork", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
+    "SubPathDistillationLoss", "available_models", "build_model", "convert", "register_adapter", "split_point",
+    "supported_families",
+]

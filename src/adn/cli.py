@@ -1,0 +1,262 @@
+"""The ``adn`` command line (also ``python -m adn``): train, eval, profile, export.
+
+Tables go to stdout; with ``--json`` stdout holds only JSON. Progress bars and logs go to stderr.
+Errors a user can fix are printed as one ``adn: error: ...`` line with exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .data import DATASETS, DataError
+from .distill import FEATURE_KD_MODES
+from .models import available_models
+from .skip import SkipConfig
+from .train import METHODS, SCHEDULERS, TrainConfig, TrainingDiverged
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an adaptive depth network (Algorithm 1) or a baseline",
+                       description="Train with sub-path specialization (method adn), the joint ablation, or an "
+                                   "individual fixed-depth baseline. Flags follow torchvision's reference scripts.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, help=f"one of: {', '.join(available_models())}")
+    g.add_argument("--weights", default=None, help="torchvision weights to start from, e.g. DEFAULT (downloads)")
+    g.add_argument("--width", type=_positive_int, default=None, help="base width of the small ResNets (default 16)")
+    g.add_argument("--data", default=d.data, choices=DATASETS)
+    g.add_argument("--data-path", default=None, help="dataset folder (imagefolder: with train/ and val/)")
+    g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
+    g.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of N images")
+    g.add_argument("--train-crop-size", type=_positive_int, default=None, help="imagefolder/fake: training crop size")
+    g.add_argument("--val-resize-size", type=_positive_int, default=None, help="imagefolder: validation resize")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default=d.method, choices=METHODS,
+                   help="adn: sub-path specialization; joint: (CE_super+CE_base)/2 ablation; individual: one fixed "
+                        "sub-network (the paper's baselines)")
+    g.add_argument("--skip", default=d.skip, help="sub-network trained by --method individual (TTFF, super, base)")
+    g.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false",
+                   help="ablation: no skip-aware norm twins")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the super-net's CE loss")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature of the KL terms")
+    g.add_argument("--feature-kd", default=d.feature_kd, choices=FEATURE_KD_MODES,
+                   help="stage-output distillation: spatial (softmax over channels per position, the paper), "
+                        "pooled (per image, the authors' code) or none")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
+    g.add_argument("-j", "--workers", type=int, default=d.workers, help="data loading processes")
+    g.add_argument("--opt", default=d.opt, choices=("sgd", "adamw"))
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d.weight_decay)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS)
+    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size)
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    g.add_argument("--lr-min", type=float, default=d.lr_min)
+    g.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs)
+    g.add_argument("--lr-warmup-method", default=d.lr_warmup_method, choices=("linear", "constant"))
+    g.add_argument("--lr-warmup-decay", type=float, default=d.lr_warmup_decay)
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train import train
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    train(cfg)
+    print(f"checkpoint: {Path(cfg.output_dir) / 'checkpoint.pt'}", file=sys.stderr)
+    return 0
+
+
+def _add_measure_flags(p) -> None:
+    p.add_argument("--skip", default="all", help="'all', or comma-separated configs such as TTFF,super,base")
+    p.add_argument("--json", action="store_true", help="print JSON rows on stdout instead of a table")
+    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip latency measurement")
+    p.add_argument("--latency-batch-size", type=_positive_int, default=1, help="batch size of latency measurements")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forward passes before timing")
+    p.add_argument("--repeats", type=_positive_int, default=10, help="timed forward passes (median reported)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+
+
+def _configs(text: str, num_stages: int) -> list[SkipConfig]:
+    if text.strip().lower() == "all":
+        return SkipConfig.all(num_stages)
+    return [SkipConfig(part, num_stages) for part in text.split(",")]
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, params, MACs and latency of every sub-network of a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="file written by adn train")
+    p.add_argument("--data", default=None, choices=DATASETS, help="default: the dataset it was trained on")
+    p.add_argument("--data-path", default=None, help="default: the path it was trained with")
+    p.add_argument("--val-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
+    p.add_argument("-b", "--batch-size", type=_positive_int, default=256)
+    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--plot", default=None, help="accuracy-vs-MACs PNG (default: acc_vs_macs.png next to the checkpoint)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    _add_measure_flags(p)
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from torch.utils.data import DataLoader
+
+    from .checkpoint import load_network
+    from .data import load_dataset
+    from .evaluate import evaluate_subnetworks
+    from .report import add_ratios, format_table, plot_accuracy_vs_macs
+
+    net, ckpt = load_network(args.checkpoint)
+    meta = ckpt["meta"]
+    configs = _configs(args.skip, net.num_stages)
+    device = torch.device(args.device)
+    net.to(device)
+    cfg = meta.get("config", {})
+    data = load_dataset(args.data or meta["dataset"], args.data_path or meta.get("data_path"),
+                        val_subset=args.val_subset, seed=cfg.get("seed", 0), augment=False,
+                        image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"))
+    if data.num_classes != meta["num_classes"]:
+        raise DataError(f"the dataset has {data.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
+    loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
+    example = data.val[0][0][None].expand(args.latency_batch_size, -1, -1, -1).contiguous().to(device)
+    rows = add_ratios(evaluate_subnetworks(net, loader, configs, example, device=device, latency=args.latency,
+                                           warmup=args.warmup, repeats=args.repeats))
+    if not args.no_plot:
+        path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "acc_vs_macs.png"
+        plot_accuracy_vs_macs(rows, path, title=f"{meta['model']}-ADN on {data.description.split(' (')[0]}")
+        print(f"plot: {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{meta['model']} ({meta['method']}), {len(data.val)} {data.description} validation images; "
+              f"MACs per image; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
+              f"{torch.get_num_threads()} threads, {device}")
+        print(format_table(rows))
+    return 0
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="params, MACs and latency of every sub-network of a freshly converted model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(available_models())}")
+    p.add_argument("--input-size", type=_positive_int, default=224, help="image height and width")
+    p.add_argument("--in-channels", type=_positive_int, default=3)
+    p.add_argument("--num-classes", type=_positive_int, default=1000)
+    p.add_argument("--width", type=_positive_int, default=None, help="base width of the small ResNets")
+    p.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false")
+    _add_measure_flags(p)
+    p.set_defaults(run=_run_profile)
+
+
+def _run_profile(args) -> int:
+    from .convert import convert
+    from .models import build_model
+    from .profile import profile_subnetworks
+    from .report import add_ratios, format_table
+
+    kwargs = {"width": args.width} if args.width else {}
+    net = convert(build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels, **kwargs),
+                  skip_aware_norm=args.skip_aware_norm)
+    configs = _configs(args.skip, net.num_stages)
+    device = torch.device(args.device)
+    net.to(device).eval()
+    example = torch.randn(args.latency_batch_size, args.in_channels, args.input_size, args.input_size, device=device)
+    rows = add_ratios(profile_subnetworks(net, example, configs, latency=args.latency, warmup=args.warmup,
+                                          repeats=args.repeats))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{args.model}-ADN, input {args.in_channels}x{args.input_size}x{args.input_size}; MACs per image"
+              + (f"; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
+                 f"{torch.get_num_threads()} threads, {device}" if args.latency else ""))
+        print(format_table(rows))
+    return 0
+
+
+def _add_export(sub) -> None:
+    from .export import FORMATS
+    p = sub.add_parser("export", help="write standalone sub-networks (one file each) and a manifest",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--skip", default="all", help="'all', or comma-separated configs such as TTFF,base")
+    p.add_argument("--format", default="safetensors", choices=FORMATS)
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--accuracy", default=None, help="JSON from `adn eval --json` to record accuracy in the manifest")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .checkpoint import load_network
+    from .export import export_subnetworks
+
+    net, ckpt = load_network(args.checkpoint)
+    meta = ckpt["meta"]
+    configs = _configs(args.skip, net.num_stages)
+    accuracy = None
+    if args.accuracy:
+        try:
+            accuracy = {r["skip"]: {"acc1": r["acc1"], "acc5": r["acc5"]} for r in json.loads(Path(args.accuracy).read_text())}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"--accuracy {args.accuracy}: expected the JSON printed by `adn eval --json` ({error})") from error
+    size = meta.get("image_size", 224)
+    example = torch.randn(1, meta["in_channels"], size, size)
+    entries = export_subnetworks(net.eval(), configs, args.output, args.format, example, accuracy)
+    for entry in entries:
+        print(f"{entry['skip']}  {Path(args.output) / entry['file']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adn", description="Adaptive depth networks: convert, train, evaluate, "
+                                     "profile and export networks whose depth switches at run time.")
+    parser.add_argument("--version", action="version", version=f"adn {__import__('adn').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_profile(sub)
+    _add_export(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return args.run(args)
+    except (ValueError, CheckpointError, DataError, TrainingDiverged) as error:
+        print(f"adn: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Datasets: Fashion-MNIST, CIFAR-10/100, ImageNet-layout folders, and random fake data.
+
+Every loader goes through torchvision's datasets and transforms. Fashion-MNIST is taken from the
+Debian package ``dataset-fashion-mnist`` when installed (offline), else downloaded by torchvision.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets
+from torchvision import transforms as T
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "fake")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A dataset could not be found or read; the message says what to do."""
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    description: str
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("ADN_DATA", Path.home() / ".cache" / "adn" / "datasets"))
+
+
+def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train_subset: int | None = None,
+                 val_subset: int | None = None, seed: int = 0, image_size: int | None = None,
+                 val_resize_size: int | None = None, augment: bool = True) -> DataBundle:
+    """Build train and validation datasets. ``train_subset``/``val_subset`` keep a fixed random subset
+    (seeded) of that many images, for quick runs."""
+    if name == "fashion-mnist":
+        bundle = _fashion_mnist(data_path, augment)
+    elif name in ("cifar10", "cifar100"):
+        bundle = _cifar(name, data_path, augment)
+    elif name == "imagefolder":
+        bundle = _image_folder(data_path, image_size or 224, val_resize_size, augment)
+    elif name == "fake":
+        bundle = _fake(image_size or 32)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    bundle.train = _subset(bundle.train, train_subset, seed, "train")
+    bundle.val = _subset(bundle.val, val_subset, seed + 1, "val")
+    return bundle
+
+
+def _subset(dataset: Dataset, size: int | None, seed: int, split: str) -> Dataset:
+    if size is None:
+        return dataset
+    if size < 1:
+        raise DataError(f"--{split}-subset must be a positive number of images, got {size}")
+    if size >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
+    return Subset(dataset, indices)
+
+
+# ----- Fashion-MNIST --------------------------------------------------------------------------------
+def fashion_mnist_root(data_path: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """A root in torchvision's layout (``<root>/FashionMNIST/raw/<files>``) and whether torchvision
+    must download. Looks at ``data_path`` (a folder of IDX files, gzipped or not, or a torchvision
+    root), then the Debian package, then the cache."""
+    candidates = [Path(data_path)] if data_path else [DEBIAN_FASHION_MNIST, default_cache()]
+    if data_path and not Path(data_path).exists():
+        raise DataError(f"Fashion-MNIST path {data_path} does not exist; give a folder holding "
+                        f"{', '.join(FASHION_MNIST_FILES)} (optionally .gz), or omit --data-path to use the "
+                        f"Debian package dataset-fashion-mnist or torchvision's download")
+    for folder in candidates:
+        if _has_idx_files(folder / "FashionMNIST" / "raw"):
+            return folder, False
+        if _has_idx_files(folder):
+            return _stage_idx_files(folder), False
+    if data_path:
+        raise DataError(f"{data_path} holds no Fashion-MNIST IDX files; expected {', '.join(FASHION_MNIST_FILES)} "
+                        f"(or .gz) directly inside it, or in FashionMNIST/raw/")
+    return default_cache(), True
+
+
+def _has_idx_files(folder: Path) -> bool:
+    return all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in FASHION_MNIST_FILES)
+
+
+def _stage_idx_files(folder: Path) -> Path:
+    """Lay IDX files out where torchvision's FashionMNIST reads them, decompressing .gz once."""
+    root = default_cache() / "fashion-mnist-staged" / hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        target = raw / name
+        if target.is_file():
+            continue
+        tmp = target.with_suffix(".tmp")
+        plain, packed = folder / name, folder / f"{name}.gz"
+        if plain.is_file():
+            shutil.copyfile(plain, tmp)
+        else:
+            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    return root
+
+
+def _fashion_mnist(data_path, augment: bool) -> DataBundle:
+    root, download = fashion_mnist_root(data_path)
+    mean, std = (0.2860,), (0.3530,)
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose(([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()] if augment else []) + normalize)
+    try:
+        train = datasets.FashionMNIST(str(root), train=True, transform=train_tf, download=download)
+        val = datasets.FashionMNIST(str(root), train=False, transform=T.Compose(normalize), download=download)
+    except (RuntimeError, OSError) as error:
+        raise DataError(f"could not load Fashion-MNIST ({error}). Offline, install the Debian package: "
+                        f"apt-get install dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST})") from error
+    source = "torchvision download" if download else str(root)
+    return DataBundle(train, val, 10, 1, 28, mean, std, f"Fashion-MNIST ({source})")
+
+
+# ----- CIFAR ---------------------------------------------------------------------------------------------
+def _cifar(name: str, data_path, augment: bool) -> DataBundle:
+    root = Path(data_path) if data_path else default_cache()
+    cls, classes = (datasets.CIFAR10, 10) if name == "cifar10" else (datasets.CIFAR100, 100)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []) + normalize)
+    try:
+        train = cls(str(root), train=True, transform=train_tf, download=True)
+        val = cls(str(root), train=False, transform=T.Compose(normalize), download=True)
+    except (RuntimeError, OSError) as error:
+        raise DataError(f"could not load {name} from {root} ({error}). Without internet, place torchvision's "
+                        f"extracted CIFAR folder there and pass --data-path") from error
+    return DataBundle(train, val, classes, 3, 32, mean, std, f"{name.upper()} ({root})")
+
+
+# ----- ImageNet-layout folders -------------------------------------------------------------------------
+def _image_folder(data_path, crop: int, resize: int | None, augment: bool) -> DataBundle:
+    if not data_path:
+        raise DataError("--data imagefolder needs --data-path DIR, a folder with train/ and val/ holding one "
+                        "sub-folder of images per class (the ImageNet layout)")
+    root = Path(data_path)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root / split} is not a folder; --data-path must hold train/ and val/, each with one "
+                            f"sub-folder of images per class")
+    resize = resize or int(round(crop / 0.875))
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_tf = T.Compose(([T.RandomResizedCrop(crop), T.RandomHorizontalFlip()] if augment
+                          else [T.Resize(resize), T.CenterCrop(crop)]) + normalize)
+    val_tf = T.Compose([T.Resize(resize), T.CenterCrop(crop)] + normalize)
+    try:
+        train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+        val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+    except (FileNotFoundError, OSError) as error:
+        raise DataError(f"could not read image folders under {root}: {error}") from error
+    if train.classes != val.classes:
+        raise DataError(f"train/ and val/ under {root} have different class folders "
+                        f"({len(train.classes)} vs {len(val.classes)}); they must match")
+    return DataBundle(train, val, len(train.classes), 3, crop, IMAGENET_MEAN, IMAGENET_STD, f"image folders ({root})")
+
+
+# ----- fake data ---------------------------------------------------------------------------------------
+def _fake(image_size: int) -> DataBundle:
+    """Random images (torchvision FakeData): for smoke tests and benchmarks, not for accuracy."""
+    tf = T.ToTensor()
+    train = datasets.FakeData(512, (3, image_size, image_size), num_classes=10, transform=tf, random_offset=0)
+    val = datasets.FakeData(128, (3, image_size, image_size), num_classes=10, transform=tf, random_offset=10_000)
+    return DataBundle(train, val, 10, 3, image_size, (0.5,) * 3, (0.25,) * 3, "fake random images")

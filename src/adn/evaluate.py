@@ -1,0 +1,50 @@
+"""Accuracy of sub-networks, and the full per-sub-network report of ``adn eval``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .profile import profile_subnetworks
+from .skip import SkipConfig
+
+
+@torch.no_grad()
+def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu", progress: bool = False,
+                      description: str = "eval") -> dict[str, dict[str, float]]:
+    """Top-1 and top-5 accuracy (percent) of each sub-network in ``configs``, reading the data once:
+    every batch is run through every requested sub-network."""
+    configs = [SkipConfig(c, net.num_stages) for c in configs]
+    correct1 = {str(c): 0 for c in configs}
+    correct5 = dict(correct1)
+    seen = 0
+    was_training = net.training
+    net.eval()
+    try:
+        for images, targets in tqdm(loader, desc=description, disable=not progress, leave=False):
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            seen += targets.numel()
+            for config in configs:
+                logits = net(images, skip=config)
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                hits = top.eq(targets[:, None])
+                correct1[str(config)] += hits[:, 0].sum().item()
+                correct5[str(config)] += hits.any(dim=1).sum().item()
+    finally:
+        net.train(was_training)
+    if seen == 0:
+        raise ValueError("the evaluation dataset is empty")
+    return {key: {"acc1": 100.0 * correct1[key] / seen, "acc5": 100.0 * correct5[key] / seen} for key in correct1}
+
+
+def evaluate_subnetworks(net: nn.Module, loader: DataLoader, configs, example: torch.Tensor, device="cpu",
+                         latency: bool = True, warmup: int = 3, repeats: int = 10, progress: bool = True) -> list[dict]:
+    """``adn eval``'s rows: skip, acc1, acc5, params, macs, latency_ms (+ spread, batch size, threads)."""
+    configs = [SkipConfig(c, net.num_stages) for c in configs]
+    accuracy = evaluate_accuracy(net, loader, configs, device=device, progress=progress)
+    rows = profile_subnetworks(net, example, configs, latency=latency, warmup=warmup, repeats=repeats)
+    for row in rows:
+        row.update(accuracy[row["skip"]])
+    return rows

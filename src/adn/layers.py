@@ -1,0 +1,144 @@
+"""The skip machinery shared by every architecture.
+
+Conversion is surgery on an existing model that keeps every parameter name: instead of wrapping
+modules (which would rename ``layer1.0.bn1.weight``), it swaps the class of selected modules for a
+subclass that adds one behaviour.
+
+- :class:`SkippableBlock` — a residual block that, when its stage skips, is *not executed*: it returns
+  its input unchanged. Skippable blocks are never the first block of a stage, so input and output
+  shapes always agree; nothing is multiplied by zero and no MACs are spent.
+- :class:`SkipAwareNorm` — a normalization layer with a *twin* (a second norm of the same type). The
+  twin normalizes when the stage is skipped, because a shared block then feeds a different
+  distribution downstream (paper, Sec. 3.2 "skip-aware BNs").
+- :class:`SkippableStage` — the controller of one stage: its shared blocks, its skippable blocks and
+  the norms to switch. Setting ``stage.skip`` flips plain Python flags: O(#modules in the stage), no
+  weight copy, no module rebuilt.
+
+The original parameters keep their names, twins live under ``<norm>.twin.*``; a state_dict of the
+original model therefore loads into the converted model's super-net path unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+_MODULE = sys.modules[__name__]
+_SUBCLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def _swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
+    """Give ``module`` the class ``<prefix><OriginalClass>`` = (mixin, OriginalClass).
+
+    The subclass is created once per original class and registered in this module under a unique
+    name, so converted models remain picklable and deep-copyable."""
+    base = type(module)
+    if issubclass(base, mixin):
+        return
+    key = (mixin, base)
+    cls = _SUBCLASS_CACHE.get(key)
+    if cls is None:
+        name = f"{prefix}{base.__name__}"
+        while hasattr(_MODULE, name):  # e.g. two libraries both defining ``Bottleneck``
+            name += "_"
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name})
+        setattr(_MODULE, name, cls)
+        _SUBCLASS_CACHE[key] = cls
+    module.__class__ = cls
+
+
+def original_class(module: nn.Module) -> type:
+    """The class a converted module had before conversion (the class itself if not converted)."""
+    cls = type(module)
+    for mixin in (SkipAwareNorm, SkippableBlock):
+        if issubclass(cls, mixin):
+            return cls.__mro__[2]
+    return cls
+
+
+class SkippableBlock:
+    """Mixin for a block in the skippable part of a stage. Returns its input untouched when skipped."""
+
+    adn_skipped: bool = False
+
+    @classmethod
+    def convert(cls, block: nn.Module) -> nn.Module:
+        _swap_in_subclass(block, cls, "Skippable")
+        block.adn_skipped = False
+        return block
+
+    def forward(self, x, *args, **kwargs):
+        if self.adn_skipped:
+            return x
+        return super().forward(x, *args, **kwargs)
+
+
+class SkipAwareNorm:
+    """Mixin for a norm inside a stage's shared blocks: ``self`` normalizes while the stage runs its
+    skippable part, ``self.twin`` while it skips it."""
+
+    adn_skipped: bool = False
+
+    @classmethod
+    def convert(cls, norm: nn.Module) -> nn.Module:
+        # The twin is an exact copy, so a pretrained model keeps its function in every sub-network at
+        # the start of training; training then specializes the twins to the skipped distribution.
+        twin = copy.deepcopy(norm)
+        _swap_in_subclass(norm, cls, "SkipAware")
+        norm.twin = twin
+        norm.adn_skipped = False
+        return norm
+
+    def forward(self, x, *args, **kwargs):
+        if self.adn_skipped:
+            return self.twin(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+    def sync_twin(self) -> None:
+        """Copy this norm's parameters and buffers into its twin (used after loading original weights)."""
+        self.twin.load_state_dict({k: v for k, v in super().state_dict().items() if not k.startswith("twin.")})
+
+
+class SkippableStage:
+    """One stage of an adaptive depth network (a plain controller, not an ``nn.Module``: the blocks
+    stay where the original model put them).
+
+    ``shared`` blocks always run; ``skippable`` blocks run unless ``skip`` is set; ``norms`` are the
+    skip-aware norms inside the shared blocks that switch to their twins when ``skip`` is set."""
+
+    def __init__(self, name: str, shared: Sequence[nn.Module], skippable: Sequence[nn.Module],
+                 norms: Sequence[nn.Module] = ()):
+        if not shared:
+            raise ValueError(f"stage {name!r}: at least one block must be shared (run by every sub-network)")
+        self.name = name
+        self.shared = list(shared)
+        self.skippable = list(skippable)
+        self.norms = list(norms)
+        self._skip = False
+
+    @property
+    def skip(self) -> bool:
+        return self._skip
+
+    @skip.setter
+    def skip(self, value: bool) -> None:
+        value = bool(value)
+        if value == self._skip:
+            return
+        for module in self.skippable:
+            module.adn_skipped = value
+        for norm in self.norms:
+            norm.adn_skipped = value
+        self._skip = value
+
+    @property
+    def output_module(self) -> nn.Module:
+        """The module whose output is the stage's output in every sub-network (a skipped last block
+        returns its input, which is the output of the last block that ran)."""
+        return (self.skippable or self.shared)[-1]
+
+    def __repr__(self) -> str:
+        return (f"SkippableStage({self.name!r}, shared={len(self.shared)}, skippable={len(self.skippable)}, "
+                f"skip_aware_norms={len(self.norms)}, skip={self._skip})")

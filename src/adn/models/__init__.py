@@ -1,0 +1,46 @@
+"""Model builders by name: adn's small ResNets and torchvision's ResNet family.
+
+``build_model(name, num_classes, in_channels)`` returns a plain (not yet converted) model."""
+from __future__ import annotations
+
+import difflib
+
+import torchvision
+from torch import nn
+
+from .small_resnet import SmallResNet, resnet20, resnet32, resnet44, resnet56, resnet110
+
+SMALL_MODELS = {f.__name__: f for f in (resnet20, resnet32, resnet44, resnet56, resnet110)}
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                      "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
+
+
+def available_models() -> list[str]:
+    return list(SMALL_MODELS) + list(TORCHVISION_MODELS)
+
+
+def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
+                **kwargs) -> nn.Module:
+    """Build an unconverted model by name. ``weights`` names torchvision weights (e.g. ``"DEFAULT"``),
+    downloaded by torchvision when needed (needs the internet the first time)."""
+    if name in SMALL_MODELS:
+        if weights:
+            raise ValueError(f"{name} has no pretrained weights; omit --weights")
+        return SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if name in TORCHVISION_MODELS:
+        if weights:
+            model = torchvision.models.get_model(name, weights=weights, **kwargs)
+            if num_classes != model.fc.out_features:
+                model.fc = nn.Linear(model.fc.in_features, num_classes)
+        else:
+            model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        if in_channels != 3:
+            old = model.conv1
+            model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        return model
+    close = difflib.get_close_matches(name, available_models(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(available_models())}")
+
+
+__all__ = ["SmallResNet", "available_models", "build_model", *SMALL_MODELS]

@@ -1,0 +1,154 @@
+"""The adaptive depth network: the public face of a converted model.
+
+``adn.convert`` gives the converted model the class ``Adaptive<OriginalClass>`` =
+(:class:`AdaptiveDepthNetwork`, OriginalClass). It is still an instance of the original class (a
+converted torchvision ``ResNet`` is a ``ResNet``), keeps its parameter names, and gains depth control:
+
+    net.skip = "TTFF"            # select a sub-network
+    net(x, skip="TTTT")          # or per call
+    with net.skipping("base"): ...
+    net.subnet("TTFF")           # a plain standalone module of that depth, sharing weights
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .layers import SkipAwareNorm, SkippableBlock, SkippableStage, _swap_in_subclass, original_class
+from .skip import SkipConfig
+
+
+class AdaptiveDepthNetwork:
+    """Mixin added to a converted model's class. State: ``adn_stages`` (list of SkippableStage) and
+    ``adn_info`` (how it was converted, for checkpoints and reports)."""
+
+    adn_stages: list[SkippableStage]
+    adn_info: dict
+
+    @classmethod
+    def attach(cls, model: nn.Module, stages: list[SkippableStage], info: dict) -> nn.Module:
+        _swap_in_subclass(model, cls, "Adaptive")
+        # Set through __dict__: nn.Module.__setattr__ would not register a list of controllers anyway,
+        # and this keeps them out of state_dict.
+        model.__dict__["adn_stages"] = stages
+        model.__dict__["adn_info"] = dict(info)
+        return model
+
+    # ----- depth control -------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.adn_stages)
+
+    @property
+    def skip(self) -> SkipConfig:
+        return SkipConfig([stage.skip for stage in self.adn_stages])
+
+    @skip.setter
+    def skip(self, value) -> None:
+        config = SkipConfig(value, num_stages=self.num_stages)
+        for stage, flag in zip(self.adn_stages, config):
+            stage.skip = flag
+
+    @contextlib.contextmanager
+    def skipping(self, value) -> Iterator[SkipConfig]:
+        """Run a block of code at another depth; the previous depth is restored afterwards."""
+        previous = self.skip
+        self.skip = value
+        try:
+            yield self.skip
+        finally:
+            self.skip = previous
+
+    def forward(self, x, *args, skip=None, **kwargs):
+        if skip is None:
+            return super().forward(x, *args, **kwargs)
+        with self.skipping(skip):
+            return super().forward(x, *args, **kwargs)
+
+    def sub_networks(self) -> list[SkipConfig]:
+        """All 2^N configurations of this network, super-net first."""
+        return SkipConfig.all(self.num_stages)
+
+    # ----- introspection -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture_stage_outputs(self) -> Iterator[list[torch.Tensor]]:
+        """Collect each stage's output during forward passes run inside the block (for feature
+        distillation), without changing the forward signature. The list is refilled per forward."""
+        outputs: list[torch.Tensor] = []
+        handles = []
+
+        def make_hook(index: int):
+            def hook(_module, _inputs, output):
+                if index == 0:
+                    outputs.clear()
+                outputs.append(output)
+            return hook
+
+        for index, stage in enumerate(self.adn_stages):
+            handles.append(stage.output_module.register_forward_hook(make_hook(index)))
+        try:
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def active_parameters(self, skip=None) -> int:
+        """Number of parameters a sub-network uses (skipped blocks and unused norm twins excluded)."""
+        config = self.skip if skip is None else SkipConfig(skip, num_stages=self.num_stages)
+        return sum(p.numel() for p in self.subnet(config).parameters())
+
+    # ----- standalone sub-networks ---------------------------------------------------------------
+    def subnet(self, skip) -> nn.Module:
+        """A plain module computing sub-network ``skip``: skipped blocks removed, each skip-aware norm
+        resolved to the one in use, original classes restored. Parameters and buffers are *shared*
+        with this network (training one trains the other); call ``copy.deepcopy`` for an independent
+        copy."""
+        config = SkipConfig(skip, num_stages=self.num_stages)
+        # Deep-copy the module tree but not its tensors: pre-seeding the memo with every parameter
+        # and buffer makes the copy reference the very same tensors.
+        memo = {id(t): t for t in list(self.parameters()) + list(self.buffers())}
+        with self.skipping(config):
+            plain = copy.deepcopy(self, memo)
+        _unload(plain)
+        return plain
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        mine = f"adn: {self.num_stages} stages, skip={self.skip}"
+        return f"{base}, {mine}" if base else mine
+
+
+def _unload(model: nn.Module) -> None:
+    """Strip the skip machinery from a deep copy, in place (the copy's flags fix its depth)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SkippableBlock) and child.adn_skipped:
+                _remove_child(parent, name)
+            elif isinstance(child, SkipAwareNorm) and child.adn_skipped:
+                setattr(parent, name, child.twin)
+    for module in model.modules():
+        if isinstance(module, (SkipAwareNorm, SkippableBlock)):
+            module._modules.pop("twin", None)
+            module.__dict__.pop("adn_skipped", None)
+            module.__class__ = original_class(module)
+    model.__dict__.pop("adn_stages", None)
+    model.__dict__.pop("adn_info", None)
+    model.__class__ = type(model).__mro__[2]
+
+
+def _remove_child(parent: nn.Module, name: str) -> None:
+    if isinstance(parent, nn.Sequential):
+        # Keep the other entries' names, so the sub-network's state_dict keys match the full network's.
+        del parent._modules[name]
+    elif isinstance(parent, nn.ModuleList):
+        # A ModuleList is indexed by position: renumber what is left.
+        kept = [m for n, m in parent.named_children() if n != name]
+        parent._modules.clear()
+        for index, module in enumerate(kept):
+            parent.add_module(str(index), module)
+    else:
+        setattr(parent, name, nn.Identity())

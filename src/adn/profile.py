@@ -1,0 +1,114 @@
+"""Cost of each sub-network: active parameters, MACs and latency.
+
+MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (which counts FLOPs = 2 x MACs for
+matmuls and convolutions) and are reported as multiply-accumulates, the unit the paper calls
+"FLOPs". Like torchvision's published GFLOPS, they count convolutions, linear layers and matmuls,
+not norms, activations or additions. :func:`count_macs_by_hooks` is an independent count from layer
+shapes that the tests use to validate the flop counter.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .skip import SkipConfig
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on ``example`` (whole batch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def count_macs_by_hooks(model: nn.Module, example: torch.Tensor) -> int:
+    """MACs of convolutions and linear layers computed from their shapes (an independent check)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inputs, output):
+        nonlocal total
+        per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+        total += output.numel() * per_output
+
+    def linear_hook(module: nn.Linear, _inputs, output):
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict:
+    """Median and spread of forward-pass wall time in milliseconds (CUDA is synchronised)."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
+    times = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                sync()
+                start = time.perf_counter()
+                model(example)
+                sync()
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.train(was_training)
+    times.sort()
+    return {
+        "latency_ms": statistics.median(times),
+        "latency_p10_ms": times[int(0.1 * (len(times) - 1))],
+        "latency_p90_ms": times[int(round(0.9 * (len(times) - 1)))],
+        "batch_size": example.shape[0],
+        "threads": torch.get_num_threads(),
+        "device": str(example.device),
+        "repeats": repeats,
+    }
+
+
+def profile_subnetworks(net: nn.Module, example: torch.Tensor, skips=None, latency: bool = True,
+                        warmup: int = 3, repeats: int = 10, progress=None) -> list[dict]:
+    """One row per sub-network: ``skip``, ``params`` (active), ``macs`` (per image) and, when
+    ``latency``, ``latency_ms`` with its spread, batch size, threads and device."""
+    configs = SkipConfig.all(net.num_stages) if skips is None else [SkipConfig(s, net.num_stages) for s in skips]
+    rows = []
+    iterator = progress(configs) if progress else configs
+    for config in iterator:
+        sub = net.subnet(config)
+        row = {
+            "skip": str(config),
+            "params": sum(p.numel() for p in sub.parameters()),
+            "macs": count_macs(sub, example[:1]),
+        }
+        if latency:
+            # Time the adaptive network itself at that depth: that is what users run.
+            with net.skipping(config):
+                row.update(measure_latency(net, example, warmup=warmup, repeats=repeats))
+        rows.append(row)
+    return rows

@@ -1,0 +1,325 @@
+"""``adn train``: Algorithm 1 (sub-path specialization) and the paper's baselines and ablations.
+
+One epoch loop, three step functions:
+- ``adn``: super-net forward + backward (alpha * CE), then base-net forward + backward
+  ((1 - alpha) * KL terms against the detached super-net). Two backward passes, so the peak memory
+  is that of one sub-network; the gradients equal those of the paper's single loss.
+- ``joint`` (ablation without specialization): (CE(super) + CE(base)) / 2, also in two passes.
+- ``individual`` (baseline): plain training of one fixed sub-network.
+Skip-aware norms off (``skip_aware_norm=False``) is the other ablation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .convert import convert
+from .data import DATASETS, load_dataset
+from .distill import FEATURE_KD_MODES, SubPathDistillationLoss
+from .evaluate import evaluate_accuracy
+from .models import build_model
+from .skip import SkipConfig
+
+METHODS = ("adn", "joint", "individual")
+SCHEDULERS = ("cosineannealinglr", "steplr", "exponentiallr", "constant")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; ``adn train`` flags map one to one (``--lr`` -> ``lr``)."""
+    model: str = "resnet20"
+    data: str = "fashion-mnist"
+    data_path: str | None = None
+    output_dir: str = "runs/adn"
+    method: str = "adn"
+    skip: str = "super"                 # the sub-network trained by method=individual
+    skip_aware_norm: bool = True
+    weights: str | None = None          # torchvision weights name, e.g. DEFAULT
+    width: int | None = None            # base width of the small ResNets
+    epochs: int = 10
+    batch_size: int = 128
+    workers: int = 0
+    opt: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    lr_scheduler: str = "cosineannealinglr"
+    lr_step_size: int = 30
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    lr_warmup_epochs: int = 0
+    lr_warmup_method: str = "linear"
+    lr_warmup_decay: float = 0.01
+    label_smoothing: float = 0.0
+    alpha: float = 0.5
+    temperature: float = 1.0
+    feature_kd: str = "spatial"
+    train_subset: int | None = None
+    val_subset: int | None = None
+    train_crop_size: int | None = None
+    val_resize_size: int | None = None
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    resume: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        need(self.data in DATASETS, f"--data must be one of {', '.join(DATASETS)}, got {self.data!r}")
+        need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.weight_decay >= 0, f"--wd must be >= 0, got {self.weight_decay}")
+        need(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
+        need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
+        need(self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
+        need(self.opt in ("sgd", "adamw"), f"--opt must be sgd or adamw, got {self.opt!r}")
+        need(0 <= self.lr_warmup_epochs < self.epochs or self.lr_warmup_epochs == 0,
+             f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be smaller than --epochs ({self.epochs})")
+        need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch must be >= 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----- one training step per method -------------------------------------------------------------------
+def adn_step(net, images, targets, criterion: SubPathDistillationLoss) -> dict:
+    n = net.num_stages
+    with net.capture_stage_outputs() as stage_outputs:
+        net.skip = SkipConfig.super_net(n)
+        super_logits = net(images)
+        super_features = [h.detach() for h in stage_outputs]
+        teacher_loss, terms = criterion.teacher_loss(super_logits, targets)
+        teacher_loss.backward()  # frees the super-net's activations before the base-net runs
+        super_logits = super_logits.detach()
+
+        net.skip = SkipConfig.base_net(n)
+        base_logits = net(images)
+        student_loss, student_terms = criterion.student_loss(base_logits, list(stage_outputs), super_logits, super_features)
+        student_loss.backward()
+    net.skip = SkipConfig.super_net(n)
+    terms.update(student_terms)
+    terms["loss"] = teacher_loss.item() + student_loss.item()
+    return {"terms": terms, "logits": {"super": super_logits, "base": base_logits.detach()}}
+
+
+def joint_step(net, images, targets, criterion: nn.Module) -> dict:
+    n = net.num_stages
+    terms, logits = {}, {}
+    for name, config in (("super", SkipConfig.super_net(n)), ("base", SkipConfig.base_net(n))):
+        output = net(images, skip=config)
+        ce = criterion(output, targets)
+        (0.5 * ce).backward()
+        terms[f"ce_{name}"] = ce.item()
+        logits[name] = output.detach()
+    terms["loss"] = 0.5 * (terms["ce_super"] + terms["ce_base"])
+    return {"terms": terms, "logits": logits}
+
+
+def individual_step(net, images, targets, criterion: nn.Module) -> dict:
+    output = net(images)  # at the depth fixed by net.skip
+    loss = criterion(output, targets)
+    loss.backward()
+    return {"terms": {"loss": loss.item()}, "logits": {str(net.skip): output.detach()}}
+
+
+# ----- optimizer and schedule, named as in torchvision's reference scripts ---------------------------------
+def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    """Stepped once per epoch, like torchvision's reference classification script."""
+    main_epochs = cfg.epochs - cfg.lr_warmup_epochs
+    if cfg.lr_scheduler == "cosineannealinglr":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs, eta_min=cfg.lr_min)
+    elif cfg.lr_scheduler == "steplr":
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
+    elif cfg.lr_scheduler == "exponentiallr":
+        main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
+    else:
+        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if cfg.lr_warmup_epochs == 0:
+        return main
+    if cfg.lr_warmup_method == "linear":
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=cfg.lr_warmup_decay,
+                                                   total_iters=cfg.lr_warmup_epochs)
+    else:
+        warmup = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=cfg.lr_warmup_decay,
+                                                     total_iters=cfg.lr_warmup_epochs)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[cfg.lr_warmup_epochs])
+
+
+# ----- the run ----------------------------------------------------------------------------------------------
+def _meta(cfg: TrainConfig, data) -> dict:
+    model_kwargs = {"width": cfg.width} if cfg.width else {}
+    return {
+        "model": cfg.model, "model_kwargs": model_kwargs, "num_classes": data.num_classes,
+        "in_channels": data.in_channels, "image_size": data.image_size, "skip_aware_norm": cfg.skip_aware_norm,
+        "method": cfg.method, "trained_skip": cfg.skip if cfg.method == "individual" else None,
+        "dataset": cfg.data, "data_path": cfg.data_path, "mean": list(data.mean), "std": list(data.std),
+        "config": asdict(cfg),
+    }
+
+
+def _check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".adn-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to output directory {path}: {error.strerror or error}; "
+                         f"choose another --output-dir") from error
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run a training; returns the last epoch's metrics. Writes ``checkpoint.pt`` (every epoch) and
+    ``log.jsonl`` (one line per epoch) in ``cfg.output_dir``."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    output = Path(cfg.output_dir)
+    resume = load_checkpoint(cfg.resume) if cfg.resume else None  # fail early on a bad checkpoint
+    _check_output_dir(output)
+    torch.manual_seed(cfg.seed)
+
+    data = load_dataset(cfg.data, cfg.data_path, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
+                        seed=cfg.seed, image_size=cfg.train_crop_size, val_resize_size=cfg.val_resize_size)
+    meta = _meta(cfg, data)
+    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                        weights=cfg.weights, **meta["model_kwargs"])
+    net = convert(model, skip_aware_norm=cfg.skip_aware_norm).to(device)
+    if cfg.method == "individual":
+        net.skip = SkipConfig(cfg.skip, net.num_stages)
+    optimizer = build_optimizer(net, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    start_epoch = 0
+    if resume is not None:
+        for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
+            if resume["meta"].get(key) != meta.get(key):
+                raise CheckpointError(f"cannot resume from {cfg.resume}: it was trained with {key}="
+                                      f"{resume['meta'].get(key)!r}, this run has {key}={meta.get(key)!r}")
+        load_weights(net, resume["model"], source=cfg.resume)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["lr_scheduler"])
+        start_epoch = resume["epoch"] + 1
+        if "rng_state" in resume:
+            torch.set_rng_state(resume["rng_state"])
+        _log(f"resumed from {cfg.resume} at epoch {start_epoch}")
+        if start_epoch >= cfg.epochs:
+            _log(f"nothing to do: the checkpoint already finished {start_epoch} of {cfg.epochs} epochs")
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if cfg.method == "adn":
+        step, loss_fn = adn_step, SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd,
+                                                          cfg.label_smoothing)
+    else:
+        step, loss_fn = (joint_step if cfg.method == "joint" else individual_step), criterion
+    eval_configs = [net.skip] if cfg.method == "individual" else [SkipConfig.super_net(net.num_stages),
+                                                                   SkipConfig.base_net(net.num_stages)]
+    val_loader = DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
+    _log(f"training {cfg.model} ({net.num_stages} stages, {2 ** net.num_stages} sub-networks) with method={cfg.method} "
+         f"on {data.description}: {len(data.train)} train / {len(data.val)} val images, device={device}, "
+         f"threads={torch.get_num_threads()}")
+
+    record: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        # A sampler seeded by (seed, epoch) gives the same order whether or not the run was resumed.
+        sampler = RandomSampler(data.train, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                            drop_last=len(data.train) > cfg.batch_size)
+        net.train()
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        correct: dict[str, int] = {}
+        seen = steps = 0
+        total = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   file=sys.stderr, leave=False)
+        for images, targets in bar:
+            if steps >= total:
+                break
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            result = step(net, images, targets, loss_fn)
+            terms = result["terms"]
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {steps + 1}: "
+                                       + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                                       + f". The last good checkpoint ({output / 'checkpoint.pt'}) is kept; "
+                                         f"try a lower --lr")
+            optimizer.step()
+            steps += 1
+            seen += targets.numel()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value
+            for name, logits in result["logits"].items():
+                correct[name] = correct.get(name, 0) + (logits.argmax(1) == targets).sum().item()
+            bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+        bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val = evaluate_accuracy(net, val_loader, eval_configs, device=device)
+        record = {"epoch": epoch + 1, "lr": lr, "steps": steps,
+                  **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+                  **{f"train_acc1_{_label(k, net)}": 100.0 * v / max(seen, 1) for k, v in correct.items()}}
+        for skip, accs in val.items():
+            record[f"val_acc1_{_label(skip, net)}"] = accs["acc1"]
+            record[f"val_acc5_{_label(skip, net)}"] = accs["acc5"]
+        record["epoch_time_s"] = time.perf_counter() - started
+        save_checkpoint(output / "checkpoint.pt", net, meta, optimizer=optimizer.state_dict(),
+                        lr_scheduler=scheduler.state_dict(), epoch=epoch, metrics=record,
+                        rng_state=torch.get_rng_state())
+        with open(output / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        _log(_summary(record))
+    return record
+
+
+def _label(skip: str, net) -> str:
+    """'super' / 'base' for the two trained extremes, else the skip string."""
+    config = SkipConfig(skip, net.num_stages)
+    return "super" if config.is_super else "base" if config.is_base else str(config)
+
+
+def _summary(record: dict) -> str:
+    accs = " ".join(f"{k[len('val_acc1_'):]}={v:.2f}%" for k, v in record.items() if k.startswith("val_acc1_"))
+    return (f"epoch {record['epoch']}: loss {record.get('train_loss', float('nan')):.4f}, val acc@1 {accs}, "
+            f"{record['epoch_time_s']:.1f}s")
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})
