@@ -55,6 +55,9 @@ def _add_train(sub) -> None:
     g.add_argument("--feature-kd", default=d.feature_kd, choices=FEATURE_KD_MODES,
                    help="stage-output distillation: spatial (softmax over channels per position, the paper), "
                         "pooled (per image, the authors' code) or none")
+    g.add_argument("--bn-stats-from", default="super", choices=("super", "both"),
+                   help="which forward pass updates the running statistics of batch norms that have no "
+                        "skip-aware twin (stem, shortcut projections): the super-net's only, or both passes")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
@@ -153,7 +156,7 @@ def _run_eval(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{meta['model']} ({meta['method']}), {len(data.val)} {data.description} validation images; "
+        print(f"{meta['model']} ({meta['method']}), {len(data.val)} {data.description.split(' (')[0]} validation images; "
               f"MACs per image; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
               f"{torch.get_num_threads()} threads, {device}")
         print(format_table(rows))

@@ -61,26 +61,17 @@ def count_macs_by_hooks(model: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict:
-    """Median and spread of forward-pass wall time in milliseconds (CUDA is synchronised)."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
+def _time_once(model: nn.Module, example: torch.Tensor) -> float:
     sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
-    times = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                sync()
-                start = time.perf_counter()
-                model(example)
-                sync()
-                if i >= warmup:
-                    times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
-    times.sort()
+    sync()
+    start = time.perf_counter()
+    model(example)
+    sync()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _summarize(times: list[float], example: torch.Tensor) -> dict:
+    times = sorted(times)
     return {
         "latency_ms": statistics.median(times),
         "latency_p10_ms": times[int(0.1 * (len(times) - 1))],
@@ -88,27 +79,56 @@ def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 3, re
         "batch_size": example.shape[0],
         "threads": torch.get_num_threads(),
         "device": str(example.device),
-        "repeats": repeats,
+        "repeats": len(times),
     }
 
 
+def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict:
+    """Median and spread of forward-pass wall time in milliseconds (CUDA is synchronised)."""
+    return measure_depth_latencies(model, example, [None], warmup, repeats)[0]
+
+
+def measure_depth_latencies(net: nn.Module, example: torch.Tensor, configs, warmup: int = 3,
+                            repeats: int = 10) -> list[dict]:
+    """Latency of ``net`` at each depth in ``configs`` (``None``: as it is). Timings are taken in
+    rounds, one run of every depth per round, so that drift in machine load affects every depth alike
+    and ratios between depths stay meaningful on a shared machine."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    times: list[list[float]] = [[] for _ in configs]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            for round_index in range(warmup + repeats):
+                for index, config in enumerate(configs):
+                    if config is None:
+                        elapsed = _time_once(net, example)
+                    else:
+                        with net.skipping(config):
+                            elapsed = _time_once(net, example)
+                    if round_index >= warmup:
+                        times[index].append(elapsed)
+    finally:
+        net.train(was_training)
+    return [_summarize(t, example) for t in times]
+
+
 def profile_subnetworks(net: nn.Module, example: torch.Tensor, skips=None, latency: bool = True,
-                        warmup: int = 3, repeats: int = 10, progress=None) -> list[dict]:
+                        warmup: int = 3, repeats: int = 10) -> list[dict]:
     """One row per sub-network: ``skip``, ``params`` (active), ``macs`` (per image) and, when
-    ``latency``, ``latency_ms`` with its spread, batch size, threads and device."""
+    ``latency``, ``latency_ms`` with its spread, batch size, threads and device. Latency is that of
+    the adaptive network itself at each depth: what users run."""
     configs = SkipConfig.all(net.num_stages) if skips is None else [SkipConfig(s, net.num_stages) for s in skips]
     rows = []
-    iterator = progress(configs) if progress else configs
-    for config in iterator:
+    for config in configs:
         sub = net.subnet(config)
-        row = {
+        rows.append({
             "skip": str(config),
             "params": sum(p.numel() for p in sub.parameters()),
             "macs": count_macs(sub, example[:1]),
-        }
-        if latency:
-            # Time the adaptive network itself at that depth: that is what users run.
-            with net.skipping(config):
-                row.update(measure_latency(net, example, warmup=warmup, repeats=repeats))
-        rows.append(row)
+        })
+    if latency:
+        for row, timing in zip(rows, measure_depth_latencies(net, example, configs, warmup, repeats)):
+            row.update(timing)
     return rows

@@ -10,11 +10,14 @@ Skip-aware norms off (``skip_aware_norm=False``) is the other ablation.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from .convert import convert
 from .data import DATASETS, load_dataset
 from .distill import FEATURE_KD_MODES, SubPathDistillationLoss
 from .evaluate import evaluate_accuracy
+from .layers import SkipAwareNorm
 from .models import build_model
 from .skip import SkipConfig
 
@@ -70,6 +74,7 @@ class TrainConfig:
     alpha: float = 0.5
     temperature: float = 1.0
     feature_kd: str = "spatial"
+    bn_stats_from: str = "super"       # which pass updates the running stats of norms without a twin
     train_subset: int | None = None
     val_subset: int | None = None
     train_crop_size: int | None = None
@@ -94,6 +99,7 @@ class TrainConfig:
         need(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
+        need(self.bn_stats_from in ("super", "both"), f"--bn-stats-from must be super or both, got {self.bn_stats_from!r}")
         need(self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
         need(self.opt in ("sgd", "adamw"), f"--opt must be sgd or adamw, got {self.opt!r}")
         need(0 <= self.lr_warmup_epochs < self.epochs or self.lr_warmup_epochs == 0,
@@ -108,7 +114,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----- one training step per method -------------------------------------------------------------------
-def adn_step(net, images, targets, criterion: SubPathDistillationLoss) -> dict:
+@contextlib.contextmanager
+def frozen_running_stats(norms: list[nn.Module]):
+    """Batch norms keep normalizing with batch statistics but do not update their running statistics
+    (momentum 0 leaves them unchanged)."""
+    saved = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, saved):
+            norm.momentum = momentum
+
+
+def single_norms(net: nn.Module) -> list[nn.Module]:
+    """Batch norms with no skip-aware twin (the stem's, the shortcut projections', the head's) and
+    that are not twins themselves: each serves every sub-network with one set of running statistics."""
+    twins = {id(m.twin) for m in net.modules() if isinstance(m, SkipAwareNorm)}
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(m, SkipAwareNorm) and id(m) not in twins and m.momentum is not None]
+
+
+def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_from: str = "super") -> dict:
     n = net.num_stages
     with net.capture_stage_outputs() as stage_outputs:
         net.skip = SkipConfig.super_net(n)
@@ -119,7 +147,9 @@ def adn_step(net, images, targets, criterion: SubPathDistillationLoss) -> dict:
         super_logits = super_logits.detach()
 
         net.skip = SkipConfig.base_net(n)
-        base_logits = net(images)
+        freeze = single_norms(net) if bn_stats_from == "super" else []
+        with frozen_running_stats(freeze):
+            base_logits = net(images)
         student_loss, student_terms = criterion.student_loss(base_logits, list(stage_outputs), super_logits, super_features)
         student_loss.backward()
     net.skip = SkipConfig.super_net(n)
@@ -224,7 +254,6 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.method == "individual":
         net.skip = SkipConfig(cfg.skip, net.num_stages)
     optimizer = build_optimizer(net, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
     start_epoch = 0
     if resume is not None:
         for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
@@ -233,7 +262,8 @@ def train(cfg: TrainConfig) -> dict:
                                       f"{resume['meta'].get(key)!r}, this run has {key}={meta.get(key)!r}")
         load_weights(net, resume["model"], source=cfg.resume)
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["lr_scheduler"])
+        for group in optimizer.param_groups:  # the schedule below is recomputed from this run's settings
+            group["lr"] = group["initial_lr"] = cfg.lr
         start_epoch = resume["epoch"] + 1
         if "rng_state" in resume:
             torch.set_rng_state(resume["rng_state"])
@@ -241,9 +271,18 @@ def train(cfg: TrainConfig) -> dict:
         if start_epoch >= cfg.epochs:
             _log(f"nothing to do: the checkpoint already finished {start_epoch} of {cfg.epochs} epochs")
 
+    # The learning rate is a function of (settings, epoch): on resume, replay the schedule up to the
+    # saved epoch, so a run resumed with a larger --epochs follows the longer schedule.
+    scheduler = build_scheduler(optimizer, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
+        for _ in range(start_epoch):
+            scheduler.step()
+
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if cfg.method == "adn":
-        step, loss_fn = adn_step, SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd,
+        step = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from)
+        loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd,
                                                           cfg.label_smoothing)
     else:
         step, loss_fn = (joint_step if cfg.method == "joint" else individual_step), criterion
@@ -300,7 +339,7 @@ def train(cfg: TrainConfig) -> dict:
             record[f"val_acc5_{_label(skip, net)}"] = accs["acc5"]
         record["epoch_time_s"] = time.perf_counter() - started
         save_checkpoint(output / "checkpoint.pt", net, meta, optimizer=optimizer.state_dict(),
-                        lr_scheduler=scheduler.state_dict(), epoch=epoch, metrics=record,
+                        epoch=epoch, metrics=record,
                         rng_state=torch.get_rng_state())
         with open(output / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")

@@ -1,0 +1,124 @@
+"""The command line as users run it: tables, JSON, plots, files, and errors they can act on."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adn.cli import main
+
+COMMANDS = ("train", "eval", "profile", "export")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, fashion_dir) -> Path:
+    out = tmp_path_factory.mktemp("cli-run")
+    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
+                 str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "4", "--output-dir",
+                 str(out), "--no-progress"]) == 0
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "adn", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: adn " + command in result.stdout
+
+
+def test_profile_json_rows(capsys):
+    assert main(["profile", "--model", "resnet18", "--input-size", "64", "--num-classes", "10", "--json",
+                 "--repeats", "2", "--warmup", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 16 and {"skip", "params", "macs", "latency_ms", "batch_size", "threads"} <= set(rows[0])
+    assert rows[0]["skip"] == "FFFF" and rows[-1]["macs"] < rows[0]["macs"]
+
+
+def test_profile_table_is_human_readable(capsys):
+    assert main(["profile", "--model", "resnet20", "--input-size", "32", "--num-classes", "10", "--no-latency",
+                 "--skip", "super,base"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs (M)" in out and "FFF" in out and "TTT" in out
+
+
+def test_eval_reports_every_subnetwork_and_writes_the_plot(checkpoint, fashion_dir, tmp_path, capsys):
+    plot = tmp_path / "plot.png"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--json", "--plot", str(plot), "--repeats", "2",
+                 "--warmup", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["skip"] for r in rows] == ["FFF", "TFF", "FTF", "FFT", "TTF", "TFT", "FTT", "TTT"]
+    for row in rows:
+        assert {"skip", "acc1", "acc5", "params", "macs", "latency_ms"} <= set(row)
+        assert 0 <= row["acc1"] <= row["acc5"] <= 100
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--skip", "TTF", "--no-latency", "--no-plot"]) == 0
+    assert "TTF" in capsys.readouterr().out
+
+
+def test_export_writes_one_file_per_subnetwork_and_a_manifest(checkpoint, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(checkpoint), "--skip", "super,base", "--format", "safetensors",
+                 "--output", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["skip"] for e in manifest["subnetworks"]] == ["FFF", "TTT"]
+    weights = load_file(out / "subnet_TTT.safetensors")
+    assert not any(".twin." in k for k in weights) and "layer1.2.conv1.weight" not in weights
+    assert main(["export", "--checkpoint", str(checkpoint), "--skip", "TFT", "--format", "pt2", "--output", str(out)]) == 0
+    program = torch.export.load(out / "subnet_TFT.pt2")
+    assert program.module()(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adn: error: ")
+    return err
+
+
+@pytest.mark.parametrize("skip", ["TTFF", "TTX", "deep"])
+def test_malformed_skip_configs(checkpoint, capsys, skip, tmp_path):
+    err = _error(capsys, ["eval", "--checkpoint", str(checkpoint), "--skip", skip, "--no-plot"])
+    assert "3 stages" in err
+    err = _error(capsys, ["export", "--checkpoint", str(checkpoint), "--skip", f"FFF,{skip}", "--output",
+                          str(tmp_path / "x")])
+    assert not (tmp_path / "x" / "subnet_FFF.safetensors").exists(), "nothing may be written for a bad request"
+
+
+def test_unknown_model_suggests_close_names(capsys):
+    err = _error(capsys, ["profile", "--model", "resnet5O"])
+    assert "did you mean" in err.lower() and "resnet50" in err
+
+
+def test_missing_dataset_path(capsys, tmp_path):
+    err = _error(capsys, ["train", "--data", "fashion-mnist", "--data-path", str(tmp_path / "nope"), "--output-dir",
+                          str(tmp_path / "run")])
+    assert "does not exist" in err
+
+
+def test_missing_and_corrupt_checkpoints(capsys, tmp_path):
+    assert "does not exist" in _error(capsys, ["eval", "--checkpoint", str(tmp_path / "none.pt")])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    assert "corrupted" in _error(capsys, ["eval", "--checkpoint", str(corrupt)])
+
+
+def test_checkpoint_of_another_architecture(checkpoint, capsys, tmp_path):
+    import torch
+    data = torch.load(checkpoint, weights_only=True)
+    data["meta"]["model"] = "resnet32"
+    other = tmp_path / "other.pt"
+    torch.save(data, other)
+    err = _error(capsys, ["eval", "--checkpoint", str(other), "--no-plot"])
+    assert "does not fit" in err and "missing keys" in err
+
+
+def test_unwritable_output_dir_is_refused_before_training(capsys, tmp_path, fashion_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file")
+    err = _error(capsys, ["train", "--data", "fashion-mnist", "--data-path", str(fashion_dir), "--output-dir",
+                          str(blocker / "run")])
+    assert "cannot write to output directory" in err
+    assert blocker.read_text() == "I am a file"
