@@ -326,7 +326,7 @@ def train(cfg: TrainConfig) -> dict:
                 sums[key] = sums.get(key, 0.0) + value
             for name, logits in result["logits"].items():
                 correct[name] = correct.get(name, 0) + (logits.argmax(1) == targets).sum().item()
-            bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+            bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", refresh=False)
         bar.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

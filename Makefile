@@ -1,0 +1,33 @@
+# adn — two commands do everything: `make demo` and `make test` (each sets up what it needs).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: venv data demo test contract bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+data:  ## Fashion-MNIST from Debian where apt exists; otherwise torchvision downloads it at first use
+	bash scripts/get-fashion-mnist.sh
+
+demo: venv data
+	bash scripts/demo.sh
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+contract: venv
+	$(BIN)/python ../shared/contract_check.py
+
+bench: venv
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/latency.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
