@@ -62,6 +62,7 @@ def plot_accuracy_vs_macs(rows: list[dict], path: str | os.PathLike, title: str 
     front = _pareto(rows)
     ax.plot([r["macs"] / 1e6 for r in front], [r["acc1"] for r in front], color="tab:orange", lw=1,
             label="Pareto front", zorder=2)
+    ax.margins(x=0.15, y=0.1)  # room for the labels
     ax.set_xlabel("MACs per image (millions)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy of every sub-network")
