@@ -25,14 +25,18 @@ from torch import nn
 FEATURE_KD_MODES = ("spatial", "pooled", "none")
 
 
-def distribution_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2 over the last dimension, averaged over all other ones."""
-    t = teacher_logits.detach().flatten(0, -2) if teacher_logits.dim() > 1 else teacher_logits.detach()[None]
-    s = student_logits.flatten(0, -2) if student_logits.dim() > 1 else student_logits[None]
-    log_p_teacher = F.log_softmax(t.float() / temperature, dim=-1)
-    log_p_student = F.log_softmax(s.float() / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
-    return kl * temperature ** 2
+def distribution_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
+                    dim: int = -1) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, the distributions taken along ``dim`` and the KL averaged
+    over every other index (batch, positions). Works in place of the layout: no transposed copies."""
+    teacher, student = teacher_logits.detach().float(), student_logits.float()
+    if temperature != 1.0:
+        teacher, student = teacher / temperature, student / temperature
+    log_p_teacher = F.log_softmax(teacher, dim=dim)
+    log_p_student = F.log_softmax(student, dim=dim)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+    distributions = log_p_student.numel() // log_p_student.shape[dim]
+    return kl / distributions * temperature ** 2
 
 
 def feature_kl(teacher: torch.Tensor, student: torch.Tensor, mode: str = "spatial", temperature: float = 1.0,
@@ -42,15 +46,16 @@ def feature_kl(teacher: torch.Tensor, student: torch.Tensor, mode: str = "spatia
         raise ValueError(f"stage outputs differ in shape: super-net {tuple(teacher.shape)} vs base-net "
                          f"{tuple(student.shape)}; a skippable part must preserve its stage's output shape")
     if mode == "none":
-        return student.new_zeros(())
-    # Channels last: every other dimension indexes a distribution.
-    teacher, student = teacher.movedim(channel_dim, -1), student.movedim(channel_dim, -1)
+        return student.new_zeros((), dtype=torch.float32)
     if mode == "pooled":
-        teacher = teacher.flatten(1, -2).mean(1) if teacher.dim() > 2 else teacher
-        student = student.flatten(1, -2).mean(1) if student.dim() > 2 else student
-    elif mode != "spatial":
+        channel_dim %= teacher.dim()
+        positions = [d for d in range(1, teacher.dim()) if d != channel_dim]
+        if positions:
+            teacher, student = teacher.mean(positions), student.mean(positions)
+        return distribution_kl(teacher, student, temperature, dim=1)
+    if mode != "spatial":
         raise ValueError(f"feature KD mode must be one of {FEATURE_KD_MODES}, got {mode!r}")
-    return distribution_kl(teacher, student, temperature)
+    return distribution_kl(teacher, student, temperature, dim=channel_dim)
 
 
 class SubPathDistillationLoss(nn.Module):
@@ -78,12 +83,14 @@ class SubPathDistillationLoss(nn.Module):
         self.channel_dim = channel_dim
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
-    def teacher_loss(self, super_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    # Loss terms are returned as detached tensors (not floats): reading a CUDA value forces a
+    # synchronisation, which the trainer does once per step, not once per term.
+    def teacher_loss(self, super_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce = self.criterion(super_logits, target)
-        return self.alpha * ce, {"ce_super": ce.item()}
+        return self.alpha * ce, {"ce_super": ce.detach()}
 
     def student_loss(self, base_logits: torch.Tensor, base_features: list[torch.Tensor],
-                     super_logits: torch.Tensor, super_features: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+                     super_logits: torch.Tensor, super_features: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(base_features) != len(super_features):
             raise ValueError(f"got {len(super_features)} super-net and {len(base_features)} base-net stage outputs")
         kd_features = base_logits.new_zeros((), dtype=torch.float32)
@@ -91,10 +98,10 @@ class SubPathDistillationLoss(nn.Module):
             kd_features = kd_features + feature_kl(teacher, student, self.feature_kd, self.temperature, self.channel_dim)
         kd_logits = distribution_kl(super_logits, base_logits, self.temperature)
         loss = (1.0 - self.alpha) * (kd_features + kd_logits)
-        return loss, {"kd_features": kd_features.item(), "kd_logits": kd_logits.item()}
+        return loss, {"kd_features": kd_features.detach(), "kd_logits": kd_logits.detach()}
 
     def forward(self, super_logits, base_logits, target, super_features=(), base_features=()):
         teacher, t_terms = self.teacher_loss(super_logits, target)
         student, s_terms = self.student_loss(base_logits, list(base_features), super_logits, list(super_features))
         total = teacher + student
-        return total, {**t_terms, **s_terms, "loss": total.item()}
+        return total, {**t_terms, **s_terms, "loss": total.detach()}

@@ -154,8 +154,15 @@ def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_
         student_loss.backward()
     net.skip = SkipConfig.super_net(n)
     terms.update(student_terms)
-    terms["loss"] = teacher_loss.item() + student_loss.item()
-    return {"terms": terms, "logits": {"super": super_logits, "base": base_logits.detach()}}
+    terms["loss"] = teacher_loss.detach() + student_loss.detach()
+    return {"terms": _floats(terms), "logits": {"super": super_logits, "base": base_logits.detach()}}
+
+
+def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One device-to-host copy (one CUDA synchronisation) for all loss terms of a step."""
+    keys = list(terms)
+    values = torch.stack([terms[k].float() for k in keys]).tolist()
+    return dict(zip(keys, values))
 
 
 def joint_step(net, images, targets, criterion: nn.Module) -> dict:
@@ -165,17 +172,17 @@ def joint_step(net, images, targets, criterion: nn.Module) -> dict:
         output = net(images, skip=config)
         ce = criterion(output, targets)
         (0.5 * ce).backward()
-        terms[f"ce_{name}"] = ce.item()
+        terms[f"ce_{name}"] = ce.detach()
         logits[name] = output.detach()
     terms["loss"] = 0.5 * (terms["ce_super"] + terms["ce_base"])
-    return {"terms": terms, "logits": logits}
+    return {"terms": _floats(terms), "logits": logits}
 
 
 def individual_step(net, images, targets, criterion: nn.Module) -> dict:
     output = net(images)  # at the depth fixed by net.skip
     loss = criterion(output, targets)
     loss.backward()
-    return {"terms": {"loss": loss.item()}, "logits": {str(net.skip): output.detach()}}
+    return {"terms": _floats({"loss": loss.detach()}), "logits": {str(net.skip): output.detach()}}
 
 
 # ----- optimizer and schedule, named as in torchvision's reference scripts ---------------------------------
@@ -325,7 +332,7 @@ def train(cfg: TrainConfig) -> dict:
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
             for name, logits in result["logits"].items():
-                correct[name] = correct.get(name, 0) + (logits.argmax(1) == targets).sum().item()
+                correct[name] = correct.get(name, 0) + (logits.argmax(1) == targets).sum()  # stays on device
             bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", refresh=False)
         bar.close()
         lr = optimizer.param_groups[0]["lr"]
@@ -333,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
         val = evaluate_accuracy(net, val_loader, eval_configs, device=device)
         record = {"epoch": epoch + 1, "lr": lr, "steps": steps,
                   **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
-                  **{f"train_acc1_{_label(k, net)}": 100.0 * v / max(seen, 1) for k, v in correct.items()}}
+                  **{f"train_acc1_{_label(k, net)}": 100.0 * int(v) / max(seen, 1) for k, v in correct.items()}}
         for skip, accs in val.items():
             record[f"val_acc1_{_label(skip, net)}"] = accs["acc1"]
             record[f"val_acc5_{_label(skip, net)}"] = accs["acc5"]
