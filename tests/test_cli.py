@@ -122,3 +122,15 @@ def test_unwritable_output_dir_is_refused_before_training(capsys, tmp_path, fash
                           str(blocker / "run")])
     assert "cannot write to output directory" in err
     assert blocker.read_text() == "I am a file"
+
+
+def test_train_and_eval_on_imagenet_layout_folders(tmp_path, capsys):
+    from tests.conftest import write_image_folder
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=4, size=40)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "resnet18", "--data", "imagefolder", "--data-path", str(root),
+                 "--train-crop-size", "32", "--epochs", "1", "-b", "4", "--output-dir", str(out), "--no-progress"]) == 0
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--json", "--no-latency", "--no-plot",
+                 "--skip", "super,base"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["skip"] for r in rows] == ["FFFF", "TTTT"] and rows[0]["params"] > rows[1]["params"]

@@ -137,8 +137,10 @@ def single_norms(net: nn.Module) -> list[nn.Module]:
 
 
 def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_from: str = "super") -> dict:
+    """One step of Algorithm 1 (without the optimizer update); leaves gradients in ``.grad`` and the
+    network at the depth it had."""
     n = net.num_stages
-    with net.capture_stage_outputs() as stage_outputs:
+    with net.skipping(net.skip), net.capture_stage_outputs() as stage_outputs:
         net.skip = SkipConfig.super_net(n)
         super_logits = net(images)
         super_features = [h.detach() for h in stage_outputs]
@@ -152,7 +154,6 @@ def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_
             base_logits = net(images)
         student_loss, student_terms = criterion.student_loss(base_logits, list(stage_outputs), super_logits, super_features)
         student_loss.backward()
-    net.skip = SkipConfig.super_net(n)
     terms.update(student_terms)
     terms["loss"] = teacher_loss.detach() + student_loss.detach()
     return {"terms": _floats(terms), "logits": {"super": super_logits, "base": base_logits.detach()}}
