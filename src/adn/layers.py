@@ -83,6 +83,8 @@ class SkipAwareNorm:
 
     @classmethod
     def convert(cls, norm: nn.Module) -> nn.Module:
+        if isinstance(norm, SkipAwareNorm):
+            raise ValueError(f"{type(norm).__name__} is already switched by a stage; a norm can follow one stage only")
         # The twin is an exact copy, so a pretrained model keeps its function in every sub-network at
         # the start of training; training then specializes the twins to the skipped distribution.
         twin = copy.deepcopy(norm)

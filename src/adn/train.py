@@ -290,8 +290,8 @@ def train(cfg: TrainConfig) -> dict:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if cfg.method == "adn":
         step = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from)
-        loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd,
-                                                          cfg.label_smoothing)
+        loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd, cfg.label_smoothing,
+                                          channel_dim=net.adn_info["channel_dim"])
     else:
         step, loss_fn = (joint_step if cfg.method == "joint" else individual_step), criterion
     eval_configs = [net.skip] if cfg.method == "individual" else [SkipConfig.super_net(net.num_stages),

@@ -33,11 +33,13 @@ def split_point(num_blocks: int) -> int:
 class StageSpec:
     """Where one stage is: its blocks in execution order. ``num_shared`` overrides the split rule;
     ``outside_branch`` names sub-modules of a block (e.g. ``downsample``) that see only the stage
-    input and so need no skip-aware twin."""
+    input and so need no skip-aware twin; ``also_switch`` lists modules outside the stage (a stem, a
+    patch-merging layer) whose norms get twins switched by this stage."""
     name: str
     blocks: Sequence[nn.Module]
     num_shared: int | None = None
     outside_branch: tuple[str, ...] = ("downsample",)
+    also_switch: Sequence[nn.Module] = ()  # modules outside the stage whose norms switch with it
 
 
 @dataclass
@@ -46,15 +48,17 @@ class Adapter:
     description: str
     matches: Callable[[nn.Module], bool]
     stages: Callable[[nn.Module], list[StageSpec]]
+    channel_dim: int = 1  # where channels are in stage outputs: 1 for NCHW, -1 for tokens / NHWC
 
 
 _ADAPTERS: list[Adapter] = []
 
 
-def register_adapter(name: str, description: str, matches: Callable[[nn.Module], bool]):
-    """Decorator registering ``fn(model) -> list[StageSpec]`` as the adapter of a model family."""
+def register_adapter(name: str, description: str, matches: Callable[[nn.Module], bool], channel_dim: int = 1):
+    """Decorator registering ``fn(model) -> list[StageSpec]`` as the adapter of a model family.
+    ``channel_dim`` tells feature distillation where the channels are in the stage outputs."""
     def wrap(fn: Callable[[nn.Module], list[StageSpec]]):
-        _ADAPTERS.append(Adapter(name, description, matches, fn))
+        _ADAPTERS.append(Adapter(name, description, matches, fn, channel_dim))
         return fn
     return wrap
 
@@ -64,7 +68,7 @@ def supported_families() -> list[str]:
 
 
 def convert(model: nn.Module, *, skip_aware_norm: bool = True, stages: Sequence[str] | None = None,
-            norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES) -> nn.Module:
+            norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES, channel_dim: int = 1) -> nn.Module:
     """Convert ``model`` into an adaptive depth network, in place, and return it.
 
     Weights are kept and every skip-aware twin starts as a copy of its norm, so in every sub-network
@@ -79,6 +83,8 @@ def convert(model: nn.Module, *, skip_aware_norm: bool = True, stages: Sequence[
         stages: for your own models: names of the sub-modules (as in ``model.named_modules()``) that
             hold each stage's residual blocks, in order, e.g. ``["layer1", "layer2"]``.
         norm_types: which module types count as norms to twin.
+        channel_dim: with ``stages``: the channel dimension of the stage outputs (1 for NCHW feature
+            maps, -1 for token sequences or NHWC maps), used by feature distillation.
     """
     if isinstance(model, AdaptiveDepthNetwork):
         raise ValueError("this model is already an adaptive depth network; convert the original model once")
@@ -92,12 +98,14 @@ def convert(model: nn.Module, *, skip_aware_norm: bool = True, stages: Sequence[
                 + "; ".join(supported_families())
                 + ". For another residual model pass stages=[...] naming the containers of its residual blocks."
             )
-        specs, family = adapter.stages(model), adapter.name
-    return convert_stages(model, specs, skip_aware_norm=skip_aware_norm, norm_types=norm_types, family=family)
+        specs, family, channel_dim = adapter.stages(model), adapter.name, adapter.channel_dim
+    return convert_stages(model, specs, skip_aware_norm=skip_aware_norm, norm_types=norm_types, family=family,
+                          channel_dim=channel_dim)
 
 
 def convert_stages(model: nn.Module, specs: Sequence[StageSpec], *, skip_aware_norm: bool = True,
-                   norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES, family: str = "custom") -> nn.Module:
+                   norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES, family: str = "custom",
+                   channel_dim: int = 1) -> nn.Module:
     """The shared machinery behind every adapter. Stages with a single block have nothing to skip and
     are left as they are (they are not counted in ``num_stages``)."""
     controllers = []
@@ -114,12 +122,14 @@ def convert_stages(model: nn.Module, specs: Sequence[StageSpec], *, skip_aware_n
         if skip_aware_norm:
             for block in shared:
                 norms += [SkipAwareNorm.convert(m) for m in _norms_in_branch(block, norm_types, spec.outside_branch)]
+            for module in spec.also_switch:
+                norms += [SkipAwareNorm.convert(m) for m in _norms_in_branch(module, norm_types, ())]
         for block in skippable:
             SkippableBlock.convert(block)
         controllers.append(SkippableStage(spec.name, shared, skippable, norms))
     if not controllers:
         raise ValueError(f"{type(model).__name__} has no stage with two or more blocks: there is nothing to skip")
-    info = {"family": family, "skip_aware_norm": skip_aware_norm,
+    info = {"family": family, "skip_aware_norm": skip_aware_norm, "channel_dim": channel_dim,
             "stages": [{"name": c.name, "shared": len(c.shared), "skippable": len(c.skippable)} for c in controllers]}
     return AdaptiveDepthNetwork.attach(model, controllers, info)
 
@@ -147,4 +157,4 @@ def _specs_from_names(model: nn.Module, names: Sequence[str]) -> list[StageSpec]
     return specs
 
 
-from . import resnet  # noqa: E402,F401  (registers the adapters)
+from . import mobilenet, resnet, swin, vit  # noqa: E402,F401  (register the adapters)

@@ -11,8 +11,15 @@ from torch import nn
 from .small_resnet import SmallResNet, resnet20, resnet32, resnet44, resnet56, resnet110
 
 SMALL_MODELS = {f.__name__: f for f in (resnet20, resnet32, resnet44, resnet56, resnet110)}
-TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
-                      "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                       "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
+TORCHVISION_MODELS = TORCHVISION_RESNETS + (
+    "mobilenet_v2", "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
+    "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")
+
+
+def _num_outputs(model: nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 def available_models() -> list[str]:
@@ -28,6 +35,16 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
             raise ValueError(f"{name} has no pretrained weights; omit --weights")
         return SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     if name in TORCHVISION_MODELS:
+        if name not in TORCHVISION_RESNETS and in_channels != 3:
+            raise ValueError(f"{name} takes 3-channel images; in_channels={in_channels} is supported for ResNets "
+                             f"({', '.join(SMALL_MODELS)}, {', '.join(TORCHVISION_RESNETS)})")
+        if weights and name not in TORCHVISION_RESNETS:
+            model = torchvision.models.get_model(name, weights=weights, **kwargs)
+            classes = _num_outputs(model)
+            if classes != num_classes:
+                raise ValueError(f"{name} weights {weights} predict {classes} classes, not {num_classes}; "
+                                 f"replacing the head is supported for ResNets so far")
+            return model
         if weights:
             model = torchvision.models.get_model(name, weights=weights, **kwargs)
             if num_classes != model.fc.out_features:
