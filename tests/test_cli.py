@@ -134,3 +134,12 @@ def test_train_and_eval_on_imagenet_layout_folders(tmp_path, capsys):
                  "--skip", "super,base"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["skip"] for r in rows] == ["FFFF", "TTTT"] and rows[0]["params"] > rows[1]["params"]
+
+
+def test_a_model_that_does_not_fit_the_images_is_named(capsys, tmp_path, fashion_dir):
+    err = _error(capsys, ["train", "--model", "vit_b_16", "--data", "fashion-mnist", "--data-path", str(fashion_dir),
+                          "--output-dir", str(tmp_path / "run")])
+    assert "vit_b_16 takes 3-channel images" in err
+    err = _error(capsys, ["train", "--model", "vit_b_16", "--data", "fake", "--output-dir", str(tmp_path / "run")])
+    assert "vit_b_16 cannot process images of shape (3, 32, 32) from fake random images" in err and "--train-crop-size" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

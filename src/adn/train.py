@@ -239,6 +239,21 @@ def _check_output_dir(path: Path) -> None:
                          f"choose another --output-dir") from error
 
 
+def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
+    """Run one image through the network before training, so that a size or channel mismatch is
+    reported as such, not as an error from deep inside the model."""
+    image = data.train[0][0]
+    try:
+        with torch.no_grad():
+            net.eval()(image[None].to(device))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(f"{cfg.model} cannot process images of shape {tuple(image.shape)} from "
+                         f"{data.description.split(' (')[0]} ({str(error).splitlines()[0][:200]}). Pick a model that fits the data "
+                         f"(e.g. resnet20 for 28x28 images) or set the image size with --train-crop-size") from error
+    finally:
+        net.train()
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -261,6 +276,7 @@ def train(cfg: TrainConfig) -> dict:
     net = convert(model, skip_aware_norm=cfg.skip_aware_norm).to(device)
     if cfg.method == "individual":
         net.skip = SkipConfig(cfg.skip, net.num_stages)
+    _check_input_fits(net, data, cfg, device)
     optimizer = build_optimizer(net, cfg)
     start_epoch = 0
     if resume is not None:
