@@ -32,7 +32,7 @@ from .data import DATASETS, load_dataset
 from .distill import FEATURE_KD_MODES, SubPathDistillationLoss
 from .evaluate import evaluate_accuracy
 from .layers import SkipAwareNorm
-from .models import build_model
+from .models import NEEDS_IMAGE_SIZE, build_model
 from .skip import SkipConfig
 
 METHODS = ("adn", "joint", "individual")
@@ -219,6 +219,8 @@ def build_scheduler(optimizer, cfg: TrainConfig):
 # ----- the run ----------------------------------------------------------------------------------------------
 def _meta(cfg: TrainConfig, data) -> dict:
     model_kwargs = {"width": cfg.width} if cfg.width else {}
+    if cfg.model in NEEDS_IMAGE_SIZE:
+        model_kwargs["image_size"] = data.image_size
     return {
         "model": cfg.model, "model_kwargs": model_kwargs, "num_classes": data.num_classes,
         "in_channels": data.in_channels, "image_size": data.image_size, "skip_aware_norm": cfg.skip_aware_norm,

@@ -9,8 +9,13 @@ import torchvision
 from torch import nn
 
 from .small_resnet import SmallResNet, resnet20, resnet32, resnet44, resnet56, resnet110
+from .small_transformers import mobilenet_v2_small, vit_small_images
 
 SMALL_MODELS = {f.__name__: f for f in (resnet20, resnet32, resnet44, resnet56, resnet110)}
+SMALL_MODELS["mobilenet_v2_small"] = mobilenet_v2_small
+SMALL_MODELS["vit_small_images"] = vit_small_images
+# Models whose builder must know the image size (a ViT's position embeddings do).
+NEEDS_IMAGE_SIZE = {"vit_small_images"}
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                        "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 TORCHVISION_MODELS = TORCHVISION_RESNETS + (
@@ -30,6 +35,9 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
                 **kwargs) -> nn.Module:
     """Build an unconverted model by name. ``weights`` names torchvision weights (e.g. ``"DEFAULT"``),
     downloaded by torchvision when needed (needs the internet the first time)."""
+    if "width" in kwargs and not name.startswith("resnet") or name not in SMALL_MODELS and "width" in kwargs:
+        raise ValueError(f"--width applies to the small ResNets ({', '.join(n for n in SMALL_MODELS if n.startswith('resnet'))}), "
+                         f"not to {name}")
     if name in SMALL_MODELS:
         if weights:
             raise ValueError(f"{name} has no pretrained weights; omit --weights")
