@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .data import DATASETS, DataError
+from .data import AUTO_AUGMENT_POLICIES, DATASETS, INTERPOLATIONS, DataError
 from .distill import FEATURE_KD_MODES
 from .models import available_models
 from .skip import SkipConfig
-from .train import METHODS, SCHEDULERS, TrainConfig, TrainingDiverged
+from .train import METHODS, OPTIMIZERS, SCHEDULERS, TrainConfig, TrainingDiverged
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +62,7 @@ def _add_train(sub) -> None:
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
     g.add_argument("-j", "--workers", type=int, default=d.workers, help="data loading processes")
-    g.add_argument("--opt", default=d.opt, choices=("sgd", "adamw"))
+    g.add_argument("--opt", default=d.opt, choices=OPTIMIZERS)
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d.weight_decay)
@@ -75,6 +75,20 @@ def _add_train(sub) -> None:
     g.add_argument("--lr-warmup-method", default=d.lr_warmup_method, choices=("linear", "constant"))
     g.add_argument("--lr-warmup-decay", type=float, default=d.lr_warmup_decay)
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm before each update")
+    g.add_argument("--norm-weight-decay", type=float, default=None, help="weight decay of norm parameters")
+    g.add_argument("--bias-weight-decay", type=float, default=None, help="weight decay of biases")
+    g.add_argument("--transformer-embedding-decay", type=float, default=None,
+                   help="weight decay of class token, position embeddings and relative position bias tables")
+    g.add_argument("--model-ema", action="store_true", help="also keep and evaluate an EMA of the weights")
+    g.add_argument("--model-ema-steps", type=int, default=d.model_ema_steps, help="steps between EMA updates")
+    g.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay)
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--mixup-alpha", type=float, default=d.mixup_alpha, help="MixUp on batches (0: off)")
+    g.add_argument("--cutmix-alpha", type=float, default=d.cutmix_alpha, help="CutMix on batches (0: off)")
+    g.add_argument("--auto-augment", default=None, choices=AUTO_AUGMENT_POLICIES, help="auto-augment policy")
+    g.add_argument("--random-erase", type=float, default=d.random_erase, help="random erasing probability")
+    g.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS)
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")

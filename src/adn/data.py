@@ -28,6 +28,54 @@ class DataError(ValueError):
     """A dataset could not be found or read; the message says what to do."""
 
 
+AUTO_AUGMENT_POLICIES = ("imagenet", "cifar10", "svhn", "ra", "ta_wide", "augmix")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+@dataclass
+class Augmentation:
+    """Training-time augmentation beyond each dataset's crop and flip, named as in torchvision's
+    reference scripts: ``--auto-augment``, ``--random-erase``, ``--interpolation``."""
+    auto_augment: str | None = None
+    random_erase: float = 0.0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.auto_augment is not None and self.auto_augment not in AUTO_AUGMENT_POLICIES:
+            raise DataError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENT_POLICIES)}, got {self.auto_augment!r}")
+        if not 0.0 <= self.random_erase <= 1.0:
+            raise DataError(f"--random-erase is a probability in [0, 1], got {self.random_erase}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+
+    @property
+    def mode(self) -> T.InterpolationMode:
+        return T.InterpolationMode(self.interpolation)
+
+
+def _auto_augment(policy: str, mode: T.InterpolationMode):
+    if policy == "ra":
+        return T.RandAugment(interpolation=mode)
+    if policy == "ta_wide":
+        return T.TrivialAugmentWide(interpolation=mode)
+    if policy == "augmix":
+        return T.AugMix(interpolation=mode)
+    return T.AutoAugment(T.AutoAugmentPolicy(policy), interpolation=mode)
+
+
+def _train_transform(geometric: list, mean, std, aug: Augmentation | None) -> T.Compose:
+    """crop/flip -> auto-augment -> tensor -> normalize -> random erasing (torchvision's order)."""
+    if aug is None:
+        return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    steps = list(geometric)
+    if aug.auto_augment:
+        steps.append(_auto_augment(aug.auto_augment, aug.mode))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if aug.random_erase > 0:
+        steps.append(T.RandomErasing(p=aug.random_erase))
+    return T.Compose(steps)
+
+
 @dataclass
 class DataBundle:
     train: Dataset
@@ -46,9 +94,11 @@ def default_cache() -> Path:
 
 def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train_subset: int | None = None,
                  val_subset: int | None = None, seed: int = 0, image_size: int | None = None,
-                 val_resize_size: int | None = None, augment: bool = True) -> DataBundle:
+                 val_resize_size: int | None = None, augment: bool | Augmentation = True) -> DataBundle:
     """Build train and validation datasets. ``train_subset``/``val_subset`` keep a fixed random subset
-    (seeded) of that many images, for quick runs."""
+    (seeded) of that many images, for quick runs. ``augment``: ``True`` for each dataset's standard
+    crop and flip, an :class:`Augmentation` for more, ``False`` for none (evaluation)."""
+    augment = Augmentation() if augment is True else (augment or None)
     if name == "fashion-mnist":
         bundle = _fashion_mnist(data_path, augment)
     elif name in ("cifar10", "cifar100"):
@@ -125,7 +175,7 @@ def _fashion_mnist(data_path, augment: bool) -> DataBundle:
     root, download = fashion_mnist_root(data_path)
     mean, std = (0.2860,), (0.3530,)
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose(([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()] if augment else []) + normalize)
+    train_tf = _train_transform([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()], mean, std, augment)
     try:
         train = datasets.FashionMNIST(str(root), train=True, transform=train_tf, download=download)
         val = datasets.FashionMNIST(str(root), train=False, transform=T.Compose(normalize), download=download)
@@ -142,7 +192,7 @@ def _cifar(name: str, data_path, augment: bool) -> DataBundle:
     cls, classes = (datasets.CIFAR10, 10) if name == "cifar10" else (datasets.CIFAR100, 100)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []) + normalize)
+    train_tf = _train_transform([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()], mean, std, augment)
     try:
         train = cls(str(root), train=True, transform=train_tf, download=True)
         val = cls(str(root), train=False, transform=T.Compose(normalize), download=True)
@@ -153,7 +203,7 @@ def _cifar(name: str, data_path, augment: bool) -> DataBundle:
 
 
 # ----- ImageNet-layout folders -------------------------------------------------------------------------
-def _image_folder(data_path, crop: int, resize: int | None, augment: bool) -> DataBundle:
+def _image_folder(data_path, crop: int, resize: int | None, augment: Augmentation | None) -> DataBundle:
     if not data_path:
         raise DataError("--data imagefolder needs --data-path DIR, a folder with train/ and val/ holding one "
                         "sub-folder of images per class (the ImageNet layout)")
@@ -163,10 +213,14 @@ def _image_folder(data_path, crop: int, resize: int | None, augment: bool) -> Da
             raise DataError(f"{root / split} is not a folder; --data-path must hold train/ and val/, each with one "
                             f"sub-folder of images per class")
     resize = resize or int(round(crop / 0.875))
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = T.Compose(([T.RandomResizedCrop(crop), T.RandomHorizontalFlip()] if augment
-                          else [T.Resize(resize), T.CenterCrop(crop)]) + normalize)
-    val_tf = T.Compose([T.Resize(resize), T.CenterCrop(crop)] + normalize)
+    mode = (augment or Augmentation()).mode
+    center = [T.Resize(resize, interpolation=mode), T.CenterCrop(crop)]
+    if augment is None:  # evaluation-style transforms for both splits
+        train_tf = T.Compose(center + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    else:
+        train_tf = _train_transform([T.RandomResizedCrop(crop, interpolation=mode), T.RandomHorizontalFlip()],
+                                    IMAGENET_MEAN, IMAGENET_STD, augment)
+    val_tf = T.Compose(center + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     try:
         train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
         val = datasets.ImageFolder(str(root / "val"), transform=val_tf)

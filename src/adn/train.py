@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .convert import convert
-from .data import DATASETS, load_dataset
+from .data import DATASETS, Augmentation, load_dataset
 from .distill import FEATURE_KD_MODES, SubPathDistillationLoss
 from .evaluate import evaluate_accuracy
 from .layers import SkipAwareNorm
@@ -37,6 +37,9 @@ from .skip import SkipConfig
 
 METHODS = ("adn", "joint", "individual")
 SCHEDULERS = ("cosineannealinglr", "steplr", "exponentiallr", "constant")
+OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+# Parameters that --transformer-embedding-decay applies to (torchvision ViT and Swin names).
+EMBEDDING_PARAMETERS = ("class_token", "pos_embedding", "relative_position_bias_table", "absolute_pos_embed")
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,6 +74,18 @@ class TrainConfig:
     lr_warmup_method: str = "linear"
     lr_warmup_decay: float = 0.01
     label_smoothing: float = 0.0
+    clip_grad_norm: float | None = None
+    norm_weight_decay: float | None = None
+    bias_weight_decay: float | None = None
+    transformer_embedding_decay: float | None = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    auto_augment: str | None = None
+    random_erase: float = 0.0
+    interpolation: str = "bilinear"
+    model_ema: bool = False
+    model_ema_steps: int = 32
+    model_ema_decay: float = 0.99998
     alpha: float = 0.5
     temperature: float = 1.0
     feature_kd: str = "spatial"
@@ -101,7 +116,11 @@ class TrainConfig:
         need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
         need(self.bn_stats_from in ("super", "both"), f"--bn-stats-from must be super or both, got {self.bn_stats_from!r}")
         need(self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
-        need(self.opt in ("sgd", "adamw"), f"--opt must be sgd or adamw, got {self.opt!r}")
+        need(self.opt in OPTIMIZERS, f"--opt must be one of {', '.join(OPTIMIZERS)}, got {self.opt!r}")
+        need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must be >= 0")
+        need(self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive")
+        need(self.model_ema_steps >= 1 and 0 < self.model_ema_decay < 1,
+             "--model-ema-steps must be >= 1 and --model-ema-decay in (0, 1)")
         need(0 <= self.lr_warmup_epochs < self.epochs or self.lr_warmup_epochs == 0,
              f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be smaller than --epochs ({self.epochs})")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch must be >= 1")
@@ -187,11 +206,55 @@ def individual_step(net, images, targets, criterion: nn.Module) -> dict:
 
 
 # ----- optimizer and schedule, named as in torchvision's reference scripts ---------------------------------
+def parameter_groups(net: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Weight decay per parameter, as torchvision's ``set_weight_decay``: norm parameters (twins
+    included), biases and transformer embeddings can each get their own decay."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for module in net.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            decay = cfg.weight_decay
+            if cfg.transformer_embedding_decay is not None and name in EMBEDDING_PARAMETERS:
+                decay = cfg.transformer_embedding_decay
+            elif cfg.norm_weight_decay is not None and isinstance(module, norm_types):
+                decay = cfg.norm_weight_decay
+            elif cfg.bias_weight_decay is not None and name == "bias":
+                decay = cfg.bias_weight_decay
+            groups.setdefault(decay, []).append(parameter)
+    return [{"params": params, "weight_decay": decay} for decay, params in groups.items()]
+
+
 def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(net, cfg)
     if cfg.opt == "sgd":
-        return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
-    return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.opt == "rmsprop":  # torchvision's settings for MobileNet recipes
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=0.0316, alpha=0.9)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_batch_mixer(cfg: TrainConfig, num_classes: int):
+    """MixUp and/or CutMix on whole batches (torchvision.transforms.v2), or None."""
+    from torchvision.transforms import v2
+    mixers = []
+    if cfg.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def build_ema(net: nn.Module, cfg: TrainConfig):
+    """An exponential moving average of the weights (and buffers), updated every ``model_ema_steps``
+    steps, with torchvision's adjustment of the decay to the batch size and run length."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    adjust = cfg.batch_size * cfg.model_ema_steps / cfg.epochs
+    alpha = min(1.0, (1.0 - cfg.model_ema_decay) * adjust)
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(1.0 - alpha), use_buffers=True)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig):
@@ -270,8 +333,10 @@ def train(cfg: TrainConfig) -> dict:
     _check_output_dir(output)
     torch.manual_seed(cfg.seed)
 
+    augmentation = Augmentation(cfg.auto_augment, cfg.random_erase, cfg.interpolation)
     data = load_dataset(cfg.data, cfg.data_path, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
-                        seed=cfg.seed, image_size=cfg.train_crop_size, val_resize_size=cfg.val_resize_size)
+                        seed=cfg.seed, image_size=cfg.train_crop_size, val_resize_size=cfg.val_resize_size,
+                        augment=augmentation)
     meta = _meta(cfg, data)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                         weights=cfg.weights, **meta["model_kwargs"])
@@ -280,6 +345,8 @@ def train(cfg: TrainConfig) -> dict:
         net.skip = SkipConfig(cfg.skip, net.num_stages)
     _check_input_fits(net, data, cfg, device)
     optimizer = build_optimizer(net, cfg)
+    ema = build_ema(net, cfg) if cfg.model_ema else None
+    mixer = build_batch_mixer(cfg, data.num_classes)
     start_epoch = 0
     if resume is not None:
         for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
@@ -288,6 +355,10 @@ def train(cfg: TrainConfig) -> dict:
                                       f"{resume['meta'].get(key)!r}, this run has {key}={meta.get(key)!r}")
         load_weights(net, resume["model"], source=cfg.resume)
         optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None:
+            if "model_ema" not in resume:
+                raise CheckpointError(f"cannot resume with --model-ema from {cfg.resume}: it holds no EMA weights")
+            ema.load_state_dict(resume["model_ema"])
         for group in optimizer.param_groups:  # the schedule below is recomputed from this run's settings
             group["lr"] = group["initial_lr"] = cfg.lr
         start_epoch = resume["epoch"] + 1
@@ -337,6 +408,10 @@ def train(cfg: TrainConfig) -> dict:
             if steps >= total:
                 break
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            labels = targets
+            if mixer is not None:  # soft targets; accuracy is measured against the dominant label
+                images, targets = mixer(images, targets)
+                labels = targets.argmax(1)
             optimizer.zero_grad(set_to_none=True)
             result = step(net, images, targets, loss_fn)
             terms = result["terms"]
@@ -345,13 +420,17 @@ def train(cfg: TrainConfig) -> dict:
                                        + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                                        + f". The last good checkpoint ({output / 'checkpoint.pt'}) is kept; "
                                          f"try a lower --lr")
+            if cfg.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
             optimizer.step()
             steps += 1
-            seen += targets.numel()
+            seen += labels.numel()
+            if ema is not None and steps % cfg.model_ema_steps == 0:
+                ema.update_parameters(net)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
             for name, logits in result["logits"].items():
-                correct[name] = correct.get(name, 0) + (logits.argmax(1) == targets).sum()  # stays on device
+                correct[name] = correct.get(name, 0) + (logits.argmax(1) == labels).sum()  # stays on device
             bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", refresh=False)
         bar.close()
         lr = optimizer.param_groups[0]["lr"]
@@ -363,10 +442,13 @@ def train(cfg: TrainConfig) -> dict:
         for skip, accs in val.items():
             record[f"val_acc1_{_label(skip, net)}"] = accs["acc1"]
             record[f"val_acc5_{_label(skip, net)}"] = accs["acc5"]
+        if ema is not None:
+            for skip, accs in evaluate_accuracy(ema.module, val_loader, eval_configs, device=device).items():
+                record[f"val_acc1_{_label(skip, net)}_ema"] = accs["acc1"]
         record["epoch_time_s"] = time.perf_counter() - started
-        save_checkpoint(output / "checkpoint.pt", net, meta, optimizer=optimizer.state_dict(),
-                        epoch=epoch, metrics=record,
-                        rng_state=torch.get_rng_state())
+        extra = {"model_ema": ema.state_dict()} if ema is not None else {}
+        save_checkpoint(output / "checkpoint.pt", net, meta, optimizer=optimizer.state_dict(), epoch=epoch,
+                        metrics=record, rng_state=torch.get_rng_state(), **extra)
         with open(output / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
         _log(_summary(record))
