@@ -7,7 +7,8 @@ from adn.profile import count_macs
 MODELS = [("resnet18", 224), ("resnet34", 224), ("resnet50", 224), ("resnet101", 224), ("resnet152", 224),
           ("wide_resnet50_2", 224), ("resnext50_32x4d", 224), ("mobilenet_v2", 224), ("vit_b_16", 224),
           ("vit_b_32", 224), ("swin_t", 224), ("swin_s", 224), ("swin_v2_t", 256), ("resnet20", 32),
-          ("resnet56", 32)]
+          ("resnet56", 32), ("timm/resnet50", 224), ("timm/vit_base_patch16_224", 224),
+          ("timm/deit_small_patch16_224", 224), ("timm/convnext_tiny", 224), ("timm/mobilenetv2_100", 224)]
 
 print("| model | input | stages (shared+skippable blocks) | params super / base (M) | MACs super / base (G) | base/super MACs |")
 print("|---|---|---|---|---|---|")

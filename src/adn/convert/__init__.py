@@ -157,4 +157,4 @@ def _specs_from_names(model: nn.Module, names: Sequence[str]) -> list[StageSpec]
     return specs
 
 
-from . import mobilenet, resnet, swin, vit  # noqa: E402,F401  (register the adapters)
+from . import mobilenet, resnet, swin, timm_models, vit  # noqa: E402,F401  (register the adapters)

@@ -27,8 +27,21 @@ def _num_outputs(model: nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
+def _timm_model(name: str, num_classes: int, in_channels: int, weights: str | None, **kwargs) -> nn.Module:
+    """Any timm model by name (``timm/convnext_tiny``); ``weights`` set means timm's pretrained
+    weights (downloaded from the Hugging Face hub by timm)."""
+    try:
+        import timm
+    except ImportError as error:
+        raise ValueError(f"model timm/{name} needs timm: pip install 'adn[timm]'") from error
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ValueError(f"timm has no model {name!r}." + (f" Did you mean {', '.join(close)}?" if close else ""))
+    return timm.create_model(name, pretrained=bool(weights), num_classes=num_classes, in_chans=in_channels, **kwargs)
+
+
 def available_models() -> list[str]:
-    return list(SMALL_MODELS) + list(TORCHVISION_MODELS)
+    return list(SMALL_MODELS) + list(TORCHVISION_MODELS) + ["timm/<any timm model of a supported family>"]
 
 
 def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
@@ -63,6 +76,8 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
             old = model.conv1
             model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
         return model
+    if name.startswith("timm/"):
+        return _timm_model(name[len("timm/"):], num_classes, in_channels, weights, **kwargs)
     close = difflib.get_close_matches(name, available_models(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(available_models())}")

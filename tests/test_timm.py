@@ -1,0 +1,58 @@
+"""timm's ResNet, ViT/DeiT, ConvNeXt and MobileNetV2/EfficientNet families through the same machinery."""
+import pytest
+import torch
+
+import adn
+from adn.distill import SubPathDistillationLoss
+from adn.profile import count_macs
+from adn.train import TrainConfig, adn_step, train
+
+timm = pytest.importorskip("timm")
+
+SMALL = {  # timm name, create_model kwargs, input size, family, stages
+    "resnet18": ({}, 64, "timm-resnet", 4),
+    "deit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8}, 32, "timm-vit", 4),
+    "convnext_atto": ({"ls_init_value": 1.0}, 64, "timm-convnext", 4),  # layer scale 1e-6 would make blocks ~identity
+    "mobilenetv2_050": ({}, 64, "timm-efficientnet", 5),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_timm_families_convert_keep_outputs_and_train(name):
+    kwargs, size, family, stages = SMALL[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    for module in model.modules():  # timm zero-initialises each block's last norm: undo, so blocks do something
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)) and module.weight is not None:
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference = model(x)
+    net = adn.convert(model).eval()
+    assert net.adn_info["family"] == family and net.num_stages == stages
+    with torch.no_grad():
+        assert torch.allclose(net(x), reference, atol=1e-5)
+    configs = adn.SkipConfig.all(stages)
+    macs = [count_macs(net.subnet(c), x[:1]) for c in (configs[0], configs[1], configs[-1])]
+    assert macs[0] > macs[1] > macs[2]
+    with torch.no_grad():
+        assert torch.allclose(net.subnet(configs[-1])(x), net(x, skip=configs[-1]), atol=1e-5)
+    net.train()
+    result = adn_step(net, x, torch.tensor([0, 1]), SubPathDistillationLoss(channel_dim=net.adn_info["channel_dim"]))
+    assert result["terms"]["kd_features"] > 0
+
+
+def test_timm_models_by_name_in_adn_train(tmp_path):
+    record = train(TrainConfig(model="timm/resnet18", data="fake", epochs=1, batch_size=8, max_steps_per_epoch=2,
+                               output_dir=str(tmp_path / "run"), progress=False))
+    assert record["steps"] == 2
+    from adn.checkpoint import load_network
+    net, ckpt = load_network(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["meta"]["model"] == "timm/resnet18" and net.num_stages >= 1
+
+
+def test_published_macs_of_timm_super_nets():
+    for name, published in (("resnet50", 4.09), ("vit_base_patch16_224", 17.56), ("convnext_tiny", 4.46)):
+        net = adn.convert(timm.create_model(name)).eval()
+        macs = count_macs(net.subnet(adn.SkipConfig.super_net(net.num_stages)), torch.randn(1, 3, 224, 224))
+        assert macs / 1e9 == pytest.approx(published, rel=0.02), name
