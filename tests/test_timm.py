@@ -32,11 +32,24 @@ def test_timm_families_convert_keep_outputs_and_train(name):
     assert net.adn_info["family"] == family and net.num_stages == stages
     with torch.no_grad():
         assert torch.allclose(net(x), reference, atol=1e-5)
-    configs = adn.SkipConfig.all(stages)
-    macs = [count_macs(net.subnet(c), x[:1]) for c in (configs[0], configs[1], configs[-1])]
-    assert macs[0] > macs[1] > macs[2]
+    macs = {}
+    for config in adn.SkipConfig.all(stages):
+        sub = net.subnet(config)
+        macs[str(config)] = count_macs(sub, x[:1])
+        with torch.no_grad():
+            assert torch.allclose(sub(x), net(x, skip=config), atol=1e-5)
+    for config, value in macs.items():  # each additional skipped stage removes work
+        for i, flag in enumerate(config):
+            if flag == "F":
+                assert macs[config[:i] + "T" + config[i + 1:]] < value
+    ran = []
+    handles = [next(iter(b.children())).register_forward_hook(lambda m, i, o, b=b: ran.append(b))
+               for s in net.adn_stages for b in s.skippable]
     with torch.no_grad():
-        assert torch.allclose(net.subnet(configs[-1])(x), net(x, skip=configs[-1]), atol=1e-5)
+        net(x, skip="base")
+    assert ran == [], "a skipped block was executed"
+    for handle in handles:
+        handle.remove()
     net.train()
     result = adn_step(net, x, torch.tensor([0, 1]), SubPathDistillationLoss(channel_dim=net.adn_info["channel_dim"]))
     assert result["terms"]["kd_features"] > 0
