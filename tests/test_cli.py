@@ -143,3 +143,24 @@ def test_a_model_that_does_not_fit_the_images_is_named(capsys, tmp_path, fashion
     err = _error(capsys, ["train", "--model", "vit_b_16", "--data", "fake", "--output-dir", str(tmp_path / "run")])
     assert "vit_b_16 cannot process images of shape (3, 32, 32) from fake random images" in err and "--train-crop-size" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_onnx_export_runs_in_onnx_runtime_with_a_dynamic_batch(checkpoint, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    import torch
+
+    from adn.checkpoint import load_network
+    out = tmp_path / "onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--skip", "FFF,TFT,TTT", "--format", "onnx", "--output",
+                 str(out)]) == 0
+    assert capsys.readouterr().out.count("subnet_") == 3, "stdout lists the files and nothing else"
+    net, _ = load_network(checkpoint)
+    net.eval()
+    for config in ("FFF", "TFT", "TTT"):
+        session = ort.InferenceSession(str(out / f"subnet_{config}.onnx"), providers=["CPUExecutionProvider"])
+        images = torch.randn(5, 1, 28, 28)
+        got = session.run(None, {"images": images.numpy()})[0]
+        with torch.no_grad():
+            expected = net(images, skip=config).numpy()
+        assert np.allclose(got, expected, atol=1e-4)

@@ -49,3 +49,22 @@ def test_subnet_parameters_count_only_what_runs():
     assert full == original + twins
     assert net.active_parameters("FFFF") == original
     assert net.active_parameters("TTTT") < net.active_parameters("TFFF") < original
+
+
+def test_fold_bn_gives_the_same_outputs_with_no_batch_norm_left():
+    from adn.fold import count_batch_norms
+    for builder, x in ((lambda: torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 48, 48)),
+                       (lambda: adn.build_model("mobilenet_v2_small", num_classes=10), torch.randn(2, 3, 28, 28))):
+        net = adn.convert(builder())
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+        net.eval()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        for config in (adn.SkipConfig.super_net(net.num_stages), adn.SkipConfig.base_net(net.num_stages)):
+            folded = net.subnet(config, fold_bn=True)
+            assert count_batch_norms(folded) == 0
+            with torch.no_grad():
+                assert torch.allclose(folded(x), net(x, skip=config), atol=1e-4)
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), "folding changed the network"

@@ -102,11 +102,14 @@ class AdaptiveDepthNetwork:
         return sum(p.numel() for p in self.subnet(config).parameters())
 
     # ----- standalone sub-networks ---------------------------------------------------------------
-    def subnet(self, skip) -> nn.Module:
+    def subnet(self, skip, fold_bn: bool = False) -> nn.Module:
         """A plain module computing sub-network ``skip``: skipped blocks removed, each skip-aware norm
         resolved to the one in use, original classes restored. Parameters and buffers are *shared*
         with this network (training one trains the other); call ``copy.deepcopy`` for an independent
-        copy."""
+        copy.
+
+        ``fold_bn=True`` returns an inference-only ``torch.fx.GraphModule`` in which every BatchNorm
+        that follows a convolution is folded into it (new weights, not shared)."""
         config = SkipConfig(skip, num_stages=self.num_stages)
         # Deep-copy the module tree but not its tensors: pre-seeding the memo with every parameter
         # and buffer makes the copy reference the very same tensors.
@@ -114,6 +117,9 @@ class AdaptiveDepthNetwork:
         with self.skipping(config):
             plain = copy.deepcopy(self, memo)
         _unload(plain)
+        if fold_bn:
+            from .fold import fold_batch_norms
+            return fold_batch_norms(plain)
         return plain
 
     def extra_repr(self) -> str:
