@@ -1,4 +1,5 @@
-"""Model builders by name: adn's small ResNets and torchvision's ResNet family.
+"""Model builders by name: adn's small models, torchvision's ResNet, MobileNetV2, ViT and Swin
+families, and any timm model as ``timm/<name>``.
 
 ``build_model(name, num_classes, in_channels)`` returns a plain (not yet converted) model."""
 from __future__ import annotations
@@ -48,7 +49,7 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
                 **kwargs) -> nn.Module:
     """Build an unconverted model by name. ``weights`` names torchvision weights (e.g. ``"DEFAULT"``),
     downloaded by torchvision when needed (needs the internet the first time)."""
-    if "width" in kwargs and not name.startswith("resnet") or name not in SMALL_MODELS and "width" in kwargs:
+    if "width" in kwargs and not (name in SMALL_MODELS and name.startswith("resnet")):
         raise ValueError(f"--width applies to the small ResNets ({', '.join(n for n in SMALL_MODELS if n.startswith('resnet'))}), "
                          f"not to {name}")
     if name in SMALL_MODELS:
