@@ -164,3 +164,26 @@ def test_onnx_export_runs_in_onnx_runtime_with_a_dynamic_batch(checkpoint, tmp_p
         with torch.no_grad():
             expected = net(images, skip=config).numpy()
         assert np.allclose(got, expected, atol=1e-4)
+
+
+def test_pareto_reads_eval_and_profile_json(checkpoint, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(checkpoint), "--json", "--no-plot", "--repeats", "2", "--warmup", "0"]) == 0
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(capsys.readouterr().out)
+    rows = json.loads(eval_json.read_text())
+    profile = [{"skip": r["skip"], "params": r["params"], "macs": r["macs"], "latency_ms": 10.0 - i}
+               for i, r in enumerate(rows)]  # a made-up device where deeper skipping is always faster
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    plot = tmp_path / "p.png"
+    assert main(["pareto", "--eval", str(eval_json), "--profile", str(tmp_path / "profile.json"), "--plot", str(plot),
+                 "--json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    best = max(r["acc1"] for r in rows)
+    # The fastest sub-network is always optimal, the most accurate one too; accuracy rises with latency.
+    assert front[0]["skip"] == "TTT" and front[-1]["acc1"] == best
+    assert [r["acc1"] for r in front] == sorted(r["acc1"] for r in front)
+    assert all(a["latency_ms"] < b["latency_ms"] for a, b in zip(front, front[1:]))
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "lack ['acc1']" in _error(capsys, ["pareto", "--eval", str(tmp_path / "profile.json"), "--plot", str(plot)])
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "adn eval --json" in _error(capsys, ["pareto", "--eval", str(tmp_path / "bad.json")])

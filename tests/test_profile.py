@@ -45,6 +45,7 @@ def test_latency_rows_state_their_conditions():
     for row in rows:
         assert row["latency_ms"] > 0 and row["batch_size"] == 2 and row["threads"] == torch.get_num_threads()
         assert row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"]
+        assert 0 <= row["switch_us"] < 1e5  # flag writes: far below a forward pass
     assert count_macs(net, x[:1]) == rows[0]["macs"]
     with pytest.raises(ValueError):
         measure_latency(net, x, repeats=0)

@@ -248,6 +248,61 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_pareto(sub) -> None:
+    p = sub.add_parser("pareto", help="Pareto-optimal sub-networks from `adn eval --json` (and `adn profile --json`)",
+                       description="Reads the JSON rows of `adn eval --json` (accuracy) and optionally of "
+                                   "`adn profile --json` (latency measured elsewhere, e.g. on the target device), "
+                                   "prints the sub-networks no other beats on both accuracy and cost, and plots "
+                                   "accuracy against MACs and latency.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--eval", required=True, dest="eval_json", help="file with the output of adn eval --json")
+    p.add_argument("--profile", default=None, dest="profile_json",
+                   help="file with the output of adn profile --json; its latency replaces eval's")
+    p.add_argument("--cost", default=None, choices=("latency_ms", "macs"),
+                   help="cost to rank by (default: latency when measured, else MACs)")
+    p.add_argument("--plot", default="pareto.png", help="PNG to write")
+    p.add_argument("--json", action="store_true", help="print the Pareto-optimal rows as JSON")
+    p.set_defaults(run=_run_pareto)
+
+
+def _read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:
+    try:
+        rows = json.loads(Path(path).read_text())
+        by_skip = {row["skip"]: row for row in rows}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: expected the JSON printed by `adn {what} --json` ({error})") from error
+    missing = needed - set(next(iter(by_skip.values()), {}))
+    if not by_skip or missing:
+        raise ValueError(f"{path}: rows lack {sorted(missing) or 'everything'}; produce it with `adn {what} --json`")
+    return by_skip
+
+
+def _run_pareto(args) -> int:
+    from .report import format_table, pareto_front, plot_pareto
+
+    rows = _read_rows(args.eval_json, "eval", {"skip", "acc1", "macs"})
+    if args.profile_json:
+        profile = _read_rows(args.profile_json, "profile", {"skip", "latency_ms"})
+        unknown = sorted(set(rows) - set(profile))
+        if unknown:
+            raise ValueError(f"{args.profile_json} has no row for sub-network(s) {unknown} of {args.eval_json}")
+        for skip, row in rows.items():
+            row.update({k: v for k, v in profile[skip].items() if k.startswith("latency") or k in ("batch_size", "threads", "device")})
+    merged = list(rows.values())
+    cost = args.cost or ("latency_ms" if all("latency_ms" in r for r in merged) else "macs")
+    if any(cost not in r for r in merged):
+        raise ValueError(f"--cost {cost}: not every row has it; give --profile or use --cost macs")
+    front = pareto_front(merged, cost)
+    plot_pareto(merged, args.plot)
+    print(f"plot: {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(front, indent=2))
+    else:
+        print(f"{len(front)} of {len(merged)} sub-networks are Pareto-optimal in accuracy vs {cost}:")
+        print(format_table(front))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adn", description="Adaptive depth networks: convert, train, evaluate, "
                                      "profile and export networks whose depth switches at run time.")
@@ -257,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_profile(sub)
     _add_export(sub)
+    _add_pareto(sub)
     return parser
 
 

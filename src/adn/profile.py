@@ -148,4 +148,24 @@ def profile_subnetworks(net: nn.Module, example: torch.Tensor, skips=None, laten
     if latency:
         for row, timing in zip(rows, measure_depth_latencies(net, example, configs, warmup, repeats)):
             row.update(timing)
+        for row, config in zip(rows, configs):
+            row["switch_us"] = measure_switch(net, config)
     return rows
+
+
+def measure_switch(net: nn.Module, config, repeats: int = 50) -> float:
+    """Median time in microseconds to switch ``net`` from the super-net to ``config`` (flag writes only:
+    no weights are copied and nothing is rebuilt)."""
+    super_net = SkipConfig.super_net(net.num_stages)
+    config = SkipConfig(config, net.num_stages)
+    previous = net.skip
+    times = []
+    try:
+        for _ in range(repeats):
+            net.skip = super_net
+            start = time.perf_counter()
+            net.skip = config
+            times.append((time.perf_counter() - start) * 1e6)
+    finally:
+        net.skip = previous
+    return statistics.median(times)

@@ -14,6 +14,7 @@ COLUMNS = [  # key, header, format
     ("macs_ratio", "MACs/super", "{:.3f}"),
     ("latency_ms", "latency ms", "{:.3f}"),
     ("latency_ratio", "lat/super", "{:.3f}"),
+    ("switch_us", "switch µs", "{:.0f}"),
 ]
 
 
@@ -59,7 +60,7 @@ def plot_accuracy_vs_macs(rows: list[dict], path: str | os.PathLike, title: str 
         special = set(row["skip"]) == {"F"} and "super-net" or set(row["skip"]) == {"T"} and "base-net" or ""
         ax.annotate(row["skip"] + (f" ({special})" if special else ""), (x, y), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
-    front = _pareto(rows)
+    front = pareto_front(rows, "macs")
     ax.plot([r["macs"] / 1e6 for r in front], [r["acc1"] for r in front], color="tab:orange", lw=1,
             label="Pareto front", zorder=2)
     ax.margins(x=0.15, y=0.1)  # room for the labels
@@ -81,11 +82,49 @@ def plot_accuracy_vs_macs(rows: list[dict], path: str | os.PathLike, title: str 
     return path
 
 
-def _pareto(rows: list[dict]) -> list[dict]:
-    """Sub-networks no other beats on both accuracy and MACs, by increasing MACs."""
+def pareto_front(rows: list[dict], cost: str = "macs") -> list[dict]:
+    """Sub-networks that no other beats on both accuracy and ``cost`` (ties count as beaten), by
+    increasing cost."""
     front, best = [], float("-inf")
-    for row in sorted(rows, key=lambda r: (r["macs"], -r["acc1"])):
+    for row in sorted(rows, key=lambda r: (r[cost], -r["acc1"])):
         if row["acc1"] > best:
             front.append(row)
             best = row["acc1"]
     return front
+
+
+def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy against MACs and, when measured, against latency; Pareto fronts drawn; atomic write."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = [("macs", "MACs per image (millions)", 1e-6)]
+    if all("latency_ms" in r for r in rows):
+        costs.append(("latency_ms", "latency (ms)", 1.0))
+    fig, axes = plt.subplots(1, len(costs), figsize=(6.5 * len(costs), 4.5), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], costs):
+        ax.scatter([r[key] * scale for r in rows], [r["acc1"] for r in rows], color="tab:blue", zorder=3)
+        for row in rows:
+            ax.annotate(row["skip"], (row[key] * scale, row["acc1"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        front = pareto_front(rows, key)
+        ax.plot([r[key] * scale for r in front], [r["acc1"] for r in front], color="tab:orange", label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.margins(x=0.15, y=0.1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(title or "sub-networks: accuracy against cost")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
