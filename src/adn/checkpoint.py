@@ -10,12 +10,12 @@ A checkpoint is one ``torch.save`` file of plain containers and tensors, read ba
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .convert import convert
 from .models import build_model
 
@@ -27,20 +27,9 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash leaves either the
-    old file or the new one, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`adn.atomic.atomic_write`: a crash leaves either the old file or
+    the new one, never a truncated one."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(path, net: nn.Module, meta: dict, **state) -> None:

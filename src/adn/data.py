@@ -17,6 +17,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision import transforms as T
 
+from .atomic import atomic_write
+
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "fake")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -160,15 +162,17 @@ def _stage_idx_files(folder: Path) -> Path:
         target = raw / name
         if target.is_file():
             continue
-        tmp = target.with_suffix(".tmp")
-        plain, packed = folder / name, folder / f"{name}.gz"
-        if plain.is_file():
-            shutil.copyfile(plain, tmp)
-        else:
-            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp, source=folder / name: _copy_idx(source, tmp))
     return root
+
+
+def _copy_idx(plain: Path, destination: str) -> None:
+    """Copy an IDX file, decompressing ``<plain>.gz`` when only that exists."""
+    if plain.is_file():
+        shutil.copyfile(plain, destination)
+    else:
+        with gzip.open(f"{plain}.gz", "rb") as src, open(destination, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def _fashion_mnist(data_path, augment: bool) -> DataBundle:

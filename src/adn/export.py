@@ -11,27 +11,17 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .profile import count_macs
 from .skip import SkipConfig
 
 FORMATS = ("safetensors", "pt2", "onnx")
 ONNX_TOLERANCE = 1e-4
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str) -> None:
@@ -83,17 +73,17 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
         name = f"subnet_{config}.{fmt}"
         if fmt == "safetensors":
             tensors = {k: v.detach().contiguous().clone() for k, v in sub.state_dict().items()}
-            _atomic(output / name, lambda tmp: save_file(tensors, tmp, metadata={"skip": str(config)}))
+            atomic_write(output / name, lambda tmp: save_file(tensors, tmp, metadata={"skip": str(config)}))
         elif fmt == "pt2":
             program = torch.export.export(sub, (example,))
-            _atomic(output / name, lambda tmp: torch.export.save(program, tmp))
+            atomic_write(output / name, lambda tmp: torch.export.save(program, tmp))
         else:
-            _atomic(output / name, lambda tmp: _export_onnx(sub, example, tmp))
+            atomic_write(output / name, lambda tmp: _export_onnx(sub, example, tmp))
         entry = {"skip": str(config), "file": name, "format": fmt,
                  "params": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example[:1])}
         if accuracy and str(config) in accuracy:
             entry.update(accuracy[str(config)])
         entries.append(entry)
     manifest = {"input_shape": list(example.shape[1:]), "subnetworks": entries}
-    _atomic(output / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
     return entries

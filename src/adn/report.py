@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_write
 
 COLUMNS = [  # key, header, format
     ("skip", "skip", "{}"),
@@ -51,7 +52,6 @@ def plot_accuracy_vs_macs(rows: list[dict], path: str | os.PathLike, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     macs = [r["macs"] / 1e6 for r in rows]
     accs = [r["acc1"] for r in rows]
@@ -70,16 +70,10 @@ def plot_accuracy_vs_macs(rows: list[dict], path: str | os.PathLike, title: str 
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=Path(path).suffix or ".png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def pareto_front(rows: list[dict], cost: str = "macs") -> list[dict]:
@@ -117,14 +111,7 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
         ax.legend(loc="lower right")
     fig.suptitle(title or "sub-networks: accuracy against cost")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=Path(path).suffix or ".png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
