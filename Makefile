@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv data demo test contract bench clean
+.PHONY: venv data demo test contract bench reproduce clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: venv data
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+reproduce: venv data  ## the paper's claims at small scale -> docs/reproduction.md (resumable; ~1.5 h on 2 cores)
+	$(BIN)/adn reproduce
 
 contract: venv
 	$(BIN)/python ../shared/contract_check.py

@@ -303,6 +303,120 @@ def _run_pareto(args) -> int:
     return 0
 
 
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="look inside a trained network: skip-aware norm distances, Grad-CAM maps",
+                       description="Writes norm_distance.png/.json (how far each skip-aware norm's running mean is "
+                                   "from its twin's) and gradcam.png (Grad-CAM after each block of a stage, at the "
+                                   "super-net and base-net depths), plus summary.json, into --output.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="file written by adn train")
+    p.add_argument("--output", required=True, help="folder for the PNGs and summary.json")
+    p.add_argument("--norm-distance", action="store_true", help="compute the norm-distance chart")
+    p.add_argument("--gradcam", nargs="*", default=None, metavar="IMAGE",
+                   help="Grad-CAM maps for these image files; with no file, the first validation images of "
+                        "different classes")
+    p.add_argument("--gradcam-count", type=_positive_int, default=4, help="validation images used when no file is given")
+    p.add_argument("--stage", type=int, default=-1, help="stage whose blocks Grad-CAM visualizes (0-based; -1: last)")
+    p.add_argument("--skip", default="super,base", help="comma-separated depths shown in the Grad-CAM figure")
+    p.set_defaults(run=_run_analyze)
+
+
+def _load_images(paths: list[str], meta: dict) -> torch.Tensor:
+    """Image files as the network's validation transform would give them (size, channels, normalization)."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import v2
+
+    size = meta.get("image_size") or 224
+    transform = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta["mean"], meta["std"])])
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert("L" if meta["in_channels"] == 1 else "RGB")))
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"--gradcam {path}: cannot read it as an image ({error}); give PNG or JPEG files") from error
+    return torch.stack(images)
+
+
+def _run_analyze(args) -> int:
+    from .analyze import (gradcam, norm_distances, plot_gradcam, plot_norm_distances, summarize_norm_distances,
+                          cam_statistics)
+    from .atomic import atomic_write
+    from .checkpoint import load_network
+
+    if not args.norm_distance and args.gradcam is None:
+        raise ValueError("nothing to do: give --norm-distance and/or --gradcam [IMAGE ...]")
+    net, ckpt = load_network(args.checkpoint)
+    meta = ckpt["meta"]
+    output = Path(args.output)
+    summary: dict = {"checkpoint": str(args.checkpoint)}
+    if args.norm_distance:
+        rows = norm_distances(net)
+        plot_norm_distances({Path(args.checkpoint).parent.name or "network": rows}, output / "norm_distance.png")
+        atomic_write(output / "norm_distance.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+        summary["norm_distance"] = summarize_norm_distances(rows)
+        print(f"norm distances: {output / 'norm_distance.png'}, {output / 'norm_distance.json'}", file=sys.stderr)
+    if args.gradcam is not None:
+        if args.gradcam:
+            images = _load_images(args.gradcam, meta)
+        else:
+            from .data import load_dataset
+            data = load_dataset(meta["dataset"], meta.get("data_path"), augment=False)
+            picked, seen = [], set()
+            for index in range(len(data.val)):
+                image, label = data.val[index]
+                if label not in seen:
+                    seen.add(label)
+                    picked.append(image)
+                if len(picked) == args.gradcam_count:
+                    break
+            images = torch.stack(picked)
+        stage = args.stage % net.num_stages if -net.num_stages <= args.stage < net.num_stages else args.stage
+        maps = {f"skip {config}": gradcam(net, images, stage, config) for config in _configs(args.skip, net.num_stages)}
+        plot_gradcam(images, maps, output / "gradcam.png", mean=meta["mean"], std=meta["std"],
+                     title=f"Grad-CAM after each block of stage {stage + 1}")
+        summary["gradcam"] = {"stage": stage, "images": len(images),
+                              "hot_fraction": {k: cam_statistics(v) for k, v in maps.items()}}
+        print(f"Grad-CAM: {output / 'gradcam.png'}", file=sys.stderr)
+    atomic_write(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="rerun the paper's claims at small scale and write docs/reproduction.md",
+                       description="Trains every arm of the reproduction (ADN, the ablations, individual networks, "
+                                   "pooled feature KD) for several seeds with adn train and adn eval, then writes the "
+                                   "tables, figures and verdicts. Finished runs are cached in --runs and skipped "
+                                   "on re-run, so an interrupted reproduction continues where it stopped.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--runs", default="runs/reproduce", help="folder for the runs (the cache)")
+    p.add_argument("--docs", default="docs/reproduction.md", help="report to write; figures go in a folder beside it")
+    p.add_argument("--quick", action="store_true", help="a few steps per arm: checks the harness, not the claims")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per arm (default 0 1 2; quick: 0 1)")
+    p.add_argument("--data-path", default=None, help="Fashion-MNIST folder (default: the Debian package or a download)")
+    p.add_argument("--train-only", action="store_true", help="train and evaluate the arms, write no report")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.set_defaults(run=_run_reproduce)
+
+
+def _run_reproduce(args) -> int:
+    from .reproduce import Protocol, reproduce
+
+    protocol = Protocol.quick() if args.quick else Protocol()
+    protocol.data_path = args.data_path
+    if args.seeds:
+        if len(args.seeds) < 2:
+            raise ValueError("--seeds needs at least 2 seeds: the verdicts compare differences with the spread across seeds")
+        protocol.seeds = tuple(args.seeds)
+    report = reproduce(protocol, Path(args.runs), Path(args.docs), quick=args.quick, train_only=args.train_only,
+                       log=lambda message: print(message, file=sys.stderr, flush=True))
+    if report:
+        print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adn", description="Adaptive depth networks: convert, train, evaluate, "
                                      "profile and export networks whose depth switches at run time.")
@@ -313,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_export(sub)
     _add_pareto(sub)
+    _add_analyze(sub)
+    _add_reproduce(sub)
     return parser
 
 

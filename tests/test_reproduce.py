@@ -1,0 +1,88 @@
+"""`adn reproduce --quick` runs every arm of the reproduction and writes the report; `adn analyze`
+looks inside a checkpoint."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adn.analyze import AnalysisError, gradcam, norm_distances
+from adn.cli import main
+from adn.convert import convert
+from adn.models import build_model
+from adn.reproduce import ARMS, verdict
+
+
+def test_verdict_needs_a_difference_beyond_the_spread():
+    assert verdict([90.0, 90.2, 90.1], [89.0, 89.1, 88.9]) == "holds"
+    assert verdict([89.0, 89.1, 88.9], [90.0, 90.2, 90.1]) == "fails"
+    assert verdict([90.0, 91.0, 89.0], [89.9, 90.5, 89.5]) == "within noise"
+
+
+def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashion_dir, capsys):
+    runs, docs = tmp_path / "runs", tmp_path / "docs" / "reproduction.md"
+    argv = ["reproduce", "--quick", "--runs", str(runs), "--docs", str(docs), "--data-path", str(fashion_dir)]
+    assert main(argv) == 0
+    report = docs.read_text()
+    for heading in ("Table 1 counterpart", "Table 3 counterpart", "Figure 3a", "Figure 3b", "Figure 4",
+                    "Feature distillation", "QUICK MODE"):
+        assert heading in report
+    for figure in ("fig3a_subnetworks.png", "fig3b_norm_distances.png", "fig4_gradcam.png"):
+        assert (docs.parent / "reproduction" / figure).stat().st_size > 10_000
+    for arm in ARMS:
+        for seed in (0, 1):
+            result = json.loads((runs / arm / f"seed{seed}" / "result.json").read_text())
+            assert result["accuracy"] and all(0 <= v <= 100 for v in result["accuracy"].values())
+    assert len(json.loads((runs / "adn" / "seed0" / "result.json").read_text())["accuracy"]) == 8
+
+    # A second run reuses every cached run: nothing is trained again.
+    stamp = (runs / "adn" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert (runs / "adn" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert "adn train" not in capsys.readouterr().err
+
+
+def test_analyze_writes_norm_distance_and_gradcam(tmp_path, fashion_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "resnet20", "--width", "4", "--data-path", str(fashion_dir), "--epochs", "1",
+                 "-b", "32", "--max-steps-per-epoch", "3", "--output-dir", str(run), "--no-progress"]) == 0
+    from PIL import Image
+    picture = tmp_path / "shirt.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(picture)
+    out = tmp_path / "analysis"
+    capsys.readouterr()
+    assert main(["analyze", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(out), "--norm-distance",
+                 "--gradcam", str(picture)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) >= {"norm_distance", "gradcam"}
+    rows = json.loads((out / "norm_distance.json").read_text())
+    assert {r["stage"] for r in rows} == {0, 1, 2}
+    assert (out / "gradcam.png").is_file() and (out / "norm_distance.png").is_file()
+    # skipped blocks of the base-net have no map
+    assert summary["gradcam"]["hot_fraction"]["skip TTT"][-1] is None
+
+    assert main(["analyze", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(out)]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["analyze", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(out),
+                 "--gradcam", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_norm_distance_is_zero_for_fresh_twins_and_needs_twins():
+    net = convert(build_model("resnet20", num_classes=10, in_channels=1, width=4))
+    assert all(r["distance"] == 0 for r in norm_distances(net))
+    with pytest.raises(AnalysisError, match="no skip-aware norm"):
+        norm_distances(convert(build_model("resnet20", num_classes=10, in_channels=1, width=4), skip_aware_norm=False))
+
+
+def test_gradcam_maps_are_normalized_and_follow_the_depth():
+    net = convert(build_model("resnet20", num_classes=10, in_channels=1, width=4)).eval()
+    images = torch.randn(2, 1, 28, 28)
+    full, base = gradcam(net, images, 1, "FFF"), gradcam(net, images, 1, "TTT")
+    assert all(m.shape == (2, 28, 28) and 0 <= m.min() and m.max() <= 1 + 1e-6 for m in full)
+    assert base[-1] is None and base[0] is not None
+    assert str(net.skip) == "FFF"  # the caller's depth is restored
+    with pytest.raises(AnalysisError, match="stage 5"):
+        gradcam(net, images, 5, "FFF")
