@@ -1,11 +1,14 @@
 """Run-time speed-up of skipping, and the cost of the skip machinery.
 
 1. For every sub-network of ResNet-50: latency / super-net latency next to MACs / super-net MACs, at
-   batch 1 and batch 16, timed in interleaved rounds (one run per depth per round), medians.
+   batch 1 and batch 16, in eager PyTorch and (with --onnxruntime) in ONNX Runtime, every runner timed
+   in interleaved rounds (one call of each depth on each engine per round), medians.
+   Targets (issue 4): ORT base-net latency ratio within 0.05 of its MAC ratio (0.626); ORT >= 1.3x
+   faster than eager for the same sub-network.
 2. Overhead: the ADN at a depth vs a plain torchvision ResNet-50 with the same blocks removed (same
-   weights), interleaved. Target (issue 2): ratio <= 1.02.
+   weights), interleaved. Target: ratio <= 1.02.
 
-    python benchmarks/latency.py [--size 224 --repeats 7 --batches 1 16]
+    python benchmarks/latency.py [--size 224 --repeats 7 --batches 1 16 --onnxruntime --threads 1]
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 import torchvision
 
 import adn
-from adn.profile import count_macs, measure_depth_latencies
+from adn.backends import OnnxDepths, depth_runners
+from adn.profile import count_macs, time_interleaved
 
 
 def plain_resnet_without(config) -> torch.nn.Module:
@@ -51,28 +55,60 @@ def overhead(net, config, x, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, nargs="+", default=[7],
+                        help="timed rounds, one value for all batch sizes or one per batch size")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--onnxruntime", action="store_true", help="also time every sub-network in ONNX Runtime")
+    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = dict(zip(args.batches, args.repeats * len(args.batches) if len(args.repeats) == 1 else args.repeats))
     torch.manual_seed(0)
     net = adn.convert(torchvision.models.resnet50()).eval()
     configs = adn.SkipConfig.all(net.num_stages)
     macs = {str(c): count_macs(net.subnet(c), torch.randn(1, 3, args.size, args.size)) for c in configs}
-    results = {"threads": torch.get_num_threads(), "size": args.size, "repeats": args.repeats, "batches": {}}
+    engines = ["eager"]
+    onnx = None
+    if args.onnxruntime:
+        started = time.perf_counter()
+        onnx = OnnxDepths(net, torch.randn(1, 3, args.size, args.size), configs)
+        engines.append("onnxruntime")
+        print(f"exported {len(configs)} sub-networks to ONNX in {time.perf_counter() - started:.0f}s "
+              f"(ONNX Runtime threads: {onnx.threads})")
+    results = {"threads": torch.get_num_threads(), "size": args.size, "batches": {}}
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size)
-        rows = measure_depth_latencies(net, x, configs, warmup=2, repeats=args.repeats)
-        super_ms = rows[0]["latency_ms"]
+        runners, _ = depth_runners(net, x, configs, "eager")
+        if onnx is not None:
+            runners += [(lambda t, run=onnx.runner(c): run(t.numpy())) for c in configs]
+        times = time_interleaved(runners, x, warmup=1, repeats=repeats[batch])
+        medians = [statistics.median(t) for t in times]
+        per_engine = {engine: medians[i * len(configs):(i + 1) * len(configs)] for i, engine in enumerate(engines)}
         print(f"\nResNet-50-ADN, batch {batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-              f"median of {args.repeats} interleaved rounds")
-        print(f"{'skip':>5} {'MACs/super':>11} {'latency/super':>14} {'latency ms':>11}")
+              f"median of {repeats[batch]} interleaved rounds")
+        header = f"{'skip':>5} {'MACs/super':>11}" + "".join(f" {e[:4] + ' lat/super':>14} {e[:4] + ' ms':>10}" for e in engines)
+        print(header + (f" {'eager/ORT':>10}" if onnx else ""))
         table = []
-        for config, row in zip(configs, rows):
-            mac_ratio = macs[str(config)] / macs[str(configs[0])]
-            ratio = row["latency_ms"] / super_ms
-            table.append({"skip": str(config), "mac_ratio": mac_ratio, "latency_ratio": ratio, "latency_ms": row["latency_ms"]})
-            print(f"{str(config):>5} {mac_ratio:>11.3f} {ratio:>14.3f} {row['latency_ms']:>11.2f}")
-        over = {c: overhead(net, adn.SkipConfig(c), x, args.repeats) for c in ("FFFF", "TTFF", "TTTT")}
+        for i, config in enumerate(configs):
+            row = {"skip": str(config), "mac_ratio": macs[str(config)] / macs[str(configs[0])]}
+            line = f"{str(config):>5} {row['mac_ratio']:>11.3f}"
+            for engine, values in per_engine.items():
+                row[f"{engine}_ms"] = values[i]
+                row[f"{engine}_ratio"] = values[i] / values[0]
+                line += f" {row[f'{engine}_ratio']:>14.3f} {values[i]:>10.2f}"
+            if onnx:
+                row["ort_speedup"] = row["eager_ms"] / row["onnxruntime_ms"]
+                line += f" {row['ort_speedup']:>10.2f}"
+            table.append(row)
+            print(line)
+        if onnx:
+            base = table[-1]
+            print(f"ORT base-net latency ratio {base['onnxruntime_ratio']:.3f} vs MAC ratio {base['mac_ratio']:.3f}: "
+                  f"off by {abs(base['onnxruntime_ratio'] - base['mac_ratio']):.3f} (target <= 0.05); "
+                  f"ORT speed-up over eager {min(r['ort_speedup'] for r in table):.2f}-"
+                  f"{max(r['ort_speedup'] for r in table):.2f}x (target >= 1.3)")
+        over = {c: overhead(net, adn.SkipConfig(c), x, repeats[batch]) for c in ("FFFF", "TTFF", "TTTT")}
         print("ADN / plain torchvision with the same blocks removed: "
               + ", ".join(f"{c} {v:.3f}" for c, v in over.items()) + " (target <= 1.02)")
         results["batches"][batch] = {"rows": table, "overhead": over}

@@ -4,6 +4,7 @@
     net = adn.convert(torchvision.models.resnet50())
     net.skip = "TTFF"; y = net(x)
 """
+from .backends import CompiledDepths, compile_depths
 from .convert import StageSpec, convert, register_adapter, split_point, supported_families
 from .distill import SubPathDistillationLoss
 from .layers import SkipAwareNorm, SkippableBlock, SkippableStage
@@ -14,7 +15,7 @@ from .skip import SkipConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveDepthNetwork", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
-    "SubPathDistillationLoss", "available_models", "build_model", "convert", "register_adapter", "split_point",
+    "AdaptiveDepthNetwork", "CompiledDepths", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
+    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "register_adapter", "split_point",
     "supported_families",
 ]

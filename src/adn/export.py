@@ -30,6 +30,8 @@ def _export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str) -> None
     except ImportError as error:
         raise ValueError("ONNX export needs onnx and onnxscript: pip install 'adn[onnx]'") from error
     batch = torch.export.Dim("batch", min=1)
+    if example.shape[0] == 1:  # torch.export specializes a size of 1; trace at 2 to keep the batch dynamic
+        example = example.expand(2, *example.shape[1:]).contiguous()
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
         torch.onnx.export(sub, (example,), path, dynamo=True, dynamic_shapes=({0: batch},),
                           input_names=["images"], output_names=["logits"], verbose=False)

@@ -78,16 +78,16 @@ def count_macs_by_hooks(model: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def _time_once(model: nn.Module, example: torch.Tensor) -> float:
-    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
+def _time_once(run, inputs, cuda: bool) -> float:
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    model(example)
+    run(inputs)
     sync()
     return (time.perf_counter() - start) * 1e3
 
 
-def _summarize(times: list[float], example: torch.Tensor) -> dict:
+def _summarize(times: list[float], example: torch.Tensor, backend: str = "eager") -> dict:
     times = sorted(times)
     return {
         "latency_ms": statistics.median(times),
@@ -96,46 +96,59 @@ def _summarize(times: list[float], example: torch.Tensor) -> dict:
         "batch_size": example.shape[0],
         "threads": torch.get_num_threads(),
         "device": str(example.device),
+        "backend": backend,
         "repeats": len(times),
     }
 
 
+def time_interleaved(runners, inputs, warmup: int = 3, repeats: int = 10, cuda: bool = False) -> list[list[float]]:
+    """Wall times (ms) of each runner, taken in rounds (one call of every runner per round), so that
+    drift in machine load affects every runner alike and ratios between them stay meaningful on a
+    shared machine."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    times: list[list[float]] = [[] for _ in runners]
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for index, run in enumerate(runners):
+                elapsed = _time_once(run, inputs, cuda)
+                if round_index >= warmup:
+                    times[index].append(elapsed)
+    return times
+
+
 def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 3, repeats: int = 10) -> dict:
     """Median and spread of forward-pass wall time in milliseconds (CUDA is synchronised)."""
-    return measure_depth_latencies(model, example, [None], warmup, repeats)[0]
+    was_training = model.training
+    model.eval()
+    try:
+        return _summarize(time_interleaved([model], example, warmup, repeats, example.is_cuda)[0], example)
+    finally:
+        model.train(was_training)
 
 
 def measure_depth_latencies(net: nn.Module, example: torch.Tensor, configs, warmup: int = 3,
-                            repeats: int = 10) -> list[dict]:
-    """Latency of ``net`` at each depth in ``configs`` (``None``: as it is). Timings are taken in
-    rounds, one run of every depth per round, so that drift in machine load affects every depth alike
-    and ratios between depths stay meaningful on a shared machine."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup} and {repeats}")
-    times: list[list[float]] = [[] for _ in configs]
+                            repeats: int = 10, backend: str = "eager") -> list[dict]:
+    """Latency of ``net`` at each depth in ``configs`` on ``backend`` (eager: the adaptive network
+    itself, switching depth; compile / onnxruntime: each sub-network prepared ahead, see
+    :mod:`adn.backends`), timed in interleaved rounds."""
+    from .backends import depth_runners
     was_training = net.training
     net.eval()
     try:
-        with torch.inference_mode():
-            for round_index in range(warmup + repeats):
-                for index, config in enumerate(configs):
-                    if config is None:
-                        elapsed = _time_once(net, example)
-                    else:
-                        with net.skipping(config):
-                            elapsed = _time_once(net, example)
-                    if round_index >= warmup:
-                        times[index].append(elapsed)
+        runners, inputs = depth_runners(net, example, configs, backend)
+        times = time_interleaved(runners, inputs, warmup, repeats, example.is_cuda)
     finally:
         net.train(was_training)
-    return [_summarize(t, example) for t in times]
+    return [_summarize(t, example, backend) for t in times]
 
 
 def profile_subnetworks(net: nn.Module, example: torch.Tensor, skips=None, latency: bool = True,
-                        warmup: int = 3, repeats: int = 10) -> list[dict]:
+                        warmup: int = 3, repeats: int = 10, backend: str = "eager") -> list[dict]:
     """One row per sub-network: ``skip``, ``params`` (active), ``macs`` (per image) and, when
-    ``latency``, ``latency_ms`` with its spread, batch size, threads and device. Latency is that of
-    the adaptive network itself at each depth: what users run."""
+    ``latency``, ``latency_ms`` with its spread, batch size, threads, device and backend. In eager
+    mode the latency is that of the adaptive network itself at each depth (what users run) and
+    ``switch_us`` the time to change depth."""
     configs = SkipConfig.all(net.num_stages) if skips is None else [SkipConfig(s, net.num_stages) for s in skips]
     rows = []
     for config in configs:
@@ -146,10 +159,11 @@ def profile_subnetworks(net: nn.Module, example: torch.Tensor, skips=None, laten
             "macs": count_macs(sub, example[:1]),
         })
     if latency:
-        for row, timing in zip(rows, measure_depth_latencies(net, example, configs, warmup, repeats)):
+        for row, timing in zip(rows, measure_depth_latencies(net, example, configs, warmup, repeats, backend)):
             row.update(timing)
-        for row, config in zip(rows, configs):
-            row["switch_us"] = measure_switch(net, config)
+        if backend == "eager":
+            for row, config in zip(rows, configs):
+                row["switch_us"] = measure_switch(net, config)
     return rows
 
 
