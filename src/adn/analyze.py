@@ -80,8 +80,8 @@ def plot_norm_distances(series: dict[str, list[dict]], path: str | os.PathLike, 
     for b in boundaries:
         ax.axvline(b, color="grey", lw=0.8, ls=":")
     ax.set_xticks(positions, labels, rotation=75, fontsize=7)
-    ax.set_ylabel("RMS difference of running means (norm vs twin)")
-    ax.set_title(title or "Skip-aware norms: super-net vs base-net statistics (hatched: first norm of a stage)")
+    ax.set_ylabel("RMS difference of running means")
+    ax.set_title(title or "Running means, norm vs twin (hatched: first norm of a stage)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     return _save(fig, path)

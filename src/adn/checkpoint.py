@@ -5,11 +5,16 @@ A checkpoint is one ``torch.save`` file of plain containers and tensors, read ba
 
     {"format": "adn-checkpoint", "version": 1,
      "meta": {"model": "resnet20", "num_classes": 10, "in_channels": 1, "skip_aware_norm": True, ...},
-     "model": state_dict, "optimizer": ..., "lr_scheduler": ..., "epoch": int}
+     "model": state_dict, "optimizer": ..., "epoch": int, ...}
+
+``adn train`` keeps ``checkpoint.pt`` (the latest) and, with ``--keep-last K``, the last K numbered
+checkpoints ``checkpoint-e<epoch>-s<step>.pt`` beside it; see :func:`save_rotating`.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +25,8 @@ from .convert import convert
 from .models import build_model
 
 FORMAT = "adn-checkpoint"
+LATEST = "checkpoint.pt"
+NUMBERED = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -32,8 +39,13 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def checkpoint_payload(net: nn.Module, meta: dict, **state) -> dict:
+    """What a checkpoint file holds: format marker, metadata, weights, and ``state`` (optimizer, ...)."""
+    return {"format": FORMAT, "version": 1, "meta": meta, "model": net.state_dict(), **state}
+
+
 def save_checkpoint(path, net: nn.Module, meta: dict, **state) -> None:
-    atomic_save({"format": FORMAT, "version": 1, "meta": meta, "model": net.state_dict(), **state}, path)
+    atomic_save(checkpoint_payload(net, meta, **state), path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -43,8 +55,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, corrupted, or a pickle that needs code execution
+        others = [p.name for p in numbered_checkpoints(path.parent) if p.name != path.name]
+        hint = f"; earlier checkpoints in {path.parent}: {', '.join(others[-3:])}" if others else ""
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not an adn checkpoint "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]}){hint}") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data or "meta" not in data:
         raise CheckpointError(f"{path} is not an adn checkpoint (expected a file written by adn train)")
     return data
@@ -84,3 +98,58 @@ def load_network(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module
     net = build_network(data["meta"])
     load_weights(net, data["model"], source=str(path))
     return net, data
+
+
+# ----- the checkpoints of a run: latest + the last K numbered ones ------------------------------------------
+def numbered_name(epoch: int, step: int) -> str:
+    """``checkpoint-e0003-s0000150.pt``: after ``step`` steps of epoch ``epoch`` (both counted from 1)."""
+    return f"checkpoint-e{epoch:04d}-s{step:07d}.pt"
+
+
+def numbered_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The numbered checkpoints in ``folder``, oldest first."""
+    found = [(tuple(map(int, m.groups())), p) for p in Path(folder).glob("checkpoint-e*-s*.pt")
+             if (m := NUMBERED.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_rotating(folder: str | os.PathLike, payload: dict, epoch: int, step: int, keep_last: int) -> Path:
+    """Write ``payload`` as ``folder/checkpoint.pt`` and, when ``keep_last`` > 0, as the numbered
+    checkpoint of (epoch, step), deleting the numbered ones beyond the last ``keep_last``. Each file is
+    replaced atomically; ``checkpoint.pt`` is a hard link to the numbered file (a copy where links are
+    not supported), so the data is written once."""
+    folder = Path(folder)
+    latest = folder / LATEST
+    if keep_last <= 0:
+        atomic_save(payload, latest)
+        return latest
+    numbered = folder / numbered_name(epoch, step)
+    atomic_save(payload, numbered)
+    _publish(numbered, latest)
+    for old in numbered_checkpoints(folder)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return numbered
+
+
+def _publish(source: Path, target: Path) -> None:
+    """Atomically make ``target`` a hard link to ``source`` (or a copy of it)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:  # no hard links on this file system
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        return
+    os.replace(temporary, target)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed run left next to its checkpoints and log (they are hidden,
+    named ``.<file>.<random>.tmp``; the files themselves are always whole)."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        name = path.name[1:]
+        if name.startswith(("checkpoint", "log.jsonl")):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

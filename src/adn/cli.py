@@ -43,6 +43,9 @@ def _add_train(sub) -> None:
     g.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of N images")
     g.add_argument("--train-crop-size", type=_positive_int, default=None, help="imagefolder/fake: training crop size")
     g.add_argument("--val-resize-size", type=_positive_int, default=None, help="imagefolder: validation resize")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="imagefolder: skip unreadable image files (named on stderr, counted in the log) instead "
+                        "of stopping at the first one")
     g = p.add_argument_group("method")
     g.add_argument("--method", default=d.method, choices=METHODS,
                    help="adn: sub-path specialization; joint: (CE_super+CE_base)/2 ablation; individual: one fixed "
@@ -90,21 +93,39 @@ def _add_train(sub) -> None:
     g.add_argument("--random-erase", type=float, default=d.random_erase, help="random erasing probability")
     g.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS)
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
+    g = p.add_argument_group("scale and speed (multi-process: torchrun --nproc_per_node=K -m adn train ...)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="with several processes: batch-norm statistics over the global batch, not each process's share")
+    g.add_argument("--amp", action="store_true", help="mixed precision (autocast; float16 + GradScaler on CUDA)")
+    g.add_argument("--amp-dtype", default=d.amp_dtype, choices=("auto", "float16", "bfloat16"),
+                   help="autocast type; auto: float16 on CUDA, bfloat16 on CPU")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convolutions "
+                                                                "on recent GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (one graph per depth)")
+    g.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (exactly where it stopped, "
+                                                  "mid-epoch included)")
+    g.add_argument("--save-every-steps", type=int, default=None, metavar="N",
+                   help="also write a checkpoint every N steps, mid-epoch included (unset: at the end of each epoch only)")
+    g.add_argument("--keep-last", type=int, default=d.keep_last, metavar="K",
+                   help="keep the last K checkpoints as checkpoint-e<epoch>-s<step>.pt beside checkpoint.pt (the latest)")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ... (under torchrun: GPU LOCAL_RANK)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
+    import os
+
     from .train import train
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     train(cfg)
-    print(f"checkpoint: {Path(cfg.output_dir) / 'checkpoint.pt'}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
+        print(f"checkpoint: {Path(cfg.output_dir) / 'checkpoint.pt'}", file=sys.stderr)
     return 0
 
 
@@ -117,6 +138,9 @@ def _add_measure_flags(p) -> None:
     p.add_argument("--repeats", type=_positive_int, default=10, help="timed forward passes (median reported)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--backend", default="eager", choices=("eager", "compile", "onnxruntime"),
+                   help="engine for latency: eager PyTorch (switching depth in place), torch.compile or ONNX Runtime "
+                        "(every sub-network compiled or exported ahead of time)")
 
 
 def _configs(text: str, num_stages: int) -> list[SkipConfig]:
@@ -162,7 +186,7 @@ def _run_eval(args) -> int:
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
     example = data.val[0][0][None].expand(args.latency_batch_size, -1, -1, -1).contiguous().to(device)
     rows = add_ratios(evaluate_subnetworks(net, loader, configs, example, device=device, latency=args.latency,
-                                           warmup=args.warmup, repeats=args.repeats))
+                                           warmup=args.warmup, repeats=args.repeats, backend=args.backend))
     if not args.no_plot:
         path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "acc_vs_macs.png"
         plot_accuracy_vs_macs(rows, path, title=f"{meta['model']}-ADN on {data.description.split(' (')[0]}")
@@ -172,7 +196,7 @@ def _run_eval(args) -> int:
     else:
         print(f"{meta['model']} ({meta['method']}), {len(data.val)} {data.description.split(' (')[0]} validation images; "
               f"MACs per image; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
-              f"{torch.get_num_threads()} threads, {device}")
+              f"{torch.get_num_threads()} threads, {device}, {args.backend}")
         print(format_table(rows))
     return 0
 
@@ -204,13 +228,13 @@ def _run_profile(args) -> int:
     net.to(device).eval()
     example = torch.randn(args.latency_batch_size, args.in_channels, args.input_size, args.input_size, device=device)
     rows = add_ratios(profile_subnetworks(net, example, configs, latency=args.latency, warmup=args.warmup,
-                                          repeats=args.repeats))
+                                          repeats=args.repeats, backend=args.backend))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(f"{args.model}-ADN, input {args.in_channels}x{args.input_size}x{args.input_size}; MACs per image"
               + (f"; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
-                 f"{torch.get_num_threads()} threads, {device}" if args.latency else ""))
+                 f"{torch.get_num_threads()} threads, {device}, {args.backend}" if args.latency else ""))
         print(format_table(rows))
     return 0
 
@@ -353,7 +377,7 @@ def _run_analyze(args) -> int:
     summary: dict = {"checkpoint": str(args.checkpoint)}
     if args.norm_distance:
         rows = norm_distances(net)
-        plot_norm_distances({Path(args.checkpoint).parent.name or "network": rows}, output / "norm_distance.png")
+        plot_norm_distances({f"{meta['model']} ({meta['method']})": rows}, output / "norm_distance.png")
         atomic_write(output / "norm_distance.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
         summary["norm_distance"] = summarize_norm_distances(rows)
         print(f"norm distances: {output / 'norm_distance.png'}, {output / 'norm_distance.json'}", file=sys.stderr)
@@ -429,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pareto(sub)
     _add_analyze(sub)
     _add_reproduce(sub)
+    from .detection.cli import add_detect; add_detect(sub)  # noqa: E702  (adn detect ...)
     return parser
 
 
@@ -441,6 +466,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, CheckpointError, DataError, TrainingDiverged) as error:
         print(f"adn: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path that cannot be read or written (a file where a folder is expected, ...)
+        if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:
+            print(f"adn: error: a folder is needed at {error.filename} (or above it), but a file is there; "
+                  f"choose another path", file=sys.stderr)
+        else:
+            where = f" {error.filename}" if error.filename else ""
+            print(f"adn: error: cannot use{where}: {error.strerror or error}; check the paths given", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("adn: interrupted", file=sys.stderr)

@@ -9,11 +9,13 @@ import gzip
 import hashlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset, Subset
+from PIL import Image
+from torch.utils.data import Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision import transforms as T
 
@@ -96,17 +98,20 @@ def default_cache() -> Path:
 
 def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train_subset: int | None = None,
                  val_subset: int | None = None, seed: int = 0, image_size: int | None = None,
-                 val_resize_size: int | None = None, augment: bool | Augmentation = True) -> DataBundle:
+                 val_resize_size: int | None = None, augment: bool | Augmentation = True,
+                 skip_bad_images: bool = False) -> DataBundle:
     """Build train and validation datasets. ``train_subset``/``val_subset`` keep a fixed random subset
     (seeded) of that many images, for quick runs. ``augment``: ``True`` for each dataset's standard
-    crop and flip, an :class:`Augmentation` for more, ``False`` for none (evaluation)."""
+    crop and flip, an :class:`Augmentation` for more, ``False`` for none (evaluation).
+    ``skip_bad_images`` (image folders): an unreadable image file comes out as ``None`` (dropped by
+    :func:`collate_readable`) instead of stopping with a :class:`DataError` that names the file."""
     augment = Augmentation() if augment is True else (augment or None)
     if name == "fashion-mnist":
         bundle = _fashion_mnist(data_path, augment)
     elif name in ("cifar10", "cifar100"):
         bundle = _cifar(name, data_path, augment)
     elif name == "imagefolder":
-        bundle = _image_folder(data_path, image_size or 224, val_resize_size, augment)
+        bundle = _image_folder(data_path, image_size or 224, val_resize_size, augment, skip_bad_images)
     elif name == "fake":
         bundle = _fake(image_size or 32)
     else:
@@ -159,10 +164,12 @@ def _stage_idx_files(folder: Path) -> Path:
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name in FASHION_MNIST_FILES:
-        target = raw / name
-        if target.is_file():
+        target, source = raw / name, folder / name
+        given = source if source.is_file() else Path(f"{source}.gz")
+        # Staged once, and again when the given file is newer (replaced after a bad copy was staged).
+        if target.is_file() and target.stat().st_mtime_ns >= given.stat().st_mtime_ns:
             continue
-        atomic_write(target, lambda tmp, source=folder / name: _copy_idx(source, tmp))
+        atomic_write(target, lambda tmp, source=source: _copy_idx(source, tmp))
     return root
 
 
@@ -184,6 +191,10 @@ def _fashion_mnist(data_path, augment: bool) -> DataBundle:
         train = datasets.FashionMNIST(str(root), train=True, transform=train_tf, download=download)
         val = datasets.FashionMNIST(str(root), train=False, transform=T.Compose(normalize), download=download)
     except (RuntimeError, OSError) as error:
+        if not download:  # the files are there but unreadable
+            raise DataError(f"could not read the Fashion-MNIST IDX files in {data_path or root} ({error}): they are "
+                            f"truncated or corrupt; replace them (Debian package dataset-fashion-mnist, or "
+                            f"torchvision's download)") from error
         raise DataError(f"could not load Fashion-MNIST ({error}). Offline, install the Debian package: "
                         f"apt-get install dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST})") from error
     source = "torchvision download" if download else str(root)
@@ -207,7 +218,45 @@ def _cifar(name: str, data_path, augment: bool) -> DataBundle:
 
 
 # ----- ImageNet-layout folders -------------------------------------------------------------------------
-def _image_folder(data_path, crop: int, resize: int | None, augment: Augmentation | None) -> DataBundle:
+class CheckedImageFolder(datasets.ImageFolder):
+    """An ImageFolder whose unreadable files (corrupt, truncated, not an image) are named in a
+    :class:`DataError`, or, with ``skip_bad=True``, reported on stderr and returned as ``None``."""
+
+    def __init__(self, root: str, transform, skip_bad: bool = False):
+        super().__init__(root, transform=transform)
+        self.skip_bad = skip_bad
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # what PIL raises for bad files
+            if not self.skip_bad:
+                raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); replace or delete "
+                                f"the file, or pass --skip-bad-images to skip unreadable images") from error
+            print(f"adn: warning: skipping unreadable image {path} ({error})", file=sys.stderr, flush=True)
+            return None
+        return (image if self.transform is None else self.transform(image)), target
+
+
+def collate_readable(batch: list):
+    """``default_collate`` of the samples that are not ``None`` (unreadable images skipped), plus how
+    many were skipped: ``(images, targets, skipped)``; ``images`` is ``None`` if all were."""
+    readable = [sample for sample in batch if sample is not None]
+    images, targets = default_collate(readable) if readable else (None, None)
+    return images, targets, len(batch) - len(readable)
+
+
+def collate_readable_pairs(batch: list):
+    """Like :func:`collate_readable` for evaluation loaders, which expect ``(images, targets)``."""
+    images, targets, _ = collate_readable(batch)
+    if images is None:
+        raise DataError(f"none of the {len(batch)} images of a validation batch could be read; check the image folder")
+    return images, targets
+
+
+def _image_folder(data_path, crop: int, resize: int | None, augment: Augmentation | None,
+                  skip_bad: bool = False) -> DataBundle:
     if not data_path:
         raise DataError("--data imagefolder needs --data-path DIR, a folder with train/ and val/ holding one "
                         "sub-folder of images per class (the ImageNet layout)")
@@ -226,10 +275,11 @@ def _image_folder(data_path, crop: int, resize: int | None, augment: Augmentatio
                                     IMAGENET_MEAN, IMAGENET_STD, augment)
     val_tf = T.Compose(center + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     try:
-        train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-        val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+        train = CheckedImageFolder(str(root / "train"), train_tf, skip_bad)
+        val = CheckedImageFolder(str(root / "val"), val_tf, skip_bad)
     except (FileNotFoundError, OSError) as error:
-        raise DataError(f"could not read image folders under {root}: {error}") from error
+        raise DataError(f"could not read image folders under {root}: {error} (expected train/ and val/, each with "
+                        f"one sub-folder of images per class, the ImageNet layout)") from error
     if train.classes != val.classes:
         raise DataError(f"train/ and val/ under {root} have different class folders "
                         f"({len(train.classes)} vs {len(val.classes)}); they must match")

@@ -12,9 +12,11 @@ from .skip import SkipConfig
 
 @torch.no_grad()
 def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu", progress: bool = False,
-                      description: str = "eval") -> dict[str, dict[str, float]]:
+                      description: str = "eval", sum_over_processes=None) -> dict[str, dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of each sub-network in ``configs``, reading the data once:
-    every batch is run through every requested sub-network."""
+    every batch is run through every requested sub-network. In distributed training each process
+    passes its own shard of the data and ``sum_over_processes`` (a function summing a tensor over the
+    processes): counts are summed before dividing, so shards of unequal size are weighted correctly."""
     configs = [SkipConfig(c, net.num_stages) for c in configs]
     correct1 = {str(c): 0 for c in configs}
     correct5 = dict(correct1)
@@ -26,7 +28,14 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu",
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             seen += targets.numel()
             for config in configs:
-                logits = net(images, skip=config)
+                try:
+                    logits = net(images, skip=config)
+                except RuntimeError as error:
+                    if seen > targets.numel():  # not the first batch: not a mismatch of the input's shape
+                        raise
+                    raise ValueError(f"the network cannot process images of shape {tuple(images.shape[1:])} "
+                                     f"({str(error).splitlines()[0][:200]}); evaluate on images like those it was "
+                                     f"trained on (same channels and size)") from error
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
                 hits = top.eq(targets[:, None])
@@ -34,17 +43,24 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu",
                 correct5[str(config)] += hits.any(dim=1).sum().item()
     finally:
         net.train(was_training)
+    if sum_over_processes is not None:
+        keys = list(correct1)
+        counts = [seen] + [correct1[k] for k in keys] + [correct5[k] for k in keys]
+        counts = sum_over_processes(torch.tensor(counts, dtype=torch.int64)).tolist()
+        seen, n = counts[0], len(keys)
+        correct1, correct5 = dict(zip(keys, counts[1:1 + n])), dict(zip(keys, counts[1 + n:]))
     if seen == 0:
         raise ValueError("the evaluation dataset is empty")
     return {key: {"acc1": 100.0 * correct1[key] / seen, "acc5": 100.0 * correct5[key] / seen} for key in correct1}
 
 
 def evaluate_subnetworks(net: nn.Module, loader: DataLoader, configs, example: torch.Tensor, device="cpu",
-                         latency: bool = True, warmup: int = 3, repeats: int = 10, progress: bool = True) -> list[dict]:
+                         latency: bool = True, warmup: int = 3, repeats: int = 10, progress: bool = True,
+                         backend: str = "eager") -> list[dict]:
     """``adn eval``'s rows: skip, acc1, acc5, params, macs, latency_ms (+ spread, batch size, threads)."""
     configs = [SkipConfig(c, net.num_stages) for c in configs]
     accuracy = evaluate_accuracy(net, loader, configs, device=device, progress=progress)
-    rows = profile_subnetworks(net, example, configs, latency=latency, warmup=warmup, repeats=repeats)
+    rows = profile_subnetworks(net, example, configs, latency=latency, warmup=warmup, repeats=repeats, backend=backend)
     for row in rows:
         row.update(accuracy[row["skip"]])
     return rows

@@ -214,7 +214,7 @@ def analyze_runs(protocol: Protocol, results: dict, root: Path, figures: Path, g
                        for i, row in enumerate(per_seed[0])] for arm, per_seed in distances.items()}
     plot_norm_distances({"ADN (specialization)": mean_rows["adn"], "joint (no specialization)": mean_rows["joint"]},
                         figures / "fig3b_norm_distances.png",
-                        title=f"Running-mean distance, norm vs twin (mean of {len(seeds)} seeds; hatched: first norm of a stage)")
+                        title=f"Running means, norm vs twin, mean of {len(seeds)} seeds (hatched: first norm of a stage)")
 
     # Grad-CAM on the last stage, on test images of different classes.
     net, ckpt = load_network(root / "adn" / f"seed{seeds[0]}" / "checkpoint.pt")

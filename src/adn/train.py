@@ -7,6 +7,11 @@ One epoch loop, three step functions:
 - ``joint`` (ablation without specialization): (CE(super) + CE(base)) / 2, also in two passes.
 - ``individual`` (baseline): plain training of one fixed sub-network.
 Skip-aware norms off (``skip_aware_norm=False``) is the other ablation.
+
+The run (:func:`train`) adds what long jobs need: data parallelism over torchrun's processes
+(:mod:`adn.distributed`), mixed precision (:mod:`adn.precision`), and checkpoints every epoch and every
+``save_every_steps`` steps from which ``resume`` continues exactly where the run stopped (model, EMA,
+optimizer, scaler, schedule, position in the epoch, RNG states, and the epoch's partial metrics).
 """
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -23,17 +27,24 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from . import rng
+from .atomic import atomic_write
+from .checkpoint import (CheckpointError, checkpoint_payload, load_checkpoint, load_weights, remove_stale_temporaries,
+                         save_rotating)
 from .convert import convert
-from .data import DATASETS, Augmentation, load_dataset
+from .data import DATASETS, Augmentation, DataError, collate_readable, collate_readable_pairs, load_dataset
 from .distill import FEATURE_KD_MODES, SubPathDistillationLoss
+from .distributed import Distributed, setup as setup_distributed
 from .evaluate import evaluate_accuracy
 from .layers import SkipAwareNorm
 from .models import NEEDS_IMAGE_SIZE, build_model
+from .precision import AMP_DTYPES, FLOAT32, Precision
+from .sampling import EpochBatches, SeededSamples
 from .skip import SkipConfig
+from .sync_bn import convert_sync_batchnorm
 
 METHODS = ("adn", "joint", "individual")
 SCHEDULERS = ("cosineannealinglr", "steplr", "exponentiallr", "constant")
@@ -99,6 +110,17 @@ class TrainConfig:
     device: str = "auto"
     resume: str | None = None
     progress: bool = True
+    # scale and speed
+    sync_bn: bool = False               # batch statistics over all processes (torchrun)
+    amp: bool = False
+    amp_dtype: str = "auto"             # float16 on CUDA (with a GradScaler), bfloat16 on CPU
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # checkpoints
+    save_every_steps: int | None = None
+    keep_last: int = 0                  # numbered checkpoints kept beside checkpoint.pt
+    skip_bad_images: bool = False
 
     def validate(self) -> None:
         def need(ok: bool, message: str):
@@ -124,12 +146,11 @@ class TrainConfig:
         need(0 <= self.lr_warmup_epochs < self.epochs or self.lr_warmup_epochs == 0,
              f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be smaller than --epochs ({self.epochs})")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch must be >= 1")
+        need(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
+        need(self.save_every_steps is None or self.save_every_steps >= 1,
+             f"--save-every-steps must be at least 1, got {self.save_every_steps}")
+        need(self.keep_last >= 0, f"--keep-last must be >= 0 (0: only checkpoint.pt), got {self.keep_last}")
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----- one training step per method -------------------------------------------------------------------
@@ -155,24 +176,27 @@ def single_norms(net: nn.Module) -> list[nn.Module]:
             and not isinstance(m, SkipAwareNorm) and id(m) not in twins and m.momentum is not None]
 
 
-def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_from: str = "super") -> dict:
+def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_from: str = "super",
+             precision: Precision = FLOAT32) -> dict:
     """One step of Algorithm 1 (without the optimizer update); leaves gradients in ``.grad`` and the
-    network at the depth it had."""
+    network at the depth it had. ``precision``: autocast and loss scaling (``--amp``)."""
     n = net.num_stages
     with net.skipping(net.skip), net.capture_stage_outputs() as stage_outputs:
         net.skip = SkipConfig.super_net(n)
-        super_logits = net(images)
-        super_features = [h.detach() for h in stage_outputs]
-        teacher_loss, terms = criterion.teacher_loss(super_logits, targets)
-        teacher_loss.backward()  # frees the super-net's activations before the base-net runs
+        with precision.autocast():
+            super_logits = net(images)
+            super_features = [h.detach() for h in stage_outputs]
+            teacher_loss, terms = criterion.teacher_loss(super_logits, targets)
+        precision.backward(teacher_loss)  # frees the super-net's activations before the base-net runs
         super_logits = super_logits.detach()
 
         net.skip = SkipConfig.base_net(n)
         freeze = single_norms(net) if bn_stats_from == "super" else []
-        with frozen_running_stats(freeze):
+        with frozen_running_stats(freeze), precision.autocast():
             base_logits = net(images)
-        student_loss, student_terms = criterion.student_loss(base_logits, list(stage_outputs), super_logits, super_features)
-        student_loss.backward()
+            student_loss, student_terms = criterion.student_loss(base_logits, list(stage_outputs), super_logits,
+                                                                 super_features)
+        precision.backward(student_loss)
     terms.update(student_terms)
     terms["loss"] = teacher_loss.detach() + student_loss.detach()
     return {"terms": _floats(terms), "logits": {"super": super_logits, "base": base_logits.detach()}}
@@ -185,23 +209,25 @@ def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values))
 
 
-def joint_step(net, images, targets, criterion: nn.Module) -> dict:
+def joint_step(net, images, targets, criterion: nn.Module, precision: Precision = FLOAT32) -> dict:
     n = net.num_stages
     terms, logits = {}, {}
     for name, config in (("super", SkipConfig.super_net(n)), ("base", SkipConfig.base_net(n))):
-        output = net(images, skip=config)
-        ce = criterion(output, targets)
-        (0.5 * ce).backward()
+        with precision.autocast():
+            output = net(images, skip=config)
+            ce = criterion(output, targets)
+        precision.backward(0.5 * ce)
         terms[f"ce_{name}"] = ce.detach()
         logits[name] = output.detach()
     terms["loss"] = 0.5 * (terms["ce_super"] + terms["ce_base"])
     return {"terms": _floats(terms), "logits": logits}
 
 
-def individual_step(net, images, targets, criterion: nn.Module) -> dict:
-    output = net(images)  # at the depth fixed by net.skip
-    loss = criterion(output, targets)
-    loss.backward()
+def individual_step(net, images, targets, criterion: nn.Module, precision: Precision = FLOAT32) -> dict:
+    with precision.autocast():
+        output = net(images)  # at the depth fixed by net.skip
+        loss = criterion(output, targets)
+    precision.backward(loss)
     return {"terms": _floats({"loss": loss.detach()}), "logits": {str(net.skip): output.detach()}}
 
 
@@ -248,11 +274,11 @@ def build_batch_mixer(cfg: TrainConfig, num_classes: int):
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-def build_ema(net: nn.Module, cfg: TrainConfig):
+def build_ema(net: nn.Module, cfg: TrainConfig, world_size: int = 1):
     """An exponential moving average of the weights (and buffers), updated every ``model_ema_steps``
-    steps, with torchvision's adjustment of the decay to the batch size and run length."""
+    steps, with torchvision's adjustment of the decay to the (global) batch size and run length."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    adjust = cfg.batch_size * cfg.model_ema_steps / cfg.epochs
+    adjust = world_size * cfg.batch_size * cfg.model_ema_steps / cfg.epochs
     alpha = min(1.0, (1.0 - cfg.model_ema_decay) * adjust)
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(1.0 - alpha), use_buffers=True)
 
@@ -307,7 +333,7 @@ def _check_output_dir(path: Path) -> None:
 def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
     """Run one image through the network before training, so that a size or channel mismatch is
     reported as such, not as an error from deep inside the model."""
-    image = data.train[0][0]
+    image = _first_readable(data.train)[0]
     try:
         with torch.no_grad():
             net.eval()(image[None].to(device))
@@ -319,140 +345,343 @@ def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
         net.train()
 
 
+def _check_channels_last(net: nn.Module, device: torch.device) -> None:
+    """Refuse a layer that torch 2.14.1 mishandles: on CPU, the backward pass of a channels-last 1x1
+    convolution with stride > 1 and 2-7 input channels corrupts memory (the process dies with SIGSEGV
+    or "double free"), e.g. the shortcut projections of resnet20 --width 4."""
+    if device.type != "cpu":
+        return
+    for name, module in net.named_modules():
+        if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
+                and 1 < module.in_channels < 8):
+            raise ValueError(f"--channels-last on CPU: {name} is a strided 1x1 convolution with {module.in_channels} "
+                             f"input channels, whose channels-last backward pass crashes in torch {torch.__version__} "
+                             f"on CPU; drop --channels-last (it mainly speeds up GPUs) or use a wider model "
+                             f"(e.g. --width 8)")
+
+
+def _first_readable(dataset):
+    """The first sample that is not an unreadable image (``None``), for the input check."""
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if sample is not None:
+            return sample
+    raise DataError("none of the training images could be read")
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands. Mid-epoch checkpoints hold it, so that a resumed epoch skips the
+    batches already trained on and its metrics still cover every step of the epoch."""
+    steps: int = 0
+    seen: int = 0
+    skipped_images: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    global_batch: int = 0  # images per step over all processes; a mid-epoch resume needs the same
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run a training; returns the last epoch's metrics. Writes ``checkpoint.pt`` (every epoch) and
-    ``log.jsonl`` (one line per epoch) in ``cfg.output_dir``."""
+    """Run a training; returns the last epoch's metrics. Writes ``checkpoint.pt`` (every epoch and every
+    ``save_every_steps`` steps) and ``log.jsonl`` (one line per epoch) in ``cfg.output_dir``. Under
+    torchrun, every process calls this; rank 0 alone writes files and logs."""
     cfg.validate()
-    device = resolve_device(cfg.device)
-    output = Path(cfg.output_dir)
-    resume = load_checkpoint(cfg.resume) if cfg.resume else None  # fail early on a bad checkpoint
-    _check_output_dir(output)
-    torch.manual_seed(cfg.seed)
+    world, device = setup_distributed(cfg.device)
+    try:
+        return Trainer(cfg, world, device).run()
+    finally:
+        world.close()
 
-    augmentation = Augmentation(cfg.auto_augment, cfg.random_erase, cfg.interpolation)
-    data = load_dataset(cfg.data, cfg.data_path, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
-                        seed=cfg.seed, image_size=cfg.train_crop_size, val_resize_size=cfg.val_resize_size,
-                        augment=augmentation)
-    meta = _meta(cfg, data)
-    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                        weights=cfg.weights, **meta["model_kwargs"])
-    net = convert(model, skip_aware_norm=cfg.skip_aware_norm).to(device)
-    if cfg.method == "individual":
-        net.skip = SkipConfig(cfg.skip, net.num_stages)
-    _check_input_fits(net, data, cfg, device)
-    optimizer = build_optimizer(net, cfg)
-    ema = build_ema(net, cfg) if cfg.model_ema else None
-    mixer = build_batch_mixer(cfg, data.num_classes)
-    start_epoch = 0
-    if resume is not None:
+
+class Trainer:
+    """One training run: :meth:`__init__` sets everything up (restoring a checkpoint when resuming),
+    :meth:`run` trains the remaining epochs."""
+
+    def __init__(self, cfg: TrainConfig, world: Distributed, device: torch.device):
+        self.cfg, self.world, self.device = cfg, world, device
+        self.output = Path(cfg.output_dir)
+        resume = load_checkpoint(cfg.resume) if cfg.resume else None  # fail early on a bad checkpoint
+        world.on_main(lambda: _check_output_dir(self.output))
+        rng.seed_all(cfg.seed)  # the same on every process: the same initial weights
+
+        augmentation = Augmentation(cfg.auto_augment, cfg.random_erase, cfg.interpolation)
+        data = load_dataset(cfg.data, cfg.data_path, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
+                            seed=cfg.seed, image_size=cfg.train_crop_size, val_resize_size=cfg.val_resize_size,
+                            augment=augmentation, skip_bad_images=cfg.skip_bad_images)
+        self.meta = _meta(cfg, data)
+        model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                            weights=cfg.weights, **self.meta["model_kwargs"])
+        net = self.net = convert(model, skip_aware_norm=cfg.skip_aware_norm).to(device)
+        if cfg.method == "individual":
+            net.skip = SkipConfig(cfg.skip, net.num_stages)
+        _check_input_fits(net, data, cfg, device)
+        if cfg.channels_last:
+            _check_channels_last(net, device)
+            net.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and world.enabled:
+            convert_sync_batchnorm(net, device)
+
+        self.optimizer = build_optimizer(net, cfg)
+        self.ema = build_ema(net, cfg, world.world_size) if cfg.model_ema else None
+        self.precision = Precision(device, cfg.amp, cfg.amp_dtype)
+        self.mixer = build_batch_mixer(cfg, data.num_classes)
+        self.start_epoch, self.global_step = 0, 0
+        self.progress = EpochProgress(global_batch=cfg.batch_size * world.world_size)
+        rng_state = self._restore(resume) if resume is not None else None
+        world.broadcast_module(net)  # identical weights everywhere, whatever happened before
+        if self.ema is not None:
+            world.broadcast_module(self.ema)
+
+        # The learning rate is a function of (settings, epoch): on resume, replay the schedule up to the
+        # saved epoch, so a run resumed with a larger --epochs follows the longer schedule.
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
+            for _ in range(self.start_epoch):
+                self.scheduler.step()
+
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        if cfg.method == "adn":
+            self.step = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from, precision=self.precision)
+            self.loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd, cfg.label_smoothing,
+                                                   channel_dim=net.adn_info["channel_dim"])
+        else:
+            step = joint_step if cfg.method == "joint" else individual_step
+            self.step, self.loss_fn = functools.partial(step, precision=self.precision), criterion
+        self.eval_configs = [net.skip] if cfg.method == "individual" else [SkipConfig.super_net(net.num_stages),
+                                                                          SkipConfig.base_net(net.num_stages)]
+        self.train_set = SeededSamples(data.train, cfg.seed)
+        # Each process evaluates every world_size-th image: no image twice, none left out.
+        val = data.val if not world.enabled else Subset(data.val, range(world.rank, len(data.val), world.world_size))
+        self.val_loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                                     collate_fn=collate_readable_pairs if cfg.skip_bad_images else default_collate)
+        if cfg.compile:  # in place: net.skip and the stage hooks keep working; one graph per depth
+            net.compile(backend=cfg.compile_backend)
+
+        if world.is_main:
+            removed = remove_stale_temporaries(self.output)
+            if removed:
+                _log(f"removed {len(removed)} temporary file(s) left by an interrupted run in {self.output}")
+            if resume is not None:
+                _reconcile_log(self.output / "log.jsonl", self.start_epoch,
+                               resume.get("metrics") if resume.get("step_in_epoch") is None else None)
+        if rng_state is not None:
+            rng.restore(rng_state)
+        elif world.rank > 0:  # dropout, MixUp, ... differ between processes (augmentation is per image)
+            rng.seed_all(cfg.seed + 100_003 * world.rank)
+        self.say(f"training {cfg.model} ({net.num_stages} stages, {2 ** net.num_stages} sub-networks) with "
+                 f"method={cfg.method} on {data.description}: {len(data.train)} train / {len(data.val)} val images, "
+                 f"device={device}, threads={torch.get_num_threads()}"
+                 + (f", {world.world_size} processes x batch {cfg.batch_size}" + (" (sync-bn)" if cfg.sync_bn else "")
+                    if world.enabled else "")
+                 + (f", {self.precision}" if cfg.amp else "") + (", channels-last" if cfg.channels_last else "")
+                 + (f", compiled ({cfg.compile_backend})" if cfg.compile else ""))
+
+    def say(self, message: str) -> None:
+        if self.world.is_main:
+            _log(message)
+
+    # ----- resuming ---------------------------------------------------------------------------------------
+    def _restore(self, resume: dict):
+        """Load a checkpoint's state into this run; returns this process's saved RNG state (or None)."""
+        cfg, source = self.cfg, self.cfg.resume
         for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
-            if resume["meta"].get(key) != meta.get(key):
-                raise CheckpointError(f"cannot resume from {cfg.resume}: it was trained with {key}="
-                                      f"{resume['meta'].get(key)!r}, this run has {key}={meta.get(key)!r}")
-        load_weights(net, resume["model"], source=cfg.resume)
-        optimizer.load_state_dict(resume["optimizer"])
-        if ema is not None:
+            if resume["meta"].get(key) != self.meta.get(key):
+                raise CheckpointError(f"cannot resume from {source}: it was trained with {key}="
+                                      f"{resume['meta'].get(key)!r}, this run has {key}={self.meta.get(key)!r}")
+        load_weights(self.net, resume["model"], source=source)
+        self.optimizer.load_state_dict(resume["optimizer"])
+        if self.ema is not None:
             if "model_ema" not in resume:
-                raise CheckpointError(f"cannot resume with --model-ema from {cfg.resume}: it holds no EMA weights")
-            ema.load_state_dict(resume["model_ema"])
-        for group in optimizer.param_groups:  # the schedule below is recomputed from this run's settings
+                raise CheckpointError(f"cannot resume with --model-ema from {source}: it holds no EMA weights")
+            self.ema.load_state_dict(resume["model_ema"])
+        self.precision.load_state_dict(resume.get("scaler"))
+        for group in self.optimizer.param_groups:  # the schedule is recomputed from this run's settings
             group["lr"] = group["initial_lr"] = cfg.lr
-        start_epoch = resume["epoch"] + 1
-        if "rng_state" in resume:
-            torch.set_rng_state(resume["rng_state"])
-        _log(f"resumed from {cfg.resume} at epoch {start_epoch}")
-        if start_epoch >= cfg.epochs:
-            _log(f"nothing to do: the checkpoint already finished {start_epoch} of {cfg.epochs} epochs")
+        self.global_step = resume.get("global_step", 0)
+        if resume.get("step_in_epoch") is None:  # an epoch-end checkpoint
+            self.start_epoch = resume["epoch"] + 1
+            where = f"epoch {self.start_epoch + 1}"
+        else:
+            self.start_epoch = resume["epoch"]
+            self.progress = EpochProgress(**resume["progress"])
+            if self.progress.global_batch != cfg.batch_size * self.world.world_size:
+                raise CheckpointError(
+                    f"cannot resume mid-epoch from {source}: it was saved with {self.progress.global_batch} "
+                    f"images per step (batch size x processes), this run has {cfg.batch_size} x "
+                    f"{self.world.world_size}; use the same -b and number of processes, or resume from an "
+                    f"epoch-end checkpoint")
+            where = f"epoch {self.start_epoch + 1}, step {self.progress.steps + 1}"
+        self.say(f"resumed from {source} at {where}")
+        if self.start_epoch >= cfg.epochs:
+            self.say(f"nothing to do: the checkpoint already finished {self.start_epoch} of {cfg.epochs} epochs")
+        states = resume.get("rng") or ([resume["rng_state"]] if "rng_state" in resume else [])
+        if self.world.rank < len(states):
+            return states[self.world.rank]
+        if states:
+            self.say(f"the checkpoint holds RNG states of {len(states)} processes, this run has "
+                     f"{self.world.world_size}: the others start from fresh seeds")
+        return None
 
-    # The learning rate is a function of (settings, epoch): on resume, replay the schedule up to the
-    # saved epoch, so a run resumed with a larger --epochs follows the longer schedule.
-    scheduler = build_scheduler(optimizer, cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
-        for _ in range(start_epoch):
-            scheduler.step()
+    # ----- training -----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        record: dict = {}
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            progress = self.progress if epoch == self.start_epoch else EpochProgress(global_batch=self.progress.global_batch)
+            record = self.train_epoch(epoch, progress)
+        return record
 
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if cfg.method == "adn":
-        step = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from)
-        loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd, cfg.label_smoothing,
-                                          channel_dim=net.adn_info["channel_dim"])
-    else:
-        step, loss_fn = (joint_step if cfg.method == "joint" else individual_step), criterion
-    eval_configs = [net.skip] if cfg.method == "individual" else [SkipConfig.super_net(net.num_stages),
-                                                                   SkipConfig.base_net(net.num_stages)]
-    val_loader = DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
-    _log(f"training {cfg.model} ({net.num_stages} stages, {2 ** net.num_stages} sub-networks) with method={cfg.method} "
-         f"on {data.description}: {len(data.train)} train / {len(data.val)} val images, device={device}, "
-         f"threads={torch.get_num_threads()}")
-
-    record: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        # A sampler seeded by (seed, epoch) gives the same order whether or not the run was resumed.
-        sampler = RandomSampler(data.train, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                            drop_last=len(data.train) > cfg.batch_size)
-        net.train()
-        started = time.perf_counter()
-        sums: dict[str, float] = {}
-        correct: dict[str, int] = {}
-        seen = steps = 0
-        total = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   file=sys.stderr, leave=False)
-        for images, targets in bar:
-            if steps >= total:
-                break
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            labels = targets
-            if mixer is not None:  # soft targets; accuracy is measured against the dominant label
-                images, targets = mixer(images, targets)
-                labels = targets.argmax(1)
-            optimizer.zero_grad(set_to_none=True)
-            result = step(net, images, targets, loss_fn)
-            terms = result["terms"]
-            if not all(math.isfinite(v) for v in terms.values()):
-                raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {steps + 1}: "
-                                       + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                                       + f". The last good checkpoint ({output / 'checkpoint.pt'}) is kept; "
-                                         f"try a lower --lr")
-            if cfg.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            steps += 1
-            seen += labels.numel()
-            if ema is not None and steps % cfg.model_ema_steps == 0:
-                ema.update_parameters(net)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value
-            for name, logits in result["logits"].items():
-                correct[name] = correct.get(name, 0) + (logits.argmax(1) == labels).sum()  # stays on device
-            bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", refresh=False)
+    def train_epoch(self, epoch: int, progress: EpochProgress) -> dict:
+        cfg, world = self.cfg, self.world
+        batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank, world.world_size,
+                               start=progress.steps, steps=cfg.max_steps_per_epoch)
+        self.train_set.epoch = epoch
+        # The loader's own generator (seeded per epoch) seeds its workers, so creating it mid-epoch on
+        # resume does not draw from the global RNG stream that dropout and MixUp use.
+        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.workers,
+                            collate_fn=collate_readable, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        self.net.train()
+        started = time.perf_counter() - progress.seconds
+        bar = tqdm(loader, total=batches.steps, initial=progress.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and world.is_main), file=sys.stderr, leave=False)
+        for images, targets, skipped in bar:
+            if not self.train_step(images, targets, skipped, epoch, progress):
+                continue
+            self.global_step += 1
+            bar.set_postfix(loss=f"{progress.sums['loss'] / progress.steps:.3f}", refresh=False)
+            if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and progress.steps < batches.steps:
+                progress.seconds = time.perf_counter() - started
+                self.save(epoch, progress)
         bar.close()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        val = evaluate_accuracy(net, val_loader, eval_configs, device=device)
-        record = {"epoch": epoch + 1, "lr": lr, "steps": steps,
-                  **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
-                  **{f"train_acc1_{_label(k, net)}": 100.0 * int(v) / max(seen, 1) for k, v in correct.items()}}
-        for skip, accs in val.items():
-            record[f"val_acc1_{_label(skip, net)}"] = accs["acc1"]
-            record[f"val_acc5_{_label(skip, net)}"] = accs["acc5"]
-        if ema is not None:
-            for skip, accs in evaluate_accuracy(ema.module, val_loader, eval_configs, device=device).items():
-                record[f"val_acc1_{_label(skip, net)}_ema"] = accs["acc1"]
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        record = {"epoch": epoch + 1, "lr": lr, "steps": progress.steps,
+                  **{f"train_{k}": v / max(progress.steps, 1) for k, v in progress.sums.items()},
+                  **{f"train_acc1_{_label(k, self.net)}": 100.0 * v / max(progress.seen, 1)
+                     for k, v in progress.correct.items()}}
+        if cfg.skip_bad_images:
+            record["train_skipped_images"] = progress.skipped_images
+        for skip, accs in self.evaluate(self.net).items():
+            record[f"val_acc1_{_label(skip, self.net)}"] = accs["acc1"]
+            record[f"val_acc5_{_label(skip, self.net)}"] = accs["acc5"]
+        if self.ema is not None:
+            for skip, accs in self.evaluate(self.ema.module).items():
+                record[f"val_acc1_{_label(skip, self.net)}_ema"] = accs["acc1"]
         record["epoch_time_s"] = time.perf_counter() - started
-        extra = {"model_ema": ema.state_dict()} if ema is not None else {}
-        save_checkpoint(output / "checkpoint.pt", net, meta, optimizer=optimizer.state_dict(), epoch=epoch,
-                        metrics=record, rng_state=torch.get_rng_state(), **extra)
-        with open(output / "log.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
-        _log(_summary(record))
-    return record
+        self.save(epoch, progress, record)
+        if world.is_main:
+            _append_log(self.output / "log.jsonl", record)
+            _log(_summary(record))
+        return record
+
+    def train_step(self, images, targets, skipped: int, epoch: int, progress: EpochProgress) -> bool:
+        """One optimizer step on this process's share of a global batch; False if there was nothing to
+        train on (all images of the batch unreadable and skipped)."""
+        cfg, world = self.cfg, self.world
+        if images is None:  # every image of this batch was unreadable (--skip-bad-images)
+            if world.enabled:
+                raise DataError(f"every image of a batch on process {world.rank} was unreadable; the processes "
+                                f"cannot stay in step. Remove the unreadable files (named above)")
+            progress.skipped_images += skipped
+            return False
+        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if cfg.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = targets
+        if self.mixer is not None:  # soft targets; accuracy is measured against the dominant label
+            images, targets = self.mixer(images, targets)
+            labels = targets.argmax(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.step(self.net, images, targets, self.loss_fn)
+        # One small all-reduce for the metrics: loss terms averaged, counts summed over processes.
+        names, counts = list(result["terms"]), {k: int((v.argmax(1) == labels).sum()) for k, v in result["logits"].items()}
+        totals = world.sum([*result["terms"].values(), *counts.values(), labels.numel(), skipped])
+        terms = {k: v / world.world_size for k, v in zip(names, totals)}
+        if not all(math.isfinite(v) for v in terms.values()):
+            raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {progress.steps + 1}: "
+                                   + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                                   + f". The last good checkpoint ({self.output / 'checkpoint.pt'}) is kept; "
+                                     f"try a lower --lr")
+        world.average_gradients(self.net.parameters())
+        if cfg.clip_grad_norm is not None:
+            self.precision.unscale(self.optimizer)
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad_norm)
+        self.precision.step(self.optimizer)
+        progress.steps += 1
+        progress.seen += int(totals[len(names) + len(counts)])
+        progress.skipped_images += int(totals[-1])
+        for key, value in terms.items():
+            progress.sums[key] = progress.sums.get(key, 0.0) + value
+        for key, value in zip(counts, totals[len(names):]):
+            progress.correct[key] = progress.correct.get(key, 0) + int(value)
+        if self.ema is not None and progress.steps % cfg.model_ema_steps == 0:
+            self.ema.update_parameters(self.net)
+        return True
+
+    def evaluate(self, model: nn.Module) -> dict:
+        self.world.average_buffers(model)
+        return evaluate_accuracy(model, self.val_loader, self.eval_configs, device=self.device,
+                                 sum_over_processes=self.world.sum_tensor if self.world.enabled else None)
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+    def save(self, epoch: int, progress: EpochProgress, metrics: dict | None = None) -> None:
+        """Write the checkpoint of an epoch's end (``metrics`` given) or of a step within the epoch.
+        Every process takes part (their RNG states are gathered); rank 0 writes."""
+        mid_epoch = metrics is None
+        if mid_epoch:  # what every process will load on resume, and what an uninterrupted run uses on
+            self.world.average_buffers(self.net)
+            if self.ema is not None:
+                self.world.average_buffers(self.ema)
+        rng_states = self.world.gather(rng.capture())
+        if not self.world.is_main:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "epoch": epoch, "global_step": self.global_step,
+                 "step_in_epoch": progress.steps if mid_epoch else None, "rng": rng_states}
+        if mid_epoch:
+            state["progress"] = asdict(progress)
+        else:
+            state["metrics"] = metrics
+        if self.ema is not None:
+            state["model_ema"] = self.ema.state_dict()
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.state_dict()
+        save_rotating(self.output, checkpoint_payload(self.net, self.meta, **state), epoch + 1, progress.steps,
+                      self.cfg.keep_last)
+
+
+# ----- the log: one JSON line per finished epoch, rewritten atomically ------------------------------------------
+def _read_log(path: Path) -> list[dict]:
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by an older, non-atomic writer
+                continue
+    return records
+
+
+def _write_log(path: Path, records: list[dict]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+def _append_log(path: Path, record: dict) -> None:
+    _write_log(path, _read_log(path) + [record])
+
+
+def _reconcile_log(path: Path, finished_epochs: int, last: dict | None) -> None:
+    """On resume: keep the log lines of the epochs the checkpoint has finished, and add the line of its
+    last epoch if the run died between writing the checkpoint and the log."""
+    records = [r for r in _read_log(path) if r.get("epoch", 0) <= finished_epochs]
+    if last is not None and not any(r.get("epoch") == last.get("epoch") for r in records):
+        records.append(last)
+    if records or path.exists():
+        _write_log(path, records)
 
 
 def _label(skip: str, net) -> str:

@@ -49,7 +49,8 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
                 **kwargs) -> nn.Module:
     """Build an unconverted model by name. ``weights`` names torchvision weights (e.g. ``"DEFAULT"``),
     downloaded by torchvision when needed (needs the internet the first time)."""
-    if "width" in kwargs and not (name in SMALL_MODELS and name.startswith("resnet")):
+    known = name in SMALL_MODELS or name in TORCHVISION_MODELS or name.startswith("timm/")
+    if "width" in kwargs and known and not (name in SMALL_MODELS and name.startswith("resnet")):
         raise ValueError(f"--width applies to the small ResNets ({', '.join(n for n in SMALL_MODELS if n.startswith('resnet'))}), "
                          f"not to {name}")
     if name in SMALL_MODELS:

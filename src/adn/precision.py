@@ -1,0 +1,60 @@
+"""``--amp``: mixed-precision training. Forward passes and losses run under ``torch.autocast``;
+float16 (the CUDA default, as in torchvision's ``--amp``) also needs a GradScaler so that small
+gradients do not underflow; bfloat16 (the CPU default) has float32's range and needs none."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+
+
+class Precision:
+    """How a training step computes: ``autocast()`` around forward passes and losses, ``backward(loss)``
+    for every backward pass, ``step(optimizer)`` for the update (``unscale(optimizer)`` first to clip
+    gradients in their true scale)."""
+
+    def __init__(self, device: torch.device | str = "cpu", amp: bool = False, dtype: str = "auto"):
+        if dtype not in AMP_DTYPES:
+            raise ValueError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
+        self.device_type = torch.device(device).type
+        self.enabled = amp
+        if dtype == "auto":
+            dtype = "float16" if self.device_type == "cuda" else "bfloat16"
+        self.dtype = getattr(torch, dtype)
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp and self.dtype == torch.float16 else None
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:  # skips the update when a gradient overflowed, and adapts the scale
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        if not self.enabled:
+            return "float32"
+        return f"{str(self.dtype).removeprefix('torch.')} autocast" + (" + GradScaler" if self.scaler else "")
+
+
+FLOAT32 = Precision()
