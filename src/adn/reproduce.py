@@ -312,6 +312,20 @@ def write_report(protocol: Protocol, results: dict, analysis: dict, path: Path, 
         "```",
         "",
     ]
+    # At a glance
+    pooled_sup = _acc(results, "adn-pooled", sup)
+    lines += [
+        "## At a glance",
+        "",
+        f"- Table 1, ADN super-net above the individual network: **{verdict(adn_sup, ind_sup)}** "
+        f"({_delta(adn_sup, ind_sup)} points); base-net: **{verdict(adn_base, ind_base)}** ({_delta(adn_base, ind_base)}).",
+        f"- Table 3, skip-aware norms matter under specialization (ADN base-net above the no-skip-aware-norm ADN): "
+        f"**{verdict(adn_base, _acc(results, 'adn-no-san', base))}** ({_delta(adn_base, _acc(results, 'adn-no-san', base))}).",
+        f"- Spatial feature KD above pooled (super-net): **{verdict(adn_sup, pooled_sup)}** ({_delta(adn_sup, pooled_sup)}).",
+        "- Figures 3a, 3b and 4: see their sections. The learning curves at the end show why the short schedule "
+        "favours networks trained on labels at full weight.",
+        "",
+    ]
     # Table 1
     lines += [
         "## Table 1 counterpart: the adaptive network against networks trained alone",
