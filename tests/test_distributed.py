@@ -53,6 +53,7 @@ def _exactness_worker(rank: int, port: int) -> None:
     from adn.sync_bn import GlobalBatchNorm, convert_sync_batchnorm
     from adn.train import adn_step
 
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     world = Distributed(rank, 2)
@@ -92,8 +93,8 @@ def _exactness_worker(rank: int, port: int) -> None:
 
 
 def test_two_processes_compute_the_gradients_of_one_process_exactly():
-    # fork: the children inherit the imported torch instead of importing it again (seconds each)
-    torch.multiprocessing.start_processes(_exactness_worker, args=(_free_port(),), nprocs=2, start_method="fork")
+    # spawn, not fork: forking after earlier tests started OpenMP/ONNX Runtime thread pools can deadlock
+    torch.multiprocessing.start_processes(_exactness_worker, args=(_free_port(),), nprocs=2, start_method="spawn")
 
 
 # ----- torchrun -m adn train ---------------------------------------------------------------------------------

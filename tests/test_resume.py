@@ -44,6 +44,7 @@ def one_thread():
 
 
 def _train_in_child(argv: list[str]) -> None:
+    torch.set_num_threads(1)  # as the parent's runs (the one_thread fixture)
     os._exit(main(argv))
 
 
@@ -53,15 +54,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, on
             "--epochs", "1", "-b", "16", "--lr", "0.05", "--seed", "3", "--device", "cpu", "--no-progress",
             "--save-every-steps", "3", "--keep-last", "100"]
     killed = tmp_path / "killed"
-    # A forked child runs `adn train` as `python -m adn train` would, without importing torch again.
-    child = multiprocessing.get_context("fork").Process(target=_train_in_child,
+    # A child process runs `adn train` as `python -m adn train` would. Spawned, not forked: forking a
+    # process whose earlier tests started OpenMP/ONNX Runtime thread pools can deadlock the child.
+    child = multiprocessing.get_context("spawn").Process(target=_train_in_child,
                                                         args=([*args, "--output-dir", str(killed)],))
     child.start()
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not (killed / "checkpoint-e0001-s0000003.pt").exists():
             assert child.is_alive(), f"training stopped early (exit code {child.exitcode})"
-            assert time.monotonic() < deadline, "no step checkpoint after 120 s"
+            assert time.monotonic() < deadline, "no step checkpoint after 180 s"
             time.sleep(0.002)
         os.kill(child.pid, signal.SIGKILL)
     finally:
