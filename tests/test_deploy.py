@@ -42,9 +42,9 @@ def test_every_subnetwork_round_trips_through_onnx_runtime_and_safetensors(name,
     net = _trained_looking(adn.convert(build()))
     configs = net.sub_networks()
     if len(configs) > 16:
-        # MobileNetV2's 32 sub-networks take ~20 s each to export on a 2-core machine: ONNX for the two
-        # trained depths and two mixed ones (safetensors below still covers all 32).
-        onnx_configs = [configs[0], configs[5], configs[-6], configs[-1]]
+        # MobileNetV2's 32 sub-networks take ~15 s each to export on a 2-core machine: ONNX for the two
+        # trained depths (safetensors below still covers all 32; the other models cover mixed depths).
+        onnx_configs = [configs[0], configs[-1]]
     else:
         onnx_configs = configs
     example = torch.randn(1, channels, size, size)
