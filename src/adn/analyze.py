@@ -96,6 +96,19 @@ def _save(fig, path) -> Path:
     return path
 
 
+def first_image_per_class(dataset, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``dataset`` whose classes differ (fewer if it has fewer classes)."""
+    picked, seen = [], set()
+    for index in range(len(dataset)):
+        if len(picked) == count:
+            break
+        image, label = dataset[index]
+        if label not in seen:
+            seen.add(label)
+            picked.append(image)
+    return torch.stack(picked)
+
+
 # ----- Grad-CAM ------------------------------------------------------------------------------------------------
 def gradcam(net: nn.Module, images: torch.Tensor, stage: int, skip, targets: torch.Tensor | None = None) -> list:
     """Grad-CAM (Selvaraju et al.) after each block of ``net.adn_stages[stage]`` in sub-network ``skip``.

@@ -364,8 +364,8 @@ def _load_images(paths: list[str], meta: dict) -> torch.Tensor:
 
 
 def _run_analyze(args) -> int:
-    from .analyze import (gradcam, norm_distances, plot_gradcam, plot_norm_distances, summarize_norm_distances,
-                          cam_statistics)
+    from .analyze import (cam_statistics, first_image_per_class, gradcam, norm_distances, plot_gradcam,
+                          plot_norm_distances, summarize_norm_distances)
     from .atomic import atomic_write
     from .checkpoint import load_network
 
@@ -387,15 +387,7 @@ def _run_analyze(args) -> int:
         else:
             from .data import load_dataset
             data = load_dataset(meta["dataset"], meta.get("data_path"), augment=False)
-            picked, seen = [], set()
-            for index in range(len(data.val)):
-                image, label = data.val[index]
-                if label not in seen:
-                    seen.add(label)
-                    picked.append(image)
-                if len(picked) == args.gradcam_count:
-                    break
-            images = torch.stack(picked)
+            images = first_image_per_class(data.val, args.gradcam_count)
         stage = args.stage % net.num_stages if -net.num_stages <= args.stage < net.num_stages else args.stage
         maps = {f"skip {config}": gradcam(net, images, stage, config) for config in _configs(args.skip, net.num_stages)}
         plot_gradcam(images, maps, output / "gradcam.png", mean=meta["mean"], std=meta["std"],

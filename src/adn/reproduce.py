@@ -197,8 +197,8 @@ def _delta(a: list[float], b: list[float]) -> str:
 def analyze_runs(protocol: Protocol, results: dict, root: Path, figures: Path, gradcam_images: int = 4) -> dict:
     """Norm distances (Fig. 3b) for the adn and joint arms of every seed, Grad-CAM (Fig. 4) of seed 0,
     and the figures; returns the numbers the report quotes."""
-    from .analyze import (cam_statistics, gradcam, map_similarity, norm_distances, plot_gradcam,
-                          plot_norm_distances, summarize_norm_distances)
+    from .analyze import (cam_statistics, first_image_per_class, gradcam, map_similarity, norm_distances,
+                          plot_gradcam, plot_norm_distances, summarize_norm_distances)
     from .checkpoint import load_network
     from .data import load_dataset
 
@@ -221,15 +221,7 @@ def analyze_runs(protocol: Protocol, results: dict, root: Path, figures: Path, g
     individual, _ = load_network(root / "individual-super" / f"seed{seeds[0]}" / "checkpoint.pt")
     meta = ckpt["meta"]
     data = load_dataset(meta["dataset"], meta.get("data_path"), augment=False)
-    picked, classes = [], set()
-    for index in range(len(data.val)):
-        image, label = data.val[index]
-        if label not in classes:
-            classes.add(label)
-            picked.append(image)
-        if len(picked) == max(gradcam_images, 16):
-            break
-    images = torch.stack(picked)
+    images = first_image_per_class(data.val, max(gradcam_images, 16))
     stage = net.num_stages - 1
     maps = {"individual": gradcam(individual, images, stage, "super"),
             "ADN super-net": gradcam(net, images, stage, "super"),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import _positive_int  # one definition of the argparse type for every adn command
 from ..skip import SkipConfig
 from .train import METHODS, OPTIMIZERS, SCHEDULERS, DetectTrainConfig
 
@@ -30,13 +31,6 @@ def add_detect(sub) -> None:
     _add_make_synthetic(commands)
     _add_train(commands)
     _add_eval(commands)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 # ----- make-synthetic ------------------------------------------------------------------------------------------
