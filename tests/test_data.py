@@ -18,7 +18,9 @@ def test_subsets_are_fixed_by_the_seed(fashion_dir):
     a = load_dataset("fashion-mnist", fashion_dir, train_subset=50, val_subset=30, seed=3)
     b = load_dataset("fashion-mnist", fashion_dir, train_subset=50, val_subset=30, seed=3)
     assert len(a.train) == 50 and len(a.val) == 30
-    assert a.train.indices == b.train.indices
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.val.targets, b.val.targets)
+    c = load_dataset("fashion-mnist", fashion_dir, train_subset=50, val_subset=30, seed=4)
+    assert not torch.equal(a.train.images, c.train.images)
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

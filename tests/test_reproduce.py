@@ -22,18 +22,24 @@ def test_verdict_needs_a_difference_beyond_the_spread():
 
 def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashion_dir, capsys):
     runs, docs = tmp_path / "runs", tmp_path / "docs" / "reproduction.md"
-    argv = ["reproduce", "--quick", "--runs", str(runs), "--docs", str(docs), "--data-path", str(fashion_dir)]
+    record = docs.parent / "reproduction" / "runs"
+    argv = ["reproduce", "--quick", "--runs", str(runs), "--docs", str(docs), "--data-path", str(fashion_dir),
+            "--jobs", "2"]
     assert main(argv) == 0
     report = docs.read_text()
     for heading in ("Table 1 counterpart", "Table 3 counterpart", "Figure 3a", "Figure 3b", "Figure 4",
-                    "Feature distillation", "QUICK MODE"):
+                    "Feature distillation", "QUICK MODE", "plateaued", "14 of 14 runs", "recalibrated BN"):
         assert heading in report
-    for figure in ("fig3a_subnetworks.png", "fig3b_norm_distances.png", "fig4_gradcam.png"):
+    for figure in ("fig3a_subnetworks.png", "fig3b_norm_distances.png", "fig4_gradcam.png", "learning_curves.png"):
         assert (docs.parent / "reproduction" / figure).stat().st_size > 10_000
     for arm in ARMS:
         for seed in (0, 1):
             result = json.loads((runs / arm / f"seed{seed}" / "result.json").read_text())
             assert result["accuracy"] and all(0 <= v <= 100 for v in result["accuracy"].values())
+            assert result["accuracy_recalibrated"].keys() == result["accuracy"].keys()
+            # the record kept in version control: enough to rebuild the report without checkpoints
+            assert json.loads((record / arm / f"seed{seed}" / "result.json").read_text()) == result
+            assert (record / arm / f"seed{seed}" / "log.jsonl").is_file()
     assert len(json.loads((runs / "adn" / "seed0" / "result.json").read_text())["accuracy"]) == 8
 
     # A second run reuses every cached run: nothing is trained again.
@@ -42,6 +48,24 @@ def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashi
     assert main(argv) == 0
     assert (runs / "adn" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == stamp
     assert "adn train" not in capsys.readouterr().err
+
+    # On a fresh machine (checkpoints gone), the record alone rebuilds the report and nothing retrains.
+    import shutil
+    shutil.rmtree(runs)
+    assert main(argv[:-2] + ["--report-only"]) == 0
+    assert not runs.exists() or not any(runs.rglob("checkpoint.pt"))
+    assert docs.read_text().split("## Protocol")[1] == report.split("## Protocol")[1]
+
+
+def test_a_partial_protocol_reports_what_has_finished(tmp_path, fashion_dir):
+    from adn.reproduce import Protocol, reproduce, run_arm
+    runs, docs = tmp_path / "runs", tmp_path / "reproduction.md"
+    protocol = Protocol.quick()
+    protocol.data_path = str(fashion_dir)
+    for arm in ("adn", "individual-super"):
+        run_arm(protocol, arm, 0, runs, tmp_path / "reproduction" / "runs", log=lambda message: None)
+    report = reproduce(protocol, runs, docs, report_only=True).read_text()
+    assert "2 of 14 runs" in report and "pending" in report
 
 
 def test_analyze_writes_norm_distance_and_gradcam(tmp_path, fashion_dir, capsys):

@@ -13,7 +13,7 @@ from adn.train import TrainConfig, train
 def _run(tmp_path, fashion_dir, name, **overrides):
     values = dict(model="resnet20", width=8, data="fashion-mnist", data_path=str(fashion_dir), epochs=1,
                   batch_size=32, lr=0.01, max_steps_per_epoch=2, val_subset=64, progress=False, seed=0, device="cpu",
-                  output_dir=str(tmp_path / name))
+                  output_dir=str(tmp_path / name), amp=False, channels_last=False)  # plain float32 unless overridden
     values.update(overrides)
     record = train(TrainConfig(**values))
     return record, load_checkpoint(tmp_path / name / "checkpoint.pt")
@@ -74,3 +74,29 @@ def test_compile_traces_one_graph_per_depth_and_trains_the_same(tmp_path, fashio
     assert 2 <= graphs <= 4  # super-net and base-net, in training and in evaluation: no recompiling every step
     assert _max_difference(ckpt, plain[1]) < 1e-5
     assert json.loads((tmp_path / "compiled" / "log.jsonl").read_text())["val_acc1_base"] == plain[0]["val_acc1_base"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_and_layout_default_to_the_fastest_the_hardware_supports(tmp_path, fashion_dir, monkeypatch, native,
+                                                                           capsys):
+    import adn.train
+    monkeypatch.setattr(adn.train, "native_bfloat16", lambda device: native)
+    _run(tmp_path, fashion_dir, "auto", amp=None, channels_last=None)
+    ckpt = load_checkpoint(tmp_path / "auto" / "checkpoint.pt")
+    assert ckpt["meta"]["speed"] == {"amp": native, "channels_last": native}
+    err = capsys.readouterr().err
+    assert ("bfloat16 autocast, channels-last" if native else "float32") in err
+    assert "chosen automatically" in err and "--no-amp" in err
+    # explicit flags win over the automatic choice
+    _run(tmp_path, fashion_dir, "explicit", amp=False, channels_last=None)
+    assert load_checkpoint(tmp_path / "explicit" / "checkpoint.pt")["meta"]["speed"] == {"amp": False,
+                                                                                        "channels_last": False}
+
+
+def test_automatic_channels_last_avoids_the_layer_torch_crashes_on(tmp_path, fashion_dir, monkeypatch, capsys):
+    import adn.train
+    monkeypatch.setattr(adn.train, "native_bfloat16", lambda device: True)
+    _run(tmp_path, fashion_dir, "auto4", width=4, amp=None, channels_last=None)  # would crash in channels-last
+    assert load_checkpoint(tmp_path / "auto4" / "checkpoint.pt")["meta"]["speed"] == {"amp": True,
+                                                                                     "channels_last": False}
+    assert "channels-last off: layer2.0.downsample.0" in capsys.readouterr().err

@@ -10,12 +10,13 @@ from .distill import SubPathDistillationLoss
 from .layers import SkipAwareNorm, SkippableBlock, SkippableStage
 from .models import available_models, build_model
 from .network import AdaptiveDepthNetwork
+from .recalibrate import recalibrate_norms
 from .skip import SkipConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveDepthNetwork", "CompiledDepths", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
-    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "register_adapter", "split_point",
+    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "recalibrate_norms", "register_adapter", "split_point",
     "supported_families",
 ]

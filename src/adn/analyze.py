@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_write
+from .layers import SkippableBlock, is_skipped
 from .skip import SkipConfig
 
 
@@ -141,7 +142,8 @@ def gradcam(net: nn.Module, images: torch.Tensor, stage: int, skip, targets: tor
             chosen = logits.argmax(1) if targets is None else targets
             net.zero_grad(set_to_none=True)
             logits.gather(1, chosen[:, None]).sum().backward()
-            skipped = [getattr(block, "adn_skipped", False) for block in blocks]
+            # Asked inside the `skipping` block: the depth it sets is per thread, not in the modules' flags.
+            skipped = [isinstance(block, SkippableBlock) and is_skipped(block) for block in blocks]
     finally:
         for handle in handles:
             handle.remove()

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, loaded without executing pickled code.
 
 A checkpoint is one ``torch.save`` file of plain containers and tensors, read back with
-``torch.load(weights_only=True)``:
+``torch.load(weights_only=True)`` after checking the CRC-32 of each of its records (which torch.load does
+not check, so a flipped byte would otherwise load as a wrong weight):
 
     {"format": "adn-checkpoint", "version": 1,
      "meta": {"model": "resnet20", "num_classes": 10, "in_channels": 1, "skip_aware_norm": True, ...},
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -52,16 +54,52 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (adn train writes <output-dir>/checkpoint.pt)")
+    check_integrity(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, corrupted, or a pickle that needs code execution
-        others = [p.name for p in numbered_checkpoints(path.parent) if p.name != path.name]
-        hint = f"; earlier checkpoints in {path.parent}: {', '.join(others[-3:])}" if others else ""
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not an adn checkpoint "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]}){hint}") from error
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]}){_earlier(path)}") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data or "meta" not in data:
         raise CheckpointError(f"{path} is not an adn checkpoint (expected a file written by adn train)")
     return data
+
+
+def check_integrity(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` if a record of the ``torch.save`` file ``path`` fails its CRC-32.
+
+    torch.save writes a zip whose records carry CRC-32s that torch.load never checks: a byte changed on
+    disk or in a copy would load as a silently wrong weight. This reads the file once. Files in torch's
+    legacy (non-zip) format have no checksums, and a file too broken to be a zip is left to torch.load."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0 and record.file_size:
+                    continue  # saved with torch.serialization.config.save.compute_crc32 = False: nothing to check
+                with archive.open(record) as stream:  # raises BadZipFile at the end on a CRC mismatch
+                    while stream.read(1 << 24):
+                        pass
+    except Exception as error:  # noqa: BLE001  (BadZipFile, a broken header, ...: all mean damage)
+        raise CheckpointError(f"checkpoint {path} is damaged: {str(error).splitlines()[0][:200]} (its bytes changed "
+                              f"after it was written: a disk, transfer or copy error). Copy it again from where it "
+                              f"came from, or use an earlier checkpoint{_earlier(path)}") from error
+
+
+def _earlier(path: Path) -> str:
+    """'; earlier checkpoints in <folder>: ...' naming the numbered checkpoints beside ``path`` (not ``path``
+    itself, nor a hard link to it, which holds the same bytes), or '' if there are none."""
+    others = [p.name for p in numbered_checkpoints(path.parent) if p.name != path.name and not _same_file(p, path)]
+    return f"; earlier checkpoints in {path.parent}: {', '.join(others[-3:])}" if others else ""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def build_network(meta: dict) -> nn.Module:

@@ -41,6 +41,9 @@ def _add_train(sub) -> None:
     g.add_argument("--data-path", default=None, help="dataset folder (imagefolder: with train/ and val/)")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
     g.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of N images")
+    g.add_argument("--val-from-train", type=_positive_int, default=None, metavar="N",
+                   help="validate on N training images held out from training (the same N for every seed) instead "
+                        "of the test split: choose recipes this way, and keep the test split for final numbers")
     g.add_argument("--train-crop-size", type=_positive_int, default=None, help="imagefolder/fake: training crop size")
     g.add_argument("--val-resize-size", type=_positive_int, default=None, help="imagefolder: validation resize")
     g.add_argument("--skip-bad-images", action="store_true",
@@ -93,14 +96,21 @@ def _add_train(sub) -> None:
     g.add_argument("--random-erase", type=float, default=d.random_erase, help="random erasing probability")
     g.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS)
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
+    g.add_argument("--recalibrate-bn", type=int, default=d.recalibrate_bn, metavar="N",
+                   help="after each epoch, also validate with batch-norm statistics recomputed per depth on N "
+                        "training batches (logged as val_acc1_<depth>_recal; the checkpoint keeps its own statistics); "
+                        "0: off")
     g = p.add_argument_group("scale and speed (multi-process: torchrun --nproc_per_node=K -m adn train ...)")
     g.add_argument("--sync-bn", action="store_true",
                    help="with several processes: batch-norm statistics over the global batch, not each process's share")
-    g.add_argument("--amp", action="store_true", help="mixed precision (autocast; float16 + GradScaler on CUDA)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (autocast; float16 + GradScaler on CUDA). Default: on (bfloat16) where the "
+                        "hardware computes bfloat16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else off")
     g.add_argument("--amp-dtype", default=d.amp_dtype, choices=("auto", "float16", "bfloat16"),
                    help="autocast type; auto: float16 on CUDA, bfloat16 on CPU")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convolutions "
-                                                                "on recent GPUs)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (faster convolutions). Default: on together with automatic "
+                        "mixed precision, unless a layer is known to crash in it")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (one graph per depth)")
     g.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend")
     g = p.add_argument_group("run")
@@ -146,7 +156,8 @@ def _add_measure_flags(p) -> None:
 def _configs(text: str, num_stages: int) -> list[SkipConfig]:
     if text.strip().lower() == "all":
         return SkipConfig.all(num_stages)
-    return [SkipConfig(part, num_stages) for part in text.split(",")]
+    # Repeats and aliases ("super" and "FFF") name one sub-network: each is measured once, in order.
+    return list(dict.fromkeys(SkipConfig(part, num_stages) for part in text.split(",")))
 
 
 def _add_eval(sub) -> None:
@@ -158,6 +169,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--val-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
     p.add_argument("-b", "--batch-size", type=_positive_int, default=256)
     p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--recalibrate-bn", type=_positive_int, default=None, metavar="N",
+                   help="before evaluating each sub-network, recompute its batch-norm statistics on N batches of "
+                        "training images (un-augmented, the same for every depth); the checkpoint is not changed")
     p.add_argument("--plot", default=None, help="accuracy-vs-MACs PNG (default: acc_vs_macs.png next to the checkpoint)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     _add_measure_flags(p)
@@ -165,10 +179,8 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from torch.utils.data import DataLoader
-
     from .checkpoint import load_network
-    from .data import load_dataset
+    from .data import calibration_loader, eval_loader, load_dataset
     from .evaluate import evaluate_subnetworks
     from .report import add_ratios, format_table, plot_accuracy_vs_macs
 
@@ -183,10 +195,17 @@ def _run_eval(args) -> int:
                         image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"))
     if data.num_classes != meta["num_classes"]:
         raise DataError(f"the dataset has {data.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
-    loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
+    loader = eval_loader(data.val, args.batch_size, args.workers)
+    recalibrate = None
+    if args.recalibrate_bn:
+        recalibrate = (calibration_loader(data.train, args.batch_size, args.recalibrate_bn, args.workers),
+                       args.recalibrate_bn)
     example = data.val[0][0][None].expand(args.latency_batch_size, -1, -1, -1).contiguous().to(device)
     rows = add_ratios(evaluate_subnetworks(net, loader, configs, example, device=device, latency=args.latency,
-                                           warmup=args.warmup, repeats=args.repeats, backend=args.backend))
+                                           warmup=args.warmup, repeats=args.repeats, backend=args.backend,
+                                           recalibrate=recalibrate))
+    for row in rows:
+        row["recalibrated_bn_batches"] = args.recalibrate_bn or 0
     if not args.no_plot:
         path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "acc_vs_macs.png"
         plot_accuracy_vs_macs(rows, path, title=f"{meta['model']}-ADN on {data.description.split(' (')[0]}")
@@ -196,7 +215,9 @@ def _run_eval(args) -> int:
     else:
         print(f"{meta['model']} ({meta['method']}), {len(data.val)} {data.description.split(' (')[0]} validation images; "
               f"MACs per image; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
-              f"{torch.get_num_threads()} threads, {device}, {args.backend}")
+              f"{torch.get_num_threads()} threads, {device}, {args.backend}"
+              + (f"; batch-norm statistics recalibrated per sub-network on {args.recalibrate_bn} training batches"
+                 if args.recalibrate_bn else ""))
         print(format_table(rows))
     return 0
 
@@ -401,19 +422,29 @@ def _run_analyze(args) -> int:
 
 
 def _add_reproduce(sub) -> None:
+    from .reproduce import ARMS
     p = sub.add_parser("reproduce", help="rerun the paper's claims at small scale and write docs/reproduction.md",
                        description="Trains every arm of the reproduction (ADN, the ablations, individual networks, "
                                    "pooled feature KD) for several seeds with adn train and adn eval, then writes the "
-                                   "tables, figures and verdicts. Finished runs are cached in --runs and skipped "
-                                   "on re-run, so an interrupted reproduction continues where it stopped.",
+                                   "tables, figures and verdicts. Finished runs are cached (checkpoints in --runs; "
+                                   "result.json and log.jsonl also in --record, kept in version control), so an "
+                                   "interrupted reproduction continues where it stopped, on this machine or another.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--runs", default="runs/reproduce", help="folder for the runs (the cache)")
+    p.add_argument("--runs", default="runs/reproduce", help="folder for the runs' checkpoints (the cache)")
     p.add_argument("--docs", default="docs/reproduction.md", help="report to write; figures go in a folder beside it")
+    p.add_argument("--record", default=None,
+                   help="folder for each finished run's result.json and log.jsonl (default: runs/ in the figures folder)")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: checks the harness, not the claims")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per arm (default 0 1 2; quick: 0 1)")
+    p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), metavar="ARM",
+                   help=f"train only these arms (with --train-only; the report needs all): {', '.join(ARMS)}")
     p.add_argument("--data-path", default=None, help="Fashion-MNIST folder (default: the Debian package or a download)")
+    p.add_argument("--device", default=None, help="training device (default: a GPU if there is one, else the CPU)")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs trained at once, each in its own process with one thread (2 on a 2-core machine)")
     p.add_argument("--train-only", action="store_true", help="train and evaluate the arms, write no report")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (with --jobs 1)")
     p.set_defaults(run=_run_reproduce)
 
 
@@ -422,11 +453,19 @@ def _run_reproduce(args) -> int:
 
     protocol = Protocol.quick() if args.quick else Protocol()
     protocol.data_path = args.data_path
+    protocol.device = args.device
+    if args.train_only and args.report_only:
+        raise ValueError("--train-only and --report-only exclude each other")
     if args.seeds:
-        if len(args.seeds) < 2:
-            raise ValueError("--seeds needs at least 2 seeds: the verdicts compare differences with the spread across seeds")
+        if len(args.seeds) < 2 and not args.train_only:
+            raise ValueError("--seeds needs at least 2 seeds for a report: the verdicts compare differences with the "
+                             "spread across seeds (or add --train-only)")
         protocol.seeds = tuple(args.seeds)
-    report = reproduce(protocol, Path(args.runs), Path(args.docs), quick=args.quick, train_only=args.train_only,
+    if args.arms and not args.train_only:
+        raise ValueError("--arms trains part of the protocol: add --train-only (the report needs every arm)")
+    report = reproduce(protocol, Path(args.runs), Path(args.docs), record=Path(args.record) if args.record else None,
+                       quick=args.quick, train_only=args.train_only, report_only=args.report_only, jobs=args.jobs,
+                       arms=args.arms,
                        log=lambda message: print(message, file=sys.stderr, flush=True))
     if report:
         print(f"report: {report}")

@@ -1,7 +1,9 @@
 """Datasets: Fashion-MNIST, CIFAR-10/100, ImageNet-layout folders, and random fake data.
 
-Every loader goes through torchvision's datasets and transforms. Fashion-MNIST is taken from the
-Debian package ``dataset-fashion-mnist`` when installed (offline), else downloaded by torchvision.
+Every loader reads through torchvision's datasets. Fashion-MNIST and CIFAR are held in memory as one
+uint8 tensor and augmented a batch at a time (:mod:`adn.memory_data`); image folders go through
+torchvision's per-image transforms. Fashion-MNIST is taken from the Debian package
+``dataset-fashion-mnist`` when installed (offline), else downloaded by torchvision.
 """
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import hashlib
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision import transforms as T
 
 from .atomic import atomic_write
+from .memory_data import BatchAugment, EvalBatches, TensorImages
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "fake")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -99,12 +103,14 @@ def default_cache() -> Path:
 def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train_subset: int | None = None,
                  val_subset: int | None = None, seed: int = 0, image_size: int | None = None,
                  val_resize_size: int | None = None, augment: bool | Augmentation = True,
-                 skip_bad_images: bool = False) -> DataBundle:
+                 skip_bad_images: bool = False, val_from_train: int | None = None) -> DataBundle:
     """Build train and validation datasets. ``train_subset``/``val_subset`` keep a fixed random subset
     (seeded) of that many images, for quick runs. ``augment``: ``True`` for each dataset's standard
     crop and flip, an :class:`Augmentation` for more, ``False`` for none (evaluation).
     ``skip_bad_images`` (image folders): an unreadable image file comes out as ``None`` (dropped by
-    :func:`collate_readable`) instead of stopping with a :class:`DataError` that names the file."""
+    :func:`collate_readable`) instead of stopping with a :class:`DataError` that names the file.
+    ``val_from_train``: validate on that many training images (held out from training; the same ones for
+    every seed) instead of the test split, so that recipes are chosen without looking at the test set."""
     augment = Augmentation() if augment is True else (augment or None)
     if name == "fashion-mnist":
         bundle = _fashion_mnist(data_path, augment)
@@ -116,9 +122,33 @@ def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train
         bundle = _fake(image_size or 32)
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if val_from_train:
+        bundle = _hold_out(bundle, val_from_train, lambda: load_dataset(
+            name, data_path, image_size=image_size, val_resize_size=val_resize_size, augment=False,
+            skip_bad_images=skip_bad_images).train)
     bundle.train = _subset(bundle.train, train_subset, seed, "train")
     bundle.val = _subset(bundle.val, val_subset, seed + 1, "val")
     return bundle
+
+
+def calibration_loader(train: Dataset, batch_size: int, num_batches: int, workers: int = 0):
+    """``num_batches`` batches of training images for norm recalibration: a fixed random choice (the
+    same for every depth and every call), un-augmented when ``train`` is in memory (load the data set
+    with ``augment=False`` otherwise)."""
+    count = min(len(train), batch_size * num_batches)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED + 1))[:count].tolist()
+    if isinstance(train, TensorImages):
+        return EvalBatches(train.without_augmentation().subset(chosen), batch_size)
+    return DataLoader(Subset(train, chosen), batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, collate_fn=None):
+    """Unshuffled ``(images, targets)`` batches of an evaluation split: whole-tensor batches for an
+    in-memory set, a ``DataLoader`` otherwise."""
+    if isinstance(dataset, TensorImages):
+        return EvalBatches(dataset, batch_size)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate_fn or default_collate)
 
 
 def _subset(dataset: Dataset, size: int | None, seed: int, split: str) -> Dataset:
@@ -130,7 +160,27 @@ def _subset(dataset: Dataset, size: int | None, seed: int, split: str) -> Datase
         return dataset
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
-    return Subset(dataset, indices)
+    return dataset.subset(indices) if isinstance(dataset, TensorImages) else Subset(dataset, indices)
+
+
+HOLDOUT_SEED = 20_231_129  # one fixed choice of held-out images, whatever the run's seed
+
+
+def _hold_out(bundle: DataBundle, size: int, plain_train: Callable[[], Dataset]) -> DataBundle:
+    """Move ``size`` training images (a fixed random choice) to the validation split. ``plain_train``
+    gives the training split without augmentation, for data sets that cannot drop it themselves."""
+    if not 1 <= size < len(bundle.train):
+        raise DataError(f"--val-from-train must be between 1 and {len(bundle.train) - 1} (the training set has "
+                        f"{len(bundle.train)} images), got {size}")
+    order = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    held, kept = order[:size].sort().values.tolist(), order[size:].sort().values.tolist()
+    if isinstance(bundle.train, TensorImages):
+        bundle.val = bundle.train.subset(held).without_augmentation()
+        bundle.train = bundle.train.subset(kept)
+    else:
+        bundle.val, bundle.train = Subset(plain_train(), held), Subset(bundle.train, kept)
+    bundle.description += f", {size} training images held out for validation"
+    return bundle
 
 
 # ----- Fashion-MNIST --------------------------------------------------------------------------------
@@ -182,14 +232,12 @@ def _copy_idx(plain: Path, destination: str) -> None:
             shutil.copyfileobj(src, dst)
 
 
-def _fashion_mnist(data_path, augment: bool) -> DataBundle:
+def _fashion_mnist(data_path, augment: Augmentation | None) -> DataBundle:
     root, download = fashion_mnist_root(data_path)
     mean, std = (0.2860,), (0.3530,)
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = _train_transform([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()], mean, std, augment)
     try:
-        train = datasets.FashionMNIST(str(root), train=True, transform=train_tf, download=download)
-        val = datasets.FashionMNIST(str(root), train=False, transform=T.Compose(normalize), download=download)
+        train = datasets.FashionMNIST(str(root), train=True, download=download)
+        val = datasets.FashionMNIST(str(root), train=False, download=download)
     except (RuntimeError, OSError) as error:
         if not download:  # the files are there but unreadable
             raise DataError(f"could not read the Fashion-MNIST IDX files in {data_path or root} ({error}): they are "
@@ -198,23 +246,42 @@ def _fashion_mnist(data_path, augment: bool) -> DataBundle:
         raise DataError(f"could not load Fashion-MNIST ({error}). Offline, install the Debian package: "
                         f"apt-get install dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST})") from error
     source = "torchvision download" if download else str(root)
-    return DataBundle(train, val, 10, 1, 28, mean, std, f"Fashion-MNIST ({source})")
+    train_set, val_set = _in_memory(train.data[:, None], train.targets, val.data[:, None], val.targets, mean, std,
+                                    augment, padding=2)
+    return DataBundle(train_set, val_set, 10, 1, 28, mean, std, f"Fashion-MNIST ({source})")
+
+
+def _in_memory(train_images, train_targets, val_images, val_targets, mean, std, augment: Augmentation | None,
+               padding: int) -> tuple[TensorImages, TensorImages]:
+    """Both splits as in-memory uint8 tensors. Crop and flip run on whole batches; an augmentation that
+    needs PIL (AutoAugment, random erasing) makes the training split serve PIL-transformed images."""
+    batch_augment = transform = None
+    if augment is not None:
+        size = train_images.shape[-1]
+        if augment.auto_augment or augment.random_erase > 0:
+            transform = _train_transform([T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()], mean, std,
+                                         augment)
+        else:
+            batch_augment = BatchAugment(padding=padding, flip=True)
+    train = TensorImages(train_images, torch.as_tensor(train_targets), mean, std, batch_augment, transform)
+    return train, TensorImages(val_images, torch.as_tensor(val_targets), mean, std)
 
 
 # ----- CIFAR ---------------------------------------------------------------------------------------------
-def _cifar(name: str, data_path, augment: bool) -> DataBundle:
+def _cifar(name: str, data_path, augment: Augmentation | None) -> DataBundle:
     root = Path(data_path) if data_path else default_cache()
     cls, classes = (datasets.CIFAR10, 10) if name == "cifar10" else (datasets.CIFAR100, 100)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train_tf = _train_transform([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()], mean, std, augment)
     try:
-        train = cls(str(root), train=True, transform=train_tf, download=True)
-        val = cls(str(root), train=False, transform=T.Compose(normalize), download=True)
+        train = cls(str(root), train=True, download=True)
+        val = cls(str(root), train=False, download=True)
     except (RuntimeError, OSError) as error:
         raise DataError(f"could not load {name} from {root} ({error}). Without internet, place torchvision's "
                         f"extracted CIFAR folder there and pass --data-path") from error
-    return DataBundle(train, val, classes, 3, 32, mean, std, f"{name.upper()} ({root})")
+    as_tensor = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()  # noqa: E731  (NHWC -> NCHW)
+    train_set, val_set = _in_memory(as_tensor(train.data), train.targets, as_tensor(val.data), val.targets, mean, std,
+                                    augment, padding=4)
+    return DataBundle(train_set, val_set, classes, 3, 32, mean, std, f"{name.upper()} ({root})")
 
 
 # ----- ImageNet-layout folders -------------------------------------------------------------------------

@@ -7,17 +7,35 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .profile import profile_subnetworks
+from .recalibrate import load_norm_state, norm_state, recalibrate_norms
 from .skip import SkipConfig
 
 
 @torch.no_grad()
 def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu", progress: bool = False,
-                      description: str = "eval", sum_over_processes=None) -> dict[str, dict[str, float]]:
+                      description: str = "eval", sum_over_processes=None,
+                      recalibrate: tuple | None = None) -> dict[str, dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of each sub-network in ``configs``, reading the data once:
     every batch is run through every requested sub-network. In distributed training each process
     passes its own shard of the data and ``sum_over_processes`` (a function summing a tensor over the
-    processes): counts are summed before dividing, so shards of unequal size are weighted correctly."""
-    configs = [SkipConfig(c, net.num_stages) for c in configs]
+    processes): counts are summed before dividing, so shards of unequal size are weighted correctly.
+
+    ``recalibrate=(training_batches, N)``: before each sub-network is evaluated, its batch-norm
+    statistics are recomputed on the first N of ``training_batches`` (:func:`adn.recalibrate_norms`);
+    the network's own statistics are restored afterwards. The data is then read once per sub-network.
+    Repeated and aliased depths (``super`` and ``FFF``) are evaluated once."""
+    configs = list(dict.fromkeys(SkipConfig(c, net.num_stages) for c in configs))
+    if recalibrate is not None:
+        calibration, num_batches = recalibrate
+        saved, results = norm_state(net), {}
+        try:
+            for config in configs:
+                recalibrate_norms(net, calibration, num_batches, skip=config, device=device)
+                results.update(evaluate_accuracy(net, loader, [config], device, progress, description,
+                                                 sum_over_processes))
+        finally:
+            load_norm_state(net, saved)
+        return results
     correct1 = {str(c): 0 for c in configs}
     correct5 = dict(correct1)
     seen = 0
@@ -56,10 +74,11 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu",
 
 def evaluate_subnetworks(net: nn.Module, loader: DataLoader, configs, example: torch.Tensor, device="cpu",
                          latency: bool = True, warmup: int = 3, repeats: int = 10, progress: bool = True,
-                         backend: str = "eager") -> list[dict]:
-    """``adn eval``'s rows: skip, acc1, acc5, params, macs, latency_ms (+ spread, batch size, threads)."""
-    configs = [SkipConfig(c, net.num_stages) for c in configs]
-    accuracy = evaluate_accuracy(net, loader, configs, device=device, progress=progress)
+                         backend: str = "eager", recalibrate: tuple | None = None) -> list[dict]:
+    """``adn eval``'s rows: skip, acc1, acc5, params, macs, latency_ms (+ spread, batch size, threads).
+    ``recalibrate``: as in :func:`evaluate_accuracy`."""
+    configs = list(dict.fromkeys(SkipConfig(c, net.num_stages) for c in configs))
+    accuracy = evaluate_accuracy(net, loader, configs, device=device, progress=progress, recalibrate=recalibrate)
     rows = profile_subnetworks(net, example, configs, latency=latency, warmup=warmup, repeats=repeats, backend=backend)
     for row in rows:
         row.update(accuracy[row["skip"]])

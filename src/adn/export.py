@@ -2,9 +2,9 @@
 
 Formats: ``safetensors`` (weights of the plain sub-network, loadable into the same torchvision
 architecture with its blocks removed), ``pt2`` (a ``torch.export`` program, runnable without adn) and
-``onnx`` (dynamic batch dimension; when onnxruntime is installed every file is run in it and compared
-with PyTorch before it is kept). Every file is written under a temporary name and renamed when complete
-and verified."""
+``onnx`` (dynamic batch dimension, weights inside the file; when onnxruntime is installed every file is
+run in it and compared with PyTorch before it is kept, and loaded again under its final name). Every file
+is written under a temporary name and renamed when complete and verified."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -24,7 +25,11 @@ FORMATS = ("safetensors", "pt2", "onnx")
 ONNX_TOLERANCE = 1e-4
 
 
-def _export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str) -> None:
+def _export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str, data_name: str | None = None) -> str | None:
+    """Export ``sub`` to ONNX at ``path`` and verify it. The weights go inside the file, so that the file
+    alone is the model. Models over torch's limit for that (1.5 GB of weights; protobuf cannot exceed 2 GB)
+    get one external data file, renamed to ``data_name`` (default ``<path name>.data``) next to ``path``.
+    Returns the data file's name, or None when the file is self-contained."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as error:
@@ -33,14 +38,42 @@ def _export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str) -> None
     if example.shape[0] == 1:  # torch.export specializes a size of 1; trace at 2 to keep the batch dynamic
         example = example.expand(2, *example.shape[1:]).contiguous()
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
+        # external_data=False: torch's default writes the weights to "<path>.data", named after what is a
+        # temporary file when exporting, so a copied or renamed .onnx file lost its weights.
         torch.onnx.export(sub, (example,), path, dynamo=True, dynamic_shapes=({0: batch},),
-                          input_names=["images"], output_names=["logits"], verbose=False)
-    verify_onnx(path, sub, example)
+                          input_names=["images"], output_names=["logits"], verbose=False, external_data=False)
+    exporter_data = Path(f"{path}.data")  # written by torch only for models over its limit
+    data = None
+    try:
+        if exporter_data.exists():
+            data = data_name or exporter_data.name
+            if data != exporter_data.name:
+                _rename_external_data(Path(path), exporter_data, data)
+        verify_onnx(path, sub, example)
+    except BaseException:
+        for leftover in {exporter_data, Path(path).with_name(data or exporter_data.name)}:
+            leftover.unlink(missing_ok=True)
+        raise
+    return data
+
+
+def _rename_external_data(path: Path, data: Path, name: str) -> None:
+    """Move the ONNX file ``path``'s external data file ``data`` to ``name`` in the same folder, and point
+    the file's tensors at it (without loading the weights)."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = name
+    onnx.save(model, str(path))
+    os.replace(data, path.with_name(name))
 
 
 def verify_onnx(path, sub: torch.nn.Module, example: torch.Tensor, tolerance: float = ONNX_TOLERANCE) -> float | None:
-    """Run the ONNX file in onnxruntime at two batch sizes and compare with PyTorch; raise if they differ.
-    Returns the largest difference, or None when onnxruntime is not installed."""
+    """Run the ONNX file in onnxruntime at two batch sizes and compare with PyTorch; raise if they differ,
+    or if either gives a NaN or infinite value. Returns the largest difference, or None when onnxruntime
+    is not installed."""
     try:
         import onnxruntime
     except ImportError:
@@ -52,7 +85,18 @@ def verify_onnx(path, sub: torch.nn.Module, example: torch.Tensor, tolerance: fl
         with torch.no_grad():
             expected = sub(images).numpy()
         got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
-        worst = max(worst, float(abs(got - expected).max()))
+        # Checked first: a NaN makes every comparison false, and max(0.0, nan) is 0.0, so a model whose
+        # outputs are all NaN would pass the comparison below.
+        if not np.isfinite(expected).all():
+            raise ValueError(f"the PyTorch sub-network gives NaN or infinite outputs (batch {batch} of random images); "
+                             f"not writing {path}. Its weights are broken: check the checkpoint (did training diverge?)")
+        if not np.isfinite(got).all():
+            raise ValueError(f"ONNX Runtime gives NaN or infinite outputs for {path} (batch {batch} of random images) "
+                             "where PyTorch's are finite; not writing it. An exporter or runtime problem: use "
+                             "--format pt2 or safetensors, and report the model with the torch and onnxruntime versions")
+        if got.shape != expected.shape:
+            raise ValueError(f"ONNX Runtime output has shape {got.shape}, PyTorch's {expected.shape}; not writing {path}")
+        worst = max(worst, float(np.abs(got - expected).max()))
     if worst > tolerance:
         raise ValueError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} (> {tolerance}); not writing {path}")
     return worst
@@ -80,9 +124,19 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
             program = torch.export.export(sub, (example,))
             atomic_write(output / name, lambda tmp: torch.export.save(program, tmp))
         else:
-            atomic_write(output / name, lambda tmp: _export_onnx(sub, example, tmp))
+            data_files = []  # what _export_onnx returns inside atomic_write: None, or the external data file
+            atomic_write(output / name, lambda tmp: data_files.append(_export_onnx(sub, example, tmp, f"{name}.data")))
+            # Once more as it will be used: under its final name, loaded by ONNX Runtime from there.
+            try:
+                verify_onnx(output / name, sub, example)
+            except Exception as error:
+                (output / name).unlink(missing_ok=True)
+                raise ValueError(f"{output / name} fails in ONNX Runtime under its final name, so it was removed: "
+                                 f"{str(error).splitlines()[0][:300]}") from error
         entry = {"skip": str(config), "file": name, "format": fmt,
                  "params": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example[:1])}
+        if fmt == "onnx" and data_files[0]:
+            entry["data_file"] = data_files[0]  # weights over torch's one-file limit: copy it with the .onnx
         if accuracy and str(config) in accuracy:
             entry.update(accuracy[str(config)])
         entries.append(entry)

@@ -12,7 +12,11 @@ subclass that adds one behaviour.
   distribution downstream (paper, Sec. 3.2 "skip-aware BNs").
 - :class:`SkippableStage` — the controller of one stage: its shared blocks, its skippable blocks and
   the norms to switch. Setting ``stage.skip`` flips plain Python flags: O(#modules in the stage), no
-  weight copy, no module rebuilt.
+  weight copy, no module rebuilt. These flags are the network's *default* depth, shared by every thread.
+
+A per-call depth (``net(x, skip=...)``, ``with net.skipping(...)``) does not touch the flags: it is held
+in a :class:`contextvars.ContextVar`, so it applies to the calling thread (or asyncio task) only, and the
+blocks and norms read it at forward time (:func:`is_skipped`).
 
 The original parameters keep their names, twins live under ``<norm>.twin.*``; a state_dict of the
 original model therefore loads into the converted model's super-net path unchanged.
@@ -22,11 +26,27 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Sequence
+from contextvars import ContextVar
 
 from torch import nn
 
 _MODULE = sys.modules[__name__]
 _SUBCLASS_CACHE: dict[tuple[type, type], type] = {}
+
+# The depths set by per-call ``skip=`` and ``skipping`` blocks in the current context (thread / asyncio
+# task): maps each such network to its SkipConfig and each of its skippable blocks and skip-aware norms to
+# its flag. None (the common case) when no per-call depth is active. The dict is never mutated once set, so
+# a context that copied it (a task started inside the block) cannot see later changes.
+ACTIVE_DEPTH: ContextVar[dict | None] = ContextVar("adn_active_depth", default=None)
+
+
+def is_skipped(module: nn.Module) -> bool:
+    """Whether a skippable block or skip-aware norm is skipped right now: by the depth of the current call
+    or ``skipping`` block if one covers it, else by its network's default depth (``net.skip``)."""
+    active = ACTIVE_DEPTH.get()
+    if active is None:
+        return module.adn_skipped
+    return active.get(module, module.adn_skipped)
 
 
 def _swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
@@ -70,7 +90,7 @@ class SkippableBlock:
         return block
 
     def forward(self, x, *args, **kwargs):
-        if self.adn_skipped:
+        if is_skipped(self):
             return x
         return super().forward(x, *args, **kwargs)
 
@@ -94,7 +114,7 @@ class SkipAwareNorm:
         return norm
 
     def forward(self, x, *args, **kwargs):
-        if self.adn_skipped:
+        if is_skipped(self):
             return self.twin(x, *args, **kwargs)
         return super().forward(x, *args, **kwargs)
 
@@ -122,6 +142,7 @@ class SkippableStage:
 
     @property
     def skip(self) -> bool:
+        """The stage's default flag (what ``net.skip = ...`` sets); a per-call depth overrides it."""
         return self._skip
 
     @skip.setter
@@ -134,6 +155,11 @@ class SkippableStage:
         for norm in self.norms:
             norm.adn_skipped = value
         self._skip = value
+
+    def flags(self, value: bool) -> dict[nn.Module, bool]:
+        """The per-module entries of :data:`ACTIVE_DEPTH` that run this stage with skip flag ``value``."""
+        value = bool(value)
+        return {module: value for module in self.skippable + self.norms}
 
     @property
     def output_module(self) -> nn.Module:

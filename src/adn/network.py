@@ -8,6 +8,10 @@ converted torchvision ``ResNet`` is a ``ResNet``), keeps its parameter names, an
     net(x, skip="TTTT")          # or per call
     with net.skipping("base"): ...
     net.subnet("TTFF")           # a plain standalone module of that depth, sharing weights
+
+Threads: ``net.skip = ...`` sets the default depth, for every thread. A per-call ``skip=`` and a
+``skipping`` block set the depth of the current thread (or asyncio task) only, so threads can run one
+network at different depths at once (see docs/method.md).
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import SkipAwareNorm, SkippableBlock, SkippableStage, _swap_in_subclass, original_class
+from .layers import (ACTIVE_DEPTH, SkipAwareNorm, SkippableBlock, SkippableStage, _swap_in_subclass,
+                     original_class)
 from .skip import SkipConfig
 
 
@@ -45,23 +50,46 @@ class AdaptiveDepthNetwork:
 
     @property
     def skip(self) -> SkipConfig:
+        """The depth in effect here: that of the enclosing ``skipping`` block or per-call ``skip=`` if any,
+        else the default."""
+        active = ACTIVE_DEPTH.get()
+        if active is not None and self in active:
+            return active[self]
         return SkipConfig([stage.skip for stage in self.adn_stages])
 
     @skip.setter
     def skip(self, value) -> None:
         config = SkipConfig(value, num_stages=self.num_stages)
+        active = ACTIVE_DEPTH.get()
+        if active is not None and self in active:
+            # Inside a ``skipping`` block: change this thread's depth until the block ends (as assigning
+            # it there always did), not the default of every other thread.
+            ACTIVE_DEPTH.set({**active, **self._depth_entries(config)})
+            return
         for stage, flag in zip(self.adn_stages, config):
             stage.skip = flag
 
     @contextlib.contextmanager
     def skipping(self, value) -> Iterator[SkipConfig]:
-        """Run a block of code at another depth; the previous depth is restored afterwards."""
-        previous = self.skip
-        self.skip = value
+        """Run a block of code at another depth; the previous depth is in effect again afterwards.
+
+        The depth applies to the current thread (or asyncio task) only: other threads keep running at
+        theirs. Threads started inside the block start at the default depth."""
+        config = SkipConfig(value, num_stages=self.num_stages)
+        active = ACTIVE_DEPTH.get()
+        entries = self._depth_entries(config)
+        token = ACTIVE_DEPTH.set(entries if active is None else {**active, **entries})
         try:
-            yield self.skip
+            yield config
         finally:
-            self.skip = previous
+            ACTIVE_DEPTH.reset(token)
+
+    def _depth_entries(self, config: SkipConfig) -> dict:
+        """What :data:`adn.layers.ACTIVE_DEPTH` holds to run this network at ``config``."""
+        entries: dict = {self: config}
+        for stage, flag in zip(self.adn_stages, config):
+            entries.update(stage.flags(flag))
+        return entries
 
     def forward(self, x, *args, skip=None, **kwargs):
         if skip is None:
@@ -114,8 +142,10 @@ class AdaptiveDepthNetwork:
         # Deep-copy the module tree but not its tensors: pre-seeding the memo with every parameter
         # and buffer makes the copy reference the very same tensors.
         memo = {id(t): t for t in list(self.parameters()) + list(self.buffers())}
-        with self.skipping(config):
-            plain = copy.deepcopy(self, memo)
+        plain = copy.deepcopy(self, memo)
+        # The copy is not in any thread's per-call depth: its flags (its default depth) decide what _unload removes.
+        for stage, flag in zip(plain.adn_stages, config):
+            stage.skip = flag
         _unload(plain)
         if fold_bn:
             from .fold import fold_batch_norms

@@ -1,9 +1,16 @@
 """``--amp``: mixed-precision training. Forward passes and losses run under ``torch.autocast``;
 float16 (the CUDA default, as in torchvision's ``--amp``) also needs a GradScaler so that small
-gradients do not underflow; bfloat16 (the CPU default) has float32's range and needs none."""
+gradients do not underflow; bfloat16 (the CPU default) has float32's range and needs none.
+
+:func:`native_bfloat16` tells whether the hardware computes bfloat16 natively (CPUs with AVX512-BF16
+or AMX, GPUs from Ampere on): there ``adn train`` turns mixed precision on by default, since bfloat16
+autocast trained to the same accuracy as float32 in a seeded comparison (docs/training.md) and ran
+1.4-1.9x faster on such a CPU."""
 from __future__ import annotations
 
 import contextlib
+import functools
+from pathlib import Path
 
 import torch
 
@@ -58,3 +65,23 @@ class Precision:
 
 
 FLOAT32 = Precision()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags known, so no automatic bfloat16 on CPU
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.split(":", 1)[-1].split())
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (not emulated through float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return False

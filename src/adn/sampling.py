@@ -41,11 +41,16 @@ class EpochBatches(Sampler[list[int]]):
         return max(0, self.steps - self.start)
 
     def __iter__(self):
+        for _, batch, part in self.global_batches():
+            yield batch[part]
+
+    def global_batches(self):
+        """``(step, global batch, this process's slice of it)`` for each remaining step."""
         order = epoch_order(self.size, self.seed, self.epoch)
         for step in range(self.start, self.steps):
             batch = order[step * self.global_batch:(step + 1) * self.global_batch]
             share = len(batch)  # smaller than global_batch only for a data set smaller than one batch
-            yield batch[share * self.rank // self.world_size:share * (self.rank + 1) // self.world_size]
+            yield step, batch, slice(share * self.rank // self.world_size, share * (self.rank + 1) // self.world_size)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

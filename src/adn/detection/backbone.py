@@ -33,7 +33,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
-from ..checkpoint import FORMAT as CHECKPOINT_FORMAT, CheckpointError
+from ..checkpoint import FORMAT as CHECKPOINT_FORMAT, CheckpointError, check_integrity
 from ..convert import convert_stages
 from ..convert.resnet import resnet_stages
 from ..models import TORCHVISION_RESNETS
@@ -118,6 +118,7 @@ def _from_state_dict(state: dict, source: str) -> BackboneWeights:
 
 
 def _from_file(path: Path, arch: str) -> BackboneWeights:
+    check_integrity(path)  # torch.load would load a damaged record as a wrong weight
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
