@@ -21,8 +21,8 @@ demo: venv data
 test: venv
 	$(BIN)/python -m pytest -q
 
-reproduce: venv data  ## the paper's claims at small scale -> docs/reproduction.md (resumable; ~1.5 h on 2 cores)
-	$(BIN)/adn reproduce
+reproduce: venv data  ## the paper's claims at small scale -> docs/reproduction.md (~12 core-hours: ~6 h on 2 cores; resumable, in parts)
+	$(BIN)/adn reproduce --jobs 2
 
 contract: venv
 	$(BIN)/python ../shared/contract_check.py

@@ -75,3 +75,18 @@ def test_loss_rejects_bad_settings():
         SubPathDistillationLoss(feature_kd="channels")
     with pytest.raises(ValueError, match="shape"):
         feature_kl(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 3, 3))
+
+
+def test_an_optional_label_loss_for_the_base_net_adds_its_cross_entropy():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    super_logits, base_logits = torch.randn(4, 10), torch.randn(4, 10, requires_grad=True)
+    target = torch.randint(0, 10, (4,))
+    plain = SubPathDistillationLoss(alpha=0.5, feature_kd="none")
+    with_ce = SubPathDistillationLoss(alpha=0.5, feature_kd="none", base_ce=0.3)
+    a, _ = plain.student_loss(base_logits, [], super_logits, [], target)
+    b, terms = with_ce.student_loss(base_logits, [], super_logits, [], target)
+    assert torch.allclose(b - a, 0.3 * F.cross_entropy(base_logits, target))
+    assert "ce_base" in terms
+    with pytest.raises(ValueError, match="needs the targets"):
+        with_ce.student_loss(base_logits, [], super_logits, [])

@@ -13,6 +13,7 @@ checkpoints ``checkpoint-e<epoch>-s<step>.pt`` beside it; see :func:`save_rotati
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .convert import convert
-from .models import build_model
+from .models import SMALL_MODELS, TORCHVISION_MODELS, build_model
 
 FORMAT = "adn-checkpoint"
 LATEST = "checkpoint.pt"
@@ -37,8 +38,21 @@ class CheckpointError(ValueError):
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`adn.atomic.atomic_write`: a crash leaves either the old file or
-    the new one, never a truncated one."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    the new one, never a truncated one. A failed write (a full disk: torch says "unexpected pos") is a
+    :class:`CheckpointError` that says the previous file is intact."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as error:
+        kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        raise CheckpointError(f"could not write checkpoint {path} ({type(error).__name__}: {_first_line(error)}); "
+                              f"{kept}. Is the disk full? Free space, or choose another --output-dir") from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (the message may be empty: a zero-byte file's error is)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else "no details"
 
 
 def checkpoint_payload(net: nn.Module, meta: dict, **state) -> dict:
@@ -52,14 +66,21 @@ def save_checkpoint(path, net: nn.Module, meta: dict, **state) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():
+        hint = f"; it holds {path / LATEST}" if (path / LATEST).is_file() else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: give the checkpoint file itself, e.g. "
+                              f"{path / LATEST}{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (adn train writes <output-dir>/checkpoint.pt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its writer was stopped before writing anything, "
+                              f"or a copy failed{_earlier(path)}")
     check_integrity(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, corrupted, or a pickle that needs code execution
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not an adn checkpoint "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]}){_earlier(path)}") from error
+                              f"({type(error).__name__}: {_first_line(error)}){_earlier(path)}") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data or "meta" not in data:
         raise CheckpointError(f"{path} is not an adn checkpoint (expected a file written by adn train)")
     return data
@@ -83,7 +104,7 @@ def check_integrity(path: str | os.PathLike) -> None:
                     while stream.read(1 << 24):
                         pass
     except Exception as error:  # noqa: BLE001  (BadZipFile, a broken header, ...: all mean damage)
-        raise CheckpointError(f"checkpoint {path} is damaged: {str(error).splitlines()[0][:200]} (its bytes changed "
+        raise CheckpointError(f"checkpoint {path} is damaged: {_first_line(error)} (its bytes changed "
                               f"after it was written: a disk, transfer or copy error). Copy it again from where it "
                               f"came from, or use an earlier checkpoint{_earlier(path)}") from error
 
@@ -102,6 +123,81 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+# ----- the metadata of a classification checkpoint: untrusted input ---------------------------------------------
+# A checkpoint's ``meta`` decides what is built and read, so it is checked like user input: the keys adn reads,
+# each with its type and range, and model keyword arguments limited to those adn itself writes. (Keyword
+# arguments such as timm's checkpoint_path or torchvision's weights made loading a checkpoint open another
+# file or start a download; a huge width exhausted memory; keys nothing reads are ignored.)
+MODEL_KWARGS = {"width": (1, 1024), "image_size": (1, 8192)}
+TRAINING_METHODS = ("adn", "joint", "individual")
+_TIMM_NAME = re.compile(r"^timm/[A-Za-z0-9_.\-]{1,100}$")
+
+
+def validate_meta(meta, source: str = "checkpoint") -> dict:
+    """Raise :class:`CheckpointError` unless ``meta`` is the metadata of an adn classification checkpoint."""
+    def bad(key: str, expected: str, value=None):
+        if value is None:
+            value = meta.get(key) if isinstance(meta, dict) else meta
+        raise CheckpointError(f"{source} has invalid metadata: {key} = {_short(value)}, expected {expected}; it was not "
+                              f"written by adn train or was altered. Use a checkpoint written by adn train")
+    if not isinstance(meta, dict):
+        bad("meta", "a dict")
+    model = meta.get("model")
+    if not isinstance(model, str) or not (model in SMALL_MODELS or model in TORCHVISION_MODELS or _TIMM_NAME.match(model)):
+        bad("model", "the name of a model adn builds")
+    for key, low, high in (("num_classes", 1, 1_000_000), ("in_channels", 1, 64)):
+        if not _int_in(meta.get(key), low, high):
+            bad(key, f"an integer in [{low}, {high}]")
+    kwargs = meta.get("model_kwargs", {})
+    if not isinstance(kwargs, dict) or set(kwargs) - set(MODEL_KWARGS):
+        bad("model_kwargs", f"a dict with keys among {sorted(MODEL_KWARGS)}")
+    for key, (low, high) in MODEL_KWARGS.items():
+        if key in kwargs and not _int_in(kwargs[key], low, high):
+            bad(f"model_kwargs.{key}", f"an integer in [{low}, {high}]", kwargs[key])
+    _check_optional_fields(meta, bad)
+    return meta
+
+
+def _check_optional_fields(meta: dict, bad) -> None:
+    from .data import DATASETS
+    checks = {
+        "skip_aware_norm": (lambda v: isinstance(v, bool), "true or false"),
+        "image_size": (lambda v: v is None or _int_in(v, 1, 8192), "an integer in [1, 8192] or null"),
+        "method": (lambda v: v is None or v in TRAINING_METHODS, f"one of {', '.join(TRAINING_METHODS)}"),
+        "trained_skip": (lambda v: v is None or (isinstance(v, str) and len(v) <= 64), "a skip string or null"),
+        "dataset": (lambda v: v is None or v in DATASETS, f"one of {', '.join(DATASETS)}"),
+        "data_path": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) < 4096 and "\0" not in v),
+                      "a path or null"),
+        "mean": (lambda v: _floats(v, meta.get("in_channels")), "one number per input channel"),
+        "std": (lambda v: _floats(v, meta.get("in_channels")) and all(x > 0 for x in v),
+                "one positive number per input channel"),
+        "config": (lambda v: isinstance(v, dict), "a dict"),
+    }
+    for key, (ok, expected) in checks.items():
+        if key in meta and not ok(meta[key]):
+            bad(key, expected)
+    config = meta.get("config", {})
+    if "seed" in config and not _int_in(config["seed"], 0, 2 ** 63 - 1):
+        bad("config.seed", "a non-negative integer", config["seed"])
+    for key in ("train_crop_size", "val_resize_size"):
+        if config.get(key) is not None and not _int_in(config[key], 1, 8192):
+            bad(f"config.{key}", "an integer in [1, 8192] or null", config[key])
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _floats(value, count) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == count
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def build_network(meta: dict) -> nn.Module:
     """The (untrained) adaptive depth network a checkpoint's metadata describes."""
     model = build_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
@@ -109,8 +205,12 @@ def build_network(meta: dict) -> nn.Module:
     return convert(model, skip_aware_norm=meta.get("skip_aware_norm", True))
 
 
-def load_weights(net: nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load a state_dict, naming the mismatch (architecture, class count, skip-aware norms) if any."""
+def load_weights(net: nn.Module, state_dict: dict, source: str = "checkpoint", check_only: bool = False) -> None:
+    """Load a state_dict, naming the mismatch (architecture, class count, skip-aware norms) if any.
+    ``check_only``: only compare names and shapes (``net`` may live on the meta device)."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{source} does not hold a state dict of tensors; it was not written by adn train or "
+                              f"was altered")
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -127,15 +227,34 @@ def load_weights(net: nn.Module, state_dict: dict, source: str = "checkpoint") -
             problems.append(f"{key}: model {tuple(own[key].shape)} vs checkpoint {tuple(state_dict[key].shape)}"
                             + (" (different number of classes)" if key.endswith(("fc.weight", "fc.bias")) else ""))
         raise CheckpointError(f"{source} does not fit {type(net).__name__}: " + "; ".join(problems))
-    net.load_state_dict(state_dict)
+    if not check_only:
+        net.load_state_dict(state_dict)
 
 
 def load_network(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the network a checkpoint holds and load its weights. Returns ``(net, checkpoint)``."""
     data = load_checkpoint(path, map_location)
-    net = build_network(data["meta"])
+    meta = validate_meta(data["meta"], source=str(path))
+    if not isinstance(data["model"], dict):
+        raise CheckpointError(f"{path} has no weights (its 'model' entry is not a state dict); it was not written by "
+                              f"adn train or was altered")
+    # First a skeleton without memory (the "meta" device): weights that do not fit the architecture the
+    # metadata names are refused before anything of that size is allocated.
+    with torch.device("meta"):
+        skeleton = build_network(meta)
+    load_weights(skeleton, data["model"], source=str(path), check_only=True)
+    net = build_network(meta)
     load_weights(net, data["model"], source=str(path))
+    check_finite(data["model"], str(path))
     return net, data
+
+
+def check_finite(state_dict: dict, source: str) -> None:
+    """Refuse NaN or infinite weights: they evaluate to plausible-looking (chance-level) accuracy."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite weights in {len(bad)} tensor(s), e.g. {bad[:3]}: the "
+                              f"run that wrote it diverged. Use an earlier checkpoint, or retrain with a lower --lr")
 
 
 # ----- the checkpoints of a run: latest + the last K numbered ones ------------------------------------------

@@ -5,19 +5,28 @@ Errors a user can fix are printed as one ``adn: error: ...`` line with exit stat
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import json
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from . import jsonout
 from .checkpoint import CheckpointError
 from .data import AUTO_AUGMENT_POLICIES, DATASETS, INTERPOLATIONS, DataError
 from .distill import FEATURE_KD_MODES
 from .models import available_models
 from .skip import SkipConfig
-from .train import METHODS, OPTIMIZERS, SCHEDULERS, TrainConfig, TrainingDiverged
+from .train import METHODS, OPTIMIZERS, SCHEDULERS, TrainConfig, TrainingDiverged, TrainingInterrupted
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _positive_int(text: str) -> int:
@@ -25,6 +34,47 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default, shown once, in words that read right for on/off flags.
+
+    argparse's ArgumentDefaultsHelpFormatter showed nothing for options without a help text (--epochs,
+    --lr, ...), "(default: None)" after help that already names the default, and "(default: True)" after
+    --no-progress, which reads as if the flag were on."""
+
+    def _format_action(self, action):
+        text = _default_text(action)
+        help_text = _without_auto_default(action)
+        if text and "default" not in (help_text or "").lower():
+            help_text = f"{help_text} ({text})" if help_text else f"({text})"
+        if help_text != action.help:
+            action = copy.copy(action)
+            action.help = help_text
+        return super()._format_action(action)
+
+
+def _default_text(action) -> str | None:
+    """'default: 10', 'default: off' (for a flag that is off unless given), or None (nothing to show)."""
+    if action.help == argparse.SUPPRESS or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        positive = next(o for o in action.option_strings if not o.startswith("--no-"))
+        return f"default: {positive if action.default else '--no-' + positive[2:]}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "default: off"  # a store_false flag (--no-x) is off too: x is on unless it is given
+    if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+        return None
+    value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else str(action.default)
+    return f"default: {value}".replace("%", "%%")  # help strings are %-formatted
+
+
+def _without_auto_default(action) -> str | None:
+    """Python 3.11's BooleanOptionalAction appends ' (default: %(default)s)' (True/False) by itself."""
+    suffix = " (default: %(default)s)"
+    if isinstance(action, argparse.BooleanOptionalAction) and action.help and action.help.endswith(suffix):
+        return action.help[:-len(suffix)]
+    return action.help
 
 
 def _add_train(sub) -> None:
@@ -37,7 +87,7 @@ def _add_train(sub) -> None:
     g.add_argument("--model", default=d.model, help=f"one of: {', '.join(available_models())}")
     g.add_argument("--weights", default=None, help="torchvision weights to start from, e.g. DEFAULT (downloads)")
     g.add_argument("--width", type=_positive_int, default=None, help="base width of the small ResNets (default 16)")
-    g.add_argument("--data", default=d.data, choices=DATASETS)
+    g.add_argument("--data", default=d.data, choices=DATASETS, help="dataset (fake: random images, for smoke tests)")
     g.add_argument("--data-path", default=None, help="dataset folder (imagefolder: with train/ and val/)")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
     g.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of N images")
@@ -61,26 +111,35 @@ def _add_train(sub) -> None:
     g.add_argument("--feature-kd", default=d.feature_kd, choices=FEATURE_KD_MODES,
                    help="stage-output distillation: spatial (softmax over channels per position, the paper), "
                         "pooled (per image, the authors' code) or none")
+    g.add_argument("--base-ce", type=float, default=d.base_ce, metavar="W",
+                   help="deviation from the paper, for ablations: also train the base-net on the labels, adding "
+                        "W * CE(y, y_base) to its distillation loss (0: Algorithm 1 as published)")
     g.add_argument("--bn-stats-from", default="super", choices=("super", "both"),
                    help="which forward pass updates the running statistics of batch norms that have no "
                         "skip-aware twin (stem, shortcut projections): the super-net's only, or both passes")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("-b", "--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (on resume: the total, may be raised)")
+    g.add_argument("-b", "--batch-size", type=int, default=d.batch_size, help="images per step (per process)")
     g.add_argument("-j", "--workers", type=int, default=d.workers, help="data loading processes")
-    g.add_argument("--opt", default=d.opt, choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d.weight_decay)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS)
-    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size)
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
-    g.add_argument("--lr-min", type=float, default=d.lr_min)
-    g.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs)
-    g.add_argument("--lr-warmup-method", default=d.lr_warmup_method, choices=("linear", "constant"))
-    g.add_argument("--lr-warmup-decay", type=float, default=d.lr_warmup_decay)
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--opt", default=d.opt, choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--lr", type=float, default=d.lr, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="momentum of sgd and rmsprop, in [0, 1)")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d.weight_decay,
+                   help="weight decay")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
+    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS,
+                   help="learning-rate schedule, stepped once per epoch")
+    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size, help="steplr: epochs between decays")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma,
+                   help="steplr/exponentiallr: factor in (0, 1] the learning rate is multiplied by")
+    g.add_argument("--lr-min", type=float, default=d.lr_min, help="cosineannealinglr: final learning rate")
+    g.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs, help="epochs of warm-up (0: none)")
+    g.add_argument("--lr-warmup-method", default=d.lr_warmup_method, choices=("linear", "constant"),
+                   help="warm-up shape")
+    g.add_argument("--lr-warmup-decay", type=float, default=d.lr_warmup_decay,
+                   help="learning-rate factor at the start of warm-up, in (0, 1]")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="label smoothing of the cross-entropy, in [0, 1)")
     g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm before each update")
     g.add_argument("--norm-weight-decay", type=float, default=None, help="weight decay of norm parameters")
     g.add_argument("--bias-weight-decay", type=float, default=None, help="weight decay of biases")
@@ -88,13 +147,13 @@ def _add_train(sub) -> None:
                    help="weight decay of class token, position embeddings and relative position bias tables")
     g.add_argument("--model-ema", action="store_true", help="also keep and evaluate an EMA of the weights")
     g.add_argument("--model-ema-steps", type=int, default=d.model_ema_steps, help="steps between EMA updates")
-    g.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay)
+    g.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay, help="EMA decay per update, in (0, 1)")
     g = p.add_argument_group("augmentation")
     g.add_argument("--mixup-alpha", type=float, default=d.mixup_alpha, help="MixUp on batches (0: off)")
     g.add_argument("--cutmix-alpha", type=float, default=d.cutmix_alpha, help="CutMix on batches (0: off)")
     g.add_argument("--auto-augment", default=None, choices=AUTO_AUGMENT_POLICIES, help="auto-augment policy")
     g.add_argument("--random-erase", type=float, default=d.random_erase, help="random erasing probability")
-    g.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS)
+    g.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS, help="resize interpolation")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     g.add_argument("--recalibrate-bn", type=int, default=d.recalibrate_bn, metavar="N",
                    help="after each epoch, also validate with batch-norm statistics recomputed per depth on N "
@@ -117,11 +176,14 @@ def _add_train(sub) -> None:
     g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")
     g.add_argument("--resume", default=None, help="checkpoint to continue from (exactly where it stopped, "
                                                   "mid-epoch included)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds another run's checkpoints and log, deleting them "
+                        "(without it such a folder is refused)")
     g.add_argument("--save-every-steps", type=int, default=None, metavar="N",
                    help="also write a checkpoint every N steps, mid-epoch included (unset: at the end of each epoch only)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, metavar="K",
                    help="keep the last K checkpoints as checkpoint-e<epoch>-s<step>.pt beside checkpoint.pt (the latest)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and augmentation")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ... (under torchrun: GPU LOCAL_RANK)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(run=_run_train)
@@ -182,7 +244,7 @@ def _run_eval(args) -> int:
     from .checkpoint import load_network
     from .data import calibration_loader, eval_loader, load_dataset
     from .evaluate import evaluate_subnetworks
-    from .report import add_ratios, format_table, plot_accuracy_vs_macs
+    from .report import add_ratios, plot_accuracy_vs_macs
 
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
@@ -190,9 +252,13 @@ def _run_eval(args) -> int:
     device = torch.device(args.device)
     net.to(device)
     cfg = meta.get("config", {})
+    if not (args.data or meta.get("dataset")):
+        raise CheckpointError(f"{args.checkpoint} does not say which dataset it was trained on; pass --data")
+    # What the checkpoint names is read where it already is; downloads need --data or --data-path from the user.
     data = load_dataset(args.data or meta["dataset"], args.data_path or meta.get("data_path"),
                         val_subset=args.val_subset, seed=cfg.get("seed", 0), augment=False,
-                        image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"))
+                        image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"),
+                        download=bool(args.data or args.data_path))
     if data.num_classes != meta["num_classes"]:
         raise DataError(f"the dataset has {data.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
     loader = eval_loader(data.val, args.batch_size, args.workers)
@@ -206,12 +272,31 @@ def _run_eval(args) -> int:
                                            recalibrate=recalibrate))
     for row in rows:
         row["recalibrated_bn_batches"] = args.recalibrate_bn or 0
-    if not args.no_plot:
+    _print_eval(args, rows, meta, data, device)
+    if not args.no_plot:  # after the results are out: a plot that cannot be written must not lose them
         path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "acc_vs_macs.png"
-        plot_accuracy_vs_macs(rows, path, title=f"{meta['model']}-ADN on {data.description.split(' (')[0]}")
-        print(f"plot: {path}", file=sys.stderr)
+        _write_plot(lambda: plot_accuracy_vs_macs(rows, path, title=f"{meta['model']}-ADN on "
+                                                                   f"{data.description.split(' (')[0]}"), path)
+    return 0
+
+
+def _write_plot(write, path: Path) -> None:
+    """Write a plot; failing to is a warning (the numbers are already printed), not an error."""
+    try:
+        write()
+    except OSError as error:
+        reason = ("a file is in the way of its folder" if isinstance(error, (FileExistsError, NotADirectoryError))
+                  else error.strerror or str(error))
+        print(f"adn: warning: could not write the plot {path} ({reason}); the results above are complete. "
+              f"Choose a writable place with --plot, or --no-plot", file=sys.stderr)
+        return
+    print(f"plot: {path}", file=sys.stderr)
+
+
+def _print_eval(args, rows: list[dict], meta: dict, data, device) -> None:
+    from .report import format_table
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(jsonout.dumps(rows, indent=2))
     else:
         print(f"{meta['model']} ({meta['method']}), {len(data.val)} {data.description.split(' (')[0]} validation images; "
               f"MACs per image; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
@@ -219,7 +304,7 @@ def _run_eval(args) -> int:
               + (f"; batch-norm statistics recalibrated per sub-network on {args.recalibrate_bn} training batches"
                  if args.recalibrate_bn else ""))
         print(format_table(rows))
-    return 0
+    sys.stdout.flush()
 
 
 def _add_profile(sub) -> None:
@@ -235,6 +320,19 @@ def _add_profile(sub) -> None:
     p.set_defaults(run=_run_profile)
 
 
+def _check_input_fits(net, image: torch.Tensor, args) -> None:
+    """One forward pass first, so that an input size the model cannot take is named as such."""
+    try:
+        with torch.no_grad():
+            net(image)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        if _out_of_memory(error):
+            raise
+        raise ValueError(f"{args.model} cannot process {args.in_channels}x{args.input_size}x{args.input_size} images "
+                         f"({_first_line(error)}); give the --input-size and --in-channels it takes (torchvision ViT "
+                         f"and Swin: 224 and 3, Swin V2: 256)") from error
+
+
 def _run_profile(args) -> int:
     from .convert import convert
     from .models import build_model
@@ -242,16 +340,20 @@ def _run_profile(args) -> int:
     from .report import add_ratios, format_table
 
     kwargs = {"width": args.width} if args.width else {}
-    net = convert(build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels, **kwargs),
-                  skip_aware_norm=args.skip_aware_norm)
+    try:
+        net = convert(build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels, **kwargs),
+                      skip_aware_norm=args.skip_aware_norm)
+    except TypeError as error:  # a model family adn cannot convert (the message lists those it can)
+        raise ValueError(f"--model {args.model}: {error}") from error
     configs = _configs(args.skip, net.num_stages)
     device = torch.device(args.device)
     net.to(device).eval()
     example = torch.randn(args.latency_batch_size, args.in_channels, args.input_size, args.input_size, device=device)
+    _check_input_fits(net, example[:1], args)
     rows = add_ratios(profile_subnetworks(net, example, configs, latency=args.latency, warmup=args.warmup,
                                           repeats=args.repeats, backend=args.backend))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(jsonout.dumps(rows, indent=2))
     else:
         print(f"{args.model}-ADN, input {args.in_channels}x{args.input_size}x{args.input_size}; MACs per image"
               + (f"; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
@@ -338,13 +440,13 @@ def _run_pareto(args) -> int:
     if any(cost not in r for r in merged):
         raise ValueError(f"--cost {cost}: not every row has it; give --profile or use --cost macs")
     front = pareto_front(merged, cost)
-    plot_pareto(merged, args.plot)
-    print(f"plot: {args.plot}", file=sys.stderr)
     if args.json:
-        print(json.dumps(front, indent=2))
+        print(jsonout.dumps(front, indent=2))
     else:
         print(f"{len(front)} of {len(merged)} sub-networks are Pareto-optimal in accuracy vs {cost}:")
         print(format_table(front))
+    sys.stdout.flush()
+    _write_plot(lambda: plot_pareto(merged, args.plot), Path(args.plot))
     return 0
 
 
@@ -399,7 +501,7 @@ def _run_analyze(args) -> int:
     if args.norm_distance:
         rows = norm_distances(net)
         plot_norm_distances({f"{meta['model']} ({meta['method']})": rows}, output / "norm_distance.png")
-        atomic_write(output / "norm_distance.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+        atomic_write(output / "norm_distance.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(rows, indent=1)))
         summary["norm_distance"] = summarize_norm_distances(rows)
         print(f"norm distances: {output / 'norm_distance.png'}, {output / 'norm_distance.json'}", file=sys.stderr)
     if args.gradcam is not None:
@@ -407,7 +509,7 @@ def _run_analyze(args) -> int:
             images = _load_images(args.gradcam, meta)
         else:
             from .data import load_dataset
-            data = load_dataset(meta["dataset"], meta.get("data_path"), augment=False)
+            data = load_dataset(meta["dataset"], meta.get("data_path"), augment=False, download=False)
             images = first_image_per_class(data.val, args.gradcam_count)
         stage = args.stage % net.num_stages if -net.num_stages <= args.stage < net.num_stages else args.stage
         maps = {f"skip {config}": gradcam(net, images, stage, config) for config in _configs(args.skip, net.num_stages)}
@@ -416,8 +518,8 @@ def _run_analyze(args) -> int:
         summary["gradcam"] = {"stage": stage, "images": len(images),
                               "hot_fraction": {k: cam_statistics(v) for k, v in maps.items()}}
         print(f"Grad-CAM: {output / 'gradcam.png'}", file=sys.stderr)
-    atomic_write(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    print(json.dumps(summary, indent=1))
+    atomic_write(output / "summary.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(summary, indent=1)))
+    print(jsonout.dumps(summary, indent=1))
     return 0
 
 
@@ -485,18 +587,81 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_reproduce(sub)
     from .detection.cli import add_detect; add_detect(sub)  # noqa: E702  (adn detect ...)
+    for command in _all_parsers(parser):  # one formatter everywhere, adn detect's commands included
+        command.formatter_class = HelpFormatter
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for child in dict.fromkeys(_subcommands(parser).values()):  # (aliases map to the same parser)
+        found += _all_parsers(child)
+    return found
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args`` whose unknown options are reported by the (sub)command they were given to,
+    with its usage and the closest option names: argparse reports them at the top level, with the
+    top-level usage and no suggestion."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser
+        for token in argv:  # the innermost command named on the line (adn detect train ...)
+            command = _subcommands(command).get(token, command)
+        options = [o for a in command._actions for o in a.option_strings]
+        hints = []
+        for token in unknown:
+            if token.startswith("-"):
+                close = difflib.get_close_matches(token.split("=", 1)[0], options, n=2, cutoff=0.6)
+                if close:
+                    hints.append(f"{token}: did you mean {' or '.join(close)}?")
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else ""))
+    return args
+
+
+def _resume_command(argv: list[str], checkpoint) -> str:
+    """The command line that continues an interrupted run: the same one, resuming from its checkpoint."""
+    kept, skip_next = [], False
+    for token in argv:
+        if skip_next:
+            skip_next = False
+        elif token == "--resume":
+            skip_next = True
+        elif not token.startswith(("--resume=", "--overwrite")):
+            kept.append(token)
+    return "adn " + shlex.join([*kept, "--resume", str(checkpoint)])
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         return args.run(args)
+    except TrainingInterrupted as stop:
+        print(f"adn: interrupted: {stop}. Continue with: {_resume_command(argv, stop.checkpoint)}", file=sys.stderr)
+        return 128 + stop.signum
     except (ValueError, CheckpointError, DataError, TrainingDiverged) as error:
         print(f"adn: error: {error}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        print(f"adn: error: out of memory ({_first_line(error)}); use a smaller batch size (-b), image size, "
+              f"model or --width", file=sys.stderr)
         return 2
     except OSError as error:  # a path that cannot be read or written (a file where a folder is expected, ...)
         if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:

@@ -103,19 +103,22 @@ def default_cache() -> Path:
 def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train_subset: int | None = None,
                  val_subset: int | None = None, seed: int = 0, image_size: int | None = None,
                  val_resize_size: int | None = None, augment: bool | Augmentation = True,
-                 skip_bad_images: bool = False, val_from_train: int | None = None) -> DataBundle:
+                 skip_bad_images: bool = False, val_from_train: int | None = None,
+                 download: bool = True) -> DataBundle:
     """Build train and validation datasets. ``train_subset``/``val_subset`` keep a fixed random subset
     (seeded) of that many images, for quick runs. ``augment``: ``True`` for each dataset's standard
     crop and flip, an :class:`Augmentation` for more, ``False`` for none (evaluation).
     ``skip_bad_images`` (image folders): an unreadable image file comes out as ``None`` (dropped by
     :func:`collate_readable`) instead of stopping with a :class:`DataError` that names the file.
     ``val_from_train``: validate on that many training images (held out from training; the same ones for
-    every seed) instead of the test split, so that recipes are chosen without looking at the test set."""
+    every seed) instead of the test split, so that recipes are chosen without looking at the test set.
+    ``download=False``: never download (nor create the folder to download into); for settings read from a
+    checkpoint, which must not make adn fetch files or create folders of its choosing."""
     augment = Augmentation() if augment is True else (augment or None)
     if name == "fashion-mnist":
-        bundle = _fashion_mnist(data_path, augment)
+        bundle = _fashion_mnist(data_path, augment, download)
     elif name in ("cifar10", "cifar100"):
-        bundle = _cifar(name, data_path, augment)
+        bundle = _cifar(name, data_path, augment, download)
     elif name == "imagefolder":
         bundle = _image_folder(data_path, image_size or 224, val_resize_size, augment, skip_bad_images)
     elif name == "fake":
@@ -125,7 +128,7 @@ def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train
     if val_from_train:
         bundle = _hold_out(bundle, val_from_train, lambda: load_dataset(
             name, data_path, image_size=image_size, val_resize_size=val_resize_size, augment=False,
-            skip_bad_images=skip_bad_images).train)
+            skip_bad_images=skip_bad_images, download=download).train)
     bundle.train = _subset(bundle.train, train_subset, seed, "train")
     bundle.val = _subset(bundle.val, val_subset, seed + 1, "val")
     return bundle
@@ -139,7 +142,8 @@ def calibration_loader(train: Dataset, batch_size: int, num_batches: int, worker
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED + 1))[:count].tolist()
     if isinstance(train, TensorImages):
         return EvalBatches(train.without_augmentation().subset(chosen), batch_size)
-    return DataLoader(Subset(train, chosen), batch_size=batch_size, shuffle=False, num_workers=workers)
+    return DataLoader(Subset(train, chosen), batch_size=batch_size, shuffle=False, num_workers=workers,
+                      worker_init_fn=ignore_interrupts)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, collate_fn=None):
@@ -148,7 +152,7 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, collate_fn=
     if isinstance(dataset, TensorImages):
         return EvalBatches(dataset, batch_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_fn or default_collate)
+                      collate_fn=collate_fn or default_collate, worker_init_fn=ignore_interrupts)
 
 
 def _subset(dataset: Dataset, size: int | None, seed: int, split: str) -> Dataset:
@@ -232,8 +236,12 @@ def _copy_idx(plain: Path, destination: str) -> None:
             shutil.copyfileobj(src, dst)
 
 
-def _fashion_mnist(data_path, augment: Augmentation | None) -> DataBundle:
+def _fashion_mnist(data_path, augment: Augmentation | None, allow_download: bool = True) -> DataBundle:
     root, download = fashion_mnist_root(data_path)
+    if download and not allow_download:
+        raise DataError("Fashion-MNIST is not on this machine (no --data-path, no Debian package dataset-fashion-mnist, "
+                        "nothing in the cache) and a checkpoint's settings never start a download: pass "
+                        "--data fashion-mnist to download it, or --data-path DIR")
     mean, std = (0.2860,), (0.3530,)
     try:
         train = datasets.FashionMNIST(str(root), train=True, download=download)
@@ -268,14 +276,18 @@ def _in_memory(train_images, train_targets, val_images, val_targets, mean, std, 
 
 
 # ----- CIFAR ---------------------------------------------------------------------------------------------
-def _cifar(name: str, data_path, augment: Augmentation | None) -> DataBundle:
+def _cifar(name: str, data_path, augment: Augmentation | None, download: bool = True) -> DataBundle:
     root = Path(data_path) if data_path else default_cache()
     cls, classes = (datasets.CIFAR10, 10) if name == "cifar10" else (datasets.CIFAR100, 100)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     try:
-        train = cls(str(root), train=True, download=True)
-        val = cls(str(root), train=False, download=True)
+        train = cls(str(root), train=True, download=download)
+        val = cls(str(root), train=False, download=download)
     except (RuntimeError, OSError) as error:
+        if not download:
+            raise DataError(f"{name} is not in {root} and a checkpoint's settings never start a download: pass "
+                            f"--data {name} to download it, or --data-path DIR with torchvision's extracted "
+                            f"{name} folder") from error
         raise DataError(f"could not load {name} from {root} ({error}). Without internet, place torchvision's "
                         f"extracted CIFAR folder there and pass --data-path") from error
     as_tensor = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()  # noqa: E731  (NHWC -> NCHW)
@@ -304,6 +316,13 @@ class CheckedImageFolder(datasets.ImageFolder):
             print(f"adn: warning: skipping unreadable image {path} ({error})", file=sys.stderr, flush=True)
             return None
         return (image if self.transform is None else self.transform(image)), target
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the training process saves a
+    checkpoint and stops its workers itself, so a worker must not die of it first (the loader would fail)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate_readable(batch: list):

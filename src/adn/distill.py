@@ -2,6 +2,7 @@
 
     loss = alpha * CE(y, y_super)
            + (1 - alpha) * ( sum_s KL(h_super^s || h_base^s) + KL(y_super || y_base) )
+           + base_ce * CE(y, y_base)          (base_ce = 0 in the paper; an option for ablations)
 
 The super-net is the teacher: its side of every KL term is detached, so the KL terms train only the
 base-net path. That makes the loss separable into a *teacher* part (depends on the super-net forward)
@@ -68,18 +69,22 @@ class SubPathDistillationLoss(nn.Module):
         feature_kd: ``spatial`` (default), ``pooled`` or ``none`` — see the module docstring.
         label_smoothing: of the super-net's cross-entropy.
         channel_dim: channel dimension of the stage outputs (1 for NCHW feature maps).
+        base_ce: weight of a cross-entropy on the labels for the base-net (0: the paper, where the
+            base-net learns from the super-net only). A deviation from Algorithm 1, for ablations.
     """
 
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, feature_kd: str = "spatial",
-                 label_smoothing: float = 0.0, channel_dim: int = 1):
+                 label_smoothing: float = 0.0, channel_dim: int = 1, base_ce: float = 0.0):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= base_ce <= 10.0:
+            raise ValueError(f"base_ce (the base-net's label-loss weight) must be in [0, 10], got {base_ce}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if feature_kd not in FEATURE_KD_MODES:
             raise ValueError(f"feature_kd must be one of {FEATURE_KD_MODES}, got {feature_kd!r}")
-        self.alpha, self.temperature, self.feature_kd = alpha, temperature, feature_kd
+        self.alpha, self.temperature, self.feature_kd, self.base_ce = alpha, temperature, feature_kd, base_ce
         self.channel_dim = channel_dim
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
@@ -90,7 +95,8 @@ class SubPathDistillationLoss(nn.Module):
         return self.alpha * ce, {"ce_super": ce.detach()}
 
     def student_loss(self, base_logits: torch.Tensor, base_features: list[torch.Tensor],
-                     super_logits: torch.Tensor, super_features: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     super_logits: torch.Tensor, super_features: list[torch.Tensor],
+                     target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(base_features) != len(super_features):
             raise ValueError(f"got {len(super_features)} super-net and {len(base_features)} base-net stage outputs")
         kd_features = base_logits.new_zeros((), dtype=torch.float32)
@@ -98,10 +104,18 @@ class SubPathDistillationLoss(nn.Module):
             kd_features = kd_features + feature_kl(teacher, student, self.feature_kd, self.temperature, self.channel_dim)
         kd_logits = distribution_kl(super_logits, base_logits, self.temperature)
         loss = (1.0 - self.alpha) * (kd_features + kd_logits)
-        return loss, {"kd_features": kd_features.detach(), "kd_logits": kd_logits.detach()}
+        terms = {"kd_features": kd_features.detach(), "kd_logits": kd_logits.detach()}
+        if self.base_ce:
+            if target is None:
+                raise ValueError("base_ce > 0 needs the targets: pass target= to student_loss")
+            ce = self.criterion(base_logits, target)
+            loss = loss + self.base_ce * ce
+            terms["ce_base"] = ce.detach()
+        return loss, terms
 
     def forward(self, super_logits, base_logits, target, super_features=(), base_features=()):
         teacher, t_terms = self.teacher_loss(super_logits, target)
-        student, s_terms = self.student_loss(base_logits, list(base_features), super_logits, list(super_features))
+        student, s_terms = self.student_loss(base_logits, list(base_features), super_logits, list(super_features),
+                                             target)
         total = teacher + student
         return total, {**t_terms, **s_terms, "loss": total.detach()}

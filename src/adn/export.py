@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from . import jsonout
 from .atomic import atomic_write
 from .profile import count_macs
 from .skip import SkipConfig
@@ -141,5 +142,5 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
             entry.update(accuracy[str(config)])
         entries.append(entry)
     manifest = {"input_shape": list(example.shape[1:]), "subnetworks": entries}
-    atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(manifest, indent=2)))
     return entries

@@ -107,6 +107,14 @@ def plateau(curve: list[float]) -> tuple[float, bool]:
     return moved, moved < PLATEAU_POINTS
 
 
+def curve_key(per_seed: list[list[dict]], depth: str) -> str:
+    """The validation series that measures the weights: with recalibrated batch-norm statistics when the
+    runs logged it (running averages lag the weights while the learning rate is high, so that series
+    swings by several points from epoch to epoch; docs/evaluation.md), else with the running ones."""
+    recal = f"val_acc1_{depth}_recal"
+    return recal if all(recal in log[0] for log in per_seed) else f"val_acc1_{depth}"
+
+
 def plot_learning_curves(logs: dict, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -117,11 +125,11 @@ def plot_learning_curves(logs: dict, path: Path) -> Path:
     for index, (arm, per_seed) in enumerate(logs.items()):
         color = f"C{index}"
         for depth, style in (("super", "-"), ("base", "--")):
-            curve = mean_curve(per_seed, f"val_acc1_{depth}")
+            curve = mean_curve(per_seed, curve_key(per_seed, depth))
             if curve and not all(math.isnan(v) for v in curve):
                 ax.plot(range(1, len(curve) + 1), curve, style, color=color, label=f"{arm} ({depth})")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation top-1 (%), held-out training images")
+    ax.set_ylabel("validation top-1 (%), held-out images, recalibrated BN")
     ax.set_ylim(bottom=80)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -421,8 +429,11 @@ def _feature_kd(results, sup, base) -> list[str]:
 
 def _curves(logs: dict, figures: Path, rel, epochs: int) -> list[str]:
     lines = ["", "## Convergence: learning curves", "",
-             f"Validation accuracy after each epoch on the held-out training images (mean over finished seeds). An "
-             f"arm has **plateaued** when its mean curve moves by less than {PLATEAU_POINTS} points over the last "
+             f"Validation accuracy after each epoch on the held-out training images (mean over finished seeds), "
+             f"with batch-norm statistics recalibrated on 10 training batches: the series with the running "
+             f"statistics swings by several points while the learning rate is high, for reasons that have "
+             f"nothing to do with the weights (see docs/evaluation.md), and would hide a plateau. An arm has "
+             f"**plateaued** when its mean curve moves by less than {PLATEAU_POINTS} points over the last "
              f"{PLATEAU_FRACTION:.0%} of the epochs.", ""]
     if not logs:
         return lines + ["Pending: no finished run."]
@@ -431,21 +442,24 @@ def _curves(logs: dict, figures: Path, rel, epochs: int) -> list[str]:
               "| arm | seeds | depth | final | moved over the last 20% | plateaued? |", "|---|---:|---|---:|---:|---|"]
     for arm, per_seed in logs.items():
         for depth in ("super", "base"):
-            curve = mean_curve(per_seed, f"val_acc1_{depth}")
+            curve = mean_curve(per_seed, curve_key(per_seed, depth))
             if not curve or any(math.isnan(v) for v in curve):
                 continue
             moved, flat = plateau(curve)
             lines.append(f"| {arm} | {len(per_seed)} | {depth} | {curve[-1]:.2f} | {moved:.2f} | {'yes' if flat else 'no'} |")
     marks = sorted({1, *range(5, epochs + 1, 5), epochs})
-    lines += ["", "Mean validation accuracy (super / base) at selected epochs:", "",
+    lines += ["", "Mean validation accuracy (super / base; recalibrated, and in brackets with the running statistics) "
+                  "at selected epochs:", "",
               "| arm | " + " | ".join(f"ep {e}" for e in marks) + " |", "|---|" + "---:|" * len(marks)]
     for arm, per_seed in logs.items():
         cells = []
-        sup, bas = mean_curve(per_seed, "val_acc1_super"), mean_curve(per_seed, "val_acc1_base")
-        for e in marks:
-            if e > len(sup):
-                cells.append("-")
-                continue
-            cells.append(f"{sup[e - 1]:.2f}" + (f" / {bas[e - 1]:.2f}" if e <= len(bas) and not math.isnan(bas[e - 1]) else ""))
+        def pair(key_of) -> list[str]:
+            sup, bas = mean_curve(per_seed, key_of("super")), mean_curve(per_seed, key_of("base"))
+            return [f"{sup[e - 1]:.2f}" + (f" / {bas[e - 1]:.2f}" if not math.isnan(bas[e - 1]) else "")
+                    if e <= len(sup) else "-" for e in marks]
+        weights = pair(lambda depth: curve_key(per_seed, depth))
+        running = pair(lambda depth: f"val_acc1_{depth}")
+        for w, r in zip(weights, running):
+            cells.append(w if w == r else f"{w} ({r})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines

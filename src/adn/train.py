@@ -19,7 +19,10 @@ import contextlib
 import functools
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -30,19 +33,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm import tqdm
 
+from . import jsonout
 from . import rng
 from .atomic import atomic_write
 from .checkpoint import (CheckpointError, checkpoint_payload, load_checkpoint, load_weights, remove_stale_temporaries,
-                         save_rotating)
+                         save_rotating, validate_meta)
 from .convert import convert
 from .data import (DATASETS, Augmentation, DataError, calibration_loader, collate_readable, collate_readable_pairs,
-                   eval_loader, load_dataset)
+                   eval_loader, ignore_interrupts, load_dataset)
 from .distill import FEATURE_KD_MODES, SubPathDistillationLoss
 from .distributed import Distributed, setup as setup_distributed
 from .evaluate import evaluate_accuracy
 from .layers import SkipAwareNorm
 from .memory_data import TensorImages, training_batches
 from .recalibrate import batch_norms
+from .rundir import check_writable, claim as claim_output_dir
 from .models import NEEDS_IMAGE_SIZE, build_model
 from .precision import AMP_DTYPES, FLOAT32, Precision, native_bfloat16
 from .sampling import EpochBatches, SeededSamples
@@ -58,6 +63,45 @@ EMBEDDING_PARAMETERS = ("class_token", "pos_embedding", "relative_position_bias_
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after it saved the steps done (``checkpoint``, or None if nothing
+    needed saving); ``adn train`` turns it into a message saying how to resume."""
+
+    def __init__(self, message: str, signum: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StopSignals:
+    """While entered (in the main thread), SIGINT and SIGTERM only ask the run to stop: the loop notices
+    at the next step, saves a mid-epoch checkpoint and raises :class:`TrainingInterrupted`. Ctrl-C used to
+    lose the whole epoch. A second signal interrupts at once (KeyboardInterrupt; the last checkpoint is
+    whole either way, since checkpoints are replaced atomically)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._saved: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            for signum in self.SIGNALS:
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved.clear()
+
+    def _handle(self, signum, frame) -> None:
+        # No printing here: the handler may run in the middle of another print to stderr.
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 @dataclass
@@ -103,6 +147,7 @@ class TrainConfig:
     alpha: float = 0.5
     temperature: float = 1.0
     feature_kd: str = "spatial"
+    base_ce: float = 0.0                # deviation from the paper: label loss for the base-net too
     bn_stats_from: str = "super"       # which pass updates the running stats of norms without a twin
     train_subset: int | None = None
     val_subset: int | None = None
@@ -126,11 +171,15 @@ class TrainConfig:
     save_every_steps: int | None = None
     keep_last: int = 0                  # numbered checkpoints kept beside checkpoint.pt
     skip_bad_images: bool = False
+    overwrite: bool = False             # a fresh run may delete another run's files in output_dir
 
     def validate(self) -> None:
         def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(message)
+        self._check_finite()
+        need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --resume continues "
+                                                   "the run in --output-dir, --overwrite replaces it")
         need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         need(self.data in DATASETS, f"--data must be one of {', '.join(DATASETS)}, got {self.data!r}")
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
@@ -140,6 +189,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"--wd must be >= 0, got {self.weight_decay}")
         need(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        need(0 <= self.base_ce <= 10, f"--base-ce must be in [0, 10], got {self.base_ce}")
         need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
         need(self.bn_stats_from in ("super", "both"), f"--bn-stats-from must be super or both, got {self.bn_stats_from!r}")
         need(self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
@@ -157,6 +207,54 @@ class TrainConfig:
         need(self.save_every_steps is None or self.save_every_steps >= 1,
              f"--save-every-steps must be at least 1, got {self.save_every_steps}")
         need(self.keep_last >= 0, f"--keep-last must be >= 0 (0: only checkpoint.pt), got {self.keep_last}")
+        self._check_ranges()
+
+    def _check_finite(self) -> None:
+        """An infinite --lr used to train to NaN weights without a word (and NaN passes no comparison)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{_flag(f.name)} must be a finite number, got {value}")
+
+    def _check_ranges(self) -> None:
+        """The numeric settings the checks above leave out: a negative --lr-gamma used to give a negative
+        learning rate and a negative --label-smoothing none at all, silently."""
+        for name, low, high in NUMBER_RANGES:
+            value = getattr(self, name)
+            if value is not None and not _within(value, low, high):
+                raise ValueError(f"{_flag(name)} must be in {_interval(low, high)}, got {value}")
+        if self.lr_min > self.lr:
+            raise ValueError(f"--lr-min ({self.lr_min}) must not exceed --lr ({self.lr}): it is the learning rate "
+                             f"the cosine schedule ends at")
+
+
+# Ranges of the numeric settings: (field, (low, closed?), (high, closed?)); None: unbounded on that side.
+NUMBER_RANGES = (
+    ("momentum", (0, True), (1, False)), ("lr_gamma", (0, False), (1, True)), ("lr_min", (0, True), None),
+    ("lr_step_size", (1, True), None), ("lr_warmup_decay", (0, False), (1, True)),
+    ("label_smoothing", (0, True), (1, False)), ("norm_weight_decay", (0, True), None),
+    ("bias_weight_decay", (0, True), None), ("transformer_embedding_decay", (0, True), None),
+    ("random_erase", (0, True), (1, True)), ("seed", (0, True), (2 ** 32 - 1, True)),
+    ("width", (1, True), (4096, True)), ("train_crop_size", (1, True), (8192, True)),
+    ("val_resize_size", (1, True), (8192, True)),
+)
+FLAG_NAMES = {"weight_decay": "--wd", "batch_size": "--batch-size"}
+
+
+def _flag(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _within(value, low, high) -> bool:
+    ok_low = low is None or (value >= low[0] if low[1] else value > low[0])
+    ok_high = high is None or (value <= high[0] if high[1] else value < high[0])
+    return ok_low and ok_high
+
+
+def _interval(low, high) -> str:
+    left = "(-inf" if low is None else ("[" if low[1] else "(") + f"{low[0]}"
+    right = "inf)" if high is None else f"{high[0]}" + ("]" if high[1] else ")")
+    return f"{left}, {right}"
 
 
 
@@ -202,7 +300,7 @@ def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_
         with frozen_running_stats(freeze), precision.autocast():
             base_logits = net(images)
             student_loss, student_terms = criterion.student_loss(base_logits, list(stage_outputs), super_logits,
-                                                                 super_features)
+                                                                 super_features, targets)
         precision.backward(student_loss)
     terms.update(student_terms)
     terms["loss"] = teacher_loss.detach() + student_loss.detach()
@@ -321,20 +419,22 @@ def _meta(cfg: TrainConfig, data) -> dict:
         "model": cfg.model, "model_kwargs": model_kwargs, "num_classes": data.num_classes,
         "in_channels": data.in_channels, "image_size": data.image_size, "skip_aware_norm": cfg.skip_aware_norm,
         "method": cfg.method, "trained_skip": cfg.skip if cfg.method == "individual" else None,
-        "dataset": cfg.data, "data_path": cfg.data_path, "mean": list(data.mean), "std": list(data.std),
+        # absolute, so that `adn eval` finds the data from any working directory
+        "dataset": cfg.data, "data_path": os.path.abspath(cfg.data_path) if cfg.data_path else None, "mean": list(data.mean), "std": list(data.std),
         "config": asdict(cfg),
     }
 
 
-def _check_output_dir(path: Path) -> None:
+def _convert(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".adn-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"cannot write to output directory {path}: {error.strerror or error}; "
-                         f"choose another --output-dir") from error
+        return convert(model, skip_aware_norm=cfg.skip_aware_norm)
+    except TypeError as error:  # a model family adn cannot give adaptive depth (the message lists those it can)
+        raise ValueError(f"--model {cfg.model}: {error}") from error
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before the (slow) data loading if the folder cannot be made or written; creates nothing."""
+    check_writable(path)
 
 
 def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
@@ -420,9 +520,13 @@ def train(cfg: TrainConfig) -> dict:
     torchrun, every process calls this; rank 0 alone writes files and logs."""
     cfg.validate()
     world, device = setup_distributed(cfg.device)
+    trainer = None
     try:
-        return Trainer(cfg, world, device).run()
+        trainer = Trainer(cfg, world, device)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         world.close()
 
 
@@ -445,7 +549,7 @@ class Trainer:
         self.meta = _meta(cfg, data)
         model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                             weights=cfg.weights, **self.meta["model_kwargs"])
-        net = self.net = convert(model, skip_aware_norm=cfg.skip_aware_norm).to(device)
+        net = self.net = _convert(model, cfg).to(device)
         if cfg.method == "individual":
             net.skip = SkipConfig(cfg.skip, net.num_stages)
         _check_input_fits(net, data, cfg, device)
@@ -464,7 +568,8 @@ class Trainer:
         self.mixer = build_batch_mixer(cfg, data.num_classes)
         self.start_epoch, self.global_step = 0, 0
         self.progress = EpochProgress(global_batch=cfg.batch_size * world.world_size)
-        rng_state = self._restore(resume) if resume is not None else None
+        self.stop, self.stop_now = StopSignals(), False  # SIGINT/SIGTERM: save the steps done, then stop
+        rng_state = self._load_state(resume) if resume is not None else None
         world.broadcast_module(net)  # identical weights everywhere, whatever happened before
         if self.ema is not None:
             world.broadcast_module(self.ema)
@@ -474,14 +579,14 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
-            for _ in range(self.start_epoch):
+            for _ in range(min(self.start_epoch, cfg.epochs)):  # (nothing is trained beyond cfg.epochs)
                 self.scheduler.step()
 
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         if cfg.method == "adn":
             self.step = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from, precision=self.precision)
             self.loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd, cfg.label_smoothing,
-                                                   channel_dim=net.adn_info["channel_dim"])
+                                                   channel_dim=net.adn_info["channel_dim"], base_ce=cfg.base_ce)
         else:
             step = joint_step if cfg.method == "joint" else individual_step
             self.step, self.loss_fn = functools.partial(step, precision=self.precision), criterion
@@ -512,17 +617,14 @@ class Trainer:
         if cfg.compile:  # in place: net.skip and the stage hooks keep working; one graph per depth
             net.compile(backend=cfg.compile_backend)
 
-        if world.is_main:
-            removed = remove_stale_temporaries(self.output)
-            if removed:
-                _log(f"removed {len(removed)} temporary file(s) left by an interrupted run in {self.output}")
-            if resume is not None:
-                _reconcile_log(self.output / "log.jsonl", self.start_epoch,
-                               resume.get("metrics") if resume.get("step_in_epoch") is None else None)
+        # Only now, with every setting, the data and the model checked, is the folder made and claimed, so
+        # that a failed start leaves nothing behind; the lock is held until close().
         if rng_state is not None:
-            rng.restore(rng_state)
+            _restore_rng(rng_state, cfg.resume)
         elif world.rank > 0:  # dropout, MixUp, ... differ between processes (augmentation is per image)
             rng.seed_all(cfg.seed + 100_003 * world.rank)
+        self.lock = None
+        world.on_main(lambda: self._claim_output(resume))
         self.say(f"training {cfg.model} ({net.num_stages} stages, {2 ** net.num_stages} sub-networks) with "
                  f"method={cfg.method} on {data.description}: {len(data.train)} train / {len(data.val)} val images, "
                  f"device={device}, threads={torch.get_num_threads()}"
@@ -537,6 +639,41 @@ class Trainer:
     def say(self, message: str) -> None:
         if self.world.is_main:
             _log(message)
+
+    def _load_state(self, resume: dict):
+        """:meth:`_restore`, with a checkpoint whose training state is malformed (wrong types, missing
+        entries) reported as such instead of a KeyError or TypeError from deep inside."""
+        source = self.cfg.resume
+        validate_meta(resume["meta"], source=str(source))
+        _check_position(resume, source)
+        try:
+            return self._restore(resume)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(f"cannot resume from {source}: its training state is malformed ({type(error).__name__}: "
+                                  f"{str(error).strip()[:200]}); it was not written by adn train or was altered. "
+                                  f"Resume from another checkpoint") from error
+
+    def _claim_output(self, resume: dict | None) -> None:
+        """Lock the output folder (refusing another run's), then tidy what an interrupted run left there."""
+        self.lock = claim_output_dir(self.output, self.cfg.resume, self.cfg.overwrite, log=_log)
+        try:
+            removed = remove_stale_temporaries(self.output)
+            if removed:
+                _log(f"removed {len(removed)} temporary file(s) left by an interrupted run in {self.output}")
+            if resume is not None:
+                _reconcile_log(self.output / "log.jsonl", self.start_epoch,
+                               resume.get("metrics") if resume.get("step_in_epoch") is None else None)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output folder (the OS releases it too if the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ----- resuming ---------------------------------------------------------------------------------------
     def _restore(self, resume: dict):
@@ -583,10 +720,23 @@ class Trainer:
     # ----- training -----------------------------------------------------------------------------------------
     def run(self) -> dict:
         record: dict = {}
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            progress = self.progress if epoch == self.start_epoch else EpochProgress(global_batch=self.progress.global_batch)
-            record = self.train_epoch(epoch, progress)
+        with self.stop:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                progress = self.progress if epoch == self.start_epoch else EpochProgress(global_batch=self.progress.global_batch)
+                record = self.train_epoch(epoch, progress)
+                # A signal during validation: the epoch's checkpoint is written; stop before the next epoch.
+                if epoch + 1 < self.cfg.epochs and self.world.sum([self._stop_requested()])[0] > 0:
+                    raise self._interrupted(f"after epoch {epoch + 1}")
         return record
+
+    def _stop_requested(self) -> float:
+        return float(self.stop.signum is not None)
+
+    def _interrupted(self, where: str) -> TrainingInterrupted:
+        signum = self.stop.signum or signal.SIGINT  # (another process of the run may have got it)
+        checkpoint = self.output / "checkpoint.pt"
+        return TrainingInterrupted(f"{signal.Signals(signum).name} {where}: the steps done are saved in {checkpoint}",
+                                   signum, checkpoint)
 
     def train_epoch(self, epoch: int, progress: EpochProgress) -> dict:
         cfg, world = self.cfg, self.world
@@ -599,7 +749,8 @@ class Trainer:
             # The loader's own generator (seeded per epoch) seeds its workers, so creating it mid-epoch on
             # resume does not draw from the global RNG stream that dropout and MixUp use.
             loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.workers,
-                                collate_fn=collate_readable, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                                collate_fn=collate_readable, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                worker_init_fn=ignore_interrupts)
         self.net.train()
         started = time.perf_counter() - progress.seconds
         bar = tqdm(loader, total=batches.steps, initial=progress.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -609,6 +760,12 @@ class Trainer:
                 continue
             self.global_step += 1
             bar.set_postfix(loss=f"{progress.sums['loss'] / progress.steps:.3f}", refresh=False)
+            # SIGINT/SIGTERM (alone: as soon as it came; several processes: once all agree): keep the steps done
+            if self.stop_now or (not world.enabled and self.stop.signum is not None):
+                bar.close()
+                progress.seconds = time.perf_counter() - started
+                self.save(epoch, progress)
+                raise self._interrupted(f"at epoch {epoch + 1}, step {progress.steps} of {batches.steps}")
             if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and progress.steps < batches.steps:
                 progress.seconds = time.perf_counter() - started
                 self.save(epoch, progress)
@@ -656,15 +813,17 @@ class Trainer:
             labels = targets.argmax(1)
         self.optimizer.zero_grad(set_to_none=True)
         result = self.step(self.net, images, targets, self.loss_fn)
-        # One small all-reduce for the metrics: loss terms averaged, counts summed over processes.
+        # One small all-reduce for the metrics: loss terms averaged, counts summed over processes; its last
+        # number says whether any process was asked to stop, so that all of them stop after the same step.
         names, counts = list(result["terms"]), {k: int((v.argmax(1) == labels).sum()) for k, v in result["logits"].items()}
-        totals = world.sum([*result["terms"].values(), *counts.values(), labels.numel(), skipped])
+        totals = world.sum([*result["terms"].values(), *counts.values(), labels.numel(), skipped,
+                            self._stop_requested()])
+        self.stop_now = totals.pop() > 0
         terms = {k: v / world.world_size for k, v in zip(names, totals)}
         if not all(math.isfinite(v) for v in terms.values()):
             raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {progress.steps + 1}: "
-                                   + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                                   + f". The last good checkpoint ({self.output / 'checkpoint.pt'}) is kept; "
-                                     f"try a lower --lr")
+                                   + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + f". {self._kept()}; "
+                                   f"try a lower --lr")
         world.average_gradients(self.net.parameters())
         if cfg.clip_grad_norm is not None:
             self.precision.unscale(self.optimizer)
@@ -688,10 +847,28 @@ class Trainer:
                                  recalibrate=(self.calibration, self.cfg.recalibrate_bn) if recalibrate else None)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
+    def _kept(self) -> str:
+        """What a run that stops on an error leaves: its last checkpoint, if it wrote one."""
+        latest = self.output / "checkpoint.pt"
+        if latest.is_file():
+            return f"The last good checkpoint ({latest}) is kept"
+        return "No checkpoint was written yet"
+
+    def _check_finite_weights(self, epoch: int, progress: EpochProgress) -> None:
+        """Never save non-finite weights: one step with a huge learning rate can leave the loss of that step
+        finite and the weights NaN, and they would evaluate to plausible-looking accuracy later."""
+        tensors = [t for t in self.net.state_dict().values() if t.is_floating_point()]
+        if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+            bad = sum(not bool(t.isfinite().all()) for t in tensors)
+            raise TrainingDiverged(f"{bad} of {len(tensors)} weight tensors became NaN or infinite by epoch "
+                                   f"{epoch + 1}, step {progress.steps}; they were not saved. {self._kept()}; "
+                                   f"try a lower --lr")
+
     def save(self, epoch: int, progress: EpochProgress, metrics: dict | None = None) -> None:
         """Write the checkpoint of an epoch's end (``metrics`` given) or of a step within the epoch.
         Every process takes part (their RNG states are gathered); rank 0 writes."""
         mid_epoch = metrics is None
+        self._check_finite_weights(epoch, progress)
         if mid_epoch:  # what every process will load on resume, and what an uninterrupted run uses on
             self.world.average_buffers(self.net)
             if self.ema is not None:
@@ -713,6 +890,40 @@ class Trainer:
                       self.cfg.keep_last)
 
 
+MAX_EPOCHS = 1_000_000  # a bound on positions read from checkpoints (the schedule is replayed epoch by epoch)
+
+
+def _check_position(resume: dict, source) -> None:
+    """The position fields of a checkpoint to resume from, before anything loops over them."""
+    def bad(key: str, expected: str):
+        raise CheckpointError(f"cannot resume from {source}: {key} = {str(resume.get(key))[:80]}, expected {expected}; "
+                              f"it was not written by adn train or was altered")
+    def count(value, high=2 ** 62) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+    if not count(resume.get("epoch"), MAX_EPOCHS):
+        bad("epoch", f"an epoch number in [0, {MAX_EPOCHS}]")
+    if "global_step" in resume and not count(resume["global_step"]):
+        bad("global_step", "a step count")
+    step = resume.get("step_in_epoch")
+    if step is not None:
+        if not count(step):
+            bad("step_in_epoch", "a step count or null")
+        progress = resume.get("progress")
+        names = {f.name for f in fields(EpochProgress)}
+        if not isinstance(progress, dict) or not set(progress) <= names:
+            bad("progress", f"a dict with keys among {sorted(names)}")
+    if not isinstance(resume.get("optimizer"), dict):
+        bad("optimizer", "an optimizer state dict")
+
+
+def _restore_rng(state, source) -> None:
+    try:
+        rng.restore(state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise CheckpointError(f"cannot resume from {source}: its RNG state is malformed ({type(error).__name__}); it "
+                              f"was not written by adn train or was altered") from error
+
+
 # ----- the log: one JSON line per finished epoch, rewritten atomically ------------------------------------------
 def _read_log(path: Path) -> list[dict]:
     records = []
@@ -726,7 +937,7 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _write_log(path: Path, records: list[dict]) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(jsonout.dumps(r) + "\n" for r in records)))
 
 
 def _append_log(path: Path, record: dict) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import jsonout
 from ..cli import _positive_int  # one definition of the argparse type for every adn command
 from ..skip import SkipConfig
 from .train import METHODS, OPTIMIZERS, SCHEDULERS, DetectTrainConfig
@@ -57,7 +58,7 @@ def _run_make_synthetic(args) -> int:
     summary = make_synthetic_coco(args.output, args.images, args.val_images, args.size, args.max_objects, args.seed,
                                   tuple(args.object_size), args.colour_by_class)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(jsonout.dumps(summary, indent=2))
         return 0
     print(f"synthetic COCO-format dataset in {summary['root']}: classes {', '.join(summary['classes'])}, "
           f"{summary['size']}x{summary['size']} pixels")
@@ -204,7 +205,7 @@ def _run_eval(args) -> int:
     rows = evaluate_detector(detector.to(device), dataset, annotations, configs, device, args.batch_size, args.workers,
                              progress=args.progress)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(jsonout.dumps(rows, indent=2))
         return 0
     print(f"{meta['model']} ({meta.get('method')}), {len(dataset)} images of {ann}; COCO AP in percent; backbone "
           f"(ResNet + FPN) MACs per image at the detector's input size")

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import jsonout
 from .. import rng
 from ..atomic import atomic_write
 from ..checkpoint import CheckpointError, checkpoint_payload, load_checkpoint, load_weights, save_rotating
@@ -404,4 +405,4 @@ def _append_log(path: Path, record: dict) -> None:
     """One JSON line per epoch; the file is rewritten atomically (a crash never leaves half a line)."""
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
     lines = [line for line in lines if json.loads(line).get("epoch", 0) < record["epoch"]]  # drop lines a resume redoes
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines) + json.dumps(record) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines) + jsonout.dumps(record) + "\n"))

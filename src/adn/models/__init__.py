@@ -45,6 +45,15 @@ def available_models() -> list[str]:
     return list(SMALL_MODELS) + list(TORCHVISION_MODELS) + ["timm/<any timm model of a supported family>"]
 
 
+def _check_weights_name(name: str, weights) -> None:
+    """torchvision raises a bare KeyError for a weights name it does not know."""
+    enum = torchvision.models.get_model_weights(name)
+    known = list(dict.fromkeys(["DEFAULT", *enum.__members__]))  # (DEFAULT is also an alias in the enum)
+    if not isinstance(weights, str) or weights.replace(enum.__name__ + ".", "") not in known:
+        raise ValueError(f"--weights {weights}: {name} has no such weights; choose one of {', '.join(known)} "
+                         f"(DEFAULT: the best available)")
+
+
 def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
                 **kwargs) -> nn.Module:
     """Build an unconverted model by name. ``weights`` names torchvision weights (e.g. ``"DEFAULT"``),
@@ -58,6 +67,8 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
             raise ValueError(f"{name} has no pretrained weights; omit --weights")
         return SMALL_MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     if name in TORCHVISION_MODELS:
+        if weights:
+            _check_weights_name(name, weights)
         if name not in TORCHVISION_RESNETS and in_channels != 3:
             raise ValueError(f"{name} takes 3-channel images; in_channels={in_channels} is supported for ResNets "
                              f"({', '.join(SMALL_MODELS)}, {', '.join(TORCHVISION_RESNETS)})")
