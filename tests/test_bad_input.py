@@ -129,6 +129,90 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(capsys, tmp_path, folde
     assert record["train_skipped_images"] == 1 and record["steps"] == 3
 
 
+def _jpeg_bytes(size: int = 16) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3)).astype(np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _index(dataset, path: Path) -> int:
+    return [p for p, _ in dataset.samples].index(str(path))
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from adn.cli import _load_images
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=1, size=16)
+    ramp8 = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every gray level once
+    wide, narrow = root / "val" / "class0" / "0.png", tmp_path / "8bit.png"
+    Image.fromarray(ramp8.astype(np.uint16) * 257).save(wide)  # 16-bit PNG: 0..65535
+    Image.fromarray(ramp8).save(narrow)
+    assert Image.open(wide).mode in ("I;16", "I")
+    data = load_dataset("imagefolder", root, image_size=16, augment=False)
+    got = data.val[_index(data.val, wide)][0]
+    assert torch.equal(got, data.val.transform(Image.fromarray(ramp8).convert("RGB")))  # was 99.6% white
+    # adn analyze --gradcam reads user images through the same conversion.
+    meta = {"image_size": 16, "in_channels": 1, "mean": [0.0], "std": [1.0]}
+    assert torch.equal(_load_images([str(wide)], meta), _load_images([str(narrow)], meta))
+    meta["in_channels"] = 3
+    assert torch.equal(_load_images([str(wide)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}),
+                       _load_images([str(narrow)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}))
+
+
+def test_decoder_warnings_are_reported_once_per_file_and_truncated_jpegs_are_unreadable(capsys, tmp_path):
+    import struct
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=2, size=16)
+    jpeg = _jpeg_bytes()
+    # A JPEG that still decodes, but whose header is damaged (a malformed MPO segment): PIL warns.
+    payload = b"MPF\x00" + b"\x00" * 4 + b"garbage!"
+    warned = root / "val" / "class0" / "warned.jpg"
+    warned.write_bytes(jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:])
+    truncated = root / "val" / "class1" / "truncated.jpg"
+    truncated.write_bytes(jpeg[:len(jpeg) // 2])
+    data = load_dataset("imagefolder", root, image_size=16, augment=False)
+    capsys.readouterr()
+    for _ in range(3):
+        assert data.val[_index(data.val, warned)][0].shape == (3, 16, 16)  # used, as decoded
+    err = capsys.readouterr().err
+    assert err.count(f"adn: warning: image {warned} may be damaged") == 1, err
+    assert "malformed MPO" in err
+    with pytest.raises(DataError, match=r"cannot read image .*truncated\.jpg \(OSError: .*[Tt]runcated.*--skip-bad-images"):
+        data.val[_index(data.val, truncated)]
+    skipping = load_dataset("imagefolder", root, image_size=16, augment=False, skip_bad_images=True)
+    assert skipping.val[_index(skipping.val, truncated)] is None
+    assert f"adn: warning: skipping unreadable image {truncated}" in capsys.readouterr().err
+
+
+def test_eval_skips_and_counts_unreadable_images_when_asked(capsys, tmp_path):
+    root = write_image_folder(tmp_path / "images", classes=3, per_class=4, size=20)
+    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "imagefolder", "--data-path", str(root),
+                 "--train-crop-size", "16", "--epochs", "1", "-b", "4", "--max-steps-per-epoch", "1",
+                 "--recalibrate-bn", "0", "--output-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 0
+    bad = root / "val" / "class1" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG
+    evaluate = ["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--no-plot", "--no-latency",
+                "--skip", "super,base"]
+    _fails(capsys, evaluate, f"cannot read image {bad}", "--skip-bad-images")
+    assert main([*evaluate, "--skip-bad-images", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert [row["skipped_images"] for row in rows] == [1, 1]
+    assert f"skipping unreadable image {bad}" in err
+    assert main([*evaluate, "--skip-bad-images"]) == 0
+    assert "11 of 12 image folders validation images (1 unreadable, skipped)" in capsys.readouterr().out
+    # The accuracy is that of the readable images: as if the file were not there.
+    bad.unlink()
+    assert main([*evaluate, "--json"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert [(r["acc1"], r["acc5"]) for r in rows] == [(r["acc1"], r["acc5"]) for r in clean]
+
+
 def test_images_of_the_wrong_size_or_channel_count(capsys, tmp_path, fashion_dir, finished_run):
     _fails(capsys, ["train", "--model", "vit_b_16", "--data", "fake", "--output-dir", str(tmp_path / "run")],
            "vit_b_16 cannot process images of shape (3, 32, 32)", "--train-crop-size")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adn import jsonout
-from adn.checkpoint import load_checkpoint, numbered_checkpoints
+from adn.checkpoint import load_checkpoint, load_network, numbered_checkpoints
 from adn.cli import main
 from adn.rundir import LOCK_NAME, RunLock
 from adn.train import Trainer
@@ -324,3 +324,49 @@ def test_a_relative_data_path_is_stored_absolute(fashion_dir, finished, monkeypa
     monkeypatch.chdir(fashion_dir.parent)
     assert main(_train(Path(fashion_dir.name), tmp_path / "run")) == 0
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["meta"]["data_path"] == os.path.abspath(fashion_dir)
+
+
+def _export(finished, out, skip: str, fmt: str) -> list[str]:
+    return ["export", "--checkpoint", str(finished / "checkpoint.pt"), "--skip", skip, "--format", fmt,
+            "--output", str(out)]
+
+
+def test_re_exporting_a_subset_removes_the_earlier_exports_files(capsys, finished, tmp_path):
+    out = tmp_path / "export"
+    assert main(_export(finished, out, "FFF,TTT,TFT", "safetensors")) == 0
+    (out / "notes.txt").write_text("mine")  # not adn's: must survive
+    assert main(_export(finished, out, "TTT", "safetensors")) == 0
+    err = capsys.readouterr().err
+    assert f"removed {out / 'subnet_FFF.safetensors'}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "subnet_TTT.safetensors"]
+    # Another format replaces the earlier files the same way.
+    assert main(_export(finished, out, "TTT", "pt2")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "subnet_TTT.pt2"]
+
+
+def test_a_manifest_edited_by_hand_never_makes_export_delete_other_files(finished, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (tmp_path / "precious.pt").write_text("keep")
+    (out / "notes.txt").write_text("keep")
+    listed = [{"skip": "FFF", "file": "../precious.pt"}, {"skip": "TTT", "file": "notes.txt", "data_file": "/etc/hosts"},
+              {"skip": "TFT", "file": ["subnet_TFT.pt2"]}, "subnet_FTF.pt2"]
+    (out / "manifest.json").write_text(json.dumps({"subnetworks": listed}))
+    assert main(_export(finished, out, "TTT", "safetensors")) == 0
+    assert (tmp_path / "precious.pt").exists() and (out / "notes.txt").exists()
+    (out / "manifest.json").write_text("{not json")  # a damaged manifest: nothing is removed, no traceback
+    assert main(_export(finished, out, "FFF", "safetensors")) == 0
+    assert (out / "subnet_TTT.safetensors").exists()
+
+
+def test_exported_pt2_programs_run_at_any_batch_size(finished, tmp_path):
+    out = tmp_path / "export"
+    assert main(_export(finished, out, "TFT", "pt2")) == 0
+    entry = json.loads((out / "manifest.json").read_text())["subnetworks"][0]
+    assert entry["dynamic_batch"] is True and "batch_size" not in entry
+    program = torch.export.load(out / entry["file"]).module()
+    net, _ = load_network(finished / "checkpoint.pt")
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.allclose(program(x), net.eval()(x, skip="TFT"), atol=1e-5), batch

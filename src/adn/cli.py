@@ -236,13 +236,16 @@ def _add_eval(sub) -> None:
                         "training images (un-augmented, the same for every depth); the checkpoint is not changed")
     p.add_argument("--plot", default=None, help="accuracy-vs-MACs PNG (default: acc_vs_macs.png next to the checkpoint)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="imagefolder: skip unreadable image files (named on stderr, counted in the output as "
+                        "skipped_images) instead of stopping at the first one; accuracy is over the images read")
     _add_measure_flags(p)
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args) -> int:
     from .checkpoint import load_network
-    from .data import calibration_loader, eval_loader, load_dataset
+    from .data import calibration_loader, collate_readable_pairs, load_dataset
     from .evaluate import evaluate_subnetworks
     from .report import add_ratios, plot_accuracy_vs_macs
 
@@ -258,26 +261,41 @@ def _run_eval(args) -> int:
     data = load_dataset(args.data or meta["dataset"], args.data_path or meta.get("data_path"),
                         val_subset=args.val_subset, seed=cfg.get("seed", 0), augment=False,
                         image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"),
-                        download=bool(args.data or args.data_path))
+                        skip_bad_images=args.skip_bad_images, download=bool(args.data or args.data_path))
     if data.num_classes != meta["num_classes"]:
         raise DataError(f"the dataset has {data.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
-    loader = eval_loader(data.val, args.batch_size, args.workers)
+    loader, example = _eval_batches(args, data)
     recalibrate = None
     if args.recalibrate_bn:
-        recalibrate = (calibration_loader(data.train, args.batch_size, args.recalibrate_bn, args.workers),
+        recalibrate = (calibration_loader(data.train, args.batch_size, args.recalibrate_bn, args.workers,
+                                          collate_readable_pairs if args.skip_bad_images else None),
                        args.recalibrate_bn)
-    example = data.val[0][0][None].expand(args.latency_batch_size, -1, -1, -1).contiguous().to(device)
+    example = example[None].expand(args.latency_batch_size, -1, -1, -1).contiguous().to(device)
     rows = add_ratios(evaluate_subnetworks(net, loader, configs, example, device=device, latency=args.latency,
                                            warmup=args.warmup, repeats=args.repeats, backend=args.backend,
                                            recalibrate=recalibrate))
     for row in rows:
         row["recalibrated_bn_batches"] = args.recalibrate_bn or 0
+        if args.skip_bad_images:
+            row["skipped_images"] = getattr(loader, "skipped", 0)
     _print_eval(args, rows, meta, data, device)
     if not args.no_plot:  # after the results are out: a plot that cannot be written must not lose them
         path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "acc_vs_macs.png"
         _write_plot(lambda: plot_accuracy_vs_macs(rows, path, title=f"{meta['model']}-ADN on "
                                                                    f"{data.description.split(' (')[0]}"), path)
     return 0
+
+
+def _eval_batches(args, data):
+    """The validation batches of ``adn eval`` and one image for latency. With --skip-bad-images the
+    batches count what they skip (``loader.skipped``, reported with the results)."""
+    from torch.utils.data import DataLoader
+
+    from .data import ReadableBatches, collate_readable, eval_loader, first_readable
+    loader = eval_loader(data.val, args.batch_size, args.workers, collate_readable if args.skip_bad_images else None)
+    if not args.skip_bad_images or not isinstance(loader, DataLoader):  # in memory: no image files to skip
+        return loader, data.val[0][0]
+    return ReadableBatches(loader), first_readable(data.val)[0]
 
 
 def _write_plot(write, path: Path) -> None:
@@ -298,7 +316,10 @@ def _print_eval(args, rows: list[dict], meta: dict, data, device) -> None:
     if args.json:
         print(jsonout.dumps(rows, indent=2))
     else:
-        print(f"{meta['model']} ({meta['method']}), {len(data.val)} {data.description.split(' (')[0]} validation images; "
+        skipped = rows[0].get("skipped_images", 0) if rows else 0
+        count = f"{len(data.val) - skipped} of {len(data.val)}" if skipped else f"{len(data.val)}"
+        print(f"{meta['model']} ({meta['method']}), {count} {data.description.split(' (')[0]} validation images"
+              + (f" ({skipped} unreadable, skipped)" if skipped else "") + "; "
               f"MACs per image; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
               f"{torch.get_num_threads()} threads, {device}, {args.backend}"
               + (f"; batch-norm statistics recalibrated per sub-network on {args.recalibrate_bn} training batches"
@@ -470,8 +491,10 @@ def _add_analyze(sub) -> None:
 
 def _load_images(paths: list[str], meta: dict) -> torch.Tensor:
     """Image files as the network's validation transform would give them (size, channels, normalization)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from torchvision.transforms import v2
+
+    from .data import read_image
 
     size = meta.get("image_size") or 224
     transform = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
@@ -479,9 +502,8 @@ def _load_images(paths: list[str], meta: dict) -> torch.Tensor:
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(transform(image.convert("L" if meta["in_channels"] == 1 else "RGB")))
-        except (OSError, UnidentifiedImageError) as error:
+            images.append(transform(read_image(path, "L" if meta["in_channels"] == 1 else "RGB")))
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # what PIL raises for bad files
             raise ValueError(f"--gradcam {path}: cannot read it as an image ({error}); give PNG or JPEG files") from error
     return torch.stack(images)
 

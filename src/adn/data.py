@@ -12,10 +12,12 @@ import hashlib
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
@@ -134,16 +136,17 @@ def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train
     return bundle
 
 
-def calibration_loader(train: Dataset, batch_size: int, num_batches: int, workers: int = 0):
+def calibration_loader(train: Dataset, batch_size: int, num_batches: int, workers: int = 0, collate_fn=None):
     """``num_batches`` batches of training images for norm recalibration: a fixed random choice (the
     same for every depth and every call), un-augmented when ``train`` is in memory (load the data set
-    with ``augment=False`` otherwise)."""
+    with ``augment=False`` otherwise). ``collate_fn``: :func:`collate_readable_pairs` when unreadable
+    images are skipped."""
     count = min(len(train), batch_size * num_batches)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED + 1))[:count].tolist()
     if isinstance(train, TensorImages):
         return EvalBatches(train.without_augmentation().subset(chosen), batch_size)
     return DataLoader(Subset(train, chosen), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      worker_init_fn=ignore_interrupts)
+                      collate_fn=collate_fn or default_collate, worker_init_fn=ignore_interrupts)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, collate_fn=None):
@@ -297,12 +300,52 @@ def _cifar(name: str, data_path, augment: Augmentation | None, download: bool = 
 
 
 # ----- ImageNet-layout folders -------------------------------------------------------------------------
+# PIL modes of 16-bit (and 32-bit integer) grayscale images, e.g. 16-bit PNGs and TIFFs. PIL's convert()
+# to "L" or "RGB" clips their values at 255 instead of scaling them, which turns almost every pixel white.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_warned_images: set[str] = set()  # files whose decoder warnings were already reported (once per file)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as an 8-bit one ("L"), its 0..65535 range scaled to 0..255 (divided by
+    257, so that white stays white); other images unchanged."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    pixels = np.asarray(image).astype(np.float64) / 257
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """The image file at ``path`` decoded and converted to ``mode`` ("RGB" or "L"), 16-bit images scaled
+    (:func:`to_8bit`). Truncated or undecodable data raises ``OSError`` (PIL's default); what the decoder
+    only warns about (damaged metadata, a malformed MPO header, a huge image) is reported on stderr,
+    naming the file, once per file: the image is used, but the user should know it may be damaged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(path) as image:
+            image.load()  # decode now, inside the warning capture (PIL decodes lazily)
+            converted = to_8bit(image).convert(mode)
+    _report_decoder_warnings(path, caught)
+    return converted
+
+
+def _report_decoder_warnings(path, caught: list) -> None:
+    messages = list(dict.fromkeys(str(w.message) for w in caught
+                                  if not issubclass(w.category, (DeprecationWarning, ResourceWarning))))
+    if not messages or str(path) in _warned_images:
+        return
+    _warned_images.add(str(path))
+    print(f"adn: warning: image {path} may be damaged; the decoder reported: {'; '.join(messages)}. It is used "
+          f"as decoded; check it, and replace or delete it if it looks wrong", file=sys.stderr, flush=True)
+
+
 class CheckedImageFolder(datasets.ImageFolder):
     """An ImageFolder whose unreadable files (corrupt, truncated, not an image) are named in a
-    :class:`DataError`, or, with ``skip_bad=True``, reported on stderr and returned as ``None``."""
+    :class:`DataError`, or, with ``skip_bad=True``, reported on stderr and returned as ``None``. Files
+    are read by :func:`read_image` (16-bit images scaled, decoder warnings reported)."""
 
     def __init__(self, root: str, transform, skip_bad: bool = False):
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=read_image)
         self.skip_bad = skip_bad
 
     def __getitem__(self, index: int):
@@ -339,6 +382,34 @@ def collate_readable_pairs(batch: list):
     if images is None:
         raise DataError(f"none of the {len(batch)} images of a validation batch could be read; check the image folder")
     return images, targets
+
+
+class ReadableBatches:
+    """``(images, targets)`` batches of a loader built with :func:`collate_readable`, counting the
+    unreadable images it skipped in ``skipped`` (that of the latest pass: the count is made here, in
+    the main process, because the collate function runs in the loader's worker processes)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.skipped = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.skipped = 0
+        for images, targets, skipped in self.loader:
+            self.skipped += skipped
+            if images is not None:  # else every image of the batch was unreadable
+                yield images, targets
+
+
+def first_readable(dataset: Dataset):
+    """The first sample of ``dataset`` that is not ``None`` (an unreadable image skipped)."""
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if sample is not None:
+            return sample
+    raise DataError(f"none of the {len(dataset)} images could be read; check the image folder")
 
 
 def _image_folder(data_path, crop: int, resize: int | None, augment: Augmentation | None,

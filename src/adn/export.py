@@ -1,16 +1,21 @@
 """Export standalone sub-networks: one file per sub-network plus ``manifest.json``.
 
 Formats: ``safetensors`` (weights of the plain sub-network, loadable into the same torchvision
-architecture with its blocks removed), ``pt2`` (a ``torch.export`` program, runnable without adn) and
+architecture with its blocks removed), ``pt2`` (a ``torch.export`` program with a dynamic batch
+dimension, runnable without adn) and
 ``onnx`` (dynamic batch dimension, weights inside the file; when onnxruntime is installed every file is
 run in it and compared with PyTorch before it is kept, and loaded again under its final name). Every file
-is written under a temporary name and renamed when complete and verified."""
+is written under a temporary name and renamed when complete and verified. Exporting into a folder that
+holds an earlier export replaces it: the earlier manifest's files that the new one does not list are
+deleted, so the folder holds exactly what its manifest describes."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +61,21 @@ def _export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str, data_na
             leftover.unlink(missing_ok=True)
         raise
     return data
+
+
+def _export_pt2(sub: torch.nn.Module, example: torch.Tensor, name: str):
+    """``torch.export`` program of ``sub`` with a dynamic batch dimension, and whether it is dynamic. A
+    model whose code fixes the batch size cannot be exported so; it is exported at the example's batch
+    size instead, with a warning (the manifest records ``dynamic_batch: false``)."""
+    batch = torch.export.Dim("batch", min=1)
+    traced = example.expand(2, *example.shape[1:]).contiguous() if example.shape[0] == 1 else example
+    try:  # traced at batch 2: torch.export specializes a size of 1, which would fix the batch again
+        return torch.export.export(sub, (traced,), dynamic_shapes=({0: batch},)), True
+    except Exception as error:  # the exporter's constraint and tracing errors have no common base class
+        print(f"adn: warning: {name}: the batch dimension cannot be made dynamic "
+              f"({str(error).splitlines()[0][:200]}); exporting for batch size {example.shape[0]} only",
+              file=sys.stderr)
+        return torch.export.export(sub, (example,)), False
 
 
 def _rename_external_data(path: Path, data: Path, name: str) -> None:
@@ -122,7 +142,7 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
             tensors = {k: v.detach().contiguous().clone() for k, v in sub.state_dict().items()}
             atomic_write(output / name, lambda tmp: save_file(tensors, tmp, metadata={"skip": str(config)}))
         elif fmt == "pt2":
-            program = torch.export.export(sub, (example,))
+            program, dynamic = _export_pt2(sub, example, name)
             atomic_write(output / name, lambda tmp: torch.export.save(program, tmp))
         else:
             data_files = []  # what _export_onnx returns inside atomic_write: None, or the external data file
@@ -136,11 +156,56 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
                                  f"{str(error).splitlines()[0][:300]}") from error
         entry = {"skip": str(config), "file": name, "format": fmt,
                  "params": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example[:1])}
+        if fmt == "pt2":
+            entry["dynamic_batch"] = dynamic  # false: the program runs at the input_shape's batch size only
+            if not dynamic:
+                entry["batch_size"] = example.shape[0]
         if fmt == "onnx" and data_files[0]:
             entry["data_file"] = data_files[0]  # weights over torch's one-file limit: copy it with the .onnx
         if accuracy and str(config) in accuracy:
             entry.update(accuracy[str(config)])
         entries.append(entry)
     manifest = {"input_shape": list(example.shape[1:]), "subnetworks": entries}
+    previous = _listed_files(output / "manifest.json")  # read before it is replaced
     atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(manifest, indent=2)))
+    _remove_stale(output, previous - {name for entry in entries for name in _entry_files(entry)})
     return entries
+
+
+# What adn writes into an export folder; an earlier manifest is only trusted to name files of this form.
+EXPORTED_FILE = re.compile(r"subnet_[TF]+\.(safetensors|pt2|onnx|onnx\.data)")
+
+
+def _entry_files(entry) -> list[str]:
+    """The file names a manifest entry lists (anything but a string is ignored: the entry may be edited)."""
+    if not isinstance(entry, dict):
+        return []
+    return [entry[key] for key in ("file", "data_file") if isinstance(entry.get(key), str)]
+
+
+def _listed_files(manifest: Path) -> set[str]:
+    """The files an earlier export's manifest lists, as far as they are names adn writes (a manifest
+    is a file anyone can edit: it must not make adn delete anything else); empty if there is none."""
+    try:
+        entries = json.loads(manifest.read_text()).get("subnetworks")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(entries, list):
+        return set()
+    names = {name for entry in entries for name in _entry_files(entry)}
+    return {name for name in names if EXPORTED_FILE.fullmatch(name)}
+
+
+def _remove_stale(output: Path, names: set[str]) -> None:
+    """Delete the files of an earlier export into ``output`` that the new manifest does not list, so
+    that the folder holds exactly the export its manifest describes."""
+    for name in sorted(names):
+        try:
+            (output / name).unlink()
+        except FileNotFoundError:  # already gone: nothing to say
+            continue
+        except OSError as error:
+            print(f"adn: warning: could not remove {output / name}, left from an earlier export and not in the "
+                  f"new manifest ({error.strerror or error}); delete it by hand", file=sys.stderr)
+            continue
+        print(f"removed {output / name} (an earlier export's, not in the new manifest)", file=sys.stderr)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -71,12 +72,18 @@ def _delta(a: list[float], b: list[float]) -> str:
     return f"{mean_std(a)[0] - mean_std(b)[0]:+.2f}"
 
 
-def _first(results: dict) -> dict | None:
-    """Any finished run of an arm with every sub-network (for MACs and the list of depths)."""
-    for arm in ("adn", "adn-pooled", "adn-no-san", "joint", "joint-no-san"):
-        if results.get(arm):
-            return results[arm][0]
-    return None
+def _num_stages(protocol) -> int:
+    from .convert import convert
+    from .models import build_model
+    return convert(build_model(protocol.model, num_classes=10, in_channels=1, width=protocol.width)).num_stages
+
+
+def _macs(results: dict, skip: str) -> str:
+    for runs in results.values():
+        for r in runs:
+            if skip in r.get("macs", {}):
+                return f"{r['macs'][skip] / 1e6:.2f}"
+    return "-"
 
 
 # ----- learning curves -------------------------------------------------------------------------------------
@@ -236,11 +243,8 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
                  quick: bool = False) -> Path:
     """``docs/reproduction.md`` from the finished runs; hand-written notes (``notes.md`` beside the figures:
     recipe choice, diagnosis) are included as they are."""
-    first = _first(results)
-    if first is None:
-        raise ValueError("no finished ADN run yet: nothing to report (run adn reproduce without --report-only)")
-    n = len(first["accuracy"])
-    stages = n.bit_length() - 1
+    stages = _num_stages(protocol)
+    n = 2 ** stages
     sup, base = "F" * stages, "T" * stages
     seeds = len(protocol.seeds)
     ind_sup, ind_base = _acc(results, "individual-super", sup), _acc(results, "individual-base", base)
@@ -279,8 +283,10 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
         "Commands (seed 0; other seeds change `--seed` and the folder):",
         "",
         "```",
-        *[next(iter(runs))["commands"][0] for runs in results.values() if runs],
-        *first["commands"][1:],
+        *["adn " + shlex.join(command) for arm in results
+          for command in protocol.commands(arm, protocol.seeds[0], root / arm / f"seed{protocol.seeds[0]}")[:1]],
+        *["adn " + shlex.join(command) for command in
+          protocol.commands("adn", protocol.seeds[0], root / "adn" / f"seed{protocol.seeds[0]}")[1:]],
         "```",
         "",
     ]
@@ -299,7 +305,7 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
     notes = figures / "notes.md"
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
-    lines += _table1(results, first, sup, base)
+    lines += _table1(results, sup, base)
     lines += _table3(results, sup, base, ind_sup, ind_base)
     lines += _figure3a(results, figures, rel, sup, base, n, seeds)
     lines += _figure3b(results, figures, rel)
@@ -320,14 +326,14 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
     return path
 
 
-def _table1(results, first, sup, base) -> list[str]:
+def _table1(results, sup, base) -> list[str]:
     lines = ["## Table 1 counterpart: the adaptive network against networks trained alone", "",
              "Paper (ResNet-50, ImageNet): ADN super-net +0.9 and base-net +1.1 points over individual networks.", "",
              "| depth | MACs (M) | individual | ADN | ADN − individual | verdict | ADN, recalibrated BN | individual, recalibrated |",
              "|---|---:|---:|---:|---:|---|---:|---:|"]
     for label, skip, ind_arm in (("super-net", sup, "individual-super"), ("base-net", base, "individual-base")):
         a, b = _acc(results, "adn", skip), _acc(results, ind_arm, skip)
-        lines.append(f"| {label} ({skip}) | {first['macs'][skip] / 1e6:.2f} | {_fmt(b)} | {_fmt(a)} | {_delta(a, b)} | "
+        lines.append(f"| {label} ({skip}) | {_macs(results, skip)} | {_fmt(b)} | {_fmt(a)} | {_delta(a, b)} | "
                      f"{verdict(a, b)} | {_fmt(_acc(results, 'adn', skip, 'accuracy_recalibrated'))} | "
                      f"{_fmt(_acc(results, ind_arm, skip, 'accuracy_recalibrated'))} |")
     return lines

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..data import DataError
+from ..data import DataError, read_image
 
 FORMAT_HELP = "see https://cocodataset.org/#format-data"
 BOX_TOLERANCE = 1.0  # pixels a box may overshoot the image (rounding in real files); clipped, not rejected
@@ -235,8 +234,7 @@ class CocoDetection(Dataset):
         info = self.annotations.images[image_id]
         path = self.root / info["file_name"]
         try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
+            image = read_image(path)  # 16-bit images scaled, decoder warnings reported
         except (OSError, ValueError) as error:
             raise DataError(f"cannot read image {path} (image {image_id} of {self.annotations.path}): {error}") from error
         if image.size != (info["width"], info["height"]):
