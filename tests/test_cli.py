@@ -187,3 +187,28 @@ def test_pareto_reads_eval_and_profile_json(checkpoint, tmp_path, capsys):
     assert "lack ['acc1']" in _error(capsys, ["pareto", "--eval", str(tmp_path / "profile.json"), "--plot", str(plot)])
     (tmp_path / "bad.json").write_text("{not json")
     assert "adn eval --json" in _error(capsys, ["pareto", "--eval", str(tmp_path / "bad.json")])
+
+
+def test_adn_load_gives_the_trained_network_ready_to_use(checkpoint):
+    import torch
+
+    import adn
+    from adn.checkpoint import load_network
+    net = adn.load(checkpoint)
+    reference, _ = load_network(checkpoint)
+    assert isinstance(net, adn.AdaptiveDepthNetwork) and not net.training and str(net.skip) == "FFF"
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(net(x, skip="TFT"), reference.eval()(x, skip="TFT"))
+    with pytest.raises(adn.checkpoint.CheckpointError):
+        adn.load(checkpoint.parent / "missing.pt")
+
+
+def test_profile_reads_everything_it_needs_from_a_checkpoint(checkpoint, capsys):
+    assert main(["profile", "--checkpoint", str(checkpoint), "--json", "--repeats", "2", "--warmup", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 8 and rows[0]["skip"] == "FFF" and rows[-1]["macs"] < rows[0]["macs"]
+    assert main(["profile", "--checkpoint", str(checkpoint), "--width", "8", "--no-latency"]) == 2
+    assert "the checkpoint fixes the network" in capsys.readouterr().err
+    assert main(["profile", "--no-latency"]) == 2
+    assert "either --model" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     net.skip = "TTFF"; y = net(x)
 """
 from .backends import CompiledDepths, compile_depths
+from .checkpoint import load
 from .convert import StageSpec, convert, register_adapter, split_point, supported_families
 from .distill import SubPathDistillationLoss
 from .layers import SkipAwareNorm, SkippableBlock, SkippableStage
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveDepthNetwork", "CompiledDepths", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
-    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "recalibrate_norms", "register_adapter", "split_point",
+    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "load", "recalibrate_norms", "register_adapter", "split_point",
     "supported_families",
 ]

@@ -249,6 +249,15 @@ def load_network(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module
     return net, data
 
 
+def load(path: str | os.PathLike, map_location="cpu") -> nn.Module:
+    """``adn.load(path)``: the adaptive depth network an ``adn`` checkpoint holds (written by
+    ``adn train``), with its weights, in eval mode at the super-net depth. Loading runs no pickled code,
+    refuses damaged files and non-finite weights, and rebuilds the model only from the names and sizes
+    adn itself writes. ``load_network`` also returns the checkpoint's other contents."""
+    net, _ = load_network(path, map_location)
+    return net.eval()
+
+
 def check_finite(state_dict: dict, source: str) -> None:
     """Refuse NaN or infinite weights: they evaluate to plausible-looking (chance-level) accuracy."""
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(v.isfinite().all())]

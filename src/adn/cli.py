@@ -329,12 +329,17 @@ def _print_eval(args, rows: list[dict], meta: dict, data, device) -> None:
 
 
 def _add_profile(sub) -> None:
-    p = sub.add_parser("profile", help="params, MACs and latency of every sub-network of a freshly converted model",
+    p = sub.add_parser("profile", help="params, MACs and latency of every sub-network of a freshly converted model "
+                                       "or of a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(available_models())}")
-    p.add_argument("--input-size", type=_positive_int, default=224, help="image height and width")
-    p.add_argument("--in-channels", type=_positive_int, default=3)
-    p.add_argument("--num-classes", type=_positive_int, default=1000)
+    p.add_argument("--model", default=None, help=f"one of: {', '.join(available_models())}")
+    p.add_argument("--checkpoint", default=None,
+                   help="profile the network of a checkpoint written by adn train instead of --model (its input "
+                        "size, channels, classes and width come from the checkpoint)")
+    p.add_argument("--input-size", type=_positive_int, default=None, help="image height and width (default: 224, "
+                                                                          "or the checkpoint's)")
+    p.add_argument("--in-channels", type=_positive_int, default=None, help="default: 3, or the checkpoint's")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help="default: 1000, or the checkpoint's")
     p.add_argument("--width", type=_positive_int, default=None, help="base width of the small ResNets")
     p.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false")
     _add_measure_flags(p)
@@ -360,12 +365,27 @@ def _run_profile(args) -> int:
     from .profile import profile_subnetworks
     from .report import add_ratios, format_table
 
-    kwargs = {"width": args.width} if args.width else {}
-    try:
-        net = convert(build_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels, **kwargs),
-                      skip_aware_norm=args.skip_aware_norm)
-    except TypeError as error:  # a model family adn cannot convert (the message lists those it can)
-        raise ValueError(f"--model {args.model}: {error}") from error
+    if (args.model is None) == (args.checkpoint is None):
+        raise ValueError("give either --model NAME (a freshly converted model) or --checkpoint FILE (a trained one)")
+    if args.checkpoint:
+        from .checkpoint import load_network
+        given = [flag for flag, value in (("--num-classes", args.num_classes), ("--in-channels", args.in_channels),
+                                          ("--width", args.width)) if value is not None]
+        if given or not args.skip_aware_norm:
+            raise ValueError(f"{', '.join(given) or '--no-skip-aware-norm'}: the checkpoint fixes the network; "
+                             f"drop the flag (only --input-size may be changed)")
+        net, ckpt = load_network(args.checkpoint)
+        meta = ckpt["meta"]
+        args.model, args.in_channels = meta["model"], meta["in_channels"]
+        args.input_size = args.input_size or meta.get("image_size") or 224
+    else:
+        args.input_size, args.in_channels = args.input_size or 224, args.in_channels or 3
+        kwargs = {"width": args.width} if args.width else {}
+        try:
+            net = convert(build_model(args.model, num_classes=args.num_classes or 1000, in_channels=args.in_channels,
+                                      **kwargs), skip_aware_norm=args.skip_aware_norm)
+        except TypeError as error:  # a model family adn cannot convert (the message lists those it can)
+            raise ValueError(f"--model {args.model}: {error}") from error
     configs = _configs(args.skip, net.num_stages)
     device = torch.device(args.device)
     net.to(device).eval()
