@@ -105,12 +105,12 @@ def _tiny(fill: float | None = None) -> torch.nn.Module:
 
 def test_onnx_verification_fails_on_nan_outputs(tmp_path):
     pytest.importorskip("onnxruntime")
-    from adn.export import _export_onnx, verify_onnx
+    from adn.export import export_onnx, verify_onnx
     example = torch.randn(1, 1, 8, 8)
     finite, nan = tmp_path / "finite.onnx", tmp_path / "nan.onnx"
-    _export_onnx(_tiny(), example, str(finite))
+    export_onnx(_tiny(), example, str(finite))
     with pytest.raises(ValueError, match=r"PyTorch sub-network gives NaN or infinite outputs.*not writing .*nan\.onnx"):
-        _export_onnx(_tiny(float("nan")), example, str(nan))  # all outputs NaN: used to verify with difference 0.0
+        export_onnx(_tiny(float("nan")), example, str(nan))  # all outputs NaN: used to verify with difference 0.0
     # An ONNX file whose outputs are NaN where PyTorch's are finite (written without verification).
     torch.onnx.export(_tiny(float("nan")), (example.expand(2, 1, 8, 8),), str(nan), dynamo=True, external_data=False,
                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))

@@ -7,7 +7,9 @@
 from .backends import CompiledDepths, compile_depths
 from .checkpoint import load
 from .convert import StageSpec, convert, register_adapter, split_point, supported_families
+from .depth_table import DepthTable
 from .distill import SubPathDistillationLoss
+from .governor import Decision, Governor
 from .layers import SkipAwareNorm, SkippableBlock, SkippableStage
 from .models import available_models, build_model
 from .network import AdaptiveDepthNetwork
@@ -17,7 +19,7 @@ from .skip import SkipConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveDepthNetwork", "CompiledDepths", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
+    "AdaptiveDepthNetwork", "CompiledDepths", "Decision", "DepthTable", "Governor", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
     "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "load", "recalibrate_norms", "register_adapter", "split_point",
     "supported_families",
 ]

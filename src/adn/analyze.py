@@ -85,10 +85,10 @@ def plot_norm_distances(series: dict[str, list[dict]], path: str | os.PathLike, 
     ax.set_title(title or "Running means, norm vs twin (hatched: first norm of a stage)", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     import matplotlib.pyplot as plt
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def plot_gradcam(images: torch.Tensor, rows: dict[str, list], path: str | os.Pat
                 ax.axis("off")
     fig.suptitle(title or "Grad-CAM after each block", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cam_statistics(maps: list, hot: float = 0.5) -> list[float | None]:

@@ -98,7 +98,7 @@ class OnnxDepths:
             import onnxruntime
         except ImportError as error:
             raise ValueError("the onnxruntime backend needs ONNX Runtime: pip install 'adn[onnx]'") from error
-        from .export import _export_onnx
+        from .export import export_onnx
         if example.device.type != "cpu":
             raise ValueError("the onnxruntime backend runs on the CPU (the pinned onnxruntime package has no GPU "
                              "provider); use --device cpu")
@@ -115,7 +115,7 @@ class OnnxDepths:
             for config in configs:
                 path = Path(folder) / f"subnet_{config}.onnx"
                 with contextlib.redirect_stderr(io.StringIO()):
-                    _export_onnx(net.subnet(config).eval(), example[:1], str(path))
+                    export_onnx(net.subnet(config).eval(), example[:1], str(path))
                 self.sessions[str(config)] = onnxruntime.InferenceSession(
                     str(path), options, providers=["CPUExecutionProvider"])
 

@@ -29,7 +29,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -86,16 +86,16 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help=f"one of: {', '.join(available_models())}")
     g.add_argument("--weights", default=None, help="torchvision weights to start from, e.g. DEFAULT (downloads)")
-    g.add_argument("--width", type=_positive_int, default=None, help="base width of the small ResNets (default 16)")
+    g.add_argument("--width", type=positive_int, default=None, help="base width of the small ResNets (default 16)")
     g.add_argument("--data", default=d.data, choices=DATASETS, help="dataset (fake: random images, for smoke tests)")
     g.add_argument("--data-path", default=None, help="dataset folder (imagefolder: with train/ and val/)")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
     g.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of N images")
-    g.add_argument("--val-from-train", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--val-from-train", type=positive_int, default=None, metavar="N",
                    help="validate on N training images held out from training (the same N for every seed) instead "
                         "of the test split: choose recipes this way, and keep the test split for final numbers")
-    g.add_argument("--train-crop-size", type=_positive_int, default=None, help="imagefolder/fake: training crop size")
-    g.add_argument("--val-resize-size", type=_positive_int, default=None, help="imagefolder: validation resize")
+    g.add_argument("--train-crop-size", type=positive_int, default=None, help="imagefolder/fake: training crop size")
+    g.add_argument("--val-resize-size", type=positive_int, default=None, help="imagefolder: validation resize")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="imagefolder: skip unreadable image files (named on stderr, counted in the log) instead "
                         "of stopping at the first one")
@@ -205,10 +205,10 @@ def _add_measure_flags(p) -> None:
     p.add_argument("--skip", default="all", help="'all', or comma-separated configs such as TTFF,super,base")
     p.add_argument("--json", action="store_true", help="print JSON rows on stdout instead of a table")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip latency measurement")
-    p.add_argument("--latency-batch-size", type=_positive_int, default=1, help="batch size of latency measurements")
+    p.add_argument("--latency-batch-size", type=positive_int, default=1, help="batch size of latency measurements")
     p.add_argument("--warmup", type=int, default=3, help="untimed forward passes before timing")
-    p.add_argument("--repeats", type=_positive_int, default=10, help="timed forward passes (median reported)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed forward passes (median reported)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--backend", default="eager", choices=("eager", "compile", "onnxruntime"),
                    help="engine for latency: eager PyTorch (switching depth in place), torch.compile or ONNX Runtime "
@@ -229,9 +229,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", default=None, choices=DATASETS, help="default: the dataset it was trained on")
     p.add_argument("--data-path", default=None, help="default: the path it was trained with")
     p.add_argument("--val-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
-    p.add_argument("-b", "--batch-size", type=_positive_int, default=256)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=256)
     p.add_argument("-j", "--workers", type=int, default=0)
-    p.add_argument("--recalibrate-bn", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--recalibrate-bn", type=positive_int, default=None, metavar="N",
                    help="before evaluating each sub-network, recompute its batch-norm statistics on N batches of "
                         "training images (un-augmented, the same for every depth); the checkpoint is not changed")
     p.add_argument("--plot", default=None, help="accuracy-vs-MACs PNG (default: acc_vs_macs.png next to the checkpoint)")
@@ -336,11 +336,11 @@ def _add_profile(sub) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="profile the network of a checkpoint written by adn train instead of --model (its input "
                         "size, channels, classes and width come from the checkpoint)")
-    p.add_argument("--input-size", type=_positive_int, default=None, help="image height and width (default: 224, "
+    p.add_argument("--input-size", type=positive_int, default=None, help="image height and width (default: 224, "
                                                                           "or the checkpoint's)")
-    p.add_argument("--in-channels", type=_positive_int, default=None, help="default: 3, or the checkpoint's")
-    p.add_argument("--num-classes", type=_positive_int, default=None, help="default: 1000, or the checkpoint's")
-    p.add_argument("--width", type=_positive_int, default=None, help="base width of the small ResNets")
+    p.add_argument("--in-channels", type=positive_int, default=None, help="default: 3, or the checkpoint's")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="default: 1000, or the checkpoint's")
+    p.add_argument("--width", type=positive_int, default=None, help="base width of the small ResNets")
     p.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false")
     _add_measure_flags(p)
     p.set_defaults(run=_run_profile)
@@ -443,13 +443,19 @@ def _add_pareto(sub) -> None:
                                    "prints the sub-networks no other beats on both accuracy and cost, and plots "
                                    "accuracy against MACs and latency.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--eval", required=True, dest="eval_json", help="file with the output of adn eval --json")
+    p.add_argument("--eval", default=None, dest="eval_json", help="file with the output of adn eval --json")
     p.add_argument("--profile", default=None, dest="profile_json",
                    help="file with the output of adn profile --json; its latency replaces eval's")
     p.add_argument("--cost", default=None, choices=("latency_ms", "macs"),
                    help="cost to rank by (default: latency when measured, else MACs)")
     p.add_argument("--plot", default="pareto.png", help="PNG to write")
     p.add_argument("--json", action="store_true", help="print the Pareto-optimal rows as JSON")
+    g = p.add_argument_group("which depth for a latency budget (reads a depth table instead of --eval)")
+    g.add_argument("--budget-ms", type=float, default=None, metavar="B",
+                   help="print the most accurate depth whose latency at --batch-size fits B ms")
+    g.add_argument("--table", default=None, help="depth table written by adn depth-table")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="batch size the budget is for")
+    g.add_argument("--quantile", default="p99", choices=("p50", "p99"), help="latency quantile that must fit")
     p.set_defaults(run=_run_pareto)
 
 
@@ -468,6 +474,11 @@ def _read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:
 def _run_pareto(args) -> int:
     from .report import format_table, pareto_front, plot_pareto
 
+    if args.budget_ms is not None or args.table:
+        return _run_budget(args)
+    if not args.eval_json:
+        raise ValueError("give --eval eval.json (the Pareto front), or --table depth_table.json --budget-ms B "
+                         "(which depth for a budget)")
     rows = _read_rows(args.eval_json, "eval", {"skip", "acc1", "macs"})
     if args.profile_json:
         profile = _read_rows(args.profile_json, "profile", {"skip", "latency_ms"})
@@ -491,6 +502,105 @@ def _run_pareto(args) -> int:
     return 0
 
 
+def _run_budget(args) -> int:
+    """adn pareto --table T --budget-ms B: the most accurate depth that fits, or the fastest when none does."""
+    from .depth_table import DepthTable
+
+    if not args.table or args.budget_ms is None:
+        raise ValueError("--budget-ms and --table go together: adn pareto --table depth_table.json --budget-ms B "
+                         "[--batch-size N] (write the table with adn depth-table)")
+    if not args.budget_ms > 0:
+        raise ValueError(f"--budget-ms {args.budget_ms}: give a positive number of milliseconds")
+    table = DepthTable.load(args.table)
+    answer = table.choose(args.budget_ms, args.batch_size, args.quantile)
+    if args.json:
+        print(jsonout.dumps(answer, indent=2))
+        return 0
+    where = f"batch {args.batch_size}, {args.quantile}"
+    if answer["fits"]:
+        print(f"{answer['skip']}: acc@1 {answer['acc1']:.2f} %, {answer['predicted_ms']:.3f} ms ({where}) "
+              f"fits {args.budget_ms:g} ms")
+    else:
+        print(f"none fits {args.budget_ms:g} ms ({where}); the fastest is {answer['skip']} at "
+              f"{answer['predicted_ms']:.3f} ms (acc@1 {answer['acc1']:.2f} %): raise the budget, lower the batch "
+              f"size, or shed load")
+    return 0
+
+
+def _batch_size_list(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,8,32, got {text!r}")
+    return sizes
+
+
+def _add_depth_table(sub) -> None:
+    from .depth_table import DEFAULT_BATCH_SIZES
+    p = sub.add_parser("depth-table", help="latency (p50, p99) of the Pareto-optimal depths at several batch sizes, "
+                                           "with their accuracy: the table adn.Governor and adn pareto --budget-ms read",
+                       description="Times every depth of `adn eval --json` on this machine at each batch size "
+                                   "(interleaved rounds), keeps the depths on the accuracy-vs-latency Pareto front at "
+                                   "some batch size, and writes them as plain JSON (schema: docs/serving.md).")
+    p.add_argument("--checkpoint", required=True, help="file written by adn train")
+    p.add_argument("--eval", required=True, dest="eval_json", help="file with the output of adn eval --json (acc1)")
+    p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"), help="engine that will serve")
+    p.add_argument("--batch-sizes", type=_batch_size_list, default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+                   help="comma-separated batch sizes to time, e.g. 1,8,32")
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds per batch size")
+    p.add_argument("--repeats", type=positive_int, default=100,
+                   help="timed rounds per batch size; p99 is by nearest rank, so below 100 it is the slowest run")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--output", default=None, help="JSON to write (default: depth_table.json next to the checkpoint)")
+    p.set_defaults(run=_run_depth_table)
+
+
+def _run_depth_table(args) -> int:
+    from .atomic import atomic_write
+    from .checkpoint import load_network
+    from .depth_table import FORMAT, VERSION, DepthTable, conditions, dumps, front, measure_latencies
+
+    net, ckpt = load_network(args.checkpoint)
+    meta = ckpt["meta"]
+    rows = _read_rows(args.eval_json, "eval", {"skip", "acc1", "macs"})
+    try:
+        configs = [SkipConfig(skip, net.num_stages) for skip in rows]
+    except ValueError as error:
+        raise ValueError(f"--eval {args.eval_json} is not of this checkpoint's network: {error}") from error
+    device = torch.device(args.device)
+    net.to(device)
+    size = meta.get("image_size") or 224
+    image = torch.randn(meta["in_channels"], size, size, device=device)  # content does not change the time
+    latencies = measure_latencies(net, image, configs, args.batch_sizes, args.backend, args.warmup, args.repeats)
+    measured = [{"skip": str(c), "acc1": rows[str(c)]["acc1"], "macs": rows[str(c)]["macs"], "latency_ms": lat}
+                for c, lat in zip(configs, latencies)]
+    table = {"format": FORMAT, "version": VERSION, "model": meta["model"], "checkpoint": Path(args.checkpoint).name,
+             "input": [meta["in_channels"], size, size],
+             "conditions": conditions(device, args.backend, args.warmup, args.repeats),
+             "batch_sizes": args.batch_sizes, "depths": front(measured, args.batch_sizes)}
+    DepthTable.from_dict(table, source="the new depth table")  # what is written must read back
+    output = Path(args.output) if args.output else Path(args.checkpoint).parent / "depth_table.json"
+    atomic_write(output, lambda tmp: Path(tmp).write_text(dumps(table)))
+    _print_depth_table(table, len(measured))
+    print(f"depth table: {output}", file=sys.stderr)
+    return 0
+
+
+def _print_depth_table(table: dict, measured: int) -> None:
+    c = table["conditions"]
+    print(f"{len(table['depths'])} of {measured} depths on the Pareto front; latency ms p50/p99 over {c['repeats']} "
+          f"rounds, {c['threads']} threads, {c['device']}, {c['backend']}")
+    sizes = table["batch_sizes"]
+    print("skip  acc@1 %  MACs (M)  " + "  ".join(f"{'batch ' + str(b):>15}" for b in sizes))
+    for row in reversed(table["depths"]):  # most accurate first
+        cells = "  ".join(f"{row['latency_ms'][str(b)]['p50']:>7.3f}/{row['latency_ms'][str(b)]['p99']:<7.3f}"
+                          for b in sizes)
+        print(f"{row['skip']:>4}  {row['acc1']:7.2f}  {row['macs'] / 1e6:8.2f}  {cells}")
+
+
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="look inside a trained network: skip-aware norm distances, Grad-CAM maps",
                        description="Writes norm_distance.png/.json (how far each skip-aware norm's running mean is "
@@ -503,7 +613,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--gradcam", nargs="*", default=None, metavar="IMAGE",
                    help="Grad-CAM maps for these image files; with no file, the first validation images of "
                         "different classes")
-    p.add_argument("--gradcam-count", type=_positive_int, default=4, help="validation images used when no file is given")
+    p.add_argument("--gradcam-count", type=positive_int, default=4, help="validation images used when no file is given")
     p.add_argument("--stage", type=int, default=-1, help="stage whose blocks Grad-CAM visualizes (0-based; -1: last)")
     p.add_argument("--skip", default="super,base", help="comma-separated depths shown in the Grad-CAM figure")
     p.set_defaults(run=_run_analyze)
@@ -612,11 +722,11 @@ def _add_reproduce(sub) -> None:
                    help=f"train only these arms (with --train-only; the report needs all): {', '.join(ARMS)}")
     p.add_argument("--data-path", default=None, help="Fashion-MNIST folder (default: the Debian package or a download)")
     p.add_argument("--device", default=None, help="training device (default: a GPU if there is one, else the CPU)")
-    p.add_argument("--jobs", type=_positive_int, default=1,
+    p.add_argument("--jobs", type=positive_int, default=1,
                    help="runs trained at once, each in its own process with one thread (2 on a 2-core machine)")
     p.add_argument("--train-only", action="store_true", help="train and evaluate the arms, write no report")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (with --jobs 1)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (with --jobs 1)")
     p.set_defaults(run=_run_reproduce)
 
 
@@ -654,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_export(sub)
     _add_pareto(sub)
+    _add_depth_table(sub)
     _add_analyze(sub)
     _add_import_weights(sub)
     _add_reproduce(sub)

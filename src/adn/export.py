@@ -31,7 +31,7 @@ FORMATS = ("safetensors", "pt2", "onnx")
 ONNX_TOLERANCE = 1e-4
 
 
-def _export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str, data_name: str | None = None) -> str | None:
+def export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str, data_name: str | None = None) -> str | None:
     """Export ``sub`` to ONNX at ``path`` and verify it. The weights go inside the file, so that the file
     alone is the model. Models over torch's limit for that (1.5 GB of weights; protobuf cannot exceed 2 GB)
     get one external data file, renamed to ``data_name`` (default ``<path name>.data``) next to ``path``.
@@ -145,8 +145,8 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
             program, dynamic = _export_pt2(sub, example, name)
             atomic_write(output / name, lambda tmp: torch.export.save(program, tmp))
         else:
-            data_files = []  # what _export_onnx returns inside atomic_write: None, or the external data file
-            atomic_write(output / name, lambda tmp: data_files.append(_export_onnx(sub, example, tmp, f"{name}.data")))
+            data_files = []  # what export_onnx returns inside atomic_write: None, or the external data file
+            atomic_write(output / name, lambda tmp: data_files.append(export_onnx(sub, example, tmp, f"{name}.data")))
             # Once more as it will be used: under its final name, loaded by ONNX Runtime from there.
             try:
                 verify_onnx(output / name, sub, example)

@@ -49,7 +49,7 @@ def is_skipped(module: nn.Module) -> bool:
     return active.get(module, module.adn_skipped)
 
 
-def _swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
+def swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
     """Give ``module`` the class ``<prefix><OriginalClass>`` = (mixin, OriginalClass).
 
     The subclass is created once per original class and registered in this module under a unique
@@ -85,7 +85,7 @@ class SkippableBlock:
 
     @classmethod
     def convert(cls, block: nn.Module) -> nn.Module:
-        _swap_in_subclass(block, cls, "Skippable")
+        swap_in_subclass(block, cls, "Skippable")
         block.adn_skipped = False
         return block
 
@@ -108,7 +108,7 @@ class SkipAwareNorm:
         # The twin is an exact copy, so a pretrained model keeps its function in every sub-network at
         # the start of training; training then specializes the twins to the skipped distribution.
         twin = copy.deepcopy(norm)
-        _swap_in_subclass(norm, cls, "SkipAware")
+        swap_in_subclass(norm, cls, "SkipAware")
         norm.twin = twin
         norm.adn_skipped = False
         return norm

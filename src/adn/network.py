@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import (ACTIVE_DEPTH, SkipAwareNorm, SkippableBlock, SkippableStage, _swap_in_subclass,
+from .layers import (ACTIVE_DEPTH, SkipAwareNorm, SkippableBlock, SkippableStage, swap_in_subclass,
                      original_class)
 from .skip import SkipConfig
 
@@ -36,7 +36,7 @@ class AdaptiveDepthNetwork:
 
     @classmethod
     def attach(cls, model: nn.Module, stages: list[SkippableStage], info: dict) -> nn.Module:
-        _swap_in_subclass(model, cls, "Adaptive")
+        swap_in_subclass(model, cls, "Adaptive")
         # Set through __dict__: nn.Module.__setattr__ would not register a list of controllers anyway,
         # and this keeps them out of state_dict.
         model.__dict__["adn_stages"] = stages

@@ -127,7 +127,7 @@ def plot_learning_curves(logs: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .analyze import _save
+    from .analyze import save_figure
     fig, ax = plt.subplots(figsize=(8, 5))
     for index, (arm, per_seed) in enumerate(logs.items()):
         color = f"C{index}"
@@ -141,7 +141,7 @@ def plot_learning_curves(logs: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----- figures from checkpoints or from the saved numbers --------------------------------------------------
@@ -206,7 +206,7 @@ def plot_subnetworks(results: dict, path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .analyze import _save
+    from .analyze import save_figure
     runs = results.get("adn")
     if not runs:
         return None
@@ -235,7 +235,7 @@ def plot_subnetworks(results: dict, path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----- the report ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers import SkipAwareNorm, _swap_in_subclass, original_class
+from .layers import SkipAwareNorm, swap_in_subclass, original_class
 
 PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -92,6 +92,6 @@ def convert_sync_batchnorm(net: nn.Module, device: torch.device) -> int:
         if target is nn.SyncBatchNorm:
             module.process_group = None  # the attribute SyncBatchNorm.__init__ would have set: whole world
         if skip_aware:  # put the twin switching back on top of the new class
-            _swap_in_subclass(module, SkipAwareNorm, "SkipAware")
+            swap_in_subclass(module, SkipAwareNorm, "SkipAware")
         converted += 1
     return converted

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import jsonout
-from ..cli import _positive_int  # one definition of the argparse type for every adn command
+from ..cli import positive_int  # one definition of the argparse type for every adn command
 from ..skip import SkipConfig
 from .train import METHODS, OPTIMIZERS, SCHEDULERS, DetectTrainConfig
 
@@ -39,10 +39,10 @@ def _add_make_synthetic(commands) -> None:
     p = commands.add_parser("make-synthetic", help="write a small synthetic COCO-format dataset (shapes on textures)",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", required=True, help="folder to write (train2017/, val2017/, annotations/)")
-    p.add_argument("--images", type=_positive_int, default=64, help="training images")
+    p.add_argument("--images", type=positive_int, default=64, help="training images")
     p.add_argument("--val-images", type=int, default=16, help="validation images")
-    p.add_argument("--size", type=_positive_int, default=128, help="image height and width in pixels")
-    p.add_argument("--max-objects", type=_positive_int, default=3, help="objects per image, at most")
+    p.add_argument("--size", type=positive_int, default=128, help="image height and width in pixels")
+    p.add_argument("--max-objects", type=positive_int, default=3, help="objects per image, at most")
     p.add_argument("--object-size", type=float, nargs=2, default=[0.2, 0.45], metavar=("MIN", "MAX"),
                    help="object extent as a fraction of the image side")
     p.add_argument("--colour-by-class", action="store_true",
@@ -88,23 +88,23 @@ def _add_train(commands) -> None:
                    help="FrozenBatchNorm2d in the backbone, twins included (default: with backbone weights, v1 models)")
     g.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_const", const=False, default=None,
                    help="ablation: no skip-aware norm twins (default: as the backbone checkpoint, else with twins)")
-    g.add_argument("--fpn-channels", type=_positive_int, default=d.fpn_channels,
+    g.add_argument("--fpn-channels", type=positive_int, default=d.fpn_channels,
                    help="FPN width (256: torchvision); smaller widths shrink RPN and heads for CPU experiments")
-    g.add_argument("--min-size", type=_positive_int, default=d.min_size, help="shorter image side after resizing")
-    g.add_argument("--max-size", type=_positive_int, default=d.max_size, help="longer image side at most")
-    g.add_argument("--rpn-proposals-train", type=_positive_int, default=d.rpn_proposals_train,
+    g.add_argument("--min-size", type=positive_int, default=d.min_size, help="shorter image side after resizing")
+    g.add_argument("--max-size", type=positive_int, default=d.max_size, help="longer image side at most")
+    g.add_argument("--rpn-proposals-train", type=positive_int, default=d.rpn_proposals_train,
                    help="RPN proposals kept per image in training (before and after NMS)")
-    g.add_argument("--rpn-proposals-test", type=_positive_int, default=d.rpn_proposals_test)
-    g.add_argument("--box-batch-size-per-image", type=_positive_int, default=d.box_batch_size_per_image,
+    g.add_argument("--rpn-proposals-test", type=positive_int, default=d.rpn_proposals_test)
+    g.add_argument("--box-batch-size-per-image", type=positive_int, default=d.box_batch_size_per_image,
                    help="RoIs sampled per image for the box (and mask) head losses")
-    g.add_argument("--detections-per-image", type=_positive_int, default=d.detections_per_image)
+    g.add_argument("--detections-per-image", type=positive_int, default=d.detections_per_image)
     g = p.add_argument_group("data (COCO format)")
     g.add_argument("--data-path", default=None, help="folder with train2017/, val2017/ and annotations/instances_*.json")
     for split in ("train", "val"):
         g.add_argument(f"--{split}-images", default=None, help=f"{split} image folder (overrides --data-path)")
         g.add_argument(f"--{split}-ann", default=None, help=f"{split} instances JSON (overrides --data-path)")
-    g.add_argument("--train-subset", type=_positive_int, default=None, help="train on a fixed random subset of N images")
-    g.add_argument("--val-subset", type=_positive_int, default=None, help="validate on a fixed random subset of N images")
+    g.add_argument("--train-subset", type=positive_int, default=None, help="train on a fixed random subset of N images")
+    g.add_argument("--val-subset", type=positive_int, default=None, help="validate on a fixed random subset of N images")
     g.add_argument("--no-hflip", dest="hflip", action="store_false", help="no random horizontal flips")
     g = p.add_argument_group("method")
     g.add_argument("--method", default=d.method, choices=METHODS,
@@ -118,8 +118,8 @@ def _add_train(commands) -> None:
     g.add_argument("--bn-stats-from", default=d.bn_stats_from, choices=("super", "both"),
                    help="which pass updates running statistics of batch norms without a twin")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("-b", "--batch-size", type=_positive_int, default=d.batch_size, help="images per process and step")
+    g.add_argument("--epochs", type=positive_int, default=d.epochs)
+    g.add_argument("-b", "--batch-size", type=positive_int, default=d.batch_size, help="images per process and step")
     g.add_argument("-j", "--workers", type=int, default=d.workers, help="data loading processes")
     g.add_argument("--opt", default=d.opt, choices=OPTIMIZERS)
     g.add_argument("--lr", type=float, default=d.lr, help="0.02 for 16 images per step (torchvision); scale linearly")
@@ -131,13 +131,13 @@ def _add_train(commands) -> None:
     g.add_argument("--lr-warmup-iters", type=int, default=d.lr_warmup_iters, help="linear warm-up (within epoch 1)")
     g.add_argument("--lr-warmup-factor", type=float, default=d.lr_warmup_factor)
     g.add_argument("--clip-grad-norm", type=float, default=None)
-    g.add_argument("--max-steps-per-epoch", type=_positive_int, default=None, help="cap steps per epoch (quick runs)")
+    g.add_argument("--max-steps-per-epoch", type=positive_int, default=None, help="cap steps per epoch (quick runs)")
     g = p.add_argument_group("run (multi-process: torchrun --nproc_per_node=K -m adn detect train ...)")
     g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")
     g.add_argument("--resume", default=None, help="checkpoint to continue from, at the epoch after the "
                                                   "last one it finished (model settings come from the checkpoint)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, metavar="K", help="numbered checkpoints kept")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=d.eval_batch_size)
+    g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--no-progress", dest="progress", action="store_false")
@@ -175,9 +175,9 @@ def _add_eval(commands) -> None:
                                                      "(default: the validation data it was trained with)")
     p.add_argument("--images", default=None, help="image folder (with --ann-file; overrides --data-path)")
     p.add_argument("--ann-file", default=None, help="instances JSON of those images")
-    p.add_argument("--subset", type=_positive_int, default=None, help="evaluate on a fixed random subset of N images")
+    p.add_argument("--subset", type=positive_int, default=None, help="evaluate on a fixed random subset of N images")
     p.add_argument("--skip", default="all", help="'all', or comma-separated configs such as TTFF,super,base")
-    p.add_argument("-b", "--batch-size", type=_positive_int, default=2)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=2)
     p.add_argument("-j", "--workers", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print JSON rows on stdout instead of a table")
