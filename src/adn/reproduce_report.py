@@ -292,14 +292,17 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
     ]
     pooled_sup = _acc(results, "adn-pooled", sup)
     no_san_base = _acc(results, "adn-no-san", base)
+    def glance(a, b) -> str:  # "**holds** (+0.40 points)", or "**pending**" alone
+        outcome = verdict(a, b)
+        return f"**{outcome}**" + ("" if outcome == "pending" else f" ({_delta(a, b)} points)")
     lines += [
         "## At a glance",
         "",
-        f"- Table 1, ADN super-net above the individual network: **{verdict(adn_sup, ind_sup)}** "
-        f"({_delta(adn_sup, ind_sup)} points); base-net: **{verdict(adn_base, ind_base)}** ({_delta(adn_base, ind_base)}).",
+        f"- Table 1, ADN super-net above the individual network: {glance(adn_sup, ind_sup)}; base-net: "
+        f"{glance(adn_base, ind_base)}.",
         f"- Table 3, skip-aware norms matter under specialization (ADN base-net above the no-skip-aware-norm ADN): "
-        f"**{verdict(adn_base, no_san_base)}** ({_delta(adn_base, no_san_base)}).",
-        f"- Spatial feature KD above pooled (super-net): **{verdict(adn_sup, pooled_sup)}** ({_delta(adn_sup, pooled_sup)}).",
+        f"{glance(adn_base, no_san_base)}.",
+        f"- Spatial feature KD above pooled (super-net): {glance(adn_sup, pooled_sup)}.",
         "",
     ]
     notes = figures / "notes.md"
