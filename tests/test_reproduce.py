@@ -114,3 +114,18 @@ def test_gradcam_maps_are_normalized_and_follow_the_depth():
     assert str(net.skip) == "FFF"  # the caller's depth is restored
     with pytest.raises(AnalysisError, match="stage 5"):
         gradcam(net, images, 5, "FFF")
+
+
+def test_the_reproduction_record_is_versioned_not_ignored():
+    # The record (result.json + log.jsonl per finished run) is what lets the protocol continue on another
+    # machine; a .gitignore pattern that caught it would silently lose every run.
+    import shutil
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("docs/reproduction/runs/adn/seed0/result.json", "docs/reproduction/runs/adn/seed0/log.jsonl"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+        assert not ignored, f"{path} is git-ignored: fix .gitignore"
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/reproduce/adn/seed0/checkpoint.pt"], cwd=root).returncode == 0
