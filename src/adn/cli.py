@@ -319,9 +319,9 @@ def _print_eval(args, rows: list[dict], meta: dict, data, device) -> None:
         skipped = rows[0].get("skipped_images", 0) if rows else 0
         count = f"{len(data.val) - skipped} of {len(data.val)}" if skipped else f"{len(data.val)}"
         print(f"{meta['model']} ({meta['method']}), {count} {data.description.split(' (')[0]} validation images"
-              + (f" ({skipped} unreadable, skipped)" if skipped else "") + "; "
-              f"MACs per image; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
-              f"{torch.get_num_threads()} threads, {device}, {args.backend}"
+              + (f" ({skipped} unreadable, skipped)" if skipped else "") + "; MACs per image"
+              + (f"; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
+                 f"{torch.get_num_threads()} threads, {device}, {args.backend}" if args.latency else "")
               + (f"; batch-norm statistics recalibrated per sub-network on {args.recalibrate_bn} training batches"
                  if args.recalibrate_bn else ""))
         print(format_table(rows))
