@@ -143,10 +143,8 @@ def calibration_loader(train: Dataset, batch_size: int, num_batches: int, worker
     images are skipped."""
     count = min(len(train), batch_size * num_batches)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED + 1))[:count].tolist()
-    if isinstance(train, TensorImages):
-        return EvalBatches(train.without_augmentation().subset(chosen), batch_size)
-    return DataLoader(Subset(train, chosen), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_fn or default_collate, worker_init_fn=ignore_interrupts)
+    images = train.without_augmentation().subset(chosen) if isinstance(train, TensorImages) else Subset(train, chosen)
+    return eval_loader(images, batch_size, workers, collate_fn)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, collate_fn=None):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import jsonout
 from .atomic import atomic_write
 from .reproduce_report import verdict, write_report  # noqa: F401  (verdict: part of this module's API)
 
@@ -143,7 +144,7 @@ def cached_result(protocol: Protocol, arm: str, seed: int, folders: list[Path]) 
 
 
 def _write_json(path: Path, value) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(jsonout.dumps(value, indent=1)))
 
 
 def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | None = None, log=print) -> dict:

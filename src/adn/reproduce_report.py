@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import jsonout
 from .atomic import atomic_write
 
 PLATEAU_POINTS = 0.3     # "converged": the mean validation curve moves less than this ...
@@ -64,6 +65,11 @@ def _fmt(values: list[float], digits: int = 2) -> str:
         return "pending"
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f}" + (f" (n={len(values)})" if len(values) < 3 else "")
+
+
+def _cell(value: float | None) -> str:
+    """A table cell: two decimals, or "-" for a value the run does not have."""
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def _delta(a: list[float], b: list[float]) -> str:
@@ -195,7 +201,7 @@ def gradcam_summary(results: dict, root: Path, figures: Path, seed: int, gradcam
                "hot_fraction": {label: cam_statistics(value) for label, value in maps.items()},
                "base_vs_super_final_corr": map_similarity(last["ADN base-net"], last["ADN super-net"]),
                "individual_vs_super_final_corr": map_similarity(last["individual"], last["ADN super-net"])}
-    atomic_write(saved, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    atomic_write(saved, lambda tmp: Path(tmp).write_text(jsonout.dumps(summary, indent=1)))
     return summary
 
 
@@ -322,10 +328,10 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
             acc, rec = r["accuracy"], r.get("accuracy_recalibrated", {})
             recal = f"{rec[sup]:.2f} / {rec[base]:.2f}" if sup in rec and base in rec else \
                 (f"{next(iter(rec.values())):.2f}" if rec else "-")
-            lines.append(f"| {arm} | {r['seed']} | {acc.get(sup, math.nan):.2f} | {acc.get(base, math.nan):.2f} | "
+            lines.append(f"| {arm} | {r['seed']} | {_cell(acc.get(sup))} | {_cell(acc.get(base))} | "
                          f"{recal} | {r['train_s']:.0f} |")
     lines += ["", f"Finished runs' `result.json` and `log.jsonl`: `{rel(record)}` (checkpoints stay in `{root}`).", ""]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines).replace("nan", "-")))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     return path
 
 
@@ -464,7 +470,7 @@ def _curves(logs: dict, figures: Path, rel, epochs: int) -> list[str]:
         cells = []
         def pair(key_of) -> list[str]:
             sup, bas = mean_curve(per_seed, key_of("super")), mean_curve(per_seed, key_of("base"))
-            return [f"{sup[e - 1]:.2f}" + (f" / {bas[e - 1]:.2f}" if not math.isnan(bas[e - 1]) else "")
+            return [_cell(sup[e - 1]) + ("" if math.isnan(bas[e - 1]) else f" / {_cell(bas[e - 1])}")
                     if e <= len(sup) else "-" for e in marks]
         weights = pair(lambda depth: curve_key(per_seed, depth))
         running = pair(lambda depth: f"val_acc1_{depth}")
