@@ -4,8 +4,9 @@ gradients do not underflow; bfloat16 (the CPU default) has float32's range and n
 
 :func:`native_bfloat16` tells whether the hardware computes bfloat16 natively (CPUs with AVX512-BF16
 or AMX, GPUs from Ampere on): there ``adn train`` turns mixed precision on by default, since bfloat16
-autocast trained to the same accuracy as float32 in a seeded comparison (docs/training.md) and ran
-1.4-1.9x faster on such a CPU."""
+autocast trained an individual ResNet-20 to the same held-out accuracy as float32 in a seeded comparison
+(92.92 vs 93.06%, docs/reproduction.md) and, with channels-last, ran training steps 1.66-1.70x faster on
+a 2-core AVX512-BF16 EPYC (benchmarks/training_speed.py, batch 128, 1 thread)."""
 from __future__ import annotations
 
 import contextlib

@@ -467,8 +467,8 @@ def _channels_last_crash(net: nn.Module, device: torch.device) -> str | None:
 
 def speed_settings(cfg: TrainConfig, net: nn.Module, device: torch.device) -> tuple[bool, bool, str]:
     """``(amp, channels_last, why)``: the flags as given, and where left unset (None), the fastest the
-    hardware supports: bfloat16 autocast with channels-last where bfloat16 is native (1.4-1.9x faster
-    training on an AVX512-BF16 CPU), float32 otherwise."""
+    hardware supports: bfloat16 autocast with channels-last where bfloat16 is native (1.66-1.70x faster
+    training steps on an AVX512-BF16 CPU, benchmarks/training_speed.py), float32 otherwise."""
     crash = _channels_last_crash(net, device)
     if cfg.channels_last and crash:
         raise ValueError(f"--channels-last on CPU: {crash}, whose channels-last backward pass crashes in torch "
