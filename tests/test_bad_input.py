@@ -147,7 +147,7 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from adn.cli import _load_images
+    from adn.cli.analyze import load_images
     root = write_image_folder(tmp_path / "images", classes=2, per_class=1, size=16)
     ramp8 = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every gray level once
     wide, narrow = root / "val" / "class0" / "0.png", tmp_path / "8bit.png"
@@ -159,10 +159,10 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     assert torch.equal(got, data.val.transform(Image.fromarray(ramp8).convert("RGB")))  # was 99.6% white
     # adn analyze --gradcam reads user images through the same conversion.
     meta = {"image_size": 16, "in_channels": 1, "mean": [0.0], "std": [1.0]}
-    assert torch.equal(_load_images([str(wide)], meta), _load_images([str(narrow)], meta))
+    assert torch.equal(load_images([str(wide)], meta), load_images([str(narrow)], meta))
     meta["in_channels"] = 3
-    assert torch.equal(_load_images([str(wide)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}),
-                       _load_images([str(narrow)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}))
+    assert torch.equal(load_images([str(wide)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}),
+                       load_images([str(narrow)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}))
 
 
 def test_decoder_warnings_are_reported_once_per_file_and_truncated_jpegs_are_unreadable(capsys, tmp_path):

@@ -64,10 +64,10 @@ def test_a_partial_protocol_reports_what_has_finished(tmp_path, fashion_dir):
     protocol.data_path = str(fashion_dir)
     report = reproduce(protocol, runs, docs, report_only=True).read_text()  # nothing has run yet
     assert "0 of 14 runs" in report and "Pending: no finished run" in report
-    run_arm(protocol, "individual-super", 0, runs, tmp_path / "reproduction" / "runs", log=lambda message: None)
+    run_arm(protocol, "individual-super", 0, runs, tmp_path / "reproduction" / "runs", log=lambda message: None, run_command=main)
     report = reproduce(protocol, runs, docs, report_only=True).read_text()  # no ADN run yet
     assert "1 of 14 runs" in report and "Pending: no finished ADN run" in report
-    run_arm(protocol, "adn", 0, runs, tmp_path / "reproduction" / "runs", log=lambda message: None)
+    run_arm(protocol, "adn", 0, runs, tmp_path / "reproduction" / "runs", log=lambda message: None, run_command=main)
     report = reproduce(protocol, runs, docs, report_only=True).read_text()
     assert "2 of 14 runs" in report and "pending" in report
 

@@ -263,7 +263,7 @@ def test_running_out_of_memory_is_a_message(capsys, monkeypatch):
     def exhausted(args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
                            "to allocate 120000000000 bytes")
-    monkeypatch.setattr("adn.cli._run_profile", exhausted)
+    monkeypatch.setattr("adn.cli.profile.run", exhausted)
     _fails(capsys, ["profile", "--model", "resnet20"], "out of memory", "can't allocate memory", "smaller batch size")
 
 

@@ -1,7 +1,8 @@
 """``adn reproduce``: the paper's claims at a scale a CPU can run, as one resumable command.
 
-Every arm is an ordinary ``adn train`` run followed by ``adn eval`` (the same code paths users run,
-called in-process); the protocol below is the single place where the settings live. A finished run
+Every arm is an ordinary ``adn train`` run followed by ``adn eval`` (the same code paths users run; the
+command line passes its own entry point in, so they run in-process without this module importing the
+command line, and a caller without one runs them as ``python -m adn`` subprocesses); the protocol below is the single place where the settings live. A finished run
 leaves ``result.json`` next to its checkpoint and is skipped on re-run, unless its command changed.
 
 Arms (same data, model, recipe and epochs; several seeds each):
@@ -25,8 +26,10 @@ import io
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +66,10 @@ class Protocol:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1
+    # He et al. (2016)'s ResNet schedule, which the paper follows: lr / 10 at 50% and 75% of training. Its
+    # last phase at lr 0.001 is where a plateau can show; a cosine schedule still gains 0.7 points in its
+    # last 20% at 20 and 30 epochs alike (docs/reproduction/notes.md).
+    lr_steps: tuple[int, ...] = (15, 23)
     weight_decay: float = 5e-4
     seeds: tuple[int, ...] = (0, 1, 2)
     max_steps_per_epoch: int | None = None
@@ -72,12 +79,13 @@ class Protocol:
 
     @classmethod
     def quick(cls) -> "Protocol":
-        return cls(train_subset=128, val_from_train=64, final_val_subset=128, epochs=2, batch_size=32, seeds=(0, 1),
-                   max_steps_per_epoch=2, recalibrate_bn=2)
+        return cls(train_subset=128, val_from_train=64, final_val_subset=128, epochs=2, lr_steps=(1,), batch_size=32,
+                   seeds=(0, 1), max_steps_per_epoch=2, recalibrate_bn=2)
 
     def train_args(self, arm: str, seed: int, output_dir: Path) -> list[str]:
         args = ["train", "--model", self.model, "--width", str(self.width), "--data", self.data,
                 "--epochs", str(self.epochs), "-b", str(self.batch_size), "--lr", str(self.lr),
+                "--lr-scheduler", "multisteplr", "--lr-steps", *map(str, self.lr_steps),
                 "--wd", str(self.weight_decay), "--val-from-train", str(self.val_from_train), "--seed", str(seed),
                 "--output-dir", str(output_dir), "--no-progress"]
         if self.data_path:
@@ -114,15 +122,24 @@ def command_line(args: list[str]) -> str:
     return "adn " + shlex.join(args)
 
 
-def _run_cli(args: list[str]) -> str:
-    """Run an ``adn`` command in this process and return what it printed on stdout."""
-    from .cli import main
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(args)
+# Runs ``adn ARGS`` and returns its exit status, printing its results on stdout (``adn.cli.main``).
+CommandRunner = Callable[[list[str]], int]
+
+
+def _run_command(args: list[str], run_command: CommandRunner | None) -> str:
+    """Run an ``adn`` command and return what it printed on stdout: in this process with ``run_command``,
+    else in a ``python -m adn`` subprocess (its log lines pass through to stderr)."""
+    if run_command is None:
+        done = subprocess.run([sys.executable, "-m", "adn", *args], stdout=subprocess.PIPE, text=True)
+        code, printed = done.returncode, done.stdout
+    else:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = run_command(args)
+        printed = out.getvalue()
     if code != 0:
         raise RuntimeError(f"`{command_line(args)}` failed with exit code {code}")
-    return out.getvalue()
+    return printed
 
 
 def cache_key(protocol: Protocol, arm: str, seed: int) -> list[str]:
@@ -147,7 +164,8 @@ def _write_json(path: Path, value) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(jsonout.dumps(value, indent=1)))
 
 
-def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | None = None, log=print) -> dict:
+def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | None = None, log=print,
+            run_command: CommandRunner | None = None) -> dict:
     """Train and evaluate one (arm, seed), or return its cached result. ``result.json`` holds the
     commands, per-sub-network accuracy (with the networks' own and with recalibrated batch-norm
     statistics), MACs, params, the skip-aware norm distances, and wall time. ``record`` (a folder kept
@@ -167,10 +185,10 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
     commands = protocol.commands(arm, seed, folder)
     log(f"{arm} seed {seed}: {command_line(commands[0])}")
     started = time.perf_counter()
-    _run_cli(commands[0])
+    _run_command(commands[0], run_command)
     train_s = time.perf_counter() - started
-    rows = json.loads(_run_cli(commands[1]))
-    recalibrated = json.loads(_run_cli(commands[2])) if len(commands) > 2 else []
+    rows = json.loads(_run_command(commands[1], run_command))
+    recalibrated = json.loads(_run_command(commands[2], run_command)) if len(commands) > 2 else []
     result = {"arm": arm, "seed": seed, "key": cache_key(protocol, arm, seed),
               "commands": [command_line(c) for c in commands], "train_s": train_s,
               "eval_s": time.perf_counter() - started - train_s,
@@ -212,26 +230,28 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run_arm_job(protocol: Protocol, arm: str, seed: int, root: Path, record: Path) -> dict:
-    return run_arm(protocol, arm, seed, root, record, log=lambda m: print(m, file=sys.stderr, flush=True))
+def _run_arm_job(protocol: Protocol, arm: str, seed: int, root: Path, record: Path,
+                 run_command: CommandRunner | None) -> dict:
+    return run_arm(protocol, arm, seed, root, record, log=lambda m: print(m, file=sys.stderr, flush=True),
+                   run_command=run_command)
 
 
 def run_all(protocol: Protocol, root: Path, record: Path | None = None, arms=None, jobs: int = 1,
-            log=print) -> dict[str, list[dict]]:
+            log=print, run_command: CommandRunner | None = None) -> dict[str, list[dict]]:
     """Every (arm, seed), seeds outermost: an interrupted run has all arms at the first seeds. ``jobs``
     runs train at once, each in its own process with one thread (on 2 cores, two one-thread runs train
     1.7x faster than one two-thread run: this small network does not keep two threads busy)."""
     arms = list(arms or ARMS)
     tasks = [(arm, seed) for seed in protocol.seeds for arm in arms]
     if jobs <= 1:
-        done = {task: run_arm(protocol, *task, root, record, log) for task in tasks}
+        done = {task: run_arm(protocol, *task, root, record, log, run_command) for task in tasks}
     else:
         import concurrent.futures
         import multiprocessing
         os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when the spawned workers import it
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_one_thread) as pool:
-            futures = {task: pool.submit(_run_arm_job, protocol, *task, root, record or root) for task in tasks}
+            futures = {task: pool.submit(_run_arm_job, protocol, *task, root, record or root, run_command) for task in tasks}
             done = {task: future.result() for task, future in futures.items()}
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for (arm, _seed), result in done.items():
@@ -250,7 +270,7 @@ def collect_results(protocol: Protocol, root: Path, record: Path | None = None, 
 
 def reproduce(protocol: Protocol, root: Path, docs: Path, record: Path | None = None, figures: Path | None = None,
               quick: bool = False, train_only: bool = False, report_only: bool = False, jobs: int = 1,
-              arms=None, log=print) -> Path | None:
+              arms=None, log=print, run_command: CommandRunner | None = None) -> Path | None:
     """The whole reproduction: train (or reuse) every arm, then write the report. ``record``: where each
     finished run's ``result.json`` and ``log.jsonl`` are kept (default: ``runs/`` beside the figures, in
     version control). ``report_only``: write the report from the finished runs, train nothing."""
@@ -259,7 +279,7 @@ def reproduce(protocol: Protocol, root: Path, docs: Path, record: Path | None = 
     if report_only:
         results = collect_results(protocol, root, record)
     else:
-        results = run_all(protocol, root, record, arms=arms, jobs=jobs, log=log)
+        results = run_all(protocol, root, record, arms=arms, jobs=jobs, log=log, run_command=run_command)
     if train_only:
         return None
     return write_report(protocol, results, docs, figures, root, record, quick=quick)

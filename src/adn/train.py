@@ -55,7 +55,7 @@ from .skip import SkipConfig
 from .sync_bn import convert_sync_batchnorm
 
 METHODS = ("adn", "joint", "individual")
-SCHEDULERS = ("cosineannealinglr", "steplr", "exponentiallr", "constant")
+SCHEDULERS = ("cosineannealinglr", "steplr", "multisteplr", "exponentiallr", "constant")
 OPTIMIZERS = ("sgd", "adamw", "rmsprop")
 # Parameters that --transformer-embedding-decay applies to (torchvision ViT and Swin names).
 EMBEDDING_PARAMETERS = ("class_token", "pos_embedding", "relative_position_bias_table", "absolute_pos_embed")
@@ -126,6 +126,7 @@ class TrainConfig:
     nesterov: bool = False
     lr_scheduler: str = "cosineannealinglr"
     lr_step_size: int = 30
+    lr_steps: tuple[int, ...] = ()          # multisteplr: epochs at which lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     lr_min: float = 0.0
     lr_warmup_epochs: int = 0
@@ -173,6 +174,9 @@ class TrainConfig:
     skip_bad_images: bool = False
     overwrite: bool = False             # a fresh run may delete another run's files in output_dir
 
+    def __post_init__(self):
+        self.lr_steps = tuple(self.lr_steps)  # from the command line or a checkpoint's JSON: a list
+
     def validate(self) -> None:
         def need(ok: bool, message: str):
             if not ok:
@@ -193,6 +197,11 @@ class TrainConfig:
         need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
         need(self.bn_stats_from in ("super", "both"), f"--bn-stats-from must be super or both, got {self.bn_stats_from!r}")
         need(self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
+        need(self.lr_scheduler != "multisteplr" or bool(self.lr_steps),
+             "--lr-scheduler multisteplr needs its milestones: add --lr-steps, e.g. --lr-steps 15 23 for 30 epochs")
+        need(all(0 < step < self.epochs for step in self.lr_steps) and list(self.lr_steps) == sorted(set(self.lr_steps)),
+             f"--lr-steps must be increasing epochs between 1 and --epochs - 1 ({self.epochs - 1}), got "
+             f"{' '.join(map(str, self.lr_steps))}")
         need(self.opt in OPTIMIZERS, f"--opt must be one of {', '.join(OPTIMIZERS)}, got {self.opt!r}")
         need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must be >= 0")
         need(self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive")
@@ -395,6 +404,9 @@ def build_scheduler(optimizer, cfg: TrainConfig):
         main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs, eta_min=cfg.lr_min)
     elif cfg.lr_scheduler == "steplr":
         main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
+    elif cfg.lr_scheduler == "multisteplr":
+        # Milestones count from the end of warm-up, like the other schedules' epochs.
+        main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
     elif cfg.lr_scheduler == "exponentiallr":
         main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
     else:

@@ -9,7 +9,6 @@ Registered on adn's parser by :func:`add_detect`; errors are reported by ``adn.c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -17,12 +16,12 @@ from pathlib import Path
 import torch
 
 from .. import jsonout
-from ..cli import positive_int  # one definition of the argparse type for every adn command
+from ..detection.train import METHODS, OPTIMIZERS, SCHEDULERS, DetectTrainConfig
 from ..skip import SkipConfig
-from .train import METHODS, OPTIMIZERS, SCHEDULERS, DetectTrainConfig
+from .common import positive_int
 
 
-def add_detect(sub) -> None:
+def add(sub) -> None:
     parser = sub.add_parser("detect", help="object detection / instance segmentation with adaptive depth backbones "
                                            "(Faster R-CNN, Mask R-CNN)",
                             description="Adaptive depth ResNet-FPN backbones in torchvision's Faster R-CNN and Mask "
@@ -54,7 +53,7 @@ def _add_make_synthetic(commands) -> None:
 
 
 def _run_make_synthetic(args) -> int:
-    from .synthetic import make_synthetic_coco
+    from ..detection.synthetic import make_synthetic_coco
     summary = make_synthetic_coco(args.output, args.images, args.val_images, args.size, args.max_objects, args.seed,
                                   tuple(args.object_size), args.colour_by_class)
     if args.json:
@@ -147,7 +146,7 @@ def _add_train(commands) -> None:
 def _run_train(args) -> int:
     import os
 
-    from .train import train_detector
+    from ..detection.train import train_detector
     names = {f.name for f in fields(DetectTrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["lr_steps"] = tuple(values["lr_steps"])
@@ -186,9 +185,9 @@ def _add_eval(commands) -> None:
 
 
 def _run_eval(args) -> int:
-    from .checkpoint import load_detector
-    from .data import CocoDetection, DataError, eval_transforms, find_split, fixed_subset, load_annotations
-    from .evaluate import evaluate_detector
+    from ..detection.checkpoint import load_detector
+    from ..detection.data import CocoDetection, DataError, eval_transforms, find_split, fixed_subset, load_annotations
+    from ..detection.evaluate import evaluate_detector
 
     detector, ckpt = load_detector(args.checkpoint)
     meta = ckpt["meta"]

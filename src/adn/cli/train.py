@@ -1,0 +1,139 @@
+"""``adn train``: the flags of Algorithm 1 and its baselines, following torchvision's reference scripts."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from ..data import AUTO_AUGMENT_POLICIES, DATASETS, INTERPOLATIONS
+from ..distill import FEATURE_KD_MODES
+from ..models import available_models
+from ..train import METHODS, OPTIMIZERS, SCHEDULERS, TrainConfig
+from .common import positive_int
+
+
+def add(sub) -> None:
+    p = sub.add_parser("train", help="train an adaptive depth network (Algorithm 1) or a baseline",
+                       description="Train with sub-path specialization (method adn), the joint ablation, or an "
+                                   "individual fixed-depth baseline. Flags follow torchvision's reference scripts.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, help=f"one of: {', '.join(available_models())}")
+    g.add_argument("--weights", default=None, help="torchvision weights to start from, e.g. DEFAULT (downloads)")
+    g.add_argument("--width", type=positive_int, default=None, help="base width of the small ResNets (default 16)")
+    g.add_argument("--data", default=d.data, choices=DATASETS, help="dataset (fake: random images, for smoke tests)")
+    g.add_argument("--data-path", default=None, help="dataset folder (imagefolder: with train/ and val/)")
+    g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
+    g.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of N images")
+    g.add_argument("--val-from-train", type=positive_int, default=None, metavar="N",
+                   help="validate on N training images held out from training (the same N for every seed) instead "
+                        "of the test split: choose recipes this way, and keep the test split for final numbers")
+    g.add_argument("--train-crop-size", type=positive_int, default=None, help="imagefolder/fake: training crop size")
+    g.add_argument("--val-resize-size", type=positive_int, default=None, help="imagefolder: validation resize")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="imagefolder: skip unreadable image files (named on stderr, counted in the log) instead "
+                        "of stopping at the first one")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default=d.method, choices=METHODS,
+                   help="adn: sub-path specialization; joint: (CE_super+CE_base)/2 ablation; individual: one fixed "
+                        "sub-network (the paper's baselines)")
+    g.add_argument("--skip", default=d.skip, help="sub-network trained by --method individual (TTFF, super, base)")
+    g.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false",
+                   help="ablation: no skip-aware norm twins")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the super-net's CE loss")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature of the KL terms")
+    g.add_argument("--feature-kd", default=d.feature_kd, choices=FEATURE_KD_MODES,
+                   help="stage-output distillation: spatial (softmax over channels per position, the paper), "
+                        "pooled (per image, the authors' code) or none")
+    g.add_argument("--base-ce", type=float, default=d.base_ce, metavar="W",
+                   help="deviation from the paper, for ablations: also train the base-net on the labels, adding "
+                        "W * CE(y, y_base) to its distillation loss (0: Algorithm 1 as published)")
+    g.add_argument("--bn-stats-from", default="super", choices=("super", "both"),
+                   help="which forward pass updates the running statistics of batch norms that have no "
+                        "skip-aware twin (stem, shortcut projections): the super-net's only, or both passes")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (on resume: the total, may be raised)")
+    g.add_argument("-b", "--batch-size", type=int, default=d.batch_size, help="images per step (per process)")
+    g.add_argument("-j", "--workers", type=int, default=d.workers, help="data loading processes")
+    g.add_argument("--opt", default=d.opt, choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--lr", type=float, default=d.lr, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="momentum of sgd and rmsprop, in [0, 1)")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d.weight_decay,
+                   help="weight decay")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
+    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS,
+                   help="learning-rate schedule, stepped once per epoch")
+    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size, help="steplr: epochs between decays")
+    g.add_argument("--lr-steps", type=int, nargs="+", default=list(d.lr_steps),
+                   help="multisteplr: the epochs at which the learning rate drops by --lr-gamma (e.g. 15 23)")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma,
+                   help="steplr/multisteplr/exponentiallr: factor in (0, 1] the learning rate is multiplied by")
+    g.add_argument("--lr-min", type=float, default=d.lr_min, help="cosineannealinglr: final learning rate")
+    g.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs, help="epochs of warm-up (0: none)")
+    g.add_argument("--lr-warmup-method", default=d.lr_warmup_method, choices=("linear", "constant"),
+                   help="warm-up shape")
+    g.add_argument("--lr-warmup-decay", type=float, default=d.lr_warmup_decay,
+                   help="learning-rate factor at the start of warm-up, in (0, 1]")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="label smoothing of the cross-entropy, in [0, 1)")
+    g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm before each update")
+    g.add_argument("--norm-weight-decay", type=float, default=None, help="weight decay of norm parameters")
+    g.add_argument("--bias-weight-decay", type=float, default=None, help="weight decay of biases")
+    g.add_argument("--transformer-embedding-decay", type=float, default=None,
+                   help="weight decay of class token, position embeddings and relative position bias tables")
+    g.add_argument("--model-ema", action="store_true", help="also keep and evaluate an EMA of the weights")
+    g.add_argument("--model-ema-steps", type=int, default=d.model_ema_steps, help="steps between EMA updates")
+    g.add_argument("--model-ema-decay", type=float, default=d.model_ema_decay, help="EMA decay per update, in (0, 1)")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--mixup-alpha", type=float, default=d.mixup_alpha, help="MixUp on batches (0: off)")
+    g.add_argument("--cutmix-alpha", type=float, default=d.cutmix_alpha, help="CutMix on batches (0: off)")
+    g.add_argument("--auto-augment", default=None, choices=AUTO_AUGMENT_POLICIES, help="auto-augment policy")
+    g.add_argument("--random-erase", type=float, default=d.random_erase, help="random erasing probability")
+    g.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS, help="resize interpolation")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
+    g.add_argument("--recalibrate-bn", type=int, default=d.recalibrate_bn, metavar="N",
+                   help="after each epoch, also validate with batch-norm statistics recomputed per depth on N "
+                        "training batches (logged as val_acc1_<depth>_recal; the checkpoint keeps its own statistics); "
+                        "0: off")
+    g = p.add_argument_group("scale and speed (multi-process: torchrun --nproc_per_node=K -m adn train ...)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="with several processes: batch-norm statistics over the global batch, not each process's share")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (autocast; float16 + GradScaler on CUDA). Default: on (bfloat16) where the "
+                        "hardware computes bfloat16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else off")
+    g.add_argument("--amp-dtype", default=d.amp_dtype, choices=("auto", "float16", "bfloat16"),
+                   help="autocast type; auto: float16 on CUDA, bfloat16 on CPU")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (faster convolutions). Default: on together with automatic "
+                        "mixed precision, unless a layer is known to crash in it")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (one graph per depth)")
+    g.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (exactly where it stopped, "
+                                                  "mid-epoch included)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds another run's checkpoints and log, deleting them "
+                        "(without it such a folder is refused)")
+    g.add_argument("--save-every-steps", type=int, default=None, metavar="N",
+                   help="also write a checkpoint every N steps, mid-epoch included (unset: at the end of each epoch only)")
+    g.add_argument("--keep-last", type=int, default=d.keep_last, metavar="K",
+                   help="keep the last K checkpoints as checkpoint-e<epoch>-s<step>.pt beside checkpoint.pt (the latest)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and augmentation")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ... (under torchrun: GPU LOCAL_RANK)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import os
+
+    from ..train import train
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    train(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
+        print(f"checkpoint: {Path(cfg.output_dir) / 'checkpoint.pt'}", file=sys.stderr)
+    return 0
