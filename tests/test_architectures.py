@@ -133,8 +133,9 @@ def test_mobilenet_norms_outside_stages_switch_with_the_nearest_stage():
     assert stem_norm.adn_skipped and not final_norm.adn_skipped
 
 
-def test_swin_patch_merging_norm_switches_with_the_stage_before_it():
+def test_swin_patch_merging_norm_switches_with_the_stage_it_opens():
     net = adn.convert(small_swin())
-    merge_norm = net.features[2].norm
-    assert any(m is merge_norm for m in net.adn_stages[0].norms)
+    merge_norm = net.features[2].norm  # between stage 1 (features.1) and stage 2 (features.3)
+    assert any(m is merge_norm for m in net.adn_stages[1].norms)
+    assert not any(m is merge_norm for m in net.adn_stages[0].norms)
     assert not any(isinstance(m, SkipAwareNorm) for m in net.features[7][1].modules())

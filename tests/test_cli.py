@@ -21,9 +21,31 @@ def checkpoint(tmp_path_factory, fashion_dir) -> Path:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command):
+def test_main_commands_have_help_from_the_shell(command):
     result = subprocess.run([sys.executable, "-m", "adn", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: adn " + command in result.stdout
+
+
+def test_every_command_has_help_text_and_options_explained():
+    """`adn --help` gives each command a line, and every option of every command (adn detect's
+    subcommands included) says what it does."""
+    import argparse
+
+    from adn.cli import build_parser
+
+    def check(parser, name):
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        unexplained = [a.option_strings[0] for a in parser._actions
+                       if a.option_strings and not a.help and not isinstance(a, argparse._HelpAction)]
+        assert not unexplained, f"{name}: options without help: {unexplained}"
+        assert parser.format_help().startswith(f"usage: {name}")
+        for child_name, child in (commands.choices.items() if commands else ()):
+            listed = [h for h in commands._choices_actions if h.dest == child_name]
+            assert listed and listed[0].help, f"{name} {child_name} has no one-line help in `{name} --help`"
+            check(child, f"{name} {child_name}")
+        return set(commands.choices) if commands else set()
+
+    assert {"serve", "predict", "train-lm", "eval-lm", "generate", "reproduce-finetune"} <= check(build_parser(), "adn")
 
 
 def test_profile_json_rows(capsys):

@@ -13,13 +13,15 @@ from .governor import Decision, Governor
 from .layers import SkipAwareNorm, SkippableBlock, SkippableStage
 from .models import available_models, build_model
 from .network import AdaptiveDepthNetwork
+from .predict import Predictor
+from .preprocess import Preprocessing
 from .recalibrate import recalibrate_norms
 from .skip import SkipConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveDepthNetwork", "CompiledDepths", "Decision", "DepthTable", "Governor", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
+    "AdaptiveDepthNetwork", "CompiledDepths", "Decision", "DepthTable", "Governor", "Predictor", "Preprocessing", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
     "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "load", "recalibrate_norms", "register_adapter", "split_point",
     "supported_families",
 ]

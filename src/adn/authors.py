@@ -17,16 +17,13 @@ with ``torch.load(weights_only=True)``: no code in them runs.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_save, check_finite, check_integrity, checkpoint_payload
+from .checkpoint import (CheckpointError, atomic_save, check_finite, checkpoint_payload, is_state_dict, load_weights_only)
 from .convert import convert
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import build_model
@@ -137,7 +134,7 @@ def read_authors_file(source, which: str | None = None) -> tuple[dict, str]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{name} holds a {type(data).__name__}, not a state dict; expected the authors' weights "
                               f"(a dict of tensors) or a training file {{'model': ..., 'model_ema': ...}}")
-    if _is_state_dict(data):
+    if is_state_dict(data):
         if which is not None:
             raise ValueError(f"{name} is a plain state dict (no 'model' or 'model_ema' entries); drop --which")
         return _clean(data), "state dict"
@@ -150,40 +147,17 @@ def read_authors_file(source, which: str | None = None) -> tuple[dict, str]:
                               f"expected the authors' weights: a plain state dict, or a training file with 'model' "
                               f"and/or 'model_ema'" + (f". Use --which {present[0]}" if present else ""))
     state_dict = data[chosen]
-    if not isinstance(state_dict, dict) or not _is_state_dict(state_dict):
+    if not isinstance(state_dict, dict) or not is_state_dict(state_dict):
         raise CheckpointError(f"{name}: its {chosen!r} entry is not a dict of tensors; expected a state dict")
     return _clean(state_dict), chosen
 
 
 def _load_file(path) -> object:
-    """``torch.load`` of weights only. argparse.Namespace is allowed besides torch's own safe types: the
-    authors' training script stores its arguments as one under "args"; it is a plain attribute bag
-    (unpickled by setting attributes, whose values go through the same restricted unpickler)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file; give the authors' .pth file")
-    check_integrity(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} holds objects other than tensors, numbers, strings and containers "
-            f"({_first_line(error)}). adn reads weights only, so that opening a file cannot run code hidden in it. "
-            f"If you trust the file, save its state dict alone with the code that wrote it, e.g. "
-            f"torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), and import that") from error
-    except Exception as error:  # noqa: BLE001  (a truncated or non-torch file: torch raises many kinds)
-        raise CheckpointError(f"cannot read {path}: it is truncated, corrupted or not a torch file "
-                              f"({type(error).__name__}: {_first_line(error)})") from error
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__
-
-
-def _is_state_dict(data: dict) -> bool:
-    return bool(data) and all(isinstance(k, str) for k in data) and all(isinstance(v, torch.Tensor) for v in data.values())
+    return load_weights_only(path, str(path), "save its state dict alone with the code that wrote it, e.g. "
+                             "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), and import that")
 
 
 def _clean(state_dict: dict) -> dict:

@@ -319,3 +319,38 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def load_weights_only(path: str | os.PathLike, what: str, fix: str) -> object:
+    """``torch.load`` of a file written by someone else, weights only: tensors, numbers, strings and
+    containers, plus ``argparse.Namespace`` (timm's, torchvision's and the paper's authors' training scripts
+    store their arguments as one: a plain attribute bag whose values go through the same restricted
+    unpickler). ``what`` names the file in errors (e.g. "--init-from w.pth"); ``fix`` says how to turn a
+    trusted file with other objects into a state dict."""
+    import argparse
+    import pickle
+
+    check_integrity(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{what} holds objects other than tensors, numbers, strings and containers ({first_line(error)}). adn "
+            f"reads weights only, so that opening a file cannot run code hidden in it. If you trust the file, {fix}"
+        ) from error
+    except Exception as error:  # noqa: BLE001  (a truncated or non-torch file: torch raises many kinds)
+        raise CheckpointError(f"{what}: cannot read it: it is truncated, corrupted or not a torch file "
+                              f"({type(error).__name__}: {first_line(error)})") from error
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (torch's messages run to pages)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def is_state_dict(data) -> bool:
+    """A non-empty mapping of parameter names to tensors."""
+    return (isinstance(data, dict) and bool(data) and all(isinstance(k, str) for k in data)
+            and all(isinstance(v, torch.Tensor) for v in data.values()))

@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 
 from . import jsonout
 from .atomic import atomic_write
+from .labels import class_names
+from .preprocess import Preprocessing
 from .profile import count_macs
 from .skip import SkipConfig
 
@@ -123,10 +125,16 @@ def verify_onnx(path, sub: torch.nn.Module, example: torch.Tensor, tolerance: fl
     return worst
 
 
-def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None) -> list[dict]:
+def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
+                       meta: dict | None = None) -> list[dict]:
+    """Write each sub-network in ``configs`` and ``manifest.json``. With the checkpoint's ``meta``, the
+    manifest also says what the files take and give: ``preprocess`` and ``class_names``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     configs = [SkipConfig(c, net.num_stages) for c in configs]  # validate every config before writing anything
+    model_io = {}
+    if meta is not None:  # read (and checked) before anything is written
+        model_io = {"preprocess": Preprocessing.from_meta(meta).to_dict(), "class_names": class_names(meta)}
     output = Path(output_dir)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -165,7 +173,7 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
         if accuracy and str(config) in accuracy:
             entry.update(accuracy[str(config)])
         entries.append(entry)
-    manifest = {"input_shape": list(example.shape[1:]), "subnetworks": entries}
+    manifest = {"input_shape": list(example.shape[1:]), **model_io, "subnetworks": entries}
     previous = _listed_files(output / "manifest.json")  # read before it is replaced
     atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(manifest, indent=2)))
     _remove_stale(output, previous - {name for entry in entries for name in _entry_files(entry)})

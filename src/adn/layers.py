@@ -72,7 +72,7 @@ def swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
 def original_class(module: nn.Module) -> type:
     """The class a converted module had before conversion (the class itself if not converted)."""
     cls = type(module)
-    for mixin in (SkipAwareNorm, SkippableBlock):
+    for mixin in (SkipAwareNorm, SkippableBlock, IdleWhenSkipped):
         if issubclass(cls, mixin):
             return cls.__mro__[2]
     return cls
@@ -123,21 +123,42 @@ class SkipAwareNorm:
         self.twin.load_state_dict({k: v for k, v in super().state_dict().items() if not k.startswith("twin.")})
 
 
+class IdleWhenSkipped:
+    """Mixin for a module inside a stage's shared blocks that is the identity while the stage skips its
+    skippable part. Used for stochastic depth: the authors' shared Swin blocks drop no residual paths in
+    a sub-network that skips their stage."""
+
+    adn_skipped: bool = False
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        swap_in_subclass(module, cls, "IdleWhenSkipped")
+        module.adn_skipped = False
+        return module
+
+    def forward(self, x, *args, **kwargs):
+        if is_skipped(self):
+            return x
+        return super().forward(x, *args, **kwargs)
+
+
 class SkippableStage:
     """One stage of an adaptive depth network (a plain controller, not an ``nn.Module``: the blocks
     stay where the original model put them).
 
     ``shared`` blocks always run; ``skippable`` blocks run unless ``skip`` is set; ``norms`` are the
-    skip-aware norms inside the shared blocks that switch to their twins when ``skip`` is set."""
+    skip-aware norms that switch to their twins when ``skip`` is set; ``idle`` are modules of the shared
+    blocks (:class:`IdleWhenSkipped`) that are the identity when ``skip`` is set."""
 
     def __init__(self, name: str, shared: Sequence[nn.Module], skippable: Sequence[nn.Module],
-                 norms: Sequence[nn.Module] = ()):
+                 norms: Sequence[nn.Module] = (), idle: Sequence[nn.Module] = ()):
         if not shared:
             raise ValueError(f"stage {name!r}: at least one block must be shared (run by every sub-network)")
         self.name = name
         self.shared = list(shared)
         self.skippable = list(skippable)
         self.norms = list(norms)
+        self.idle = list(idle)
         self._skip = False
 
     @property
@@ -152,14 +173,14 @@ class SkippableStage:
             return
         for module in self.skippable:
             module.adn_skipped = value
-        for norm in self.norms:
-            norm.adn_skipped = value
+        for module in self.norms + self.idle:
+            module.adn_skipped = value
         self._skip = value
 
     def flags(self, value: bool) -> dict[nn.Module, bool]:
         """The per-module entries of :data:`ACTIVE_DEPTH` that run this stage with skip flag ``value``."""
         value = bool(value)
-        return {module: value for module in self.skippable + self.norms}
+        return {module: value for module in self.skippable + self.norms + self.idle}
 
     @property
     def output_module(self) -> nn.Module:

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import (ACTIVE_DEPTH, SkipAwareNorm, SkippableBlock, SkippableStage, swap_in_subclass,
-                     original_class)
+from .layers import (ACTIVE_DEPTH, IdleWhenSkipped, SkipAwareNorm, SkippableBlock, SkippableStage,
+                     swap_in_subclass, original_class)
 from .skip import SkipConfig
 
 
@@ -91,11 +91,13 @@ class AdaptiveDepthNetwork:
             entries.update(stage.flags(flag))
         return entries
 
-    def forward(self, x, *args, skip=None, **kwargs):
+    # Inputs pass through untouched, positional or by keyword: Hugging Face models are called as
+    # ``model(input_ids=..., past_key_values=...)`` (their ``generate`` does so), with no positional input.
+    def forward(self, *args, skip=None, **kwargs):
         if skip is None:
-            return super().forward(x, *args, **kwargs)
+            return super().forward(*args, **kwargs)
         with self.skipping(skip):
-            return super().forward(x, *args, **kwargs)
+            return super().forward(*args, **kwargs)
 
     def sub_networks(self) -> list[SkipConfig]:
         """All 2^N configurations of this network, super-net first."""
@@ -162,12 +164,12 @@ def _unload(model: nn.Module) -> None:
     """Strip the skip machinery from a deep copy, in place (the copy's flags fix its depth)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, SkippableBlock) and child.adn_skipped:
-                _remove_child(parent, name)
+            if isinstance(child, (SkippableBlock, IdleWhenSkipped)) and child.adn_skipped:
+                _remove_child(parent, name, child)
             elif isinstance(child, SkipAwareNorm) and child.adn_skipped:
                 setattr(parent, name, child.twin)
     for module in model.modules():
-        if isinstance(module, (SkipAwareNorm, SkippableBlock)):
+        if isinstance(module, (SkipAwareNorm, SkippableBlock, IdleWhenSkipped)):
             module._modules.pop("twin", None)
             module.__dict__.pop("adn_skipped", None)
             module.__class__ = original_class(module)
@@ -176,13 +178,14 @@ def _unload(model: nn.Module) -> None:
     model.__class__ = type(model).__mro__[2]
 
 
-def _remove_child(parent: nn.Module, name: str) -> None:
+def _remove_child(parent: nn.Module, name: str, child: nn.Module) -> None:
     if isinstance(parent, nn.Sequential):
         # Keep the other entries' names, so the sub-network's state_dict keys match the full network's.
         del parent._modules[name]
     elif isinstance(parent, nn.ModuleList):
-        # A ModuleList is indexed by position: renumber what is left.
-        kept = [m for n, m in parent.named_children() if n != name]
+        # A ModuleList is indexed by position: renumber what is left. Found by identity, not by name: after
+        # an earlier removal from the same list renumbered it, ``name`` points at another module.
+        kept = [m for m in parent.children() if m is not child]
         parent._modules.clear()
         for index, module in enumerate(kept):
             parent.add_module(str(index), module)

@@ -126,7 +126,7 @@ def command_line(args: list[str]) -> str:
 CommandRunner = Callable[[list[str]], int]
 
 
-def _run_command(args: list[str], run_command: CommandRunner | None) -> str:
+def run_adn(args: list[str], run_command: CommandRunner | None = None) -> str:
     """Run an ``adn`` command and return what it printed on stdout: in this process with ``run_command``,
     else in a ``python -m adn`` subprocess (its log lines pass through to stderr)."""
     if run_command is None:
@@ -160,7 +160,8 @@ def cached_result(protocol: Protocol, arm: str, seed: int, folders: list[Path]) 
     return None
 
 
-def _write_json(path: Path, value) -> None:
+def write_json(path: Path, value) -> None:
+    """Write ``value`` as JSON (never NaN), atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(jsonout.dumps(value, indent=1)))
 
 
@@ -177,7 +178,7 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
     if cached is not None:
         saved = record / arm / f"seed{seed}"
         if not (saved / "result.json").is_file():
-            _save_record(folder, saved, cached)
+            save_record(folder, saved, cached)
         return cached
     if folder.exists():  # a run that died before its result was written: start it afresh
         for name in ("checkpoint.pt", "log.jsonl"):
@@ -185,10 +186,10 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
     commands = protocol.commands(arm, seed, folder)
     log(f"{arm} seed {seed}: {command_line(commands[0])}")
     started = time.perf_counter()
-    _run_command(commands[0], run_command)
+    run_adn(commands[0], run_command)
     train_s = time.perf_counter() - started
-    rows = json.loads(_run_command(commands[1], run_command))
-    recalibrated = json.loads(_run_command(commands[2], run_command)) if len(commands) > 2 else []
+    rows = json.loads(run_adn(commands[1], run_command))
+    recalibrated = json.loads(run_adn(commands[2], run_command)) if len(commands) > 2 else []
     result = {"arm": arm, "seed": seed, "key": cache_key(protocol, arm, seed),
               "commands": [command_line(c) for c in commands], "train_s": train_s,
               "eval_s": time.perf_counter() - started - train_s,
@@ -197,8 +198,8 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
               "macs": {row["skip"]: row["macs"] for row in rows},
               "params": {row["skip"]: row["params"] for row in rows}}
     result.update(_checkpoint_facts(folder / "checkpoint.pt"))
-    _write_json(folder / "result.json", result)
-    _save_record(folder, record / arm / f"seed{seed}", result)
+    write_json(folder / "result.json", result)
+    save_record(folder, record / arm / f"seed{seed}", result)
     log(f"{arm} seed {seed}: done in {train_s + result['eval_s']:.0f}s; "
         + ", ".join(f"{k}={v:.2f}%" for k, v in result["accuracy"].items()))
     return result
@@ -217,10 +218,11 @@ def _checkpoint_facts(checkpoint: Path) -> dict:
     return {"norm_distance": distances, "speed": ckpt["meta"].get("speed")}
 
 
-def _save_record(folder: Path, saved: Path, result: dict) -> None:
+def save_record(folder: Path, saved: Path, result: dict) -> None:
+    """Copy a finished run's ``result.json`` and ``log.jsonl`` from ``folder`` to ``saved`` (kept in version control)."""
     if saved.resolve() == folder.resolve():
         return
-    _write_json(saved / "result.json", result)
+    write_json(saved / "result.json", result)
     log_file = folder / "log.jsonl"
     if log_file.is_file():
         atomic_write(saved / "log.jsonl", lambda tmp: Path(tmp).write_text(log_file.read_text()))

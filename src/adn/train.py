@@ -44,11 +44,14 @@ from .data import (DATASETS, Augmentation, DataError, calibration_loader, collat
 from .distill import FEATURE_KD_MODES, SubPathDistillationLoss
 from .distributed import Distributed, setup as setup_distributed
 from .evaluate import evaluate_accuracy
+from .init_from import init_from, scale_body_lr
+from .labels import dataset_class_names
 from .layers import SkipAwareNorm
 from .memory_data import TensorImages, training_batches
 from .recalibrate import batch_norms
 from .rundir import check_writable, claim as claim_output_dir
 from .models import NEEDS_IMAGE_SIZE, build_model
+from .preprocess import Preprocessing
 from .precision import AMP_DTYPES, FLOAT32, Precision, native_bfloat16
 from .sampling import EpochBatches, SeededSamples
 from .skip import SkipConfig
@@ -115,6 +118,7 @@ class TrainConfig:
     skip: str = "super"                 # the sub-network trained by method=individual
     skip_aware_norm: bool = True
     weights: str | None = None          # torchvision weights name, e.g. DEFAULT
+    init_from: str | None = None        # weights file of a plain or adn network to start from (adn.init_from)
     width: int | None = None            # base width of the small ResNets
     epochs: int = 10
     batch_size: int = 128
@@ -132,6 +136,7 @@ class TrainConfig:
     lr_warmup_epochs: int = 0
     lr_warmup_method: str = "linear"
     lr_warmup_decay: float = 0.01
+    body_lr_scale: float = 1.0          # learning rate of all but the classification head, as a factor of lr
     label_smoothing: float = 0.0
     clip_grad_norm: float | None = None
     norm_weight_decay: float | None = None
@@ -182,6 +187,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         self._check_finite()
+        need(not (self.init_from and self.weights), "--init-from and --weights exclude each other: both give the "
+                                                    "starting weights")
+        need(bool(self.resume) or not self.init_from or os.path.isfile(self.init_from),
+             f"--init-from {self.init_from}: no such file")
         need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --resume continues "
                                                    "the run in --output-dir, --overwrite replaces it")
         need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -245,7 +254,7 @@ NUMBER_RANGES = (
     ("bias_weight_decay", (0, True), None), ("transformer_embedding_decay", (0, True), None),
     ("random_erase", (0, True), (1, True)), ("seed", (0, True), (2 ** 32 - 1, True)),
     ("width", (1, True), (4096, True)), ("train_crop_size", (1, True), (8192, True)),
-    ("val_resize_size", (1, True), (8192, True)),
+    ("val_resize_size", (1, True), (8192, True)), ("body_lr_scale", (0, False), (1, True)),
 )
 FLAG_NAMES = {"weight_decay": "--wd", "batch_size": "--batch-size"}
 
@@ -368,6 +377,8 @@ def parameter_groups(net: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(net, cfg)
+    if cfg.body_lr_scale != 1.0:
+        groups = scale_body_lr(groups, net, cfg.lr, cfg.body_lr_scale)
     if cfg.opt == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.opt == "rmsprop":  # torchvision's settings for MobileNet recipes
@@ -434,6 +445,10 @@ def _meta(cfg: TrainConfig, data) -> dict:
         # absolute, so that `adn eval` finds the data from any working directory
         "dataset": cfg.data, "data_path": os.path.abspath(cfg.data_path) if cfg.data_path else None, "mean": list(data.mean), "std": list(data.std),
         "config": asdict(cfg),
+        # what adn predict / adn serve need to answer about image files: output names, input preprocessing
+        "class_names": dataset_class_names(cfg.data, cfg.data_path, data.num_classes),
+        "preprocess": Preprocessing.for_training(cfg.data, data.image_size, data.in_channels, data.mean, data.std,
+                                                 cfg.val_resize_size, cfg.interpolation).to_dict(),
     }
 
 
@@ -562,6 +577,8 @@ class Trainer:
         model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                             weights=cfg.weights, **self.meta["model_kwargs"])
         net = self.net = _convert(model, cfg).to(device)
+        if cfg.init_from and resume is None:  # (on resume, the checkpoint's weights are the starting point)
+            init_from(net, cfg.init_from, cfg.model, log=self.say)
         if cfg.method == "individual":
             net.skip = SkipConfig(cfg.skip, net.num_stages)
         _check_input_fits(net, data, cfg, device)
@@ -703,7 +720,7 @@ class Trainer:
             self.ema.load_state_dict(resume["model_ema"])
         self.precision.load_state_dict(resume.get("scaler"))
         for group in self.optimizer.param_groups:  # the schedule is recomputed from this run's settings
-            group["lr"] = group["initial_lr"] = cfg.lr
+            group["lr"] = group["initial_lr"] = cfg.lr * group.get("lr_scale", 1.0)
         self.global_step = resume.get("global_step", 0)
         if resume.get("step_in_epoch") is None:  # an epoch-end checkpoint
             self.start_epoch = resume["epoch"] + 1

@@ -15,7 +15,9 @@ import torch
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..train import TrainingDiverged, TrainingInterrupted
-from . import analyze, depth_table, detect, eval, export, import_weights, pareto, profile, reproduce, train
+from . import analyze, depth_table, detect, eval, export, import_weights, pareto, predict, profile, reproduce, serve, train
+from . import finetune_study
+from . import eval_lm, generate, train_lm
 from .common import HelpFormatter, first_line, out_of_memory
 
 __all__ = ["build_parser", "main", "parse"]
@@ -32,10 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add(sub)
     pareto.add(sub)
     depth_table.add(sub)
+    predict.add(sub)
+    serve.add(sub)
     analyze.add(sub)
     import_weights.add(sub)
     reproduce.add(sub)
+    finetune_study.add(sub)  # adn reproduce-finetune
     detect.add(sub)  # adn detect make-synthetic|train|eval
+    train_lm.add(sub)  # language models: adn train-lm, eval-lm, generate
+    eval_lm.add(sub)
+    generate.add(sub)
     for command in _all_parsers(parser):  # one formatter everywhere, adn detect's commands included
         command.formatter_class = HelpFormatter
     return parser

@@ -31,21 +31,12 @@ def add(sub) -> None:
 
 def load_images(paths: list[str], meta: dict) -> torch.Tensor:
     """Image files as the network's validation transform would give them (size, channels, normalization)."""
-    from PIL import Image
-    from torchvision.transforms import v2
+    from ..preprocess import ImageError, Preprocessing
 
-    from ..data import read_image
-
-    size = meta.get("image_size") or 224
-    transform = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta["mean"], meta["std"])])
-    images = []
-    for path in paths:
-        try:
-            images.append(transform(read_image(path, "L" if meta["in_channels"] == 1 else "RGB")))
-        except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # what PIL raises for bad files
-            raise ValueError(f"--gradcam {path}: cannot read it as an image ({error}); give PNG or JPEG files") from error
-    return torch.stack(images)
+    try:
+        return Preprocessing.from_meta(meta).load_files(paths)
+    except ImageError as error:
+        raise ValueError(f"--gradcam: {error}") from error
 
 
 def run(args) -> int:

@@ -47,7 +47,7 @@ def _add_make_synthetic(commands) -> None:
     p.add_argument("--colour-by-class", action="store_true",
                    help="each class its own colour family on grey backgrounds (easier; for quick CPU runs). "
                         "Default: random colours, only the shape tells the class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images and boxes")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_run_make_synthetic)
 
@@ -93,10 +93,12 @@ def _add_train(commands) -> None:
     g.add_argument("--max-size", type=positive_int, default=d.max_size, help="longer image side at most")
     g.add_argument("--rpn-proposals-train", type=positive_int, default=d.rpn_proposals_train,
                    help="RPN proposals kept per image in training (before and after NMS)")
-    g.add_argument("--rpn-proposals-test", type=positive_int, default=d.rpn_proposals_test)
+    g.add_argument("--rpn-proposals-test", type=positive_int, default=d.rpn_proposals_test,
+                   help="region proposals kept per image at evaluation")
     g.add_argument("--box-batch-size-per-image", type=positive_int, default=d.box_batch_size_per_image,
                    help="RoIs sampled per image for the box (and mask) head losses")
-    g.add_argument("--detections-per-image", type=positive_int, default=d.detections_per_image)
+    g.add_argument("--detections-per-image", type=positive_int, default=d.detections_per_image,
+                   help="detections kept per image")
     g = p.add_argument_group("data (COCO format)")
     g.add_argument("--data-path", default=None, help="folder with train2017/, val2017/ and annotations/instances_*.json")
     for split in ("train", "val"):
@@ -111,35 +113,37 @@ def _add_train(commands) -> None:
                         "individual: one fixed depth (--skip)")
     g.add_argument("--skip", default=d.skip, help="depth trained by --method individual (super, base, TTFF, ...)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the super-net's detection losses")
-    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature (KL scaled by T^2)")
     g.add_argument("--feature-kd", default=d.feature_kd, choices=("spatial", "pooled"),
                    help="FPN distillation: softmax over channels at each position (spatial) or per image (pooled)")
     g.add_argument("--bn-stats-from", default=d.bn_stats_from, choices=("super", "both"),
                    help="which pass updates running statistics of batch norms without a twin")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=positive_int, default=d.epochs)
+    g.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the training images")
     g.add_argument("-b", "--batch-size", type=positive_int, default=d.batch_size, help="images per process and step")
     g.add_argument("-j", "--workers", type=int, default=d.workers, help="data loading processes")
-    g.add_argument("--opt", default=d.opt, choices=OPTIMIZERS)
+    g.add_argument("--opt", default=d.opt, choices=OPTIMIZERS, help="optimizer")
     g.add_argument("--lr", type=float, default=d.lr, help="0.02 for 16 images per step (torchvision); scale linearly")
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d.weight_decay)
-    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS)
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum, in [0, 1)")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=d.weight_decay,
+                   help="weight decay")
+    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=SCHEDULERS, help="learning-rate schedule")
     g.add_argument("--lr-steps", type=int, nargs="+", default=list(d.lr_steps), help="multisteplr milestones (epochs)")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="multisteplr: factor at each milestone")
     g.add_argument("--lr-warmup-iters", type=int, default=d.lr_warmup_iters, help="linear warm-up (within epoch 1)")
-    g.add_argument("--lr-warmup-factor", type=float, default=d.lr_warmup_factor)
-    g.add_argument("--clip-grad-norm", type=float, default=None)
+    g.add_argument("--lr-warmup-factor", type=float, default=d.lr_warmup_factor,
+                   help="learning-rate factor at the start of warm-up")
+    g.add_argument("--clip-grad-norm", type=float, default=None, help="clip gradients to this norm (default: no clipping)")
     g.add_argument("--max-steps-per-epoch", type=positive_int, default=None, help="cap steps per epoch (quick runs)")
     g = p.add_argument_group("run (multi-process: torchrun --nproc_per_node=K -m adn detect train ...)")
     g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")
     g.add_argument("--resume", default=None, help="checkpoint to continue from, at the epoch after the "
                                                   "last one it finished (model settings come from the checkpoint)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, metavar="K", help="numbered checkpoints kept")
-    g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="images per evaluation batch")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of initialization, data order and augmentation")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=_run_train)
 
 
@@ -176,11 +180,11 @@ def _add_eval(commands) -> None:
     p.add_argument("--ann-file", default=None, help="instances JSON of those images")
     p.add_argument("--subset", type=positive_int, default=None, help="evaluate on a fixed random subset of N images")
     p.add_argument("--skip", default="all", help="'all', or comma-separated configs such as TTFF,super,base")
-    p.add_argument("-b", "--batch-size", type=positive_int, default=2)
-    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=2, help="images per evaluation batch")
+    p.add_argument("-j", "--workers", type=int, default=0, help="data loading processes (0: in this process)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print JSON rows on stdout instead of a table")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=_run_eval)
 
 

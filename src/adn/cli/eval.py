@@ -20,8 +20,8 @@ def add(sub) -> None:
     p.add_argument("--data", default=None, choices=DATASETS, help="default: the dataset it was trained on")
     p.add_argument("--data-path", default=None, help="default: the path it was trained with")
     p.add_argument("--val-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
-    p.add_argument("-b", "--batch-size", type=positive_int, default=256)
-    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per evaluation batch")
+    p.add_argument("-j", "--workers", type=int, default=0, help="data loading processes (0: in this process)")
     p.add_argument("--recalibrate-bn", type=positive_int, default=None, metavar="N",
                    help="before evaluating each sub-network, recompute its batch-norm statistics on N batches of "
                         "training images (un-augmented, the same for every depth); the checkpoint is not changed")

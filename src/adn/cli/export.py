@@ -14,9 +14,9 @@ def add(sub) -> None:
     from ..export import FORMATS
     p = sub.add_parser("export", help="write standalone sub-networks (one file each) and a manifest",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
     p.add_argument("--skip", default="all", help="'all', or comma-separated configs such as TTFF,base")
-    p.add_argument("--format", default="safetensors", choices=FORMATS)
+    p.add_argument("--format", default="safetensors", choices=FORMATS, help="file format of each sub-network")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--accuracy", default=None, help="JSON from `adn eval --json` to record accuracy in the manifest")
     p.set_defaults(run=run)
@@ -37,7 +37,7 @@ def run(args) -> int:
             raise ValueError(f"--accuracy {args.accuracy}: expected the JSON printed by `adn eval --json` ({error})") from error
     size = meta.get("image_size", 224)
     example = torch.randn(1, meta["in_channels"], size, size)
-    entries = export_subnetworks(net.eval(), configs, args.output, args.format, example, accuracy)
+    entries = export_subnetworks(net.eval(), configs, args.output, args.format, example, accuracy, meta=meta)
     for entry in entries:
         print(f"{entry['skip']}  {Path(args.output) / entry['file']}")
     return 0

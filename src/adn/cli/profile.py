@@ -23,7 +23,8 @@ def add(sub) -> None:
     p.add_argument("--in-channels", type=positive_int, default=None, help="default: 3, or the checkpoint's")
     p.add_argument("--num-classes", type=positive_int, default=None, help="default: 1000, or the checkpoint's")
     p.add_argument("--width", type=positive_int, default=None, help="base width of the small ResNets")
-    p.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false")
+    p.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false",
+                   help="convert without skip-aware norm twins (the ablation)")
     add_measure_flags(p)
     p.set_defaults(run=run)
 

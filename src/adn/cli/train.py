@@ -22,6 +22,10 @@ def add(sub) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help=f"one of: {', '.join(available_models())}")
     g.add_argument("--weights", default=None, help="torchvision weights to start from, e.g. DEFAULT (downloads)")
+    g.add_argument("--init-from", default=None, metavar="FILE",
+                   help="start from the weights in FILE: a plain network's state dict (.pth/.pt), a .safetensors file, "
+                        "a timm checkpoint, or an adn checkpoint (twins loaded too unless it is --method individual); "
+                        "converted after loading; a head with another class count is replaced (docs/fine-tuning.md)")
     g.add_argument("--width", type=positive_int, default=None, help="base width of the small ResNets (default 16)")
     g.add_argument("--data", default=d.data, choices=DATASETS, help="dataset (fake: random images, for smoke tests)")
     g.add_argument("--data-path", default=None, help="dataset folder (imagefolder: with train/ and val/)")
@@ -72,6 +76,9 @@ def add(sub) -> None:
                    help="steplr/multisteplr/exponentiallr: factor in (0, 1] the learning rate is multiplied by")
     g.add_argument("--lr-min", type=float, default=d.lr_min, help="cosineannealinglr: final learning rate")
     g.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs, help="epochs of warm-up (0: none)")
+    g.add_argument("--body-lr-scale", type=float, default=d.body_lr_scale, metavar="F",
+                   help="fine-tuning: everything but the classification head trains at F x the learning rate "
+                        "(schedule included), in (0, 1]; the head at the full rate")
     g.add_argument("--lr-warmup-method", default=d.lr_warmup_method, choices=("linear", "constant"),
                    help="warm-up shape")
     g.add_argument("--lr-warmup-decay", type=float, default=d.lr_warmup_decay,

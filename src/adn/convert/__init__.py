@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..layers import SkipAwareNorm, SkippableBlock, SkippableStage
+from ..layers import IdleWhenSkipped, SkipAwareNorm, SkippableBlock, SkippableStage
 from ..network import AdaptiveDepthNetwork
 
 try:  # torchvision's detection models use FrozenBatchNorm2d; twin it like any other norm
@@ -34,12 +34,15 @@ class StageSpec:
     """Where one stage is: its blocks in execution order. ``num_shared`` overrides the split rule;
     ``outside_branch`` names sub-modules of a block (e.g. ``downsample``) that see only the stage
     input and so need no skip-aware twin; ``also_switch`` lists modules outside the stage (a stem, a
-    patch-merging layer) whose norms get twins switched by this stage."""
+    patch-merging layer) whose norms get twins switched by this stage; ``idle_when_skipped`` names
+    sub-modules of each shared block that are the identity while the stage skips (Swin's
+    ``stochastic_depth``: the authors' shared blocks drop no paths in a sub-network that skips them)."""
     name: str
     blocks: Sequence[nn.Module]
     num_shared: int | None = None
     outside_branch: tuple[str, ...] = ("downsample",)
     also_switch: Sequence[nn.Module] = ()  # modules outside the stage whose norms switch with it
+    idle_when_skipped: tuple[str, ...] = ()
 
 
 @dataclass
@@ -49,16 +52,20 @@ class Adapter:
     matches: Callable[[nn.Module], bool]
     stages: Callable[[nn.Module], list[StageSpec]]
     channel_dim: int = 1  # where channels are in stage outputs: 1 for NCHW, -1 for tokens / NHWC
+    # The family's own norm classes (e.g. a library's RMSNorm), found in the model, twinned besides the defaults.
+    norm_types: Callable[[nn.Module], tuple[type, ...]] | None = None
 
 
 _ADAPTERS: list[Adapter] = []
 
 
-def register_adapter(name: str, description: str, matches: Callable[[nn.Module], bool], channel_dim: int = 1):
+def register_adapter(name: str, description: str, matches: Callable[[nn.Module], bool], channel_dim: int = 1,
+                     norm_types: Callable[[nn.Module], tuple[type, ...]] | None = None):
     """Decorator registering ``fn(model) -> list[StageSpec]`` as the adapter of a model family.
-    ``channel_dim`` tells feature distillation where the channels are in the stage outputs."""
+    ``channel_dim`` tells feature distillation where the channels are in the stage outputs;
+    ``norm_types(model)`` names norm classes of the family that are not torch's (they get twins too)."""
     def wrap(fn: Callable[[nn.Module], list[StageSpec]]):
-        _ADAPTERS.append(Adapter(name, description, matches, fn, channel_dim))
+        _ADAPTERS.append(Adapter(name, description, matches, fn, channel_dim, norm_types))
         return fn
     return wrap
 
@@ -99,6 +106,8 @@ def convert(model: nn.Module, *, skip_aware_norm: bool = True, stages: Sequence[
                 + ". For another residual model pass stages=[...] naming the containers of its residual blocks."
             )
         specs, family, channel_dim = adapter.stages(model), adapter.name, adapter.channel_dim
+        if adapter.norm_types is not None:
+            norm_types = tuple(norm_types) + tuple(adapter.norm_types(model))
     return convert_stages(model, specs, skip_aware_norm=skip_aware_norm, norm_types=norm_types, family=family,
                           channel_dim=channel_dim)
 
@@ -126,7 +135,8 @@ def convert_stages(model: nn.Module, specs: Sequence[StageSpec], *, skip_aware_n
                 norms += [SkipAwareNorm.convert(m) for m in _norms_in_branch(module, norm_types, ())]
         for block in skippable:
             SkippableBlock.convert(block)
-        controllers.append(SkippableStage(spec.name, shared, skippable, norms))
+        idle = [IdleWhenSkipped.convert(block.get_submodule(name)) for block in shared for name in spec.idle_when_skipped]
+        controllers.append(SkippableStage(spec.name, shared, skippable, norms, idle))
     if not controllers:
         raise ValueError(f"{type(model).__name__} has no stage with two or more blocks: there is nothing to skip")
     info = {"family": family, "skip_aware_norm": skip_aware_norm, "channel_dim": channel_dim,
@@ -157,4 +167,4 @@ def _specs_from_names(model: nn.Module, names: Sequence[str]) -> list[StageSpec]
     return specs
 
 
-from . import mobilenet, resnet, swin, timm_models, vit  # noqa: E402,F401  (register the adapters)
+from . import llama, mobilenet, resnet, swin, timm_models, vit  # noqa: E402,F401  (register the adapters)

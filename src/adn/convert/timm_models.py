@@ -3,8 +3,8 @@
 Same machinery, timm's module names:
 - ResNet family (``timm.models.resnet.ResNet``): ``layer1..4``, like torchvision's.
 - ViT / DeiT (``VisionTransformer``): ``blocks`` in groups of 3, last of each group skippable.
-- ConvNeXt: ``stages[i].blocks``; the LayerNorm of the downsampling layer that opens stage i+1 sees
-  stage i's output, so it switches with stage i (as Swin's patch merging does).
+- ConvNeXt: ``stages[i].blocks``; the LayerNorm of the downsampling layer that opens stage i switches
+  with stage i (as Swin's patch merging and a ResNet stage's downsampling first block do).
 - MobileNetV2 / EfficientNet (``EfficientNet``): ``blocks[i]`` with >= 2 blocks are skippable stages;
   the stem and the blocks before the first one switch with it, the blocks after the last one and the
   head with the last one (as torchvision's MobileNetV2).
@@ -44,8 +44,8 @@ if ResNet is not None:
         stages = list(model.stages)
         specs = []
         for index, stage in enumerate(stages):
-            following = stages[index + 1].downsample if index + 1 < len(stages) else None
-            switch = [following] if following is not None and any(True for _ in following.parameters()) else []
+            opening = stage.downsample  # (an Identity in the first stage: the stem downsamples)
+            switch = [opening] if any(True for _ in opening.parameters()) else []
             specs.append(StageSpec(f"stages.{index}", list(stage.blocks), outside_branch=(), also_switch=switch))
         return specs
 

@@ -8,6 +8,7 @@ import difflib
 
 import torchvision
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from .small_resnet import SmallResNet, resnet20, resnet32, resnet44, resnet56, resnet110
 from .small_transformers import mobilenet_v2_small, vit_small_images
@@ -22,6 +23,9 @@ TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet1
 TORCHVISION_MODELS = TORCHVISION_RESNETS + (
     "mobilenet_v2", "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
     "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")
+# Stochastic depth rates of the adaptive depth networks where they differ from torchvision's: the authors'
+# ADN Swin-T trains with 0.1 (torchvision's swin_t: 0.2); swin_v2_t, of the same depths, follows it.
+ADN_STOCHASTIC_DEPTH = {"swin_t": 0.1, "swin_v2_t": 0.1}
 
 
 def _num_outputs(model: nn.Module) -> int:
@@ -39,6 +43,16 @@ def _timm_model(name: str, num_classes: int, in_channels: int, weights: str | No
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ValueError(f"timm has no model {name!r}." + (f" Did you mean {', '.join(close)}?" if close else ""))
     return timm.create_model(name, pretrained=bool(weights), num_classes=num_classes, in_chans=in_channels, **kwargs)
+
+
+def set_stochastic_depth(model: nn.Module, rate: float) -> None:
+    """Give a torchvision Swin the stochastic depth ``rate``, in place. Its builders fix the rate (swin_t:
+    0.2) and let it grow linearly with the block index up to the last block's, so every block's
+    probability is scaled by the same factor."""
+    layers = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    built = max((m.p for m in layers), default=0.0)
+    for layer in layers:
+        layer.p = layer.p * (rate / built) if built > 0 else 0.0
 
 
 def available_models() -> list[str]:
@@ -78,6 +92,8 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
             if classes != num_classes:
                 raise ValueError(f"{name} weights {weights} predict {classes} classes, not {num_classes}; "
                                  f"replacing the head is supported for ResNets so far")
+            if name in ADN_STOCHASTIC_DEPTH:
+                set_stochastic_depth(model, ADN_STOCHASTIC_DEPTH[name])
             return model
         if weights:
             model = torchvision.models.get_model(name, weights=weights, **kwargs)
@@ -85,6 +101,8 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
                 model.fc = nn.Linear(model.fc.in_features, num_classes)
         else:
             model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        if name in ADN_STOCHASTIC_DEPTH:
+            set_stochastic_depth(model, ADN_STOCHASTIC_DEPTH[name])
         if in_channels != 3:
             old = model.conv1
             model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)

