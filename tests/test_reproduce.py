@@ -129,3 +129,35 @@ def test_the_reproduction_record_is_versioned_not_ignored():
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
         assert not ignored, f"{path} is git-ignored: fix .gitignore"
     assert subprocess.run(["git", "check-ignore", "-q", "runs/reproduce/adn/seed0/checkpoint.pt"], cwd=root).returncode == 0
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(tmp_path, fashion_dir):
+    """A session that stops in the middle of a run loses none of its finished epochs: the next
+    `adn reproduce` resumes it (`adn train --resume`), and the result equals an uninterrupted run's."""
+    from adn.reproduce import PENDING, Protocol, cache_key, run_arm
+    protocol = Protocol.quick()
+    protocol.data_path = str(fashion_dir)
+    quiet = dict(log=lambda message: None)
+    whole = run_arm(protocol, "individual-super", 0, tmp_path / "whole", **quiet, run_command=main)
+    assert not (tmp_path / "whole" / "individual-super" / "seed0" / PENDING).exists()
+
+    # The same run, stopped after its first epoch: its checkpoint and the pending marker are left behind.
+    folder = tmp_path / "cut" / "individual-super" / "seed0"
+    first_epoch = protocol.commands("individual-super", 0, folder)[0]
+    first_epoch[first_epoch.index("--epochs") + 1] = "1"
+    assert main(first_epoch) == 0
+    (folder / PENDING).write_text(json.dumps({"key": cache_key(protocol, "individual-super", 0)}))
+    seen = []
+    result = run_arm(protocol, "individual-super", 0, tmp_path / "cut", **quiet,
+                     run_command=lambda args: seen.append(args) or main(args))
+    assert "--resume" in seen[0] and result["resumed"]
+    assert result["accuracy"] == whole["accuracy"]
+    epochs = [json.loads(line)["epoch"] for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2] and not (folder / PENDING).exists()
+
+    # A marker from other commands (an older protocol) is not resumed: the run starts afresh.
+    (folder / "result.json").unlink()
+    (folder / PENDING).write_text(json.dumps({"key": ["adn train --epochs 99"]}))
+    seen.clear()
+    run_arm(protocol, "individual-super", 0, tmp_path / "cut", **quiet, run_command=lambda args: seen.append(args) or main(args))
+    assert "--resume" not in seen[0]

@@ -165,6 +165,30 @@ def write_json(path: Path, value) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(jsonout.dumps(value, indent=1)))
 
 
+# Written when a run starts, removed when its result is: a run stopped in between (a session's end, a
+# reboot, Ctrl-C) continues from its last checkpoint with `adn train --resume` instead of starting again.
+PENDING = "pending.json"
+
+
+def interrupted_checkpoint(folder: Path, key: list[str]) -> Path | None:
+    """The checkpoint of an interrupted run of exactly these commands in ``folder``, if there is one."""
+    checkpoint = folder / "checkpoint.pt"
+    try:
+        pending = json.loads((folder / PENDING).read_text())
+    except (OSError, ValueError):
+        return None
+    return checkpoint if pending.get("key") == key and checkpoint.is_file() else None
+
+
+def _read_log(path: Path) -> list[dict]:
+    rows = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
 def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | None = None, log=print,
             run_command: CommandRunner | None = None) -> dict:
     """Train and evaluate one (arm, seed), or return its cached result. ``result.json`` holds the
@@ -180,17 +204,23 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
         if not (saved / "result.json").is_file():
             save_record(folder, saved, cached)
         return cached
-    if folder.exists():  # a run that died before its result was written: start it afresh
-        for name in ("checkpoint.pt", "log.jsonl"):
+    key = cache_key(protocol, arm, seed)
+    resume = interrupted_checkpoint(folder, key)
+    if resume is None and folder.exists():  # a run of other commands, or one that never saved: start afresh
+        for name in ("checkpoint.pt", "log.jsonl", PENDING):
             (folder / name).unlink(missing_ok=True)
     commands = protocol.commands(arm, seed, folder)
-    log(f"{arm} seed {seed}: {command_line(commands[0])}")
+    write_json(folder / PENDING, {"key": key})
+    train = commands[0] + (["--resume", str(resume)] if resume else [])
+    log(f"{arm} seed {seed}: {command_line(train)}")
     started = time.perf_counter()
-    run_adn(commands[0], run_command)
+    run_adn(train, run_command)
     train_s = time.perf_counter() - started
+    if resume:  # the time of the epochs before the interruption too
+        train_s = sum(row.get("epoch_time_s", 0.0) for row in _read_log(folder / "log.jsonl"))
     rows = json.loads(run_adn(commands[1], run_command))
     recalibrated = json.loads(run_adn(commands[2], run_command)) if len(commands) > 2 else []
-    result = {"arm": arm, "seed": seed, "key": cache_key(protocol, arm, seed),
+    result = {"arm": arm, "seed": seed, "key": key, "resumed": resume is not None,
               "commands": [command_line(c) for c in commands], "train_s": train_s,
               "eval_s": time.perf_counter() - started - train_s,
               "accuracy": {row["skip"]: row["acc1"] for row in rows},
@@ -199,6 +229,7 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
               "params": {row["skip"]: row["params"] for row in rows}}
     result.update(_checkpoint_facts(folder / "checkpoint.pt"))
     write_json(folder / "result.json", result)
+    (folder / PENDING).unlink(missing_ok=True)
     save_record(folder, record / arm / f"seed{seed}", result)
     log(f"{arm} seed {seed}: done in {train_s + result['eval_s']:.0f}s; "
         + ", ".join(f"{k}={v:.2f}%" for k, v in result["accuracy"].items()))

@@ -208,9 +208,10 @@ class TrainConfig:
         need(self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
         need(self.lr_scheduler != "multisteplr" or bool(self.lr_steps),
              "--lr-scheduler multisteplr needs its milestones: add --lr-steps, e.g. --lr-steps 15 23 for 30 epochs")
-        need(all(0 < step < self.epochs for step in self.lr_steps) and list(self.lr_steps) == sorted(set(self.lr_steps)),
-             f"--lr-steps must be increasing epochs between 1 and --epochs - 1 ({self.epochs - 1}), got "
-             f"{' '.join(map(str, self.lr_steps))}")
+        # Milestones at or past --epochs are allowed (they never fire): a run trained in parts with a growing
+        # --epochs (--resume) follows one schedule.
+        need(all(step > 0 for step in self.lr_steps) and list(self.lr_steps) == sorted(set(self.lr_steps)),
+             f"--lr-steps must be increasing positive epochs, got {' '.join(map(str, self.lr_steps))}")
         need(self.opt in OPTIMIZERS, f"--opt must be one of {', '.join(OPTIMIZERS)}, got {self.opt!r}")
         need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must be >= 0")
         need(self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive")
