@@ -67,15 +67,7 @@ def train_args(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed
         args += ["--lr-warmup-epochs", str(recipe.lr_warmup_epochs)]
     if recipe.body_lr_scale != 1.0:
         args += ["--body-lr-scale", str(recipe.body_lr_scale)]
-    if protocol.data_path:
-        args += ["--data-path", str(protocol.data_path)]
-    if protocol.train_subset:
-        args += ["--train-subset", str(protocol.train_subset)]
-    if protocol.max_steps_per_epoch:
-        args += ["--max-steps-per-epoch", str(protocol.max_steps_per_epoch)]
-    if protocol.device:
-        args += ["--device", protocol.device]
-    return args + list(protocol.extra)
+    return args + protocol.data_and_device_args() + list(protocol.extra)
 
 
 def commands(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folder: Path,

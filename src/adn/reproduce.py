@@ -88,6 +88,11 @@ class Protocol:
                 "--lr-scheduler", "multisteplr", "--lr-steps", *map(str, self.lr_steps),
                 "--wd", str(self.weight_decay), "--val-from-train", str(self.val_from_train), "--seed", str(seed),
                 "--output-dir", str(output_dir), "--no-progress"]
+        return args + self.data_and_device_args() + ARMS[arm] + list(self.extra)
+
+    def data_and_device_args(self) -> list[str]:
+        """The `adn train` flags of the protocol's data and device settings that are given only when set."""
+        args = []
         if self.data_path:
             args += ["--data-path", str(self.data_path)]
         if self.train_subset:
@@ -96,7 +101,7 @@ class Protocol:
             args += ["--max-steps-per-epoch", str(self.max_steps_per_epoch)]
         if self.device:
             args += ["--device", self.device]
-        return args + ARMS[arm] + list(self.extra)
+        return args
 
     def eval_args(self, arm: str, checkpoint: Path, recalibrate: bool = False) -> list[str]:
         skip = "all" if not arm.startswith("individual") else ARMS[arm][-1]
