@@ -30,6 +30,7 @@ import adn  # noqa: E402
 from adn.cli import main  # noqa: E402
 from adn.serve import BatchPolicy, Pending, Plan, ServeSettings, Service, create_app  # noqa: E402
 from adn.serve import server as adn_server  # noqa: E402
+from adn.serve.errors import ApiError  # noqa: E402
 
 # ----- the policy on a simulated clock -------------------------------------------------------------------------
 # p50 at batch 1 and batch 8 (ms); p99 is 1.5 x p50. The simulated machine takes the p50 times the slowdown.
@@ -508,3 +509,18 @@ def test_onnx_runtime_sessions_are_made_once_and_depth_switches_reuse_them(model
     assert len(made) == prepared  # nothing exported or loaded after start-up
     with pytest.raises(ValueError, match="depth TFT was not prepared; prepared: FFF, TTT"):
         engine(torch.zeros(1, 1, 28, 28), "TFT")
+
+
+def test_the_table_depths_can_be_served_alone_and_are_the_default_on_onnx_runtime(model_dir):
+    """Preparing a depth on ONNX Runtime is an export and a session: by default only the depths the governor can
+    choose (the table's) and the two a request most often fixes (super-net, base-net) are prepared there."""
+    assert ServeSettings(budget_ms=10, backend="onnxruntime").prepared_depths == "table"
+    assert ServeSettings(budget_ms=10).prepared_depths == "all"
+    service = make_service(model_dir, depths="table")
+    assert service.engine.skips == ["FFF", "TFF", "TTT"]  # the table's three, which include super and base
+    assert service.parse_skip("tff") == "TFF"
+    with pytest.raises(ApiError, match="depth FTF is not served here; served: FFF, TFF, TTT"):
+        service.parse_skip("FTF")
+    assert len(make_service(model_dir).engine.skips) == 8
+    with pytest.raises(ValueError, match="--depths some: expected all or table"):
+        ServeSettings(budget_ms=10, depths="some")

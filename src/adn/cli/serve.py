@@ -26,7 +26,11 @@ def add(sub) -> None:
     p.add_argument("--table", default=None, help="depth table from adn depth-table (default: depth_table.json next to "
                                                  "the checkpoint)")
     p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"),
-                   help="engine; every depth is prepared at start-up, so switching depth never compiles or exports")
+                   help="engine; depths are prepared at start-up, so switching depth never compiles or exports")
+    p.add_argument("--depths", default=None, choices=("all", "table"),
+                   help="depths to prepare: all 2^N, or the depth table's plus the super-net and the base-net (default: "
+                        "all on eager, where a depth is only flags; table on onnxruntime, where each depth is an "
+                        "export and a session); a request may fix only a prepared depth")
     p.add_argument("--quantile", default="p99", choices=("p50", "p99"), help="latency quantile of the table that "
                                                                             "must fit the time left")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per batch (and per request)")
@@ -60,9 +64,10 @@ def run(args) -> int:
     settings = ServeSettings(budget_ms=args.budget_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
                              max_image_pixels=int(args.max_image_mpixels * 1e6), top_k=args.top_k,
-                             quantile=args.quantile, backend=args.backend)
+                             quantile=args.quantile, backend=args.backend, depths=args.depths)
     sock = server.bind(args.host, args.port)  # before the slow start-up: a taken port fails at once
-    print(f"adn serve: loading {args.checkpoint}, preparing every depth on {args.backend}", file=sys.stderr)
+    print(f"adn serve: loading {args.checkpoint}, preparing {settings.prepared_depths} depths on {args.backend}",
+          file=sys.stderr)
     try:
         service = Service.from_checkpoint(args.checkpoint, settings, args.table)
     except BaseException:

@@ -51,6 +51,14 @@ class ServeSettings:
     top_k: int = 5
     quantile: str = "p99"
     backend: str = "eager"
+    # Which depths to prepare at start-up: "all" 2^N, or "table" (the depth table's, plus the super-net and
+    # the base-net, which requests fix most often). None: all on eager (a depth there is flags, free to
+    # prepare), the table's on ONNX Runtime (each depth is an export and a session: seconds apiece).
+    depths: str | None = None
+
+    @property
+    def prepared_depths(self) -> str:
+        return self.depths or ("all" if self.backend == "eager" else "table")
 
     def __post_init__(self):
         checks = [
@@ -62,6 +70,7 @@ class ServeSettings:
             ("--max-body-mb", self.max_body_bytes, self.max_body_bytes >= 1024, "at least 0.001 MB"),
             ("--max-image-mpixels", self.max_image_pixels, self.max_image_pixels >= 1, "positive"),
             ("--top-k", self.top_k, self.top_k >= 1, "a positive number of classes"),
+            ("--depths", self.depths, self.depths in (None, "all", "table"), "all or table"),
         ]
         for flag, value, ok, expected in checks:
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -86,7 +95,7 @@ class Service:
         self.predictor, self.governor, self.settings, self.clock = predictor, governor, settings, clock
         self.metrics = Metrics(settings.budget_ms)
         example = torch.zeros(1, *predictor.preprocessing.input_shape)
-        self.engine = engine or Engine(predictor.net, example, backend=settings.backend)
+        self.engine = engine or Engine(predictor.net, example, self._depths_to_prepare(), backend=settings.backend)
         self._warm_up_decoding()
         self.policy = BatchPolicy(governor, settings.max_batch, settings.max_wait_ms / 1e3)
         self.batcher = Batcher(self.policy, self._execute, self._fail, settings.max_queue, clock,
@@ -100,6 +109,15 @@ class Service:
         predictor = Predictor.from_checkpoint(checkpoint)
         depth_table = depth_table_for(checkpoint, table, predictor.num_stages)
         return cls(predictor, Governor(depth_table, settings.budget_ms, settings.quantile), settings)
+
+    def _depths_to_prepare(self) -> list[str] | None:
+        """None (every depth) or the table's depths with the super-net and the base-net, deepest first."""
+        if self.settings.prepared_depths == "all":
+            return None
+        n = self.predictor.num_stages
+        wanted = {str(SkipConfig(row["skip"], n)) for row in self.governor.table.depths}
+        wanted |= {str(SkipConfig.super_net(n)), str(SkipConfig.base_net(n))}
+        return [str(c) for c in self.predictor.net.sub_networks() if str(c) in wanted]
 
     def _warm_up_decoding(self) -> None:
         """The first image of a format pays for loading PIL's decoder and building the transforms: here,
