@@ -67,6 +67,17 @@ def sample_images(meta: dict, count: int = 16) -> list[bytes]:
     return images
 
 
+def parse_cpus(text: str | None) -> set[int] | None:
+    """"0" or "0,1" or "2-5": CPU numbers for os.sched_setaffinity; None or "" for no pinning."""
+    if not text:
+        return None
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
 class Server:
     """`adn serve` in a subprocess on a free loopback port."""
 
@@ -78,7 +89,11 @@ class Server:
             command += ["--table", args.table]
         if args.server_threads:
             command += ["--threads", str(args.server_threads)]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        cpus = parse_cpus(args.server_cpus)
+        # Pinned, the server does not share its cores with the load generator (whose HTTP work would
+        # otherwise be counted as the server's latency).
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.url = None
         for line in self.process.stderr:
             if "listening on " in line:
@@ -215,9 +230,13 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"))
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
+    parser.add_argument("--server-cpus", default=None, help="pin the server to these CPUs (e.g. 0 or 0-3; Linux)")
+    parser.add_argument("--client-cpus", default=None, help="pin this load generator to these CPUs (e.g. 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="serve_load", help="folder for results.json and serve_load.png")
     args = parser.parse_args()
+    if parse_cpus(args.client_cpus):
+        os.sched_setaffinity(0, parse_cpus(args.client_cpus))
     arms = [a.strip() for a in args.arms.split(",")]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -252,7 +271,8 @@ def main() -> None:
     conditions = {"checkpoint": os.path.abspath(args.checkpoint), "budget_ms": args.budget_ms, "rate": args.rate,
                   "seconds": args.seconds, "burst_size": args.burst_size, "burst_ms": args.burst_ms,
                   "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "backend": args.backend,
-                  "server_threads": args.server_threads, "cpus": os.cpu_count(), "seed": args.seed}
+                  "server_threads": args.server_threads, "cpus": os.cpu_count(), "server_cpus": args.server_cpus,
+                  "client_cpus": args.client_cpus, "seed": args.seed}
     (output / "results.json").write_text(json.dumps({"conditions": conditions, "arms": summaries,
                                                      "requests": results}, indent=1))
     plot(results, args.budget_ms, table, burst, output / "serve_load.png")

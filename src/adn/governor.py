@@ -94,6 +94,11 @@ class Governor:
         """Corrected latency of ``skip`` at ``batch_size``, at the governor's quantile."""
         return self._predictions(batch_size)[0][self._position(skip)] * self.factor
 
+    def fastest_median_ms(self, batch_size: int) -> float:
+        """Corrected median latency of the fastest depth at ``batch_size``: the least a batch can cost now
+        (a queue uses it to estimate how long the requests waiting behind a batch will take at best)."""
+        return min(self._predictions(batch_size)[1]) * self.factor
+
     def select(self, batch_size: int = 1, slack_ms: float | None = None) -> Decision:
         """The depth to run this batch at; see :class:`Decision`."""
         slack = self.budget_ms if slack_ms is None else slack_ms

@@ -11,12 +11,16 @@ ask it on a simulated one, with simulated arrivals and forward-pass times.
   any longer would leave too little time for the most accurate depth to make the earliest deadline in
   it: waiting for a fuller batch never costs depth.
 * The governor picks the depth of a governed batch from the time left before that earliest deadline (the
-  oldest request's, unless a later one brought a tighter budget). When nothing fits it runs the fastest
-  depth anyway: the answer is late, not lost. Every batch's forward-pass time, fixed depths included,
+  oldest request's, unless a later one brought a tighter budget), less what the governed requests
+  queued *behind* the batch need: each of them must still make its deadline if, after this batch, they
+  run in full batches, in order, at the fastest depth (its median time). Without that, a backlog is
+  served greedily: every batch runs as deep as its own deadline allows and the queue behind it grows
+  late. When nothing fits it runs the fastest depth anyway: the answer is late, not lost. Every batch's forward-pass time, fixed depths included,
   goes back to the governor (for depths in its table), so it learns how fast the machine is now.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +92,28 @@ class BatchPolicy:
         slack_ms = (deadline - now) * 1e3
         if head.skip is not None:
             return Plan(taken, head.skip, REQUEST, None, slack_ms)
-        decision = self.governor.select(images, slack_ms=slack_ms)
+        allowed_ms = min(slack_ms, self._backlog_allows_ms(queue, taken, now))
+        decision = self.governor.select(images, slack_ms=allowed_ms)
         return Plan(taken, str(decision.skip), GOVERNOR, decision, slack_ms)
+
+    def _backlog_allows_ms(self, queue: Sequence[Pending], taken: list[Pending], now: float) -> float:
+        """The longest this batch may take so that every governed request queued behind it can still make
+        its deadline at the fastest depth (inf with nothing behind it)."""
+        in_batch = {id(request) for request in taken}
+        allowed, elapsed_ms, images, earliest = math.inf, 0.0, 0, math.inf
+        for request in queue:
+            if request.skip is not None or id(request) in in_batch:
+                continue
+            if images and images + request.images > self.max_batch:  # that batch is full: cost it
+                elapsed_ms += self.governor.fastest_median_ms(images)
+                allowed = min(allowed, (earliest - now) * 1e3 - elapsed_ms)
+                images, earliest = 0, math.inf
+            images += request.images
+            earliest = min(earliest, request.deadline)
+        if images:
+            elapsed_ms += self.governor.fastest_median_ms(images)
+            allowed = min(allowed, (earliest - now) * 1e3 - elapsed_ms)
+        return allowed
 
     def finished(self, plan: Plan, seconds: float) -> None:
         """Tell the governor how long ``plan``'s forward pass took (depths outside its table teach it nothing)."""
