@@ -87,6 +87,8 @@ class Server:
                    "--max-wait-ms", str(args.max_wait_ms), "--backend", args.backend]
         if args.table:
             command += ["--table", args.table]
+        if args.no_headroom:
+            command += ["--no-headroom"]
         if args.server_threads:
             command += ["--threads", str(args.server_threads)]
         cpus = parse_cpus(args.server_cpus)
@@ -230,6 +232,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"))
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
+    parser.add_argument("--no-headroom", action="store_true", help="pass --no-headroom to adn serve")
     parser.add_argument("--server-cpus", default=None, help="pin the server to these CPUs (e.g. 0 or 0-3; Linux)")
     parser.add_argument("--client-cpus", default=None, help="pin this load generator to these CPUs (e.g. 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -272,7 +275,7 @@ def main() -> None:
                   "seconds": args.seconds, "burst_size": args.burst_size, "burst_ms": args.burst_ms,
                   "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "backend": args.backend,
                   "server_threads": args.server_threads, "cpus": os.cpu_count(), "server_cpus": args.server_cpus,
-                  "client_cpus": args.client_cpus, "seed": args.seed}
+                  "client_cpus": args.client_cpus, "headroom": not args.no_headroom, "seed": args.seed}
     (output / "results.json").write_text(json.dumps({"conditions": conditions, "arms": summaries,
                                                      "requests": results}, indent=1))
     plot(results, args.budget_ms, table, burst, output / "serve_load.png")

@@ -37,6 +37,10 @@ def add(sub) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the oldest queued request may wait for a fuller batch (never so long that the most "
                         "accurate depth could no longer make its deadline)")
+    p.add_argument("--no-headroom", dest="headroom", action="store_false",
+                   help="choose depths for the queued requests only; by default room is kept for the requests "
+                        "expected within one budget at the recent arrival rate, so that a deep batch does not "
+                        "make a burst late")
     p.add_argument("--max-queue", type=positive_int, default=256,
                    help="images waiting at most; beyond, requests get 503 with Retry-After")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
@@ -64,7 +68,8 @@ def run(args) -> int:
     settings = ServeSettings(budget_ms=args.budget_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
                              max_image_pixels=int(args.max_image_mpixels * 1e6), top_k=args.top_k,
-                             quantile=args.quantile, backend=args.backend, depths=args.depths)
+                             quantile=args.quantile, backend=args.backend, depths=args.depths,
+                             headroom=args.headroom)
     sock = server.bind(args.host, args.port)  # before the slow start-up: a taken port fails at once
     print(f"adn serve: loading {args.checkpoint}, preparing {settings.prepared_depths} depths on {args.backend}",
           file=sys.stderr)

@@ -15,12 +15,16 @@ ask it on a simulated one, with simulated arrivals and forward-pass times.
   queued *behind* the batch need: each of them must still make its deadline if, after this batch, they
   run in full batches, in order, at the fastest depth (its median time). Without that, a backlog is
   served greedily: every batch runs as deep as its own deadline allows and the queue behind it grows
-  late. When nothing fits it runs the fastest depth anyway: the answer is late, not lost. Every batch's forward-pass time, fixed depths included,
+  late. The requests about to arrive count too: as many images as arrived in one budget, on average over
+  the last few budgets, are assumed to arrive now, due one budget from now (headroom; a batch cannot be
+  stopped once it runs, so a deep batch started just before a burst makes the burst late). When nothing
+  fits it runs the fastest depth anyway: the answer is late, not lost. Every batch's forward-pass time, fixed depths included,
   goes back to the governor (for depths in its table), so it learns how fast the machine is now.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +44,7 @@ class Pending:
     deadline: float   # arrival + its budget
     queued: float     # when it entered the queue (after decoding)
     payload: Any = field(default=None, repr=False)  # what the server carries along (images, the waiting caller)
+    seen: bool = field(default=False, repr=False)    # counted in the policy's arrival rate
 
 
 @dataclass
@@ -57,19 +62,39 @@ class Plan:
         return sum(r.images for r in self.requests)
 
 
+RATE_WINDOW_BUDGETS = 4  # the arrival rate is measured over this many budgets
+
+
 class BatchPolicy:
-    def __init__(self, governor: Governor, max_batch: int, max_wait_s: float):
+    def __init__(self, governor: Governor, max_batch: int, max_wait_s: float, headroom: bool = True):
+        """``headroom``: keep room for the requests expected within one budget (off: plan only what is queued)."""
         if max_batch < 1 or max_wait_s < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait_s}")
-        self.governor, self.max_batch, self.max_wait_s = governor, max_batch, max_wait_s
+        self.governor, self.max_batch, self.max_wait_s, self.headroom = governor, max_batch, max_wait_s, headroom
         self._table_skips = {row["skip"] for row in governor.table.depths}
         self._most_accurate = governor.table.depths[-1]["skip"]
+        self._arrivals: deque[tuple[float, int]] = deque()  # (arrival, images) within the rate window
+
+    def expected_images(self, now: float) -> int:
+        """Images expected to arrive within one budget: those that arrived in the last RATE_WINDOW_BUDGETS
+        budgets, divided by RATE_WINDOW_BUDGETS (rounded up)."""
+        window = RATE_WINDOW_BUDGETS * self.governor.budget_ms / 1e3
+        while self._arrivals and self._arrivals[0][0] < now - window:
+            self._arrivals.popleft()
+        return math.ceil(sum(images for _, images in self._arrivals) / RATE_WINDOW_BUDGETS)
+
+    def _count_arrivals(self, queue: Sequence[Pending]) -> None:
+        for request in queue:
+            if not request.seen:
+                request.seen = True
+                self._arrivals.append((request.arrival, request.images))
 
     def next(self, queue: Sequence[Pending], now: float, flush: bool = False) -> Plan | float:
         """The batch to run now, or the time at which to ask again (sooner if a request arrives).
         ``flush``: do not wait for fuller batches (the server is shutting down)."""
         if not queue:
             raise ValueError("next() needs a non-empty queue")
+        self._count_arrivals(queue)
         head = queue[0]
         taken, images, full = [], 0, False
         for request in queue:
@@ -97,11 +122,18 @@ class BatchPolicy:
         return Plan(taken, str(decision.skip), GOVERNOR, decision, slack_ms)
 
     def _backlog_allows_ms(self, queue: Sequence[Pending], taken: list[Pending], now: float) -> float:
-        """The longest this batch may take so that every governed request queued behind it can still make
-        its deadline at the fastest depth (inf with nothing behind it)."""
+        """The longest this batch may take so that every governed request queued behind it, and those
+        expected within one budget (due one budget from now), can still make their deadlines at the fastest
+        depth (inf with nothing behind it and nothing expected)."""
         in_batch = {id(request) for request in taken}
+        behind = list(queue)
+        expected = self.expected_images(now) if self.headroom else 0
+        due = now + self.governor.budget_ms / 1e3
+        while expected > 0:  # in batches of at most max_batch, as they would run
+            behind.append(Pending(min(expected, self.max_batch), None, now, due, now))
+            expected -= self.max_batch
         allowed, elapsed_ms, images, earliest = math.inf, 0.0, 0, math.inf
-        for request in queue:
+        for request in behind:
             if request.skip is not None or id(request) in in_batch:
                 continue
             if images and images + request.images > self.max_batch:  # that batch is full: cost it

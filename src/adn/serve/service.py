@@ -55,6 +55,7 @@ class ServeSettings:
     # the base-net, which requests fix most often). None: all on eager (a depth there is flags, free to
     # prepare), the table's on ONNX Runtime (each depth is an export and a session: seconds apiece).
     depths: str | None = None
+    headroom: bool = True          # keep room for the requests expected within one budget (BatchPolicy)
 
     @property
     def prepared_depths(self) -> str:
@@ -97,7 +98,7 @@ class Service:
         example = torch.zeros(1, *predictor.preprocessing.input_shape)
         self.engine = engine or Engine(predictor.net, example, self._depths_to_prepare(), backend=settings.backend)
         self._warm_up_decoding()
-        self.policy = BatchPolicy(governor, settings.max_batch, settings.max_wait_ms / 1e3)
+        self.policy = BatchPolicy(governor, settings.max_batch, settings.max_wait_ms / 1e3, settings.headroom)
         self.batcher = Batcher(self.policy, self._execute, self._fail, settings.max_queue, clock,
                                on_change=self.metrics.queue_changed)
         self._batch_ids = itertools.count(1)
