@@ -140,10 +140,10 @@ def _cost(results, arms, recipe, study) -> list[str]:
     protocol = study.protocol
     adn_s, teacher_s = _mean_train_s(results, "adn"), _mean_train_s(results, TEACHER)
     lines = ["## Cost, as a fraction of training ADN from scratch", "",
-             f"An epoch of fine-tuning is an epoch of Algorithm 1, so the fraction of the from-scratch epochs is the "
-             f"fraction of its compute. Measured training time (mean over finished seeds) is given beside it; it "
-             f"depends on what else the machine ran at the time. With the individual super-net's own training "
-             f"counted too (for a network not already trained):", "",
+             "An epoch of fine-tuning is an epoch of Algorithm 1, so the fraction of the from-scratch epochs is the "
+             "fraction of its compute. Measured training time (mean over finished seeds) is given beside it; it "
+             "depends on what else the machine ran at the time. With the individual super-net's own training "
+             "counted too (for a network not already trained):", "",
              "| fine-tuning | epochs | of ADN's epochs | train s | of ADN's train time | with the individual "
              "super-net's training |", "|---|---:|---:|---:|---:|---:|"]
     for fraction, arm in zip(recipe.fractions, arms):
