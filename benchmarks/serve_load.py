@@ -238,8 +238,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="serve_load", help="folder for results.json and serve_load.png")
     args = parser.parse_args()
-    if parse_cpus(args.client_cpus):
-        os.sched_setaffinity(0, parse_cpus(args.client_cpus))
+    client_cpus = parse_cpus(args.client_cpus)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
     arms = [a.strip() for a in args.arms.split(",")]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

@@ -18,8 +18,9 @@ ask it on a simulated one, with simulated arrivals and forward-pass times.
   late. The requests about to arrive count too: as many images as arrived in one budget, on average over
   the last few budgets, are assumed to arrive now, due one budget from now (headroom; a batch cannot be
   stopped once it runs, so a deep batch started just before a burst makes the burst late). When nothing
-  fits it runs the fastest depth anyway: the answer is late, not lost. Every batch's forward-pass time, fixed depths included,
-  goes back to the governor (for depths in its table), so it learns how fast the machine is now.
+  fits it runs the fastest depth anyway: the answer is late, not lost. Every batch's forward-pass time,
+  fixed depths included, goes back to the governor (for depths in its table), so it learns how fast the
+  machine is now.
 """
 from __future__ import annotations
 
@@ -74,20 +75,22 @@ class BatchPolicy:
         self._table_skips = {row["skip"] for row in governor.table.depths}
         self._most_accurate = governor.table.depths[-1]["skip"]
         self._arrivals: deque[tuple[float, int]] = deque()  # (arrival, images) within the rate window
+        self._arrived_images = 0                             # their images, summed
 
     def expected_images(self, now: float) -> int:
         """Images expected to arrive within one budget: those that arrived in the last RATE_WINDOW_BUDGETS
         budgets, divided by RATE_WINDOW_BUDGETS (rounded up)."""
         window = RATE_WINDOW_BUDGETS * self.governor.budget_ms / 1e3
         while self._arrivals and self._arrivals[0][0] < now - window:
-            self._arrivals.popleft()
-        return math.ceil(sum(images for _, images in self._arrivals) / RATE_WINDOW_BUDGETS)
+            self._arrived_images -= self._arrivals.popleft()[1]
+        return math.ceil(self._arrived_images / RATE_WINDOW_BUDGETS)
 
     def _count_arrivals(self, queue: Sequence[Pending]) -> None:
         for request in queue:
             if not request.seen:
                 request.seen = True
                 self._arrivals.append((request.arrival, request.images))
+                self._arrived_images += request.images
 
     def next(self, queue: Sequence[Pending], now: float, flush: bool = False) -> Plan | float:
         """The batch to run now, or the time at which to ask again (sooner if a request arrives).
@@ -126,26 +129,29 @@ class BatchPolicy:
         expected within one budget (due one budget from now), can still make their deadlines at the fastest
         depth (inf with nothing behind it and nothing expected)."""
         in_batch = {id(request) for request in taken}
-        behind = list(queue)
+        behind = [r for r in queue if r.skip is None and id(r) not in in_batch]
         expected = self.expected_images(now) if self.headroom else 0
         due = now + self.governor.budget_ms / 1e3
         while expected > 0:  # in batches of at most max_batch, as they would run
             behind.append(Pending(min(expected, self.max_batch), None, now, due, now))
             expected -= self.max_batch
-        allowed, elapsed_ms, images, earliest = math.inf, 0.0, 0, math.inf
-        for request in behind:
-            if request.skip is not None or id(request) in in_batch:
-                continue
-            if images and images + request.images > self.max_batch:  # that batch is full: cost it
-                elapsed_ms += self.governor.fastest_median_ms(images)
-                allowed = min(allowed, (earliest - now) * 1e3 - elapsed_ms)
+        allowed, elapsed_ms = math.inf, 0.0
+        for images, earliest in self._batches(behind):
+            elapsed_ms += self.governor.fastest_median_ms(images)
+            allowed = min(allowed, (earliest - now) * 1e3 - elapsed_ms)
+        return allowed
+
+    def _batches(self, requests: list[Pending]):
+        """(images, earliest deadline) of the batches ``requests`` would form, in order, at most max_batch each."""
+        images, earliest = 0, math.inf
+        for request in requests:
+            if images and images + request.images > self.max_batch:
+                yield images, earliest
                 images, earliest = 0, math.inf
             images += request.images
             earliest = min(earliest, request.deadline)
         if images:
-            elapsed_ms += self.governor.fastest_median_ms(images)
-            allowed = min(allowed, (earliest - now) * 1e3 - elapsed_ms)
-        return allowed
+            yield images, earliest
 
     def finished(self, plan: Plan, seconds: float) -> None:
         """Tell the governor how long ``plan``'s forward pass took (depths outside its table teach it nothing)."""
