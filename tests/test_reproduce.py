@@ -57,6 +57,16 @@ def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashi
     assert docs.read_text().split("## Protocol")[1] == report.split("## Protocol")[1]
 
 
+def test_training_cpu_time_is_unknown_for_logs_that_did_not_record_it(tmp_path):
+    from adn.reproduce import training_cpu_seconds
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1, "epoch_time_s": 9.0}\n{"epoch": 2, "epoch_time_s": 9.0, "epoch_cpu_s": 8.0}\n')
+    assert training_cpu_seconds(log) is None  # an epoch from before CPU time was measured
+    log.write_text('{"epoch": 1, "epoch_cpu_s": 7.5}\n{"epoch": 2, "epoch_cpu_s": 8.0}\n')
+    assert training_cpu_seconds(log) == 15.5
+    assert training_cpu_seconds(tmp_path / "missing.jsonl") is None
+
+
 def test_a_partial_protocol_reports_what_has_finished(tmp_path, fashion_dir):
     from adn.reproduce import Protocol, reproduce, run_arm
     runs, docs = tmp_path / "runs", tmp_path / "reproduction.md"
@@ -154,6 +164,10 @@ def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(t
     assert result["accuracy"] == whole["accuracy"]
     epochs = [json.loads(line)["epoch"] for line in (folder / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2] and not (folder / PENDING).exists()
+    # CPU time (not wall time, which grows while a run is paused) covers both epochs, before and after
+    # the interruption
+    rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert result["train_cpu_s"] == pytest.approx(sum(row["epoch_cpu_s"] for row in rows)) and result["train_cpu_s"] > 0
 
     # A marker from other commands (an older protocol) is not resumed: the run starts afresh.
     (folder / "result.json").unlink()

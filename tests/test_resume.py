@@ -23,7 +23,7 @@ def _log(folder) -> list[dict]:
 
 
 def _without_time(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "epoch_cpu_s")} for r in records]
 
 
 def _same_weights(a, b) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .reproduce import (CommandRunner, Protocol, cache_key, cached_result, collect_results, command_line, run_adn,
-                        run_arm, save_record, write_json)
+                        run_arm, save_record, training_cpu_seconds, write_json)
 
 TEACHER = "individual-super"               # the reproduction's arm whose checkpoints are fine-tuned
 BASELINES = ("individual-super", "individual-base", "adn")  # the reproduction's arms the report compares with
@@ -154,6 +154,7 @@ def run_finetune(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, se
     result = {"arm": arm, "seed": seed, "fraction": fraction, "epochs": recipe.epochs(protocol, fraction),
               "key": finetune_key(protocol, recipe, fraction, seed), "teacher": str(teacher),
               "commands": [command_line(c) for c in steps], "train_s": train_s,
+              "train_cpu_s": training_cpu_seconds(folder / "log.jsonl"),
               "eval_s": time.perf_counter() - started - train_s,
               "accuracy": {row["skip"]: row["acc1"] for row in rows},
               "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},

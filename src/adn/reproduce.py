@@ -194,6 +194,16 @@ def _read_log(path: Path) -> list[dict]:
     return rows
 
 
+def training_cpu_seconds(log_path: Path) -> float | None:
+    """CPU seconds the training of a run took, summed over its epochs (``epoch_cpu_s`` in ``log.jsonl``);
+    None when an epoch did not record it (logs written before it was measured). Unlike wall time, it
+    does not count time the run spent paused or waiting for a core."""
+    rows = _read_log(log_path)
+    if not rows or any("epoch_cpu_s" not in row for row in rows):
+        return None
+    return sum(row["epoch_cpu_s"] for row in rows)
+
+
 def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | None = None, log=print,
             run_command: CommandRunner | None = None) -> dict:
     """Train and evaluate one (arm, seed), or return its cached result. ``result.json`` holds the
@@ -227,6 +237,7 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
     recalibrated = json.loads(run_adn(commands[2], run_command)) if len(commands) > 2 else []
     result = {"arm": arm, "seed": seed, "key": key, "resumed": resume is not None,
               "commands": [command_line(c) for c in commands], "train_s": train_s,
+              "train_cpu_s": training_cpu_seconds(folder / "log.jsonl"),
               "eval_s": time.perf_counter() - started - train_s,
               "accuracy": {row["skip"]: row["acc1"] for row in rows},
               "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},

@@ -322,18 +322,23 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
     lines += _figure4(results, root, figures, rel, protocol.seeds[0])
     lines += _feature_kd(results, sup, base)
     lines += _curves(logs, figures, rel, protocol.epochs)
-    lines += ["", "## Every run", "", "| arm | seed | super-net | base-net | recalibrated super / base | train s |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Every run", "", "| arm | seed | super-net | base-net | recalibrated super / base | train s | train CPU s |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for arm, arm_runs in results.items():
         for r in arm_runs:
             acc, rec = r["accuracy"], r.get("accuracy_recalibrated", {})
             recal = f"{rec[sup]:.2f} / {rec[base]:.2f}" if sup in rec and base in rec else \
                 (f"{next(iter(rec.values())):.2f}" if rec else "-")
             lines.append(f"| {arm} | {r['seed']} | {_cell(acc.get(sup))} | {_cell(acc.get(base))} | "
-                         f"{recal} | {r['train_s']:.0f} |")
+                         f"{recal} | {r['train_s']:.0f} | {_seconds(r.get('train_cpu_s'))} |")
     lines += ["", f"Finished runs' `result.json` and `log.jsonl`: `{rel(record)}` (checkpoints stay in `{root}`).", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     return path
+
+
+def _seconds(value: float | None) -> str:
+    """A time cell; '-' for runs recorded before CPU time was measured."""
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _table1(results, sup, base) -> list[str]:

@@ -539,6 +539,9 @@ class EpochProgress:
     sums: dict[str, float] = field(default_factory=dict)
     correct: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # CPU time of this process (all its threads): unlike wall time, it does not grow while the process
+    # is paused or waits for a core another process holds, so it measures the compute a run really took.
+    cpu_seconds: float = 0.0
     global_batch: int = 0  # images per step over all processes; a mid-epoch resume needs the same
 
 
@@ -783,6 +786,7 @@ class Trainer:
                                 worker_init_fn=ignore_interrupts)
         self.net.train()
         started = time.perf_counter() - progress.seconds
+        cpu_started = time.process_time() - progress.cpu_seconds
         bar = tqdm(loader, total=batches.steps, initial=progress.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and world.is_main), file=sys.stderr, leave=False)
         for images, targets, skipped in bar:
@@ -794,10 +798,12 @@ class Trainer:
             if self.stop_now or (not world.enabled and self.stop.signum is not None):
                 bar.close()
                 progress.seconds = time.perf_counter() - started
+                progress.cpu_seconds = time.process_time() - cpu_started
                 self.save(epoch, progress)
                 raise self._interrupted(f"at epoch {epoch + 1}, step {progress.steps} of {batches.steps}")
             if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and progress.steps < batches.steps:
                 progress.seconds = time.perf_counter() - started
+                progress.cpu_seconds = time.process_time() - cpu_started
                 self.save(epoch, progress)
         bar.close()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -818,6 +824,7 @@ class Trainer:
             for skip, accs in self.evaluate(self.ema.module).items():
                 record[f"val_acc1_{_label(skip, self.net)}_ema"] = accs["acc1"]
         record["epoch_time_s"] = time.perf_counter() - started
+        record["epoch_cpu_s"] = time.process_time() - cpu_started
         self.save(epoch, progress, record)
         if world.is_main:
             _append_log(self.output / "log.jsonl", record)
