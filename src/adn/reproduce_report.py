@@ -299,6 +299,7 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
     ]
     pooled_sup = _acc(results, "adn-pooled", sup)
     no_san_base = _acc(results, "adn-no-san", base)
+    joint_sup, joint_base = _acc(results, "joint", sup), _acc(results, "joint", base)
     def glance(a, b) -> str:  # "**holds** (+0.40 points)", or "**pending**" alone
         outcome = verdict(a, b)
         return f"**{outcome}**" + ("" if outcome == "pending" else f" ({_delta(a, b)} points)")
@@ -310,6 +311,8 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
         f"- Table 3, skip-aware norms matter under specialization (ADN base-net above the no-skip-aware-norm ADN): "
         f"{glance(adn_base, no_san_base)}.",
         f"- Spatial feature KD above pooled (super-net): {glance(adn_sup, pooled_sup)}.",
+        f"- Table 3, sub-path specialization matters (ADN above the network trained jointly on the same two depths, "
+        f"with skip-aware norms): super-net {glance(adn_sup, joint_sup)}; base-net {glance(adn_base, joint_base)}.",
         "",
     ]
     notes = figures / "notes.md"
