@@ -787,6 +787,11 @@ class Trainer:
         self.net.train()
         started = time.perf_counter() - progress.seconds
         cpu_started = time.process_time() - progress.cpu_seconds
+
+        def note_time() -> None:  # before a mid-epoch save, so that a resumed epoch's times stay whole
+            progress.seconds = time.perf_counter() - started
+            progress.cpu_seconds = time.process_time() - cpu_started
+
         bar = tqdm(loader, total=batches.steps, initial=progress.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and world.is_main), file=sys.stderr, leave=False)
         for images, targets, skipped in bar:
@@ -797,13 +802,11 @@ class Trainer:
             # SIGINT/SIGTERM (alone: as soon as it came; several processes: once all agree): keep the steps done
             if self.stop_now or (not world.enabled and self.stop.signum is not None):
                 bar.close()
-                progress.seconds = time.perf_counter() - started
-                progress.cpu_seconds = time.process_time() - cpu_started
+                note_time()
                 self.save(epoch, progress)
                 raise self._interrupted(f"at epoch {epoch + 1}, step {progress.steps} of {batches.steps}")
             if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and progress.steps < batches.steps:
-                progress.seconds = time.perf_counter() - started
-                progress.cpu_seconds = time.process_time() - cpu_started
+                note_time()
                 self.save(epoch, progress)
         bar.close()
         lr = self.optimizer.param_groups[0]["lr"]
