@@ -7,6 +7,7 @@
 from .backends import CompiledDepths, compile_depths
 from .checkpoint import load
 from .convert import StageSpec, convert, register_adapter, split_point, supported_families
+from .depth_statistics import drop_depth_statistics, record_depth_statistics
 from .depth_table import DepthTable
 from .distill import SubPathDistillationLoss
 from .governor import Decision, Governor
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveDepthNetwork", "CompiledDepths", "Decision", "DepthTable", "Governor", "Predictor", "Preprocessing", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
-    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "load", "recalibrate_norms", "register_adapter", "split_point",
+    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "drop_depth_statistics", "load", "recalibrate_norms", "record_depth_statistics", "register_adapter", "split_point",
     "supported_families",
 ]

@@ -25,6 +25,8 @@ from torch import nn
 
 from .atomic import atomic_write
 from .convert import convert
+from .depth_statistics import CHECKPOINT_KEY as DEPTH_STATISTICS
+from .depth_statistics import DepthStatisticsError, load_depth_statistics
 from .models import SMALL_MODELS, TORCHVISION_MODELS, build_model
 
 FORMAT = "adn-checkpoint"
@@ -246,6 +248,11 @@ def load_network(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module
     net = build_network(meta)
     load_weights(net, data["model"], source=str(path))
     check_finite(data["model"], str(path))
+    if data.get(DEPTH_STATISTICS) is not None:
+        try:
+            load_depth_statistics(net, data[DEPTH_STATISTICS], source=str(path))
+        except DepthStatisticsError as error:
+            raise CheckpointError(str(error)) from error
     return net, data
 
 
@@ -253,7 +260,8 @@ def load(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     """``adn.load(path)``: the adaptive depth network an ``adn`` checkpoint holds (written by
     ``adn train``), with its weights, in eval mode at the super-net depth. Loading runs no pickled code,
     refuses damaged files and non-finite weights, and rebuilds the model only from the names and sizes
-    adn itself writes. ``load_network`` also returns the checkpoint's other contents."""
+    adn itself writes; per-depth batch-norm statistics (``adn recalibrate``) come with it.
+    ``load_network`` also returns the checkpoint's other contents."""
     net, _ = load_network(path, map_location)
     return net.eval()
 

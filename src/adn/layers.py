@@ -20,6 +20,10 @@ blocks and norms read it at forward time (:func:`is_skipped`).
 
 The original parameters keep their names, twins live under ``<norm>.twin.*``; a state_dict of the
 original model therefore loads into the converted model's super-net path unchanged.
+
+- :class:`DepthStatisticsNorm` — a batch norm that, in eval mode, normalizes with running statistics
+  measured at the depth being run (one row per depth, :mod:`adn.depth_statistics`), so that depths never
+  trained explicitly do not borrow statistics collected at other depths.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from contextvars import ContextVar
 
+import torch.nn.functional as F
 from torch import nn
 
 _MODULE = sys.modules[__name__]
@@ -38,6 +43,10 @@ _SUBCLASS_CACHE: dict[tuple[type, type], type] = {}
 # its flag. None (the common case) when no per-call depth is active. The dict is never mutated once set, so
 # a context that copied it (a task started inside the block) cannot see later changes.
 ACTIVE_DEPTH: ContextVar[dict | None] = ContextVar("adn_active_depth", default=None)
+
+# The row of per-depth norm statistics (:class:`DepthStatisticsNorm`) the forward pass in progress reads:
+# set by the forward of a network that has them, in eval mode, for the depth it runs; None otherwise.
+STATISTICS_ROW: ContextVar[int | None] = ContextVar("adn_statistics_row", default=None)
 
 
 def is_skipped(module: nn.Module) -> bool:
@@ -70,12 +79,14 @@ def swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
 
 
 def original_class(module: nn.Module) -> type:
-    """The class a converted module had before conversion (the class itself if not converted)."""
-    cls = type(module)
-    for mixin in (SkipAwareNorm, SkippableBlock, IdleWhenSkipped):
-        if issubclass(cls, mixin):
-            return cls.__mro__[2]
-    return cls
+    """The class a converted module had before conversion (the class itself if not converted). A norm
+    can carry two mixins (skip-aware and per-depth statistics), so the generated classes and the mixins
+    are passed over in the method resolution order."""
+    generated = set(_SUBCLASS_CACHE.values())
+    for cls in type(module).__mro__:
+        if cls not in generated and cls not in MIXINS:
+            return cls
+    raise TypeError(f"{type(module).__name__} has no original class")  # unreachable: object is in every MRO
 
 
 class SkippableBlock:
@@ -142,6 +153,40 @@ class IdleWhenSkipped:
         return super().forward(x, *args, **kwargs)
 
 
+class DepthStatisticsNorm:
+    """Mixin for a batch norm with one row of running statistics per depth (``depth_running_mean`` and
+    ``depth_running_var``, shape ``(2**num_stages, channels)``, non-persistent buffers: they follow
+    ``.to()`` but stay out of ``state_dict``, so training code never sees them).
+
+    In eval mode, inside the forward of a network that has them, it normalizes with the row of the depth
+    being run (:data:`STATISTICS_ROW`); in training mode, or called on its own, it is the plain norm. A
+    skip-aware norm whose stage is skipped hands over to its twin, which has rows of its own."""
+
+    @classmethod
+    def convert(cls, norm: nn.Module, rows: int) -> nn.Module:
+        if not isinstance(norm, DepthStatisticsNorm):
+            swap_in_subclass(norm, cls, "PerDepth")
+        for name in ("mean", "var"):
+            current = getattr(norm, f"running_{name}").detach()
+            norm.register_buffer(f"depth_running_{name}", current.expand(rows, -1).clone(), persistent=False)
+        return norm
+
+    def forward(self, x, *args, **kwargs):
+        row = STATISTICS_ROW.get()
+        if row is None or self.training or (isinstance(self, SkipAwareNorm) and is_skipped(self)):
+            return super().forward(x, *args, **kwargs)
+        return F.batch_norm(x, self.depth_running_mean[row], self.depth_running_var[row], self.weight, self.bias,
+                            False, 0.0, self.eps)
+
+    def use_row(self, row: int | None) -> None:
+        """Become a plain norm whose running statistics are (copies of) row ``row`` (for a standalone
+        sub-network, which has one depth); ``None`` keeps the running statistics it has."""
+        if row is not None:
+            self.running_mean = self.depth_running_mean[row].clone()
+            self.running_var = self.depth_running_var[row].clone()
+        del self.depth_running_mean, self.depth_running_var
+
+
 class SkippableStage:
     """One stage of an adaptive depth network (a plain controller, not an ``nn.Module``: the blocks
     stay where the original model put them).
@@ -191,3 +236,6 @@ class SkippableStage:
     def __repr__(self) -> str:
         return (f"SkippableStage({self.name!r}, shared={len(self.shared)}, skippable={len(self.skippable)}, "
                 f"skip_aware_norms={len(self.norms)}, skip={self._skip})")
+
+
+MIXINS = (SkipAwareNorm, SkippableBlock, IdleWhenSkipped, DepthStatisticsNorm)

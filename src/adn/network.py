@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import (ACTIVE_DEPTH, IdleWhenSkipped, SkipAwareNorm, SkippableBlock, SkippableStage,
-                     swap_in_subclass, original_class)
+from .layers import (ACTIVE_DEPTH, STATISTICS_ROW, DepthStatisticsNorm, IdleWhenSkipped, SkipAwareNorm,
+                     SkippableBlock, SkippableStage, swap_in_subclass, original_class)
 from .skip import SkipConfig
 
 
@@ -94,10 +94,25 @@ class AdaptiveDepthNetwork:
     # Inputs pass through untouched, positional or by keyword: Hugging Face models are called as
     # ``model(input_ids=..., past_key_values=...)`` (their ``generate`` does so), with no positional input.
     def forward(self, *args, skip=None, **kwargs):
-        if skip is None:
-            return super().forward(*args, **kwargs)
-        with self.skipping(skip):
-            return super().forward(*args, **kwargs)
+        row = self._statistics_row(skip)
+        token = STATISTICS_ROW.set(row) if row is not None else None
+        try:
+            if skip is None:
+                return super().forward(*args, **kwargs)
+            with self.skipping(skip):
+                return super().forward(*args, **kwargs)
+        finally:
+            if token is not None:
+                STATISTICS_ROW.reset(token)
+
+    def _statistics_row(self, skip) -> int | None:
+        """The row of per-depth norm statistics this forward reads (see :mod:`adn.depth_statistics`):
+        None without them, in training mode, or while they are suspended."""
+        stored = self.__dict__.get("adn_depth_statistics")
+        if not stored or not stored.get("enabled", True) or self.training:
+            return None
+        config = self.skip if skip is None else SkipConfig(skip, num_stages=self.num_stages)
+        return config.index
 
     def sub_networks(self) -> list[SkipConfig]:
         """All 2^N configurations of this network, super-net first."""
@@ -148,7 +163,8 @@ class AdaptiveDepthNetwork:
         # The copy is not in any thread's per-call depth: its flags (its default depth) decide what _unload removes.
         for stage, flag in zip(plain.adn_stages, config):
             stage.skip = flag
-        _unload(plain)
+        stored = self.__dict__.get("adn_depth_statistics") or {}
+        _unload(plain, config.index if stored.get("enabled", True) else None)
         if fold_bn:
             from .fold import fold_batch_norms
             return fold_batch_norms(plain)
@@ -160,8 +176,12 @@ class AdaptiveDepthNetwork:
         return f"{base}, {mine}" if base else mine
 
 
-def _unload(model: nn.Module) -> None:
-    """Strip the skip machinery from a deep copy, in place (the copy's flags fix its depth)."""
+def _unload(model: nn.Module, row: int) -> None:
+    """Strip the skip machinery from a deep copy, in place (the copy's flags fix its depth; ``row`` is the
+    depth's row of per-depth norm statistics, if the network has them; None: keep the running ones)."""
+    for module in model.modules():
+        if isinstance(module, DepthStatisticsNorm):
+            module.use_row(row)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, (SkippableBlock, IdleWhenSkipped)) and child.adn_skipped:
@@ -169,12 +189,13 @@ def _unload(model: nn.Module) -> None:
             elif isinstance(child, SkipAwareNorm) and child.adn_skipped:
                 setattr(parent, name, child.twin)
     for module in model.modules():
-        if isinstance(module, (SkipAwareNorm, SkippableBlock, IdleWhenSkipped)):
+        if isinstance(module, (SkipAwareNorm, SkippableBlock, IdleWhenSkipped, DepthStatisticsNorm)):
             module._modules.pop("twin", None)
             module.__dict__.pop("adn_skipped", None)
             module.__class__ = original_class(module)
     model.__dict__.pop("adn_stages", None)
     model.__dict__.pop("adn_info", None)
+    model.__dict__.pop("adn_depth_statistics", None)
     model.__class__ = type(model).__mro__[2]
 
 

@@ -61,6 +61,11 @@ class SkipConfig(tuple):
     def is_base(self) -> bool:
         return all(self)
 
+    @property
+    def index(self) -> int:
+        """A number in [0, 2**num_stages) unique to this configuration: bit i is stage i's skip flag."""
+        return sum(1 << i for i, flag in enumerate(self) if flag)
+
     def __str__(self) -> str:
         return "".join("T" if flag else "F" for flag in self)
 

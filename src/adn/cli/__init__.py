@@ -15,7 +15,8 @@ import torch
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..train import TrainingDiverged, TrainingInterrupted
-from . import analyze, depth_table, detect, eval, export, import_weights, pareto, predict, profile, reproduce, serve, train
+from . import (analyze, depth_table, detect, eval, export, import_weights, pareto, predict, profile, recalibrate,
+               reproduce, serve, train)
 from . import finetune_study
 from . import eval_lm, generate, train_lm
 from .common import HelpFormatter, first_line, out_of_memory
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.add(sub)
     eval.add(sub)
+    recalibrate.add(sub)
     profile.add(sub)
     export.add(sub)
     pareto.add(sub)

@@ -117,3 +117,21 @@ def read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:
     if not by_skip or missing:
         raise ValueError(f"{path}: rows lack {sorted(missing) or 'everything'}; produce it with `adn {what} --json`")
     return by_skip
+
+
+def checkpoint_dataset(args, meta: dict, val_subset: int | None = None, skip_bad_images: bool = False):
+    """The data set a checkpoint was trained on (or ``--data``/``--data-path``), un-augmented, checked
+    against the checkpoint's class count: what eval and recalibrate read."""
+    from ..checkpoint import CheckpointError
+    from ..data import DataError, load_dataset
+    cfg = meta.get("config", {})
+    if not (args.data or meta.get("dataset")):
+        raise CheckpointError(f"{args.checkpoint} does not say which dataset it was trained on; pass --data")
+    # What the checkpoint names is read where it already is; downloads need --data or --data-path from the user.
+    data = load_dataset(args.data or meta["dataset"], args.data_path or meta.get("data_path"),
+                        val_subset=val_subset, seed=cfg.get("seed", 0), augment=False,
+                        image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"),
+                        skip_bad_images=skip_bad_images, download=bool(args.data or args.data_path))
+    if data.num_classes != meta["num_classes"]:
+        raise DataError(f"the dataset has {data.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
+    return data

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from .. import jsonout
-from ..checkpoint import CheckpointError
-from ..data import DATASETS, DataError
-from .common import add_measure_flags, positive_int, skip_configs, write_plot
+from ..data import DATASETS
+from .common import add_measure_flags, checkpoint_dataset, positive_int, skip_configs, write_plot
 
 
 def add(sub) -> None:
@@ -24,7 +23,8 @@ def add(sub) -> None:
     p.add_argument("-j", "--workers", type=int, default=0, help="data loading processes (0: in this process)")
     p.add_argument("--recalibrate-bn", type=positive_int, default=None, metavar="N",
                    help="before evaluating each sub-network, recompute its batch-norm statistics on N batches of "
-                        "training images (un-augmented, the same for every depth); the checkpoint is not changed")
+                        "training images (un-augmented, the same for every depth); the checkpoint is not changed "
+                        "(adn recalibrate stores such statistics in it)")
     p.add_argument("--plot", default=None, help="accuracy-vs-MACs PNG (default: acc_vs_macs.png next to the checkpoint)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -36,25 +36,18 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from ..checkpoint import load_network
-    from ..data import calibration_loader, collate_readable_pairs, load_dataset
+    from ..data import calibration_loader, collate_readable_pairs
     from ..evaluate import evaluate_subnetworks
     from ..report import add_ratios, plot_accuracy_vs_macs
 
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
+    stored = ckpt.get("depth_statistics")
+    stored_batches = int(stored.get("batches", 0)) if stored else 0
     configs = skip_configs(args.skip, net.num_stages)
     device = torch.device(args.device)
     net.to(device)
-    cfg = meta.get("config", {})
-    if not (args.data or meta.get("dataset")):
-        raise CheckpointError(f"{args.checkpoint} does not say which dataset it was trained on; pass --data")
-    # What the checkpoint names is read where it already is; downloads need --data or --data-path from the user.
-    data = load_dataset(args.data or meta["dataset"], args.data_path or meta.get("data_path"),
-                        val_subset=args.val_subset, seed=cfg.get("seed", 0), augment=False,
-                        image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"),
-                        skip_bad_images=args.skip_bad_images, download=bool(args.data or args.data_path))
-    if data.num_classes != meta["num_classes"]:
-        raise DataError(f"the dataset has {data.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
+    data = checkpoint_dataset(args, meta, val_subset=args.val_subset, skip_bad_images=args.skip_bad_images)
     loader, example = _eval_batches(args, data)
     recalibrate = None
     if args.recalibrate_bn:
@@ -67,6 +60,7 @@ def run(args) -> int:
                                            recalibrate=recalibrate))
     for row in rows:
         row["recalibrated_bn_batches"] = args.recalibrate_bn or 0
+        row["per_depth_bn_statistics"] = stored_batches if not args.recalibrate_bn else 0
         if args.skip_bad_images:
             row["skipped_images"] = getattr(loader, "skipped", 0)
     _print_eval(args, rows, meta, data, device)
@@ -101,6 +95,8 @@ def _print_eval(args, rows: list[dict], meta: dict, data, device) -> None:
               + (f"; latency: median of {args.repeats} runs, batch {args.latency_batch_size}, "
                  f"{torch.get_num_threads()} threads, {device}, {args.backend}" if args.latency else "")
               + (f"; batch-norm statistics recalibrated per sub-network on {args.recalibrate_bn} training batches"
-                 if args.recalibrate_bn else ""))
+                 if args.recalibrate_bn else "")
+              + (f"; per-depth batch-norm statistics of the checkpoint ({rows[0]['per_depth_bn_statistics']} batches, "
+                 f"adn recalibrate)" if rows and rows[0].get("per_depth_bn_statistics") else ""))
         print(format_table(rows))
     sys.stdout.flush()

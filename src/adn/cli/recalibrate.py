@@ -1,0 +1,63 @@
+"""``adn recalibrate``: measure every depth's batch-norm statistics once and store them in the checkpoint."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import jsonout
+from ..data import DATASETS
+from .common import checkpoint_dataset, positive_int
+
+
+def add(sub) -> None:
+    p = sub.add_parser(
+        "recalibrate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="store batch-norm statistics measured at each depth in a checkpoint (used by eval, serve, export, predict)",
+        description="Measure the batch-norm statistics of every sub-network on training batches run at its own depth "
+                    "and store them in the checkpoint, one row per depth. From then on every command that runs a depth "
+                    "(eval, predict, serve, export, depth-table, adn.load) normalizes with that depth's own statistics; "
+                    "switching depth stays free. Needed above all for networks trained with --method joint, whose "
+                    "intermediate depths read 0.5-0.8 points lower with the running statistics. Training further "
+                    "(--resume, --init-from) starts from the running statistics; run this again afterwards.")
+    p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
+    p.add_argument("--output", default=None, help="checkpoint to write (default: replace --checkpoint, atomically)")
+    p.add_argument("--batches", type=positive_int, default=50, metavar="N", help="training batches per depth")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per batch")
+    p.add_argument("--data", default=None, choices=DATASETS, help="default: the dataset it was trained on")
+    p.add_argument("--data-path", default=None, help="default: the path it was trained with")
+    p.add_argument("-j", "--workers", type=int, default=0, help="data loading processes (0: in this process)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--json", action="store_true", help="print what was stored as JSON on stdout")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..checkpoint import atomic_save, load_network
+    from ..data import calibration_loader
+    from ..depth_statistics import CHECKPOINT_KEY, depth_statistics_payload, record_depth_statistics
+
+    net, ckpt = load_network(args.checkpoint)
+    data = checkpoint_dataset(args, ckpt["meta"])
+    device = torch.device(args.device)
+    net.to(device)
+    batches = calibration_loader(data.train, args.batch_size, args.batches, args.workers)
+    start = time.perf_counter()
+    images = record_depth_statistics(net, batches, args.batches, device=device,
+                                     progress=lambda config: print(f"measuring {config} ...", file=sys.stderr))
+    output = Path(args.output or args.checkpoint)
+    summary = {"checkpoint": str(output), "depths": 2 ** net.num_stages, "batches": args.batches,
+               "images_per_depth": images, "seconds": round(time.perf_counter() - start, 1)}
+    if images == 0:
+        summary["depths"] = 0
+        note = f"{ckpt['meta']['model']} has no batch norms: nothing to recalibrate; {output} not written"
+    else:
+        net.to("cpu")
+        atomic_save({**ckpt, CHECKPOINT_KEY: depth_statistics_payload(net)}, output)
+        note = (f"stored batch-norm statistics of {summary['depths']} depths ({images} training images each, "
+                f"{summary['seconds']} s) in {output}; adn eval, predict, serve and export now use each depth's own")
+    print(jsonout.dumps(summary, indent=2) if args.json else note)
+    return 0
