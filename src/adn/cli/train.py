@@ -41,8 +41,10 @@ def add(sub) -> None:
                         "of stopping at the first one")
     g = p.add_argument_group("method")
     g.add_argument("--method", default=d.method, choices=METHODS,
-                   help="adn: sub-path specialization; joint: (CE_super+CE_base)/2 ablation; individual: one fixed "
-                        "sub-network (the paper's baselines)")
+                   help="adn: sub-path specialization (the paper's Algorithm 1; recommended to fine-tune a trained "
+                        "network with --init-from); joint: (CE_super+CE_base)/2, recommended from scratch (closer to "
+                        "networks trained alone in our reproduction; run adn recalibrate afterwards); individual: one "
+                        "fixed sub-network (the paper's baselines)")
     g.add_argument("--skip", default=d.skip, help="sub-network trained by --method individual (TTFF, super, base)")
     g.add_argument("--no-skip-aware-norm", dest="skip_aware_norm", action="store_false",
                    help="ablation: no skip-aware norm twins")
