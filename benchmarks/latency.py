@@ -6,13 +6,15 @@
    Targets (issue 4): ORT base-net latency ratio within 0.05 of its MAC ratio (0.626); ORT >= 1.3x
    faster than eager for the same sub-network.
 2. Overhead: the ADN at a depth vs a plain torchvision ResNet-50 with the same blocks removed (same
-   weights), interleaved. Target: ratio <= 1.02.
+   weights), interleaved, without and with per-depth batch-norm statistics (``adn recalibrate``: the
+   row of the depth is chosen per forward). Target: both ratios <= 1.02.
 
     python benchmarks/latency.py [--size 224 --repeats 7 --batches 1 16 --onnxruntime --threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -36,20 +38,22 @@ def plain_resnet_without(config) -> torch.nn.Module:
     return model
 
 
-def overhead(net, config, x, repeats: int) -> float:
+def overhead(nets: dict, config, x, repeats: int) -> dict[str, float]:
+    """Median latency of each network in ``nets`` at ``config`` over that of the plain torchvision model."""
+    first = next(iter(nets.values()))
     plain = plain_resnet_without(config)
-    plain.load_state_dict(net.subnet(config).state_dict())
-    plain.eval()
-    net.eval()
-    times = {"adn": [], "plain": []}
-    with torch.inference_mode(), net.skipping(config):
+    plain.load_state_dict(first.subnet(config).state_dict())
+    models = {**{name: net.eval() for name, net in nets.items()}, "plain": plain.eval()}
+    times = {name: [] for name in models}
+    with torch.inference_mode():
         for i in range(repeats + 2):
-            for name, model in (("adn", net), ("plain", plain)):
+            for name, model in models.items():
                 start = time.perf_counter()
-                model(x)
+                model(x) if name == "plain" else model(x, skip=config)
                 if i >= 2:
                     times[name].append(time.perf_counter() - start)
-    return statistics.median(times["adn"]) / statistics.median(times["plain"])
+    plain_median = statistics.median(times["plain"])
+    return {name: statistics.median(times[name]) / plain_median for name in nets}
 
 
 def main() -> None:
@@ -76,6 +80,8 @@ def main() -> None:
         engines.append("onnxruntime")
         print(f"exported {len(configs)} sub-networks to ONNX in {time.perf_counter() - started:.0f}s "
               f"(ONNX Runtime threads: {onnx.threads})")
+    with_statistics = copy.deepcopy(net)
+    adn.record_depth_statistics(with_statistics, [torch.randn(4, 3, args.size, args.size)], num_batches=1)
     results = {"threads": torch.get_num_threads(), "size": args.size, "batches": {}}
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size)
@@ -108,9 +114,11 @@ def main() -> None:
                   f"off by {abs(base['onnxruntime_ratio'] - base['mac_ratio']):.3f} (target <= 0.05); "
                   f"ORT speed-up over eager {min(r['ort_speedup'] for r in table):.2f}-"
                   f"{max(r['ort_speedup'] for r in table):.2f}x (target >= 1.3)")
-        over = {c: overhead(net, adn.SkipConfig(c), x, repeats[batch]) for c in ("FFFF", "TTFF", "TTTT")}
+        over = {c: overhead({"adn": net, "adn_depth_statistics": with_statistics}, adn.SkipConfig(c), x,
+                            repeats[batch]) for c in ("FFFF", "TTFF", "TTTT")}
         print("ADN / plain torchvision with the same blocks removed: "
-              + ", ".join(f"{c} {v:.3f}" for c, v in over.items()) + " (target <= 1.02)")
+              + ", ".join(f"{c} {v['adn']:.3f}" for c, v in over.items()) + "; with per-depth statistics: "
+              + ", ".join(f"{c} {v['adn_depth_statistics']:.3f}" for c, v in over.items()) + " (target <= 1.02)")
         results["batches"][batch] = {"rows": table, "overhead": over}
     print(json.dumps(results))
 

@@ -170,3 +170,19 @@ def test_damaged_stored_statistics_are_refused_with_the_fix(trained, tmp_path):
     torch.save(data, target)
     with pytest.raises(CheckpointError, match=r"expected finite values of shape \(8, .*adn recalibrate"):
         load_network(target)
+
+
+def test_a_joint_network_without_them_gets_a_note_naming_the_fix(tmp_path, fashion_dir, capsys):
+    out = tmp_path / "joint"
+    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
+                 str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "2", "--method", "joint",
+                 "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
+    checkpoint = str(out / "checkpoint.pt")
+    capsys.readouterr()
+    eval_args = ["eval", "--checkpoint", checkpoint, "--no-latency", "--no-plot", "--skip", "TFT", "--json"]
+    assert main(eval_args) == 0
+    assert f"adn recalibrate --checkpoint {checkpoint}" in capsys.readouterr().err
+    assert main(["recalibrate", "--checkpoint", checkpoint, "--batches", "1", "-b", "16"]) == 0  # in place
+    capsys.readouterr()
+    assert main(eval_args) == 0
+    assert "adn recalibrate" not in capsys.readouterr().err

@@ -9,7 +9,8 @@ import torch
 
 from .. import jsonout
 from ..data import DATASETS
-from .common import add_measure_flags, checkpoint_dataset, positive_int, skip_configs, write_plot
+from .common import (add_measure_flags, checkpoint_dataset, note_missing_depth_statistics, positive_int, skip_configs,
+                     write_plot)
 
 
 def add(sub) -> None:
@@ -44,6 +45,8 @@ def run(args) -> int:
     meta = ckpt["meta"]
     stored = ckpt.get("depth_statistics")
     stored_batches = int(stored.get("batches", 0)) if stored else 0
+    if not args.recalibrate_bn:
+        note_missing_depth_statistics(net, meta, args.checkpoint)
     configs = skip_configs(args.skip, net.num_stages)
     device = torch.device(args.device)
     net.to(device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .common import skip_configs
+from .common import note_missing_depth_statistics, skip_configs
 
 
 def add(sub) -> None:
@@ -28,6 +28,7 @@ def run(args) -> int:
 
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
+    note_missing_depth_statistics(net, meta, args.checkpoint)
     configs = skip_configs(args.skip, net.num_stages)
     accuracy = None
     if args.accuracy:

@@ -5,7 +5,7 @@ import sys
 import time
 
 from .. import jsonout
-from .common import positive_int
+from .common import note_missing_depth_statistics, positive_int
 
 
 def add(sub) -> None:
@@ -40,6 +40,7 @@ def run(args) -> int:
     if args.budget_ms is not None and not args.budget_ms > 0:
         raise ValueError(f"--budget-ms {args.budget_ms}: give a positive number of milliseconds")
     predictor = Predictor.from_checkpoint(args.checkpoint)
+    note_missing_depth_statistics(predictor.net, predictor.meta, args.checkpoint)
     stages = predictor.num_stages
     choice = None
     if args.budget_ms is not None:

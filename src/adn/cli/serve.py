@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from .common import positive_int
+from .common import note_missing_depth_statistics, positive_int
 
 NEEDS = {"starlette": "starlette", "uvicorn": "uvicorn", "prometheus_client": "prometheus_client",
          "multipart": "python-multipart"}
@@ -78,6 +78,7 @@ def run(args) -> int:
     except BaseException:
         sock.close()
         raise
+    note_missing_depth_statistics(service.predictor.net, service.predictor.meta, args.checkpoint)
     measured_on = service.governor.table.meta.get("conditions", {}).get("backend")
     if measured_on and measured_on != args.backend:
         print(f"adn: warning: the depth table was measured on {measured_on}, the server runs {args.backend}: the "
