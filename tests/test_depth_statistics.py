@@ -154,6 +154,12 @@ def test_recalibrate_command_stores_them_and_every_command_reads_them(trained, t
     assert main(eval_args + ["--checkpoint", str(trained), "--recalibrate-bn", "2", "-b", "64"]) == 0
     on_the_fly = json.loads(capsys.readouterr().out)
     assert [r["acc1"] for r in stored] == [r["acc1"] for r in on_the_fly]
+    # Recalibrating a checkpoint that has them measures afresh (the stored rows are set aside meanwhile).
+    assert main(eval_args + ["--checkpoint", str(target), "--recalibrate-bn", "1", "-b", "64"]) == 0
+    afresh = json.loads(capsys.readouterr().out)
+    assert main(eval_args + ["--checkpoint", str(trained), "--recalibrate-bn", "1", "-b", "64"]) == 0
+    assert [r["acc1"] for r in afresh] == [r["acc1"] for r in json.loads(capsys.readouterr().out)]
+    assert [r["per_depth_bn_statistics"] for r in afresh] == [0, 0]
 
     assert main(["export", "--checkpoint", str(target), "--skip", "TFT", "--output", str(tmp_path / "x")]) == 0
     tensors = load_file(tmp_path / "x" / "subnet_TFT.safetensors")
