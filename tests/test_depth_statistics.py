@@ -162,6 +162,8 @@ def test_recalibrate_command_stores_them_and_every_command_reads_them(trained, t
     assert [r["per_depth_bn_statistics"] for r in afresh] == [0, 0]
 
     assert main(["export", "--checkpoint", str(target), "--skip", "TFT", "--output", str(tmp_path / "x")]) == 0
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["batch_norm_statistics"] == "per depth (128 training images each, adn recalibrate)"
     tensors = load_file(tmp_path / "x" / "subnet_TFT.safetensors")
     row = adn.SkipConfig("TFT").index
     assert torch.equal(tensors["bn1.running_mean"], net.bn1.depth_running_mean[row])

@@ -42,6 +42,14 @@ def has_depth_statistics(net: nn.Module) -> bool:
     return bool(net.__dict__.get("adn_depth_statistics"))
 
 
+def statistics_in_use(net: nn.Module) -> str:
+    """Which batch-norm statistics the depths of ``net`` run with, in words (for manifests and reports)."""
+    stored = net.__dict__.get("adn_depth_statistics")
+    if not stored or not stored.get("enabled", True):
+        return "running"
+    return f"per depth ({stored.get('images', 0)} training images each, adn recalibrate)"
+
+
 def _install(net: nn.Module, info: dict) -> list[nn.Module]:
     """Give every batch norm one row of statistics per depth (initialized to its running statistics)."""
     rows = 2 ** net.num_stages

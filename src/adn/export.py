@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from . import jsonout
 from .atomic import atomic_write
+from .depth_statistics import statistics_in_use
 from .labels import class_names
 from .preprocess import Preprocessing
 from .profile import count_macs
@@ -173,7 +174,9 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
         if accuracy and str(config) in accuracy:
             entry.update(accuracy[str(config)])
         entries.append(entry)
-    manifest = {"input_shape": list(example.shape[1:]), **model_io, "subnetworks": entries}
+    # Which batch-norm statistics the files carry: each depth's own (adn recalibrate) or the running ones.
+    manifest = {"input_shape": list(example.shape[1:]), **model_io, "batch_norm_statistics": statistics_in_use(net),
+                "subnetworks": entries}
     previous = _listed_files(output / "manifest.json")  # read before it is replaced
     atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(manifest, indent=2)))
     _remove_stale(output, previous - {name for entry in entries for name in _entry_files(entry)})
