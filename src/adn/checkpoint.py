@@ -233,8 +233,10 @@ def load_weights(net: nn.Module, state_dict: dict, source: str = "checkpoint", c
         net.load_state_dict(state_dict)
 
 
-def load_network(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the network a checkpoint holds and load its weights. Returns ``(net, checkpoint)``."""
+def load_network(path: str | os.PathLike, map_location="cpu", depth_statistics: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild the network a checkpoint holds and load its weights, and its per-depth batch-norm
+    statistics unless ``depth_statistics=False`` (``adn recalibrate`` replaces them: damaged ones must
+    not stop it). Returns ``(net, checkpoint)``."""
     data = load_checkpoint(path, map_location)
     meta = validate_meta(data["meta"], source=str(path))
     if not isinstance(data["model"], dict):
@@ -248,7 +250,7 @@ def load_network(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module
     net = build_network(meta)
     load_weights(net, data["model"], source=str(path))
     check_finite(data["model"], str(path))
-    if data.get(DEPTH_STATISTICS) is not None:
+    if depth_statistics and data.get(DEPTH_STATISTICS) is not None:
         try:
             load_depth_statistics(net, data[DEPTH_STATISTICS], source=str(path))
         except DepthStatisticsError as error:

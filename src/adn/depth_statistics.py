@@ -17,12 +17,14 @@ the weights they were measured with; record them again after training further).
 
 Checkpoints carry them under ``"depth_statistics"`` (``adn recalibrate`` writes it;
 :func:`adn.load` restores it); the weights' ``state_dict`` is unchanged, so training code, resuming and
-``--init-from`` never see them.
+``--init-from`` never see them. Rows describe the weights they were measured with: once the weights
+change (an optimizer step, ``load_state_dict``), the network warns and runs with its running statistics
+again. :func:`adn.recalibrate_norms` at one depth updates that depth's row too.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -42,19 +44,48 @@ def has_depth_statistics(net: nn.Module) -> bool:
     return bool(net.__dict__.get("adn_depth_statistics"))
 
 
+def weights_version(net: nn.Module) -> int:
+    """A number that every in-place change of a parameter increases (PyTorch's version counters)."""
+    return sum(p._version for p in net.parameters())
+
+
+def rows_apply(net: nn.Module) -> bool:
+    """Whether the network's forward should read its per-depth rows: it has them and its weights are
+    still the ones they were measured with (else: a warning, once, and the running statistics)."""
+    stored = net.__dict__.get("adn_depth_statistics")
+    if not stored or stored.get("stale"):
+        return False
+    version = weights_version(net)
+    if version != stored["version"]:
+        if version == 0:  # a fresh copy (deepcopy, unpickling) of the same weights: counters start at 0
+            stored["version"] = 0
+            return True
+        stored["stale"] = True
+        warnings.warn("the weights changed since the per-depth batch-norm statistics were measured (training, "
+                      "load_state_dict): every depth runs with the running statistics again; measure them anew with "
+                      "adn.record_depth_statistics, or adn recalibrate for a checkpoint", stacklevel=3)
+        return False
+    return True
+
+
 def statistics_in_use(net: nn.Module) -> str:
     """Which batch-norm statistics the depths of ``net`` run with, in words (for manifests and reports)."""
-    stored = net.__dict__.get("adn_depth_statistics")
-    if not stored or not stored.get("enabled", True):
+    if not rows_apply(net):
         return "running"
-    return f"per depth ({stored.get('images', 0)} training images each, adn recalibrate)"
+    stored = net.__dict__["adn_depth_statistics"]
+    measured = len(stored.get("depths", ()))
+    which = "" if measured == 2 ** net.num_stages else f", measured for {measured} of {2 ** net.num_stages} depths"
+    return f"per depth ({stored.get('images', 0)} training images each{which}, adn recalibrate)"
 
 
-def _install(net: nn.Module, info: dict) -> list[nn.Module]:
-    """Give every batch norm one row of statistics per depth (initialized to its running statistics)."""
+def _install(net: nn.Module, images: int, depths) -> list[nn.Module]:
+    """Give every batch norm one row of statistics per depth (kept where it has them, else initialized
+    to its running statistics), and note what was measured."""
     rows = 2 ** net.num_stages
     norms = [DepthStatisticsNorm.convert(norm, rows) for norm in batch_norms(net)]
-    net.__dict__["adn_depth_statistics"] = {"enabled": True, **info}
+    previous = net.__dict__.get("adn_depth_statistics") or {}
+    measured = sorted(set(previous.get("depths", ())) | {str(SkipConfig(d, net.num_stages)) for d in depths})
+    net.__dict__["adn_depth_statistics"] = {"images": images, "depths": measured, "version": weights_version(net)}
     return norms
 
 
@@ -63,9 +94,10 @@ def record_depth_statistics(net: nn.Module, batches: Iterable, num_batches: int,
                             device: torch.device | str | None = None, progress=None) -> int:
     """Measure the batch-norm statistics of each depth in ``configs`` (default: all 2^N) on the first
     ``num_batches`` of ``batches`` (training images without random augmentation, the same for every depth)
-    and keep them in the network, one row per depth. The running statistics are left as they were.
-    ``progress(config)`` is called before each depth. Returns the number of images used per depth (0 for
-    a network without batch norms, e.g. a ViT: there is nothing to record)."""
+    and keep them in the network, one row per depth (rows of other depths recorded earlier are kept).
+    The running statistics are left as they were. ``progress(config)`` is called before each depth.
+    Returns the number of images used per depth (0 for a network without batch norms, e.g. a ViT: there
+    is nothing to record)."""
     if not batch_norms(net):
         return 0
     configs = SkipConfig.all(net.num_stages) if configs is None else [SkipConfig(c, net.num_stages) for c in configs]
@@ -78,12 +110,13 @@ def record_depth_statistics(net: nn.Module, batches: Iterable, num_batches: int,
             if progress is not None:
                 progress(config)
             images = recalibrate_norms(net, batches, num_batches, skip=config, device=device)
-            measured.append((config.index, [(n.running_mean.clone(), n.running_var.clone()) for n in norms]))
+            measured.append((config.index, [(n._buffers["running_mean"].clone(), n._buffers["running_var"].clone())
+                                            for n in norms]))
             load_norm_state(net, running)
     finally:
         load_norm_state(net, running)
     # Installed only once every depth was measured: an error above leaves the network as it was.
-    _install(net, {"batches": num_batches, "images": images})
+    _install(net, images, configs)
     for row, stats in measured:
         for norm, (mean, var) in zip(norms, stats):
             norm.depth_running_mean[row] = mean
@@ -100,21 +133,6 @@ def drop_depth_statistics(net: nn.Module) -> None:
     net.__dict__.pop("adn_depth_statistics", None)
 
 
-@contextlib.contextmanager
-def suspended(net: nn.Module) -> Iterator[None]:
-    """Run with the running statistics at every depth inside the block (e.g. to recalibrate them)."""
-    stored = net.__dict__.get("adn_depth_statistics")
-    if not stored:
-        yield
-        return
-    enabled = stored["enabled"]
-    stored["enabled"] = False
-    try:
-        yield
-    finally:
-        stored["enabled"] = enabled
-
-
 def depth_statistics_payload(net: nn.Module) -> dict | None:
     """What a checkpoint stores under ``"depth_statistics"`` (None without them): for each batch norm,
     by its name in the network, the ``(2**N, channels)`` tables of means and variances."""
@@ -123,14 +141,14 @@ def depth_statistics_payload(net: nn.Module) -> dict | None:
         return None
     norms = {name: {"mean": module.depth_running_mean.detach().cpu(), "var": module.depth_running_var.detach().cpu()}
              for name, module in net.named_modules() if isinstance(module, DepthStatisticsNorm)}
-    return {"batches": int(stored.get("batches", 0)), "images": int(stored.get("images", 0)), "norms": norms}
+    return {"images": int(stored.get("images", 0)), "depths": list(stored.get("depths", ())), "norms": norms}
 
 
 @torch.no_grad()
 def load_depth_statistics(net: nn.Module, payload, source: str = "checkpoint") -> None:
     """Install the per-depth statistics a checkpoint stores (see :func:`depth_statistics_payload`),
     refusing ones that do not fit the network."""
-    fix = f"; write them again with: adn recalibrate --checkpoint {source}"
+    fix = f"; measure them anew with: adn recalibrate --checkpoint {source}"
     if not isinstance(payload, dict) or not isinstance(payload.get("norms"), dict):
         raise DepthStatisticsError(f"{source}: its per-depth batch-norm statistics are malformed{fix}")
     norms = dict((name, m) for name, m in net.named_modules() if m in set(batch_norms(net)))
@@ -144,11 +162,19 @@ def load_depth_statistics(net: nn.Module, payload, source: str = "checkpoint") -
         for part in ("mean", "var"):
             table = stored[name].get(part) if isinstance(stored[name], dict) else None
             expected = (rows, norm.num_features)
-            if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected or not torch.isfinite(table).all():
+            if (not isinstance(table, torch.Tensor) or tuple(table.shape) != expected or not torch.isfinite(table).all()
+                    or (part == "var" and bool((table < 0).any()))):
                 shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
                 raise DepthStatisticsError(f"{source}: per-depth {part} of {name} is {shape}, expected finite values "
-                                           f"of shape {expected}{fix}")
-    _install(net, {"batches": payload.get("batches", 0), "images": payload.get("images", 0)})
+                                           f"of shape {expected} (variances >= 0){fix}")
+    depths = payload.get("depths")
+    if not isinstance(depths, list):
+        depths = [str(c) for c in SkipConfig.all(net.num_stages)]
+    try:
+        depths = [SkipConfig(d, net.num_stages) for d in depths]
+    except ValueError as error:
+        raise DepthStatisticsError(f"{source}: its per-depth batch-norm statistics list invalid depths ({error}){fix}") from error
+    _install(net, int(payload.get("images", 0)), depths)
     for name, norm in norms.items():
         norm.depth_running_mean.copy_(stored[name]["mean"])
         norm.depth_running_var.copy_(stored[name]["var"])

@@ -6,7 +6,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .depth_statistics import suspended
 from .profile import profile_subnetworks
 from .recalibrate import load_norm_state, norm_state, recalibrate_norms
 from .skip import SkipConfig
@@ -23,19 +22,18 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu",
 
     ``recalibrate=(training_batches, N)``: before each sub-network is evaluated, its batch-norm
     statistics are recomputed on the first N of ``training_batches`` (:func:`adn.recalibrate_norms`);
-    the network's own statistics are restored afterwards, and stored per-depth statistics
-    (:mod:`adn.depth_statistics`) are set aside meanwhile. The data is then read once per sub-network.
+    the network's own statistics (per-depth rows included, :mod:`adn.depth_statistics`) are restored
+    afterwards. The data is then read once per sub-network.
     Repeated and aliased depths (``super`` and ``FFF``) are evaluated once."""
     configs = list(dict.fromkeys(SkipConfig(c, net.num_stages) for c in configs))
     if recalibrate is not None:
         calibration, num_batches = recalibrate
         saved, results = norm_state(net), {}
         try:
-            with suspended(net):
-                for config in configs:
-                    recalibrate_norms(net, calibration, num_batches, skip=config, device=device)
-                    results.update(evaluate_accuracy(net, loader, [config], device, progress, description,
-                                                     sum_over_processes))
+            for config in configs:
+                recalibrate_norms(net, calibration, num_batches, skip=config, device=device)
+                results.update(evaluate_accuracy(net, loader, [config], device, progress, description,
+                                                 sum_over_processes))
         finally:
             load_norm_state(net, saved)
         return results

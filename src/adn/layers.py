@@ -32,7 +32,6 @@ import sys
 from collections.abc import Sequence
 from contextvars import ContextVar
 
-import torch.nn.functional as F
 from torch import nn
 
 _MODULE = sys.modules[__name__]
@@ -158,33 +157,42 @@ class DepthStatisticsNorm:
     ``depth_running_var``, shape ``(2**num_stages, channels)``, non-persistent buffers: they follow
     ``.to()`` but stay out of ``state_dict``, so training code never sees them).
 
-    In eval mode, inside the forward of a network that has them, it normalizes with the row of the depth
-    being run (:data:`STATISTICS_ROW`); in training mode, or called on its own, it is the plain norm. A
-    skip-aware norm whose stage is skipped hands over to its twin, which has rows of its own."""
+    In eval mode, inside the forward of a network that has them, ``running_mean`` and ``running_var``
+    read as the row of the depth being run (:data:`STATISTICS_ROW`, per thread); the norm's own forward is
+    unchanged, so subclasses that do more than normalize (timm's ``BatchNormAct2d``) keep doing it. In
+    training mode, or called on its own, they are the plain running statistics. A skip-aware norm whose
+    stage is skipped hands over to its twin, which has rows of its own."""
 
     @classmethod
     def convert(cls, norm: nn.Module, rows: int) -> nn.Module:
-        if not isinstance(norm, DepthStatisticsNorm):
-            swap_in_subclass(norm, cls, "PerDepth")
+        """Give ``norm`` rows initialized to its running statistics (rows it already has are kept)."""
+        if isinstance(norm, DepthStatisticsNorm):
+            return norm
+        swap_in_subclass(norm, cls, "PerDepth")
         for name in ("mean", "var"):
-            current = getattr(norm, f"running_{name}").detach()
+            current = norm._buffers[f"running_{name}"].detach()
             norm.register_buffer(f"depth_running_{name}", current.expand(rows, -1).clone(), persistent=False)
         return norm
 
-    def forward(self, x, *args, **kwargs):
-        row = STATISTICS_ROW.get()
-        if row is None or self.training or (isinstance(self, SkipAwareNorm) and is_skipped(self)):
-            return super().forward(x, *args, **kwargs)
-        return F.batch_norm(x, self.depth_running_mean[row], self.depth_running_var[row], self.weight, self.bias,
-                            False, 0.0, self.eps)
+    def __getattr__(self, name: str):
+        # Buffers are not instance attributes: nn.Module.__getattr__ serves them, so this runs on every
+        # read of running_mean / running_var (and of other buffers, parameters and submodules).
+        if name in _ROWS:
+            row = STATISTICS_ROW.get()
+            if row is not None and not self.training:
+                return self._buffers[_ROWS[name]][row]
+        return super().__getattr__(name)
 
     def use_row(self, row: int | None) -> None:
         """Become a plain norm whose running statistics are (copies of) row ``row`` (for a standalone
         sub-network, which has one depth); ``None`` keeps the running statistics it has."""
         if row is not None:
-            self.running_mean = self.depth_running_mean[row].clone()
-            self.running_var = self.depth_running_var[row].clone()
-        del self.depth_running_mean, self.depth_running_var
+            self._buffers["running_mean"] = self._buffers["depth_running_mean"][row].clone()
+            self._buffers["running_var"] = self._buffers["depth_running_var"][row].clone()
+        del self._buffers["depth_running_mean"], self._buffers["depth_running_var"]
+
+
+_ROWS = {"running_mean": "depth_running_mean", "running_var": "depth_running_var"}
 
 
 class SkippableStage:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .layers import (ACTIVE_DEPTH, STATISTICS_ROW, DepthStatisticsNorm, IdleWhenSkipped, SkipAwareNorm,
                      SkippableBlock, SkippableStage, swap_in_subclass, original_class)
+from .depth_statistics import rows_apply
 from .skip import SkipConfig
 
 
@@ -107,9 +108,8 @@ class AdaptiveDepthNetwork:
 
     def _statistics_row(self, skip) -> int | None:
         """The row of per-depth norm statistics this forward reads (see :mod:`adn.depth_statistics`):
-        None without them, in training mode, or while they are suspended."""
-        stored = self.__dict__.get("adn_depth_statistics")
-        if not stored or not stored.get("enabled", True) or self.training:
+        None without them, in training mode, or once the weights changed since they were measured."""
+        if self.training or not self.__dict__.get("adn_depth_statistics") or not rows_apply(self):
             return None
         config = self.skip if skip is None else SkipConfig(skip, num_stages=self.num_stages)
         return config.index
@@ -163,8 +163,7 @@ class AdaptiveDepthNetwork:
         # The copy is not in any thread's per-call depth: its flags (its default depth) decide what _unload removes.
         for stage, flag in zip(plain.adn_stages, config):
             stage.skip = flag
-        stored = self.__dict__.get("adn_depth_statistics") or {}
-        _unload(plain, config.index if stored.get("enabled", True) else None)
+        _unload(plain, config.index if rows_apply(self) else None)
         if fold_bn:
             from .fold import fold_batch_norms
             return fold_batch_norms(plain)

@@ -88,9 +88,13 @@ def recalibrate_norms(net: nn.Module, batches: Iterable, num_batches: int, skip=
             norm.momentum = momentum
         for module, training in modes.items():
             module.train(training)
-    # A norm that this depth does not run saw no batch: it keeps the statistics it had.
+    # A norm that this depth does not run saw no batch: it keeps the statistics it had. One that did,
+    # and keeps a row per depth (adn.depth_statistics), gets the new statistics in this depth's row too.
     for norm, saved in zip(norms, before):
         if int(norm.num_batches_tracked) == 0:
             for name, buffer in norm.named_buffers(recurse=False):
                 buffer.copy_(saved[name])
+        elif "depth_running_mean" in norm._buffers:
+            norm._buffers["depth_running_mean"][config.index] = norm._buffers["running_mean"]
+            norm._buffers["depth_running_var"][config.index] = norm._buffers["running_var"]
     return used

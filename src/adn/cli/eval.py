@@ -38,13 +38,12 @@ def add(sub) -> None:
 def run(args) -> int:
     from ..checkpoint import load_network
     from ..data import calibration_loader, collate_readable_pairs
+    from ..depth_statistics import statistics_in_use
     from ..evaluate import evaluate_subnetworks
     from ..report import add_ratios, plot_accuracy_vs_macs
 
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
-    stored = ckpt.get("depth_statistics")
-    stored_batches = int(stored.get("batches", 0)) if stored else 0
     if not args.recalibrate_bn:
         note_missing_depth_statistics(net, meta, args.checkpoint)
     configs = skip_configs(args.skip, net.num_stages)
@@ -63,7 +62,8 @@ def run(args) -> int:
                                            recalibrate=recalibrate))
     for row in rows:
         row["recalibrated_bn_batches"] = args.recalibrate_bn or 0
-        row["per_depth_bn_statistics"] = stored_batches if not args.recalibrate_bn else 0
+        row["bn_statistics"] = (f"recalibrated ({args.recalibrate_bn} batches)" if args.recalibrate_bn
+                                else statistics_in_use(net))
         if args.skip_bad_images:
             row["skipped_images"] = getattr(loader, "skipped", 0)
     _print_eval(args, rows, meta, data, device)
@@ -99,7 +99,7 @@ def _print_eval(args, rows: list[dict], meta: dict, data, device) -> None:
                  f"{torch.get_num_threads()} threads, {device}, {args.backend}" if args.latency else "")
               + (f"; batch-norm statistics recalibrated per sub-network on {args.recalibrate_bn} training batches"
                  if args.recalibrate_bn else "")
-              + (f"; per-depth batch-norm statistics of the checkpoint ({rows[0]['per_depth_bn_statistics']} batches, "
-                 f"adn recalibrate)" if rows and rows[0].get("per_depth_bn_statistics") else ""))
+              + (f"; batch-norm statistics {rows[0]['bn_statistics']}"
+                 if rows and rows[0]["bn_statistics"].startswith("per depth") else ""))
         print(format_table(rows))
     sys.stdout.flush()

@@ -36,11 +36,13 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import atomic_save, load_network
+    from ..checkpoint import CheckpointError, atomic_save, load_network
     from ..data import calibration_loader
     from ..depth_statistics import CHECKPOINT_KEY, depth_statistics_payload, record_depth_statistics
 
-    net, ckpt = load_network(args.checkpoint)
+    source = Path(args.checkpoint)
+    before = _identity(source)
+    net, ckpt = load_network(source, depth_statistics=False)  # stored rows are replaced, damaged or not
     data = checkpoint_dataset(args, ckpt["meta"])
     device = torch.device(args.device)
     net.to(device)
@@ -56,8 +58,22 @@ def run(args) -> int:
         note = f"{ckpt['meta']['model']} has no batch norms: nothing to recalibrate; {output} not written"
     else:
         net.to("cpu")
+        if output.resolve() == source.resolve() and _identity(source) != before:
+            raise CheckpointError(f"{source} changed while its statistics were measured (is a training run still writing "
+                                  f"it?); it was not replaced. Run adn recalibrate again once it is finished, or write "
+                                  f"a copy with --output")
         atomic_save({**ckpt, CHECKPOINT_KEY: depth_statistics_payload(net)}, output)
         note = (f"stored batch-norm statistics of {summary['depths']} depths ({images} training images each, "
                 f"{summary['seconds']} s) in {output}; adn eval, predict, serve and export now use each depth's own")
     print(jsonout.dumps(summary, indent=2) if args.json else note)
     return 0
+
+
+def _identity(path: Path) -> tuple | None:
+    """What changes when a file is rewritten or replaced (an atomic replace gives a new inode); None for
+    a missing file (load_network then says what is wrong)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
