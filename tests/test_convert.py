@@ -197,3 +197,21 @@ def test_converted_networks_pickle_and_deepcopy():
     for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
         with torch.no_grad():
             assert torch.allclose(clone(x, skip="TFT"), net(x, skip="TFT"))
+
+
+def test_a_converted_model_saved_whole_loads_in_a_fresh_process(tmp_path):
+    """torch.save(net) pickles the generated classes (AdaptiveResNet, SkipAwareBatchNorm2d, and a norm with
+    two mixins once per-depth statistics are recorded) by recipe, so a process that converted nothing
+    can load it, and it computes the same at every depth."""
+    import subprocess
+    import sys
+    net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).eval()
+    adn.record_depth_statistics(net, [torch.randn(8, 1, 28, 28)], num_batches=1)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.save({"net": net, "x": x, "y": {c: net(x, skip=c) for c in ("FFF", "TFT")}}, tmp_path / "whole.pt")
+    code = ("import torch; d = torch.load(r'%s', weights_only=False); net = d['net']; "
+            "assert type(net).__name__ == 'AdaptiveSmallResNet', type(net); "
+            "assert all(torch.equal(net(d['x'], skip=c), y) for c, y in d['y'].items()); print('ok')") % (tmp_path / "whole.pt")
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -56,10 +56,9 @@ def rows_apply(net: nn.Module) -> bool:
     if not stored or stored.get("stale"):
         return False
     version = weights_version(net)
-    if version != stored["version"]:
-        if version == 0:  # a fresh copy (deepcopy, unpickling) of the same weights: counters start at 0
-            stored["version"] = 0
-            return True
+    if stored["version"] is None:  # a copy (deepcopy, unpickling): its counters start afresh
+        stored["version"] = version
+    elif version != stored["version"]:
         stored["stale"] = True
         warnings.warn("the weights changed since the per-depth batch-norm statistics were measured (training, "
                       "load_state_dict): every depth runs with the running statistics again; measure them anew with "

@@ -61,20 +61,53 @@ def swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
     """Give ``module`` the class ``<prefix><OriginalClass>`` = (mixin, OriginalClass).
 
     The subclass is created once per original class and registered in this module under a unique
-    name, so converted models remain picklable and deep-copyable."""
-    base = type(module)
-    if issubclass(base, mixin):
-        return
+    name. Instances pickle as "this mixin on that class" (:func:`converted_class`), not by the generated
+    name, so a converted model saved whole (``torch.save(net)``) loads in a process that never
+    converted anything."""
+    if not issubclass(type(module), mixin):
+        module.__class__ = converted_class(mixin, prefix, type(module))
+
+
+def converted_class(mixin: type, prefix: str, base: type) -> type:
+    """The class (mixin, base) named ``<prefix><base>``, created on first use."""
     key = (mixin, base)
     cls = _SUBCLASS_CACHE.get(key)
     if cls is None:
         name = f"{prefix}{base.__name__}"
         while hasattr(_MODULE, name):  # e.g. two libraries both defining ``Bottleneck``
             name += "_"
-        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name})
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name,
+                                         "__reduce_ex__": _reduce_converted, "adn_recipe": (mixin, prefix, base)})
         setattr(_MODULE, name, cls)
         _SUBCLASS_CACHE[key] = cls
-    module.__class__ = cls
+    return cls
+
+
+def _reduce_converted(self, protocol):
+    # Pickle by recipe: the mixins and the original class are importable by name, the generated classes
+    # are not (they exist only once something was converted in this process). The state is the usual one.
+    return _new_converted, (_recipe(type(self)),), self.__getstate__()
+
+
+def _recipe(cls: type):
+    """``cls`` itself, or for a generated class ``(mixin, prefix, recipe of its base)``: a norm can carry
+    two mixins, so the base may be generated too."""
+    if "adn_recipe" not in cls.__dict__:
+        return cls
+    mixin, prefix, base = cls.adn_recipe
+    return mixin, prefix, _recipe(base)
+
+
+def _class_of(recipe) -> type:
+    if isinstance(recipe, type):
+        return recipe
+    mixin, prefix, base = recipe
+    return converted_class(mixin, prefix, _class_of(base))
+
+
+def _new_converted(recipe):
+    cls = _class_of(recipe)
+    return cls.__new__(cls)
 
 
 def original_class(module: nn.Module) -> type:

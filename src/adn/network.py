@@ -44,6 +44,12 @@ class AdaptiveDepthNetwork:
         model.__dict__["adn_info"] = dict(info)
         return model
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        stored = self.__dict__.get("adn_depth_statistics")
+        if stored:  # a copy (deepcopy, unpickling): the weights' version counters restart, so re-base them
+            stored["version"] = None
+
     # ----- depth control -------------------------------------------------------------------------
     @property
     def num_stages(self) -> int:
