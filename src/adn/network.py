@@ -181,7 +181,7 @@ class AdaptiveDepthNetwork:
         return f"{base}, {mine}" if base else mine
 
 
-def _unload(model: nn.Module, row: int) -> None:
+def _unload(model: nn.Module, row: int | None) -> None:
     """Strip the skip machinery from a deep copy, in place (the copy's flags fix its depth; ``row`` is the
     depth's row of per-depth norm statistics, if the network has them; None: keep the running ones)."""
     for module in model.modules():
