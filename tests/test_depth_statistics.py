@@ -239,7 +239,7 @@ def test_a_joint_network_without_them_gets_a_note_naming_the_fix(tmp_path, fashi
                  str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "2", "--method", "joint",
                  "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
     checkpoint = str(out / "checkpoint.pt")
-    capsys.readouterr()
+    assert f"next: adn recalibrate --checkpoint {checkpoint}" in capsys.readouterr().err
     eval_args = ["eval", "--checkpoint", checkpoint, "--no-latency", "--no-plot", "--skip", "TFT", "--json"]
     assert main(eval_args) == 0
     assert f"adn recalibrate --checkpoint {checkpoint}" in capsys.readouterr().err

@@ -144,5 +144,9 @@ def run(args) -> int:
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     train(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
-        print(f"checkpoint: {Path(cfg.output_dir) / 'checkpoint.pt'}", file=sys.stderr)
+        checkpoint = Path(cfg.output_dir) / "checkpoint.pt"
+        print(f"checkpoint: {checkpoint}", file=sys.stderr)
+        if cfg.method == "joint":  # its depths never trained explicitly need statistics of their own
+            print(f"next: adn recalibrate --checkpoint {checkpoint}   (each depth's own batch-norm statistics, "
+                  f"stored for eval, predict, serve and export)", file=sys.stderr)
     return 0
