@@ -61,7 +61,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, on
     child.start()
     try:
         deadline = time.monotonic() + 180
-        while not (killed / "checkpoint-e0001-s0000003.pt").exists():
+        # The numbered file is written first, then published as checkpoint.pt: wait for both.
+        while not ((killed / "checkpoint-e0001-s0000003.pt").exists() and (killed / "checkpoint.pt").exists()):
             assert child.is_alive(), f"training stopped early (exit code {child.exitcode})"
             assert time.monotonic() < deadline, "no step checkpoint after 180 s"
             time.sleep(0.002)
@@ -151,3 +152,15 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
     assert (torch.rand(3), random.random(), np.random.rand())[1:] == expected[1:]
     rng.restore(state)
     assert torch.equal(torch.rand(3), expected[0])
+
+
+def test_a_run_killed_before_publishing_its_first_checkpoint_names_the_numbered_one(tmp_path):
+    """Killed between writing checkpoint-e*-s*.pt and publishing it as checkpoint.pt: resuming from
+    checkpoint.pt fails with a message that names the file that is there."""
+    import adn
+    from adn.checkpoint import checkpoint_payload, save_rotating
+    net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
+    save_rotating(tmp_path, checkpoint_payload(net, {}), epoch=1, step=3, keep_last=2)
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(CheckpointError, match="earlier checkpoints in .*checkpoint-e0001-s0000003.pt"):
+        load_checkpoint(tmp_path / "checkpoint.pt")

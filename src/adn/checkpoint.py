@@ -73,7 +73,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is a folder, not a file: give the checkpoint file itself, e.g. "
                               f"{path / LATEST}{hint}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (adn train writes <output-dir>/checkpoint.pt)")
+        raise CheckpointError(f"checkpoint {path} does not exist (adn train writes <output-dir>/checkpoint.pt)"
+                              f"{_earlier(path) if path.parent.is_dir() else ''}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its writer was stopped before writing anything, "
                               f"or a copy failed{_earlier(path)}")
