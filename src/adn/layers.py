@@ -210,11 +210,21 @@ class DepthStatisticsNorm:
     def __getattr__(self, name: str):
         # Buffers are not instance attributes: nn.Module.__getattr__ serves them, so this runs on every
         # read of running_mean / running_var (and of other buffers, parameters and submodules).
-        if name in _ROWS:
+        rows = _ROWS.get(name)
+        if rows is not None:
             row = STATISTICS_ROW.get()
             if row is not None and not self.training:
-                return self._buffers[_ROWS[name]][row]
+                # One view per row, made once: indexing the table on every read cost ~10 µs per norm.
+                # Rebuilt when the table is another tensor (after .to(), .half(), loading).
+                table, cached = self._buffers[rows[0]], self.__dict__.get(rows[1])
+                if cached is None or cached[0] is not table:
+                    cached = self.__dict__[rows[1]] = (table, table.unbind(0))
+                return cached[1][row]
         return super().__getattr__(name)
+
+    def __getstate__(self) -> dict:
+        # The row views are rebuilt on demand; a copy of them would not follow later writes to the table.
+        return {k: v for k, v in super().__getstate__().items() if k not in _ROW_VIEWS}
 
     def use_row(self, row: int | None) -> None:
         """Become a plain norm whose running statistics are (copies of) row ``row`` (for a standalone
@@ -223,9 +233,12 @@ class DepthStatisticsNorm:
             self._buffers["running_mean"] = self._buffers["depth_running_mean"][row].clone()
             self._buffers["running_var"] = self._buffers["depth_running_var"][row].clone()
         del self._buffers["depth_running_mean"], self._buffers["depth_running_var"]
+        for views in _ROW_VIEWS:
+            self.__dict__.pop(views, None)
 
 
-_ROWS = {"running_mean": "depth_running_mean", "running_var": "depth_running_var"}
+_ROWS = {"running_mean": ("depth_running_mean", "adn_mean_rows"), "running_var": ("depth_running_var", "adn_var_rows")}
+_ROW_VIEWS = {views for _, views in _ROWS.values()}
 
 
 class SkippableStage:
