@@ -4,7 +4,7 @@ A batch norm keeps one pair of running averages. In an adaptive depth network mo
 are never run while training, so at test time they normalize with averages collected at other depths.
 Networks trained with Algorithm 1 barely notice (distillation keeps every stage's output distribution
 the same whether the stages before it skip or not), but other ways of training do: trained jointly on
-the super-net and base-net alone, the six intermediate depths of a ResNet-20 read 0.5-0.8 points lower
+the super-net and base-net alone, the six intermediate depths of a ResNet-20 read up to 0.8 points lower
 with their running averages than with statistics measured at their own depth (docs/reproduction.md).
 
 :func:`record_depth_statistics` measures them once, for every depth, on a few training batches

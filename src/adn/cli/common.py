@@ -139,7 +139,7 @@ def checkpoint_dataset(args, meta: dict, val_subset: int | None = None, skip_bad
 
 def note_missing_depth_statistics(net, meta: dict, path) -> None:
     """Say on stderr when a network trained with --method joint runs its depths without statistics of
-    their own: its intermediate depths then read 0.5-0.8 points lower than they can."""
+    their own: its intermediate depths then read up to 0.8 points lower than they can."""
     from ..depth_statistics import has_depth_statistics
     from ..recalibrate import batch_norms
     if meta.get("method") == "joint" and not has_depth_statistics(net) and batch_norms(net):

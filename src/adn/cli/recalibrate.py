@@ -21,7 +21,7 @@ def add(sub) -> None:
                     "and store them in the checkpoint, one row per depth. From then on every command that runs a depth "
                     "(eval, predict, serve, export, depth-table, adn.load) normalizes with that depth's own statistics; "
                     "switching depth stays free. Needed above all for networks trained with --method joint, whose "
-                    "intermediate depths read 0.5-0.8 points lower with the running statistics. Training further "
+                    "intermediate depths read up to 0.8 points lower with the running statistics. Training further "
                     "(--resume, --init-from) starts from the running statistics; run this again afterwards.")
     p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
     p.add_argument("--output", default=None, help="checkpoint to write (default: replace --checkpoint, atomically)")
