@@ -29,7 +29,8 @@ def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashi
     report = docs.read_text()
     for heading in ("Table 1 counterpart", "Table 3 counterpart", "Figure 3a", "Figure 3b", "Figure 4",
                     "Feature distillation", "QUICK MODE", "plateaued", "14 of 14 runs", "recalibrated BN",
-                    "sub-path specialization matters", "Our recommendation for training from scratch"):
+                    "sub-path specialization matters", "Our recommendation for training from scratch",
+                    "The simpler alternative, `--method joint --no-skip-aware-norm`"):
         assert heading in report
     for figure in ("fig3a_subnetworks.png", "fig3b_norm_distances.png", "fig4_gradcam.png", "learning_curves.png"):
         assert (docs.parent / "reproduction" / figure).stat().st_size > 10_000

@@ -300,6 +300,7 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
     pooled_sup = _acc(results, "adn-pooled", sup)
     no_san_base = _acc(results, "adn-no-san", base)
     joint_sup, joint_base = _acc(results, "joint", sup), _acc(results, "joint", base)
+    joint_no_san_sup, joint_no_san_base = _acc(results, "joint-no-san", sup), _acc(results, "joint-no-san", base)
     def glance(a, b) -> str:  # "**holds** (+0.40 points)", or "**pending**" alone
         outcome = verdict(a, b)
         return f"**{outcome}**" + ("" if outcome == "pending" else f" ({_delta(a, b)} points)")
@@ -316,6 +317,9 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
         f"- Our recommendation for training from scratch, a deviation from the paper: `--method joint`, then "
         f"`adn recalibrate` (each depth's own batch-norm statistics). Joint network against the individual "
         f"networks: super-net {glance(joint_sup, ind_sup)}; base-net {glance(joint_base, ind_base)}.",
+        f"- The simpler alternative, `--method joint --no-skip-aware-norm` (no twins; running statistics serve "
+        f"every depth, no `adn recalibrate`), against the individual networks: super-net "
+        f"{glance(joint_no_san_sup, ind_sup)}; base-net {glance(joint_no_san_base, ind_base)}.",
         "",
     ]
     notes = figures / "notes.md"
