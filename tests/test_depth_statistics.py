@@ -247,3 +247,16 @@ def test_a_joint_network_without_them_gets_a_note_naming_the_fix(tmp_path, fashi
     capsys.readouterr()
     assert main(eval_args) == 0
     assert "adn recalibrate" not in capsys.readouterr().err
+
+
+def test_a_joint_network_without_twins_needs_no_note(tmp_path, fashion_dir, capsys):
+    # without skip-aware twins the running statistics serve every depth (docs/reproduction.md), so neither
+    # train nor eval should send the user to adn recalibrate
+    out = tmp_path / "joint-no-san"
+    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
+                 str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "2", "--method", "joint",
+                 "--no-skip-aware-norm", "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
+    assert "adn recalibrate" not in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-latency", "--no-plot", "--skip", "TFT",
+                 "--json"]) == 0
+    assert "adn recalibrate" not in capsys.readouterr().err

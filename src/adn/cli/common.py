@@ -139,10 +139,13 @@ def checkpoint_dataset(args, meta: dict, val_subset: int | None = None, skip_bad
 
 def note_missing_depth_statistics(net, meta: dict, path) -> None:
     """Say on stderr when a network trained with --method joint runs its depths without statistics of
-    their own: its intermediate depths then read up to 0.8 points lower than they can."""
+    their own: its intermediate depths then read up to 0.8 points lower than they can. Without skip-aware
+    twins every norm's running averages blend both trained depths, which serve every depth as well
+    (docs/reproduction.md), so such a network gets no note."""
     from ..depth_statistics import has_depth_statistics
     from ..recalibrate import batch_norms
-    if meta.get("method") == "joint" and not has_depth_statistics(net) and batch_norms(net):
+    if (meta.get("method") == "joint" and meta.get("skip_aware_norm", True) and not has_depth_statistics(net)
+            and batch_norms(net)):
         print(f"adn: note: {path} was trained with --method joint and holds no per-depth batch-norm statistics; its "
               f"depths never trained explicitly read lower without them: adn recalibrate --checkpoint {path}",
               file=sys.stderr)

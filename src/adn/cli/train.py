@@ -148,7 +148,9 @@ def run(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
         checkpoint = Path(cfg.output_dir) / "checkpoint.pt"
         print(f"checkpoint: {checkpoint}", file=sys.stderr)
-        if cfg.method == "joint":  # its depths never trained explicitly need statistics of their own
+        # with twins, its depths never trained explicitly need statistics of their own (without, the
+        # running averages serve every depth: docs/reproduction.md)
+        if cfg.method == "joint" and cfg.skip_aware_norm:
             print(f"next: adn recalibrate --checkpoint {checkpoint}   (each depth's own batch-norm statistics, "
                   f"stored for eval, predict, serve and export)", file=sys.stderr)
     return 0
