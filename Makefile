@@ -21,7 +21,7 @@ demo: venv data
 test: venv
 	$(BIN)/python -m pytest -q
 
-reproduce: venv data  ## the paper's claims at small scale -> docs/reproduction.md (14.5 core-hours measured: ~7.5 h on 2 cores; resumable, in parts)
+reproduce: venv data  ## the paper's claims at small scale -> docs/reproduction.md (15 core-hours measured: ~7.5 h on 2 cores; resumable, in parts)
 	$(BIN)/adn reproduce --jobs 2
 
 contract: venv

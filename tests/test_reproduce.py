@@ -159,11 +159,16 @@ def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(t
     first_epoch[first_epoch.index("--epochs") + 1] = "1"
     assert main(first_epoch) == 0
     (folder / PENDING).write_text(json.dumps({"key": cache_key(protocol, "individual-super", 0)}))
+    # as if the first epoch had taken long, in an earlier session: its time counts in train_s, not against
+    # the evaluation's
+    first = json.loads((folder / "log.jsonl").read_text())
+    (folder / "log.jsonl").write_text(json.dumps({**first, "epoch_time_s": 1000.0}) + "\n")
     seen = []
     result = run_arm(protocol, "individual-super", 0, tmp_path / "cut", **quiet,
                      run_command=lambda args: seen.append(args) or main(args))
     assert "--resume" in seen[0] and result["resumed"]
     assert result["accuracy"] == whole["accuracy"]
+    assert result["train_s"] > 1000 and 0 < result["eval_s"] < 1000
     epochs = [json.loads(line)["epoch"] for line in (folder / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2] and not (folder / PENDING).exists()
     # CPU time (not wall time, which grows while a run is paused) covers both epochs, before and after

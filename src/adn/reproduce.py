@@ -233,12 +233,14 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
     train_s = time.perf_counter() - started
     if resume:  # the time of the epochs before the interruption too
         train_s = sum(row.get("epoch_time_s", 0.0) for row in _read_log(folder / "log.jsonl"))
+    # timed on its own: after a resume, train_s is no longer the time since `started`
+    eval_started = time.perf_counter()
     rows = json.loads(run_adn(commands[1], run_command))
     recalibrated = json.loads(run_adn(commands[2], run_command)) if len(commands) > 2 else []
     result = {"arm": arm, "seed": seed, "key": key, "resumed": resume is not None,
               "commands": [command_line(c) for c in commands], "train_s": train_s,
               "train_cpu_s": training_cpu_seconds(folder / "log.jsonl"),
-              "eval_s": time.perf_counter() - started - train_s,
+              "eval_s": time.perf_counter() - eval_started,
               "accuracy": {row["skip"]: row["acc1"] for row in rows},
               "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},
               "macs": {row["skip"]: row["macs"] for row in rows},

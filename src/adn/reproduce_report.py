@@ -257,7 +257,10 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
     adn_sup, adn_base = _acc(results, "adn", sup), _acc(results, "adn", base)
     done = sum(len(runs) for runs in results.values())
     total = len(results) * seeds
-    compute = sum(r["train_s"] + r["eval_s"] for runs in results.values() for r in runs)
+    # records of resumed runs written before eval_s was timed on its own hold a negative eval_s (their
+    # evaluation time was lost): count their training only
+    compute = sum(r["train_s"] + max(r["eval_s"], 0.0) for runs in results.values() for r in runs)
+    eval_lost = sum(r["eval_s"] < 0 for runs in results.values() for r in runs)
     rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
     logs = read_logs(results, record)
     precision = sorted({json.dumps(r.get("speed")) for runs in results.values() for r in runs})
@@ -269,7 +272,9 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
         f"({len(results)} arms x {seeds} seeds){'' if done == total else '; the rest are pending (run `make reproduce` to continue: finished runs are kept)'}. "
         f"Machine of the last report: {machine_description()}. Compute of the finished runs: "
         f"{compute / 3600:.2f} h of training and evaluation, summed over runs (`make reproduce` trains two at "
-        f"once, one thread each, on 2 cores). Precision and layout of the runs: {', '.join(precision)}.",
+        f"once, one thread each, on 2 cores"
+        f"{f'; the evaluation time of {eval_lost} resumed runs was not recorded, a minute or two each' if eval_lost else ''}"
+        f"). Precision and layout of the runs: {', '.join(precision)}.",
         "",
         "## Protocol",
         "",
