@@ -18,11 +18,11 @@ import json
 
 import torch
 
-from adn.checkpoint import load_network
-from adn.data import calibration_loader, eval_loader, load_dataset
-from adn.evaluate import evaluate_accuracy
-from adn.recalibrate import batch_norms
-from adn.skip import SkipConfig
+from adn.vision.checkpoint import load_network
+from adn.vision.data import calibration_loader, eval_loader, load_dataset
+from adn.vision.evaluate import evaluate_accuracy
+from adn.core.recalibrate import batch_norms
+from adn.core.skip import SkipConfig
 
 
 @torch.no_grad()

@@ -12,8 +12,9 @@ import torch
 import torchvision
 
 import adn
-from adn.profile import profile_subnetworks
-from adn.train import TrainConfig, train
+from adn.runtime.profile import profile_subnetworks
+from adn.vision.train_config import TrainConfig
+from adn.vision.train import train
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import torch
 import torchvision
 
 import adn
-from adn.backends import OnnxDepths, depth_runners
-from adn.profile import count_macs, time_interleaved
+from adn.runtime.backends import OnnxDepths, depth_runners
+from adn.runtime.profile import count_macs, time_interleaved
 
 
 def plain_resnet_without(config) -> torch.nn.Module:

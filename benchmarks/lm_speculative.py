@@ -25,7 +25,7 @@ from adn.lm.checkpoint import load_lm
 from adn.lm.corpus import load_corpus, token_stream
 from adn.lm.generate import greedy_generate, speculative_generate
 from adn.lm.model import load_causal_lm
-from adn.skip import SkipConfig
+from adn.core.skip import SkipConfig
 
 
 def main() -> int:

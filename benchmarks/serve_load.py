@@ -55,7 +55,7 @@ def schedule(rate: float, seconds: float, burst_at: float, burst_size: int, burs
 
 def sample_images(meta: dict, count: int = 16) -> list[bytes]:
     """Random PNGs of the network's size and channels (the content does not change the time)."""
-    from adn.preprocess import Preprocessing
+    from adn.vision.preprocess import Preprocessing
     prep = Preprocessing.from_meta(meta)
     rng = np.random.default_rng(0)
     shape = (prep.image_size, prep.image_size) + ((prep.channels,) if prep.channels > 1 else ())
@@ -246,7 +246,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
 
-    from adn.checkpoint import load_checkpoint
+    from adn.utils.checkpoint_file import load_checkpoint
     meta = load_checkpoint(args.checkpoint)["meta"]
     images = sample_images(meta)
     times = schedule(args.rate, args.seconds, args.burst_at, args.burst_size, args.burst_ms, args.max_requests,

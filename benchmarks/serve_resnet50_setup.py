@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from adn.authors import authors_meta, build_network
-from adn.checkpoint import save_checkpoint
-from adn.profile import count_macs
+from adn.vision.authors import authors_meta, build_network
+from adn.utils.checkpoint_file import save_checkpoint
+from adn.runtime.profile import count_macs
 
 # The paper's ImageNet top-1 of ResNet50-ADN (Table 1; TTFF from Table 2), as in docs/pretrained.md.
 PAPER_TOP1 = {"FFFF": 77.6, "TTFF": 77.0, "TTTT": 76.1}

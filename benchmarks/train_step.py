@@ -41,8 +41,8 @@ def plain_step(net, optimizer, x, y, criterion=nn.CrossEntropyLoss()):
 
 
 def adn_step(net, optimizer, x, y, loss=None):
-    from adn.distill import SubPathDistillationLoss
-    from adn.train import adn_step as step
+    from adn.core.distill import SubPathDistillationLoss
+    from adn.training.methods import adn_step as step
     optimizer.zero_grad(set_to_none=True)
     step(net, x, y, loss or SubPathDistillationLoss(feature_kd="spatial"))
     optimizer.step()
@@ -95,7 +95,7 @@ def main() -> None:
             times[name].append(timed(step, net, optimizer, x, y))
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    from adn.profile import count_macs
+    from adn.runtime.profile import count_macs
     with net.skipping("super"):
         super_macs = count_macs(net, x[:1])
     with net.skipping("base"):

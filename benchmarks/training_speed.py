@@ -26,9 +26,9 @@ def time_data_paths(batch: int) -> dict[str, float]:
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    from adn.data import collate_readable, load_dataset
-    from adn.memory_data import training_batches
-    from adn.sampling import EpochBatches, SeededSamples
+    from adn.vision.data import collate_readable, load_dataset
+    from adn.vision.memory_data import training_batches
+    from adn.training.sampling import EpochBatches, SeededSamples
 
     data = load_dataset("fashion-mnist")
     per_image = load_dataset("fashion-mnist")
@@ -51,9 +51,9 @@ def time_data_paths(batch: int) -> dict[str, float]:
 
 def time_steps(batch: int, steps: int) -> dict[str, dict[str, float]]:
     import adn
-    from adn.distill import SubPathDistillationLoss
-    from adn.precision import Precision
-    from adn.train import adn_step, individual_step
+    from adn.core.distill import SubPathDistillationLoss
+    from adn.training.precision import Precision
+    from adn.training.methods import adn_step, individual_step
 
     settings = {"float32 NCHW": (False, False), "float32 channels-last": (False, True),
                 "bfloat16 + channels-last": (True, True)}

@@ -2,7 +2,7 @@
 import torch
 
 import adn
-from adn.profile import count_macs
+from adn.runtime.profile import count_macs
 
 MODELS = [("resnet18", 224), ("resnet34", 224), ("resnet50", 224), ("resnet101", 224), ("resnet152", 224),
           ("wide_resnet50_2", 224), ("resnext50_32x4d", 224), ("mobilenet_v2", 224), ("vit_b_16", 224),

@@ -6,10 +6,10 @@ from torch import nn
 from torchvision.models import SwinTransformer, VisionTransformer
 
 import adn
-from adn.distill import SubPathDistillationLoss
-from adn.layers import SkipAwareNorm
-from adn.profile import count_macs
-from adn.train import adn_step
+from adn.core.distill import SubPathDistillationLoss
+from adn.core.layers import SkipAwareNorm
+from adn.runtime.profile import count_macs
+from adn.training.methods import adn_step
 
 
 def small_vit():

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from adn.atomic import atomic_write
+from adn.utils.atomic import atomic_write
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

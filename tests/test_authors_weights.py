@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import adn
-from adn.authors import build_network, check_fits, import_authors_weights, rename_key, rename_state_dict
-from adn.checkpoint import CheckpointError, load_network, validate_meta
+from adn.vision.authors import build_network, check_fits, import_authors_weights, rename_key, rename_state_dict
+from adn.errors import CheckpointError
+from adn.vision.checkpoint import load_network, validate_meta
 from adn.cli import main
 
 LISTS = Path(__file__).parent / "data" / "authors-weights"

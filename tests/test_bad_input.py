@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 import adn
-from adn.checkpoint import CheckpointError, load_checkpoint
+from adn.errors import CheckpointError
+from adn.utils.checkpoint_file import load_checkpoint
 from adn.cli import main
-from adn.data import DataError, load_dataset
+from adn.errors import DataError
+from adn.vision.data import load_dataset
 from tests.conftest import write_idx, write_image_folder
 
 
@@ -262,7 +264,7 @@ def test_public_functions_name_what_is_wrong(tmp_path):
         adn.build_model("resnet20", num_classes=0)
     from torch.utils.data import DataLoader, TensorDataset
 
-    from adn.evaluate import evaluate_accuracy
+    from adn.vision.evaluate import evaluate_accuracy
     colour = DataLoader(TensorDataset(torch.randn(4, 3, 28, 28), torch.zeros(4, dtype=torch.long)), batch_size=2)
     with pytest.raises(ValueError, match=r"cannot process images of shape \(3, 28, 28\)"):
         evaluate_accuracy(net, colour, ["super"])

@@ -172,7 +172,7 @@ def test_onnx_export_runs_in_onnx_runtime_with_a_dynamic_batch(checkpoint, tmp_p
     import numpy as np
     import torch
 
-    from adn.checkpoint import load_network
+    from adn.vision.checkpoint import load_network
     out = tmp_path / "onnx"
     assert main(["export", "--checkpoint", str(checkpoint), "--skip", "FFF,TFT,TTT", "--format", "onnx", "--output",
                  str(out)]) == 0
@@ -215,7 +215,7 @@ def test_adn_load_gives_the_trained_network_ready_to_use(checkpoint):
     import torch
 
     import adn
-    from adn.checkpoint import load_network
+    from adn.vision.checkpoint import load_network
     net = adn.load(checkpoint)
     reference, _ = load_network(checkpoint)
     assert isinstance(net, adn.AdaptiveDepthNetwork) and not net.training and str(net.skip) == "FFF"

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import adn
-from adn.layers import SkipAwareNorm, SkippableBlock
+from adn.core.layers import SkipAwareNorm, SkippableBlock
 from adn.models import build_model, resnet20
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from adn.data import DEBIAN_FASHION_MNIST, DataError, load_dataset
+from adn.vision.data import DEBIAN_FASHION_MNIST, load_dataset
+from adn.errors import DataError
 from tests.conftest import write_idx, write_image_folder
 
 

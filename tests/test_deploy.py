@@ -12,9 +12,9 @@ import torchvision
 from safetensors.torch import load_file
 
 import adn
-import adn.backends
+import adn.runtime.backends
 from adn.cli import main
-from adn.export import export_subnetworks
+from adn.deploy.export import export_subnetworks
 
 MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32)),
@@ -85,7 +85,7 @@ def test_folded_batch_norm_matches_every_subnetwork(name):
 def fast_compile(monkeypatch):
     # dynamo's "eager" backend captures graphs exactly as inductor would be given them, in a fraction
     # of the time; what is tested (which graphs exist, when they are built) does not depend on it.
-    monkeypatch.setattr(adn.backends, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(adn.runtime.backends, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
 
 

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import adn
-from adn.checkpoint import CheckpointError, load_network
+from adn.errors import CheckpointError
+from adn.vision.checkpoint import load_network
 from adn.cli import main
-from adn.recalibrate import norm_state
+from adn.core.recalibrate import norm_state
 
 from .test_recalibrate import _batches, _trained_net
 

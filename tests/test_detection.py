@@ -15,15 +15,16 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
 import adn
-from adn.checkpoint import CheckpointError, save_checkpoint
+from adn.errors import CheckpointError
+from adn.utils.checkpoint_file import save_checkpoint
 from adn.cli import main
 from adn.detection import AnnotationError, CocoDetection, build_detector, convert_detector, load_annotations
 from adn.detection.data import decode_mask, eval_transforms, train_transforms
 from adn.detection.evaluate import coco_metrics, predict, score
 from adn.detection.synthetic import make_synthetic_coco
 from adn.detection.train import adn_step, individual_step, joint_step
-from adn.layers import SkipAwareNorm
-from adn.profile import count_macs
+from adn.core.layers import SkipAwareNorm
+from adn.runtime.profile import count_macs
 
 SMALL = dict(min_size=64, max_size=64, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=100,
              rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32, box_detections_per_img=10)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import adn
-from adn.distill import SubPathDistillationLoss, distribution_kl, feature_kl
+from adn.core.distill import SubPathDistillationLoss, distribution_kl, feature_kl
 from adn.models import resnet20
 
 
@@ -58,7 +58,7 @@ def test_two_pass_gradients_equal_the_single_loss_gradients():
 
     net.load_state_dict(state)
     net.zero_grad(set_to_none=True)
-    from adn.train import adn_step
+    from adn.training.methods import adn_step
     result = adn_step(net, x, y, loss_fn)
     two_pass = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     assert single.keys() == two_pass.keys()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler
 
-from adn.sampling import EpochBatches, epoch_order
+from adn.training.sampling import EpochBatches, epoch_order
 
 
 def _free_port() -> int:
@@ -47,11 +47,11 @@ def _exactness_worker(rank: int, port: int) -> None:
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
     import adn
-    from adn.distill import SubPathDistillationLoss
-    from adn.distributed import Distributed
-    from adn.evaluate import evaluate_accuracy
-    from adn.sync_bn import GlobalBatchNorm, convert_sync_batchnorm
-    from adn.train import adn_step
+    from adn.core.distill import SubPathDistillationLoss
+    from adn.training.distributed import Distributed
+    from adn.vision.evaluate import evaluate_accuracy
+    from adn.core.sync_bn import GlobalBatchNorm, convert_sync_batchnorm
+    from adn.training.methods import adn_step
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -99,8 +99,9 @@ def test_two_processes_compute_the_gradients_of_one_process_exactly():
 
 # ----- torchrun -m adn train ---------------------------------------------------------------------------------
 def test_torchrun_two_processes_end_where_one_process_ends(tmp_path, fashion_dir):
-    from adn.checkpoint import load_checkpoint, numbered_checkpoints
-    from adn.train import TrainConfig, train
+    from adn.utils.checkpoint_file import load_checkpoint, numbered_checkpoints
+    from adn.vision.train_config import TrainConfig
+    from adn.vision.train import train
 
     common = ["--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path", str(fashion_dir),
               "--epochs", "1", "--max-steps-per-epoch", "3", "--lr", "0.01", "--val-subset", "255", "--device", "cpu",

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import shutil
 
-from adn.checkpoint import load_checkpoint
+from adn.utils.checkpoint_file import load_checkpoint
 from adn.cli import main
-from adn.finetune_report import target_status
-from adn.finetune_study import arm_name
+from adn.studies.finetune_report import target_status
+from adn.studies.finetune_study import arm_name
 
 
 def _argv(tmp_path, fashion_dir, *extra) -> list[str]:

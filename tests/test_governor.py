@@ -11,7 +11,7 @@ import pytest
 
 import adn
 from adn.cli import main
-from adn.depth_table import DepthTable, DepthTableError
+from adn.deploy.depth_table import DepthTable, DepthTableError
 
 # Three depths; at batch 8 every time is 4x batch 1's. p99 = 1.5 x p50.
 P50 = {"TTT": 2.0, "TTF": 4.0, "FFF": 8.0}

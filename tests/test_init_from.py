@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import adn
-from adn.checkpoint import CheckpointError, load_network
+from adn.errors import CheckpointError
+from adn.vision.checkpoint import load_network
 from adn.cli import main
-from adn.distributed import setup as setup_distributed
-from adn.init_from import head_module, init_from, read_init_file
-from adn.layers import SkipAwareNorm
-from adn.train import Trainer, TrainConfig, train
+from adn.training.distributed import setup as setup_distributed
+from adn.vision.init_from import head_module, init_from, read_init_file
+from adn.core.layers import SkipAwareNorm
+from adn.vision.train import Trainer, train
+from adn.vision.train_config import TrainConfig
 
 
 def _config(tmp_path, name="run", **overrides) -> TrainConfig:

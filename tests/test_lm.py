@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 import adn  # noqa: E402
 from adn.cli import main  # noqa: E402
 from adn.convert.llama import convert_decoder, stage_layer_groups  # noqa: E402
-from adn.distill import SubPathDistillationLoss  # noqa: E402
-from adn.layers import SkipAwareNorm  # noqa: E402
+from adn.core.distill import SubPathDistillationLoss  # noqa: E402
+from adn.core.layers import SkipAwareNorm  # noqa: E402
 from adn.lm.cache import DepthCache, DepthMismatch  # noqa: E402
 from adn.lm.corpus import CorpusError, load_corpus, training_batch  # noqa: E402
 from adn.lm.generate import greedy_generate, speculative_generate  # noqa: E402

@@ -2,9 +2,9 @@
 import torch
 from torch.nn import functional as F
 
-from adn.data import calibration_loader, load_dataset
-from adn.memory_data import BatchAugment, TensorImages, training_batches
-from adn.sampling import EpochBatches
+from adn.vision.data import calibration_loader, load_dataset
+from adn.vision.memory_data import BatchAugment, TensorImages, training_batches
+from adn.training.sampling import EpochBatches
 
 
 def _images(n=16, size=8):

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 import adn
-from adn.layers import SkipAwareNorm
+from adn.core.layers import SkipAwareNorm
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import adn
-from adn.checkpoint import load_checkpoint, save_checkpoint
+from adn.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from adn.cli import main
-from adn.labels import CIFAR10, CIFAR100, FASHION_MNIST, class_names, dataset_class_names
-from adn.predict import Predictor
-from adn.preprocess import ImageError, ImageTooLarge, Preprocessing
+from adn.vision.labels import CIFAR10, CIFAR100, FASHION_MNIST, class_names, dataset_class_names
+from adn.deploy.predict import Predictor
+from adn.vision.preprocess import ImageError, ImageTooLarge, Preprocessing
 
 from tests.conftest import write_image_folder
 
@@ -171,7 +171,7 @@ def test_predict_errors_are_one_line(trained, tmp_path, capsys):
 
 
 def test_export_manifest_says_what_the_files_take_and_give(trained, tmp_path):
-    from adn.export import export_subnetworks
+    from adn.deploy.export import export_subnetworks
     net = adn.load(trained / "checkpoint.pt")
     meta = load_checkpoint(trained / "checkpoint.pt")["meta"]
     export_subnetworks(net, ["TTT"], tmp_path / "out", "safetensors", torch.randn(1, 3, 32, 32), meta=meta)

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 import adn
-from adn.profile import count_macs, count_macs_by_hooks, measure_latency, profile_subnetworks
+from adn.runtime.profile import count_macs, count_macs_by_hooks, measure_latency, profile_subnetworks
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import torch
 
 import adn
 from adn.cli import main
-from adn.evaluate import evaluate_accuracy
-from adn.recalibrate import batch_norms, norm_state
+from adn.vision.evaluate import evaluate_accuracy
+from adn.core.recalibrate import batch_norms, norm_state
 
 
 def _trained_net(steps=3):

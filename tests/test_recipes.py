@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import adn
-from adn.checkpoint import load_network
+from adn.vision.checkpoint import load_network
 from adn.cli import main
-from adn.train import TrainConfig, parameter_groups, train
+from adn.vision.train_config import TrainConfig
+from adn.training.optim import parameter_groups
+from adn.vision.train import train
 from tests.conftest import write_image_folder
 
 

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from adn.analyze import AnalysisError, gradcam, norm_distances
+from adn.vision.analyze import AnalysisError, gradcam, norm_distances
 from adn.cli import main
 from adn.convert import convert
 from adn.models import build_model
-from adn.reproduce import ARMS, verdict
+from adn.studies.reproduce import ARMS, verdict
 
 
 def test_verdict_needs_a_difference_beyond_the_spread():
@@ -60,7 +60,7 @@ def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashi
 
 
 def test_training_cpu_time_is_unknown_for_logs_that_did_not_record_it(tmp_path):
-    from adn.reproduce import training_cpu_seconds
+    from adn.studies.reproduce import training_cpu_seconds
     log = tmp_path / "log.jsonl"
     log.write_text('{"epoch": 1, "epoch_time_s": 9.0}\n{"epoch": 2, "epoch_time_s": 9.0, "epoch_cpu_s": 8.0}\n')
     assert training_cpu_seconds(log) is None  # an epoch from before CPU time was measured
@@ -70,7 +70,7 @@ def test_training_cpu_time_is_unknown_for_logs_that_did_not_record_it(tmp_path):
 
 
 def test_a_partial_protocol_reports_what_has_finished(tmp_path, fashion_dir):
-    from adn.reproduce import Protocol, reproduce, run_arm
+    from adn.studies.reproduce import Protocol, reproduce, run_arm
     runs, docs = tmp_path / "runs", tmp_path / "reproduction.md"
     protocol = Protocol.quick()
     protocol.data_path = str(fashion_dir)
@@ -146,7 +146,7 @@ def test_the_reproduction_record_is_versioned_not_ignored():
 def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(tmp_path, fashion_dir):
     """A session that stops in the middle of a run loses none of its finished epochs: the next
     `adn reproduce` resumes it (`adn train --resume`), and the result equals an uninterrupted run's."""
-    from adn.reproduce import PENDING, Protocol, cache_key, run_arm
+    from adn.studies.reproduce import PENDING, Protocol, cache_key, run_arm
     protocol = Protocol.quick()
     protocol.data_path = str(fashion_dir)
     quiet = dict(log=lambda message: None)

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from adn import rng
-from adn.checkpoint import CheckpointError, load_checkpoint, numbered_checkpoints
+from adn.training import rng
+from adn.errors import CheckpointError
+from adn.utils.checkpoint_file import load_checkpoint, numbered_checkpoints
 from adn.cli import main
-from adn.train import TrainConfig, train
+from adn.vision.train_config import TrainConfig
+from adn.vision.train import train
 from tests.conftest import write_idx
 
 
@@ -158,7 +160,8 @@ def test_a_run_killed_before_publishing_its_first_checkpoint_names_the_numbered_
     """Killed between writing checkpoint-e*-s*.pt and publishing it as checkpoint.pt: resuming from
     checkpoint.pt fails with a message that names the file that is there."""
     import adn
-    from adn.checkpoint import checkpoint_payload, save_rotating
+    from adn.utils.checkpoint_file import checkpoint_payload
+    from adn.training.run_folder import save_rotating
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
     save_rotating(tmp_path, checkpoint_payload(net, {}), epoch=1, step=3, keep_last=2)
     (tmp_path / "checkpoint.pt").unlink()

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from adn import jsonout
-from adn.checkpoint import load_checkpoint, load_network, numbered_checkpoints
+from adn.utils import jsonout
+from adn.utils.checkpoint_file import load_checkpoint, numbered_checkpoints
+from adn.vision.checkpoint import load_network
 from adn.cli import main
-from adn.rundir import LOCK_NAME, RunLock
-from adn.train import Trainer
+from adn.training.run_folder import LOCK_NAME, RunLock
+from adn.vision.train import Trainer
 
 
 def _train(fashion_dir, out, *extra) -> list[str]:

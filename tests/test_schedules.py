@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from adn.cli import build_parser
-from adn.train import TrainConfig, build_scheduler
+from adn.vision.train_config import TrainConfig
+from adn.training.optim import build_scheduler
 
 
 def lrs_per_epoch(cfg: TrainConfig) -> list[float]:

@@ -211,7 +211,7 @@ MEAN, STD = 0.5, 0.25
 def model_dir(tmp_path_factory):
     """A tiny ResNet-20 checkpoint (1 channel, 28 pixels, class names) and a depth table that lets the
     governor run the super-net at a generous budget."""
-    from adn.checkpoint import save_checkpoint
+    from adn.utils.checkpoint_file import save_checkpoint
     folder = tmp_path_factory.mktemp("serve-model")
     torch.manual_seed(0)
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))

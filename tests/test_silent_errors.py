@@ -105,7 +105,7 @@ def _tiny(fill: float | None = None) -> torch.nn.Module:
 
 def test_onnx_verification_fails_on_nan_outputs(tmp_path):
     pytest.importorskip("onnxruntime")
-    from adn.export import export_onnx, verify_onnx
+    from adn.runtime.graph_export import export_onnx, verify_onnx
     example = torch.randn(1, 1, 8, 8)
     finite, nan = tmp_path / "finite.onnx", tmp_path / "nan.onnx"
     export_onnx(_tiny(), example, str(finite))
@@ -133,7 +133,7 @@ def _run_alone(onnx_file, folder, x):
 
 def test_exported_onnx_files_hold_their_weights(tmp_path):
     pytest.importorskip("onnxruntime")
-    from adn.export import export_subnetworks
+    from adn.deploy.export import export_subnetworks
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).eval()
     x = torch.randn(2, 1, 28, 28)
     entries = export_subnetworks(net, ["FFF", "TTT"], tmp_path / "out", "onnx", torch.randn(1, 1, 28, 28))
@@ -150,7 +150,7 @@ def test_exported_onnx_files_hold_their_weights(tmp_path):
 def test_onnx_weights_over_the_one_file_limit_go_to_a_data_file_the_manifest_lists(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     import torch.onnx._internal.exporter._onnx_program as onnx_program
-    from adn.export import export_subnetworks
+    from adn.deploy.export import export_subnetworks
     monkeypatch.setattr(onnx_program, "_LARGE_MODEL_THRESHOLD", 0)  # as if the weights were over 1.5 GB
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).eval()
     export_subnetworks(net, ["TFT"], tmp_path / "out", "onnx", torch.randn(1, 1, 28, 28))
@@ -181,7 +181,9 @@ def _flip_byte_inside_largest_tensor(path) -> None:
 
 
 def test_a_checkpoint_with_a_flipped_byte_is_refused_and_earlier_ones_named(tmp_path):
-    from adn.checkpoint import CheckpointError, checkpoint_payload, load_checkpoint, save_rotating
+    from adn.errors import CheckpointError
+    from adn.utils.checkpoint_file import checkpoint_payload, load_checkpoint
+    from adn.training.run_folder import save_rotating
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
     meta = {"model": "resnet20", "num_classes": 10, "in_channels": 1, "model_kwargs": {"width": 4}}
     for epoch in (1, 2):

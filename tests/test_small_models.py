@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import adn
-from adn.checkpoint import load_network
-from adn.train import TrainConfig, train
+from adn.vision.checkpoint import load_network
+from adn.vision.train_config import TrainConfig
+from adn.vision.train import train
 
 
 @pytest.mark.parametrize("name, stages, channels, size", [

@@ -3,7 +3,7 @@ import torchvision
 from torch import nn
 
 import adn
-from adn.layers import SkipAwareNorm, SkippableBlock
+from adn.core.layers import SkipAwareNorm, SkippableBlock
 from adn.models import resnet20
 
 
@@ -52,7 +52,7 @@ def test_subnet_parameters_count_only_what_runs():
 
 
 def test_fold_bn_gives_the_same_outputs_with_no_batch_norm_left():
-    from adn.fold import count_batch_norms
+    from adn.core.fold import count_batch_norms
     for builder, x in ((lambda: torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 48, 48)),
                        (lambda: adn.build_model("mobilenet_v2_small", num_classes=10), torch.randn(2, 3, 28, 28))):
         net = adn.convert(builder())

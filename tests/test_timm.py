@@ -3,9 +3,11 @@ import pytest
 import torch
 
 import adn
-from adn.distill import SubPathDistillationLoss
-from adn.profile import count_macs
-from adn.train import TrainConfig, adn_step, train
+from adn.core.distill import SubPathDistillationLoss
+from adn.runtime.profile import count_macs
+from adn.vision.train_config import TrainConfig
+from adn.training.methods import adn_step
+from adn.vision.train import train
 
 timm = pytest.importorskip("timm")
 
@@ -59,7 +61,7 @@ def test_timm_models_by_name_in_adn_train(tmp_path):
     record = train(TrainConfig(model="timm/resnet18", data="fake", epochs=1, batch_size=8, max_steps_per_epoch=2,
                                output_dir=str(tmp_path / "run"), progress=False))
     assert record["steps"] == 2
-    from adn.checkpoint import load_network
+    from adn.vision.checkpoint import load_network
     net, ckpt = load_network(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["meta"]["model"] == "timm/resnet18" and net.num_stages >= 1
 

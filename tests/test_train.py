@@ -5,8 +5,12 @@ import pytest
 import torch
 
 import adn
-from adn.checkpoint import CheckpointError, load_checkpoint, load_network
-from adn.train import TrainConfig, TrainingDiverged, train
+from adn.errors import CheckpointError
+from adn.utils.checkpoint_file import load_checkpoint
+from adn.vision.checkpoint import load_network
+from adn.vision.train_config import TrainConfig
+from adn.errors import TrainingDiverged
+from adn.vision.train import train
 
 
 def _config(tmp_path, fashion_dir, **overrides) -> TrainConfig:
@@ -44,8 +48,8 @@ def test_each_method_learns_on_tiny_data(tmp_path, fashion_dir, method, extra):
 
 
 def test_base_pass_leaves_running_stats_of_untwinned_norms_to_the_super_net():
-    from adn.distill import SubPathDistillationLoss
-    from adn.train import adn_step, single_norms
+    from adn.core.distill import SubPathDistillationLoss
+    from adn.training.methods import adn_step, single_norms
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).train()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     state = copy.deepcopy(net.state_dict())

@@ -4,20 +4,20 @@
     net = adn.convert(torchvision.models.resnet50())
     net.skip = "TTFF"; y = net(x)
 """
-from .backends import CompiledDepths, compile_depths
-from .checkpoint import load
+from .runtime.backends import CompiledDepths, compile_depths
+from .vision.checkpoint import load
 from .convert import StageSpec, convert, register_adapter, split_point, supported_families
-from .depth_statistics import drop_depth_statistics, record_depth_statistics
-from .depth_table import DepthTable
-from .distill import SubPathDistillationLoss
-from .governor import Decision, Governor
-from .layers import SkipAwareNorm, SkippableBlock, SkippableStage
+from .core.depth_statistics import drop_depth_statistics, record_depth_statistics
+from .deploy.depth_table import DepthTable
+from .core.distill import SubPathDistillationLoss
+from .deploy.governor import Decision, Governor
+from .core.layers import SkipAwareNorm, SkippableBlock, SkippableStage
 from .models import available_models, build_model
-from .network import AdaptiveDepthNetwork
-from .predict import Predictor
-from .preprocess import Preprocessing
-from .recalibrate import recalibrate_norms
-from .skip import SkipConfig
+from .core.network import AdaptiveDepthNetwork
+from .deploy.predict import Predictor
+from .vision.preprocess import Preprocessing
+from .core.recalibrate import recalibrate_norms
+from .core.skip import SkipConfig
 
 __version__ = "0.1.0"
 

@@ -12,14 +12,12 @@ import sys
 
 import torch
 
-from ..checkpoint import CheckpointError
-from ..data import DataError
-from ..train import TrainingDiverged, TrainingInterrupted
+from ..errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted, first_line
 from . import (analyze, depth_table, detect, eval, export, import_weights, pareto, predict, profile, recalibrate,
                reproduce, serve, train)
 from . import finetune_study
 from . import eval_lm, generate, train_lm
-from .common import HelpFormatter, first_line, out_of_memory
+from .common import HelpFormatter, out_of_memory
 
 __all__ = ["build_parser", "main", "parse"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .. import jsonout
+from ..utils import jsonout
 from .common import positive_int, skip_configs
 
 
@@ -31,7 +31,7 @@ def add(sub) -> None:
 
 def load_images(paths: list[str], meta: dict) -> torch.Tensor:
     """Image files as the network's validation transform would give them (size, channels, normalization)."""
-    from ..preprocess import ImageError, Preprocessing
+    from ..vision.preprocess import ImageError, Preprocessing
 
     try:
         return Preprocessing.from_meta(meta).load_files(paths)
@@ -40,10 +40,10 @@ def load_images(paths: list[str], meta: dict) -> torch.Tensor:
 
 
 def run(args) -> int:
-    from ..analyze import (cam_statistics, first_image_per_class, gradcam, norm_distances, plot_gradcam,
-                          plot_norm_distances, summarize_norm_distances)
-    from ..atomic import atomic_write
-    from ..checkpoint import load_network
+    from ..vision.analyze import (cam_statistics, first_image_per_class, gradcam, norm_distances, plot_gradcam,
+                                  plot_norm_distances, summarize_norm_distances)
+    from ..utils.atomic import atomic_write
+    from ..vision.checkpoint import load_network
 
     if not args.norm_distance and args.gradcam is None:
         raise ValueError("nothing to do: give --norm-distance and/or --gradcam [IMAGE ...]")
@@ -61,7 +61,7 @@ def run(args) -> int:
         if args.gradcam:
             images = load_images(args.gradcam, meta)
         else:
-            from ..data import load_dataset
+            from ..vision.data import load_dataset
             data = load_dataset(meta["dataset"], meta.get("data_path"), augment=False, download=False)
             images = first_image_per_class(data.val, args.gradcam_count)
         stage = args.stage % net.num_stages if -net.num_stages <= args.stage < net.num_stages else args.stage

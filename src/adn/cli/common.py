@@ -10,12 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..skip import SkipConfig
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
+from ..core.skip import SkipConfig
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -122,8 +117,9 @@ def read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:
 def checkpoint_dataset(args, meta: dict, val_subset: int | None = None, skip_bad_images: bool = False):
     """The data set a checkpoint was trained on (or ``--data``/``--data-path``), un-augmented, checked
     against the checkpoint's class count: what eval and recalibrate read."""
-    from ..checkpoint import CheckpointError
-    from ..data import DataError, load_dataset
+    from ..errors import CheckpointError
+    from ..errors import DataError
+    from ..vision.data import load_dataset
     cfg = meta.get("config", {})
     if not (args.data or meta.get("dataset")):
         raise CheckpointError(f"{args.checkpoint} does not say which dataset it was trained on; pass --data")
@@ -142,8 +138,8 @@ def note_missing_depth_statistics(net, meta: dict, path) -> None:
     their own: its intermediate depths then read up to 0.8 points lower than they can. Without skip-aware
     twins every norm's running averages blend both trained depths, which serve every depth as well
     (docs/reproduction.md), so such a network gets no note."""
-    from ..depth_statistics import has_depth_statistics
-    from ..recalibrate import batch_norms
+    from ..core.depth_statistics import has_depth_statistics
+    from ..core.recalibrate import batch_norms
     if (meta.get("method") == "joint" and meta.get("skip_aware_norm", True) and not has_depth_statistics(net)
             and batch_norms(net)):
         print(f"adn: note: {path} was trained with --method joint and holds no per-depth batch-norm statistics; its "

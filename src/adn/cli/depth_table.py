@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..skip import SkipConfig
+from ..core.skip import SkipConfig
 from .common import positive_int, read_rows
 
 
@@ -22,7 +22,7 @@ def _batch_size_list(text: str) -> list[int]:
 
 
 def add(sub) -> None:
-    from ..depth_table import DEFAULT_BATCH_SIZES
+    from ..deploy.depth_table import DEFAULT_BATCH_SIZES
     p = sub.add_parser("depth-table", help="latency (p50, p99) of the Pareto-optimal depths at several batch sizes, "
                                            "with their accuracy: the table adn.Governor and adn pareto --budget-ms read",
                        description="Times every depth of `adn eval --json` on this machine at each batch size "
@@ -43,9 +43,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..atomic import atomic_write
-    from ..checkpoint import load_network
-    from ..depth_table import FORMAT, VERSION, DepthTable, conditions, dumps, front, measure_latencies
+    from ..utils.atomic import atomic_write
+    from ..vision.checkpoint import load_network
+    from ..deploy.depth_table import FORMAT, VERSION, DepthTable, conditions, dumps, front, measure_latencies
 
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .. import jsonout
+from ..utils import jsonout
 from ..detection.train import METHODS, OPTIMIZERS, SCHEDULERS, DetectTrainConfig
-from ..skip import SkipConfig
+from ..core.skip import SkipConfig
 from .common import positive_int
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .. import jsonout
-from ..data import DATASETS
+from ..utils import jsonout
+from ..vision.data import DATASETS
 from .common import (add_measure_flags, checkpoint_dataset, note_missing_depth_statistics, positive_int, skip_configs,
                      write_plot)
 
@@ -36,11 +36,11 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import load_network
-    from ..data import calibration_loader, collate_readable_pairs
-    from ..depth_statistics import statistics_in_use
-    from ..evaluate import evaluate_subnetworks
-    from ..report import add_ratios, plot_accuracy_vs_macs
+    from ..vision.checkpoint import load_network
+    from ..vision.data import calibration_loader, collate_readable_pairs
+    from ..core.depth_statistics import statistics_in_use
+    from ..vision.evaluate import evaluate_subnetworks
+    from ..deploy.report import add_ratios, plot_accuracy_vs_macs
 
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
@@ -79,7 +79,7 @@ def _eval_batches(args, data):
     batches count what they skip (``loader.skipped``, reported with the results)."""
     from torch.utils.data import DataLoader
 
-    from ..data import ReadableBatches, collate_readable, eval_loader, first_readable
+    from ..vision.data import ReadableBatches, collate_readable, eval_loader, first_readable
     loader = eval_loader(data.val, args.batch_size, args.workers, collate_readable if args.skip_bad_images else None)
     if not args.skip_bad_images or not isinstance(loader, DataLoader):  # in memory: no image files to skip
         return loader, data.val[0][0]
@@ -87,7 +87,7 @@ def _eval_batches(args, data):
 
 
 def _print_eval(args, rows: list[dict], meta: dict, data, device) -> None:
-    from ..report import format_table
+    from ..deploy.report import format_table
     if args.json:
         print(jsonout.dumps(rows, indent=2))
     else:

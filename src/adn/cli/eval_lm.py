@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .. import jsonout
-from ..atomic import atomic_write
+from ..utils import jsonout
+from ..utils.atomic import atomic_write
 from .common import positive_int, skip_configs
 from .lm_flags import add_model_flags, add_text_flags, fresh_network
 

@@ -11,7 +11,7 @@ from .common import note_missing_depth_statistics, skip_configs
 
 
 def add(sub) -> None:
-    from ..export import FORMATS
+    from ..deploy.export import FORMATS
     p = sub.add_parser("export", help="write standalone sub-networks (one file each) and a manifest",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
@@ -23,8 +23,8 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import load_network
-    from ..export import export_subnetworks
+    from ..vision.checkpoint import load_network
+    from ..deploy.export import export_subnetworks
 
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]

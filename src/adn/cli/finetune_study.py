@@ -41,9 +41,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..finetune_report import write_finetune_report
-    from ..finetune_study import FinetuneRecipe, Reproduction, Study, collect, run_study
-    from ..reproduce import Protocol
+    from ..studies.finetune_report import write_finetune_report
+    from ..studies.finetune_study import FinetuneRecipe, Reproduction, Study, collect, run_study
+    from ..studies.reproduce import Protocol
     from . import main  # each run's commands execute in this process (one worker process per job)
 
     protocol = Protocol.quick() if args.quick else Protocol()

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .. import jsonout
+from ..utils import jsonout
 from .common import positive_int
 from .lm_flags import add_model_flags, network
 
@@ -50,7 +50,7 @@ def _prompt_ids(tokenizer, args) -> torch.Tensor:
 
 def run(args) -> int:
     from ..lm.generate import greedy_generate, speculative_generate
-    from ..skip import SkipConfig
+    from ..core.skip import SkipConfig
 
     net, tokenizer, description = network(args)
     depth = SkipConfig(args.skip, num_stages=net.num_stages)

@@ -6,7 +6,7 @@ import sys
 
 
 def add(sub) -> None:
-    from ..authors import ARCHITECTURES, ENTRIES
+    from ..vision.authors import ARCHITECTURES, ENTRIES
     p = sub.add_parser("import-weights", help="turn the ADN weights the paper's authors published into an adn checkpoint",
                        description="Reads the authors' .pth file (weights only: no code in it runs), renames its keys "
                                    "to ours, checks that every key and shape fits, and writes an adn checkpoint that "
@@ -23,7 +23,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..authors import import_authors_weights
+    from ..vision.authors import import_authors_weights
 
     net = import_authors_weights(args.file, args.model, output=args.output, which=args.which)
     print(f"{args.model}-ADN with the authors' weights from {args.file} ({net.num_stages} stages, "

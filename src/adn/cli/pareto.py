@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import jsonout
+from ..utils import jsonout
 from .common import positive_int, read_rows, write_plot
 
 
@@ -33,7 +33,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report import format_table, pareto_front, plot_pareto
+    from ..deploy.report import format_table, pareto_front, plot_pareto
 
     if args.budget_ms is not None or args.table:
         return _run_budget(args)
@@ -65,7 +65,7 @@ def run(args) -> int:
 
 def _run_budget(args) -> int:
     """adn pareto --table T --budget-ms B: the most accurate depth that fits, or the fastest when none does."""
-    from ..depth_table import DepthTable
+    from ..deploy.depth_table import DepthTable
 
     if not args.table or args.budget_ms is None:
         raise ValueError("--budget-ms and --table go together: adn pareto --table depth_table.json --budget-ms B "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .. import jsonout
+from ..utils import jsonout
 from .common import note_missing_depth_statistics, positive_int
 
 
@@ -31,9 +31,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..predict import Predictor, depth_table_for
-    from ..preprocess import ImageError
-    from ..skip import SkipConfig
+    from ..deploy.predict import Predictor, depth_table_for
+    from ..vision.preprocess import ImageError
+    from ..core.skip import SkipConfig
 
     if args.table and args.budget_ms is None:
         raise ValueError("--table is read only with --budget-ms B; give both, or --skip S")

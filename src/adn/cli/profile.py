@@ -5,9 +5,10 @@ import argparse
 
 import torch
 
-from .. import jsonout
+from ..utils import jsonout
 from ..models import available_models
-from .common import add_measure_flags, first_line, out_of_memory, positive_int, skip_configs
+from ..errors import first_line
+from .common import add_measure_flags, out_of_memory, positive_int, skip_configs
 
 
 def add(sub) -> None:
@@ -45,13 +46,13 @@ def _check_input_fits(net, image: torch.Tensor, args) -> None:
 def run(args) -> int:
     from ..convert import convert
     from ..models import build_model
-    from ..profile import profile_subnetworks
-    from ..report import add_ratios, format_table
+    from ..runtime.profile import profile_subnetworks
+    from ..deploy.report import add_ratios, format_table
 
     if (args.model is None) == (args.checkpoint is None):
         raise ValueError("give either --model NAME (a freshly converted model) or --checkpoint FILE (a trained one)")
     if args.checkpoint:
-        from ..checkpoint import load_network
+        from ..vision.checkpoint import load_network
         given = [flag for flag, value in (("--num-classes", args.num_classes), ("--in-channels", args.in_channels),
                                           ("--width", args.width)) if value is not None]
         if given or not args.skip_aware_norm:

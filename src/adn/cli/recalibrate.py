@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .. import jsonout
-from ..data import DATASETS
+from ..utils import jsonout
+from ..vision.data import DATASETS
 from .common import checkpoint_dataset, positive_int
 
 
@@ -36,9 +36,11 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import CheckpointError, atomic_save, load_network
-    from ..data import calibration_loader
-    from ..depth_statistics import CHECKPOINT_KEY, depth_statistics_payload, record_depth_statistics
+    from ..errors import CheckpointError
+    from ..utils.checkpoint_file import atomic_save
+    from ..vision.checkpoint import load_network
+    from ..vision.data import calibration_loader
+    from ..core.depth_statistics import CHECKPOINT_KEY, depth_statistics_payload, record_depth_statistics
 
     source = Path(args.checkpoint)
     before = _identity(source)

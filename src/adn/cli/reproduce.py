@@ -9,7 +9,7 @@ from .common import positive_int
 
 
 def add(sub) -> None:
-    from ..reproduce import ARMS
+    from ..studies.reproduce import ARMS
     p = sub.add_parser("reproduce", help="rerun the paper's claims at small scale and write docs/reproduction.md",
                        description="Trains every arm of the reproduction (ADN, the ablations, individual networks, "
                                    "pooled feature KD) for several seeds with adn train and adn eval, then writes the "
@@ -36,7 +36,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..reproduce import Protocol, reproduce
+    from ..studies.reproduce import Protocol, reproduce
     from . import main  # each run's commands execute in this process (one worker process per job)
 
     protocol = Protocol.quick() if args.quick else Protocol()

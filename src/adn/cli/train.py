@@ -6,10 +6,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..data import AUTO_AUGMENT_POLICIES, DATASETS, INTERPOLATIONS
-from ..distill import FEATURE_KD_MODES
+from ..vision.data import AUTO_AUGMENT_POLICIES, DATASETS, INTERPOLATIONS
+from ..core.distill import FEATURE_KD_MODES
 from ..models import available_models
-from ..train import METHODS, OPTIMIZERS, SCHEDULERS, TrainConfig
+from ..training.methods import METHODS
+from ..training.optim import OPTIMIZERS, SCHEDULERS
+from ..vision.train_config import TrainConfig
 from .common import positive_int
 
 
@@ -142,7 +144,7 @@ def add(sub) -> None:
 def run(args) -> int:
     import os
 
-    from ..train import train
+    from ..vision.train import train
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     train(cfg)

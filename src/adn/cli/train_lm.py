@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import jsonout
-from ..distill import FEATURE_KD_MODES
+from ..utils import jsonout
+from ..core.distill import FEATURE_KD_MODES
 from ..lm.config import TRAIN_MODES, LMTrainConfig
 from .common import positive_int
 from .lm_flags import add_model_flags, add_text_flags, grouping

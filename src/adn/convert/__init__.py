@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..layers import IdleWhenSkipped, SkipAwareNorm, SkippableBlock, SkippableStage
-from ..network import AdaptiveDepthNetwork
+from ..core.layers import IdleWhenSkipped, SkipAwareNorm, SkippableBlock, SkippableStage
+from ..core.network import AdaptiveDepthNetwork
 
 try:  # torchvision's detection models use FrozenBatchNorm2d; twin it like any other norm
     from torchvision.ops import FrozenBatchNorm2d

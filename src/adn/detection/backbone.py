@@ -33,11 +33,12 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
-from ..checkpoint import FORMAT as CHECKPOINT_FORMAT, CheckpointError, check_integrity
+from ..utils.checkpoint_file import FORMAT as CHECKPOINT_FORMAT, check_integrity
+from ..errors import CheckpointError
 from ..convert import convert_stages
 from ..convert.resnet import resnet_stages
 from ..models import TORCHVISION_RESNETS
-from ..network import AdaptiveDepthNetwork
+from ..core.network import AdaptiveDepthNetwork
 
 KINDS = {"fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN}
 DETECTOR_MODELS = tuple(f"{kind}_{arch}_fpn{v2}" for kind in KINDS for arch in TORCHVISION_RESNETS for v2 in ("", "_v2"))

@@ -7,7 +7,9 @@ import os
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_weights
+from ..errors import CheckpointError
+from ..utils.checkpoint_file import load_checkpoint
+from ..vision.checkpoint import load_weights
 from .backbone import build_detector
 
 TASK = "detection"

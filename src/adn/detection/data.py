@@ -24,7 +24,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..data import DataError, read_image
+from ..errors import DataError
+from ..vision.data import read_image
 
 FORMAT_HELP = "see https://cocodataset.org/#format-data"
 BOX_TOLERANCE = 1.0  # pixels a box may overshoot the image (rounding in real files); clipped, not rejected

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..profile import count_macs
-from ..skip import SkipConfig
+from ..runtime.profile import count_macs
+from ..core.skip import SkipConfig
 from .data import Annotations, collate, pycocotools_mask
 
 # COCOeval.stats positions, reported in percent as in the paper's Table 4.

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..atomic import atomic_write
+from ..utils.atomic import atomic_write
 
 CLASSES = ("rectangle", "ellipse", "triangle")
 

@@ -28,15 +28,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import jsonout
-from .. import rng
-from ..atomic import atomic_write
-from ..checkpoint import CheckpointError, checkpoint_payload, load_checkpoint, load_weights, save_rotating
-from ..distill import FEATURE_KD_MODES, feature_kl
-from ..distributed import Distributed, setup as setup_distributed
-from ..sampling import EpochBatches, SeededSamples
-from ..skip import SkipConfig
-from ..train import TrainingDiverged, frozen_running_stats, single_norms
+from ..utils import jsonout
+from ..training import rng
+from ..utils.atomic import atomic_write
+from ..errors import CheckpointError
+from ..utils.checkpoint_file import checkpoint_payload, load_checkpoint
+from ..vision.checkpoint import load_weights
+from ..training.run_folder import save_rotating
+from ..core.distill import FEATURE_KD_MODES, feature_kl
+from ..training.distributed import Distributed, setup as setup_distributed
+from ..training.sampling import EpochBatches, SeededSamples
+from ..core.skip import SkipConfig
+from ..errors import TrainingDiverged
+from ..training.methods import frozen_running_stats, single_norms
 from .backbone import DEFAULT_FPN_CHANNELS, DetectorName, build_detector, capture_backbone, stage_levels
 from .checkpoint import TASK, build_from_meta, detector_meta
 from .data import (CocoDetection, DataError, collate, eval_transforms, find_split, fixed_subset, load_annotations,

@@ -23,7 +23,7 @@ import weakref
 
 from transformers import DynamicCache
 
-from ..skip import SkipConfig
+from ..core.skip import SkipConfig
 
 
 class DepthMismatch(ValueError):

@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_save, check_finite, load_checkpoint
+from ..errors import CheckpointError
+from ..utils.checkpoint_file import atomic_save, check_finite, load_checkpoint
 from ..convert.llama import convert_decoder
 from .model import load_causal_lm
 

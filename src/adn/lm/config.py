@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 
 from ..convert.llama import DEFAULT_KEEP_FIRST, DEFAULT_KEEP_LAST, DEFAULT_SKIPPABLE
-from ..distill import FEATURE_KD_MODES
+from ..core.distill import FEATURE_KD_MODES
 
 TRAIN_MODES = ("twins", "near-skipped", "all")
 

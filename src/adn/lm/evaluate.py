@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..convert.llama import decoder
-from ..skip import SkipConfig
+from ..core.skip import SkipConfig
 from .generate import greedy_generate
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..skip import SkipConfig
+from ..core.skip import SkipConfig
 from .cache import DepthCache
 
 

@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import jsonout
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..utils import jsonout
+from ..errors import CheckpointError
+from ..utils.checkpoint_file import load_checkpoint
 from ..convert.llama import convert_decoder
-from ..distill import SubPathDistillationLoss
-from ..precision import FLOAT32, Precision, native_bfloat16
-from ..rundir import check_writable, claim
-from ..skip import SkipConfig
+from ..core.distill import SubPathDistillationLoss
+from ..training.precision import FLOAT32, Precision, native_bfloat16
+from ..training.run_folder import check_writable, claim
+from ..core.skip import SkipConfig
 from .checkpoint import apply_trained_state, save_lm_checkpoint
 from .config import LMTrainConfig
 from .corpus import load_corpus, token_stream, training_batch, windows

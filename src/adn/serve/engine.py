@@ -11,8 +11,8 @@ import time
 import torch
 from torch import nn
 
-from ..backends import OnnxDepths
-from ..skip import SkipConfig
+from ..runtime.backends import OnnxDepths
+from ..core.skip import SkipConfig
 
 BACKENDS = ("eager", "onnxruntime")
 

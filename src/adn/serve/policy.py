@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..governor import Decision, Governor
+from ..deploy.governor import Decision, Governor
 
 GOVERNOR, REQUEST = "governor", "request"  # who chose a batch's depth
 

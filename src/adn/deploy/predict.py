@@ -1,0 +1,85 @@
+"""Classifying images with a trained checkpoint: the network, how images become its input, and what its
+outputs are called, together (``adn predict`` and ``adn serve`` both use it).
+
+    predictor = Predictor.from_checkpoint("runs/demo/checkpoint.pt")
+    batch = predictor.preprocessing.load_files(["shoe.png"])
+    top = predictor.top_k(predictor.logits(batch, skip="TTF"), k=3)   # [[{"class": "Sneaker", ...}, ...]]
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..vision.labels import class_names
+from ..vision.preprocess import Preprocessing
+
+
+@dataclass
+class Predictor:
+    net: nn.Module
+    preprocessing: Preprocessing
+    class_names: list[str]
+    meta: dict
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> Predictor:
+        """The checkpoint's network in eval mode, with its preprocessing and class names (indices for
+        checkpoints that record none)."""
+        from ..vision.checkpoint import load_network
+
+        net, checkpoint = load_network(path)
+        meta = checkpoint["meta"]
+        preprocessing = Preprocessing.from_meta(meta, source=str(path))
+        if preprocessing.channels != meta["in_channels"]:
+            raise ValueError(f"{path} has invalid preprocessing metadata: {preprocessing.channels} channels for a "
+                             f"network that takes {meta['in_channels']}; it was altered")
+        return cls(net.eval(), preprocessing, class_names(meta, source=str(path)), meta)
+
+    @property
+    def num_stages(self) -> int:
+        return self.net.num_stages
+
+    def logits(self, batch: torch.Tensor, skip) -> torch.Tensor:
+        """The network's outputs for ``batch`` at depth ``skip`` (per call: safe from several threads)."""
+        with torch.inference_mode():
+            return self.net(batch, skip=skip)
+
+    def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict]]:
+        """Per image, the ``k`` most probable classes, most probable first:
+        ``{"class": name, "index": i, "probability": p}``."""
+        return top_k(logits, self.class_names, k)
+
+
+def depth_table_for(checkpoint: str | os.PathLike, table: str | os.PathLike | None, num_stages: int):
+    """The depth table to choose depths from: ``table``, or ``depth_table.json`` next to the checkpoint
+    (where ``adn depth-table`` writes it). Checked to describe a network of ``num_stages`` stages."""
+    from pathlib import Path
+
+    from .depth_table import DepthTable
+    from ..core.skip import SkipConfig
+
+    path = Path(table) if table else Path(checkpoint).parent / "depth_table.json"
+    if not path.is_file():
+        given = f"--table {path}" if table else f"no --table, and no depth_table.json next to the checkpoint ({path})"
+        raise ValueError(f"{given}: choosing a depth for a budget needs a depth table. Make it with:  adn eval "
+                         f"--checkpoint {checkpoint} --json --no-latency --no-plot > eval.json  &&  adn depth-table "
+                         f"--checkpoint {checkpoint} --eval eval.json   (see docs/serving.md)")
+    loaded = DepthTable.load(path)
+    for row in loaded.depths:
+        try:
+            SkipConfig(row["skip"], num_stages)
+        except ValueError as error:
+            raise ValueError(f"depth table {path} is not for this checkpoint's network ({num_stages} stages): {error}. "
+                             f"Measure one for it with adn depth-table") from error
+    return loaded
+
+
+def top_k(logits: torch.Tensor, names: list[str], k: int = 5) -> list[list[dict]]:
+    """Per row of ``logits``, the ``k`` (at most the number of classes) most probable classes by softmax."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+    return [[{"class": names[i], "index": i, "probability": p} for p, i in zip(row_p, row_i)]
+            for row_p, row_i in zip(values.tolist(), indices.tolist())]

@@ -1,0 +1,161 @@
+"""The checkpoint *file format*: written atomically, loaded without executing pickled code.
+
+A checkpoint is one ``torch.save`` file of plain containers and tensors, read back with
+``torch.load(weights_only=True)`` after checking the CRC-32 of each of its records (which torch.load does
+not check, so a flipped byte would otherwise load as a wrong weight):
+
+    {"format": "adn-checkpoint", "version": 1,
+     "meta": {"model": "resnet20", "num_classes": 10, "in_channels": 1, "skip_aware_norm": True, ...},
+     "model": state_dict, "optimizer": ..., "epoch": int, ...}
+
+A run keeps ``checkpoint.pt`` (the latest) and, with ``--keep-last K``, the last K numbered checkpoints
+``checkpoint-e<epoch>-s<step>.pt`` beside it (:mod:`adn.training.run_folder` rotates them). What a
+classification checkpoint's ``meta`` builds is :mod:`adn.vision.checkpoint`'s job.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, first_line
+from .atomic import atomic_write
+
+FORMAT = "adn-checkpoint"
+LATEST = "checkpoint.pt"
+NUMBERED = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`adn.atomic.atomic_write`: a crash leaves either the old file or
+    the new one, never a truncated one. A failed write (a full disk: torch says "unexpected pos") is a
+    :class:`CheckpointError` that says the previous file is intact."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as error:
+        kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        raise CheckpointError(f"could not write checkpoint {path} ({type(error).__name__}: {first_line(error, 200)}); "
+                              f"{kept}. Is the disk full? Free space, or choose another --output-dir") from error
+
+
+def checkpoint_payload(net: nn.Module, meta: dict, **state) -> dict:
+    """What a checkpoint file holds: format marker, metadata, weights, and ``state`` (optimizer, ...)."""
+    return {"format": FORMAT, "version": 1, "meta": meta, "model": net.state_dict(), **state}
+
+
+def save_checkpoint(path, net: nn.Module, meta: dict, **state) -> None:
+    atomic_save(checkpoint_payload(net, meta, **state), path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if path.is_dir():
+        hint = f"; it holds {path / LATEST}" if (path / LATEST).is_file() else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: give the checkpoint file itself, e.g. "
+                              f"{path / LATEST}{hint}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (adn train writes <output-dir>/checkpoint.pt)"
+                              f"{_earlier(path) if path.parent.is_dir() else ''}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its writer was stopped before writing anything, "
+                              f"or a copy failed{_earlier(path)}")
+    check_integrity(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated, corrupted, or a pickle that needs code execution
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not an adn checkpoint "
+                              f"({type(error).__name__}: {first_line(error, 200)}){_earlier(path)}") from error
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data or "meta" not in data:
+        raise CheckpointError(f"{path} is not an adn checkpoint (expected a file written by adn train)")
+    return data
+
+
+def check_integrity(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` if a record of the ``torch.save`` file ``path`` fails its CRC-32.
+
+    torch.save writes a zip whose records carry CRC-32s that torch.load never checks: a byte changed on
+    disk or in a copy would load as a silently wrong weight. This reads the file once. Files in torch's
+    legacy (non-zip) format have no checksums, and a file too broken to be a zip is left to torch.load."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0 and record.file_size:
+                    continue  # saved with torch.serialization.config.save.compute_crc32 = False: nothing to check
+                with archive.open(record) as stream:  # raises BadZipFile at the end on a CRC mismatch
+                    while stream.read(1 << 24):
+                        pass
+    except Exception as error:  # noqa: BLE001  (BadZipFile, a broken header, ...: all mean damage)
+        raise CheckpointError(f"checkpoint {path} is damaged: {first_line(error, 200)} (its bytes changed "
+                              f"after it was written: a disk, transfer or copy error). Copy it again from where it "
+                              f"came from, or use an earlier checkpoint{_earlier(path)}") from error
+
+
+def _earlier(path: Path) -> str:
+    """'; earlier checkpoints in <folder>: ...' naming the numbered checkpoints beside ``path`` (not ``path``
+    itself, nor a hard link to it, which holds the same bytes), or '' if there are none."""
+    others = [p.name for p in numbered_checkpoints(path.parent) if p.name != path.name and not _same_file(p, path)]
+    return f"; earlier checkpoints in {path.parent}: {', '.join(others[-3:])}" if others else ""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def check_finite(state_dict: dict, source: str) -> None:
+    """Refuse NaN or infinite weights: they evaluate to plausible-looking (chance-level) accuracy."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite weights in {len(bad)} tensor(s), e.g. {bad[:3]}: the "
+                              f"run that wrote it diverged. Use an earlier checkpoint, or retrain with a lower --lr")
+
+
+def numbered_name(epoch: int, step: int) -> str:
+    """``checkpoint-e0003-s0000150.pt``: after ``step`` steps of epoch ``epoch`` (both counted from 1)."""
+    return f"checkpoint-e{epoch:04d}-s{step:07d}.pt"
+
+
+def numbered_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The numbered checkpoints in ``folder``, oldest first."""
+    found = [(tuple(map(int, m.groups())), p) for p in Path(folder).glob("checkpoint-e*-s*.pt")
+             if (m := NUMBERED.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_weights_only(path: str | os.PathLike, what: str, fix: str) -> object:
+    """``torch.load`` of a file written by someone else, weights only: tensors, numbers, strings and
+    containers, plus ``argparse.Namespace`` (timm's, torchvision's and the paper's authors' training scripts
+    store their arguments as one: a plain attribute bag whose values go through the same restricted
+    unpickler). ``what`` names the file in errors (e.g. "--init-from w.pth"); ``fix`` says how to turn a
+    trusted file with other objects into a state dict."""
+    import argparse
+    import pickle
+
+    check_integrity(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{what} holds objects other than tensors, numbers, strings and containers ({first_line(error)}). adn "
+            f"reads weights only, so that opening a file cannot run code hidden in it. If you trust the file, {fix}"
+        ) from error
+    except Exception as error:  # noqa: BLE001  (a truncated or non-torch file: torch raises many kinds)
+        raise CheckpointError(f"{what}: cannot read it: it is truncated, corrupted or not a torch file "
+                              f"({type(error).__name__}: {first_line(error)})") from error
+
+
+def is_state_dict(data) -> bool:
+    """A non-empty mapping of parameter names to tensors."""
+    return (isinstance(data, dict) and bool(data) and all(isinstance(k, str) for k in data)
+            and all(isinstance(v, torch.Tensor) for v in data.values()))

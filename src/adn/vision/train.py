@@ -1,0 +1,639 @@
+"""``adn train``: Algorithm 1 (sub-path specialization) and the paper's baselines and ablations.
+
+One epoch loop over the three methods' steps (:mod:`adn.training.methods`):
+- ``adn``: super-net forward + backward (alpha * CE), then base-net forward + backward
+  ((1 - alpha) * KL terms against the detached super-net). Two backward passes, so the peak memory
+  is that of one sub-network; the gradients equal those of the paper's single loss.
+- ``joint`` (ablation without specialization): (CE(super) + CE(base)) / 2, also in two passes.
+- ``individual`` (baseline): plain training of one fixed sub-network.
+Skip-aware norms off (``skip_aware_norm=False``) is the other ablation.
+
+The run (:func:`train`) adds what long jobs need: data parallelism over torchrun's processes
+(:mod:`adn.distributed`), mixed precision (:mod:`adn.precision`), and checkpoints every epoch and every
+``save_every_steps`` steps from which ``resume`` continues exactly where the run stopped (model, EMA,
+optimizer, scaler, schedule, position in the epoch, RNG states, and the epoch's partial metrics).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..convert import convert
+from ..core.distill import SubPathDistillationLoss
+from ..core.recalibrate import batch_norms
+from ..core.skip import SkipConfig
+from ..core.sync_bn import convert_sync_batchnorm
+from ..errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
+from ..models import NEEDS_IMAGE_SIZE, build_model
+from ..training import rng
+from ..training.distributed import Distributed
+from ..training.distributed import setup as setup_distributed
+from ..training.methods import adn_step, individual_step, joint_step
+from ..training.optim import build_ema, build_scheduler, parameter_groups
+from ..training.precision import Precision, native_bfloat16
+from ..training.run_folder import check_writable, remove_stale_temporaries, save_rotating
+from ..training.run_folder import claim as claim_output_dir
+from ..training.run_log import append_log, reconcile_log
+from ..training.sampling import EpochBatches, SeededSamples
+from ..training.signals import StopSignals
+from ..utils.checkpoint_file import checkpoint_payload, load_checkpoint
+from .checkpoint import load_weights, validate_meta
+from .data import (
+    Augmentation,
+    calibration_loader,
+    collate_readable,
+    collate_readable_pairs,
+    eval_loader,
+    ignore_interrupts,
+    load_dataset,
+)
+from .evaluate import evaluate_accuracy
+from .init_from import init_from, scale_body_lr
+from .labels import dataset_class_names
+from .memory_data import TensorImages, training_batches
+from .preprocess import Preprocessing
+from .train_config import TrainConfig
+
+
+def build_batch_mixer(cfg: TrainConfig, num_classes: int):
+    """MixUp and/or CutMix on whole batches (torchvision.transforms.v2), or None."""
+    from torchvision.transforms import v2
+    mixers = []
+    if cfg.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(net, cfg)
+    if cfg.body_lr_scale != 1.0:
+        groups = scale_body_lr(groups, net, cfg.lr, cfg.body_lr_scale)
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.opt == "rmsprop":  # torchvision's settings for MobileNet recipes
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=0.0316, alpha=0.9)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# ----- the run ----------------------------------------------------------------------------------------------
+def _meta(cfg: TrainConfig, data) -> dict:
+    model_kwargs = {"width": cfg.width} if cfg.width else {}
+    if cfg.model in NEEDS_IMAGE_SIZE:
+        model_kwargs["image_size"] = data.image_size
+    return {
+        "model": cfg.model, "model_kwargs": model_kwargs, "num_classes": data.num_classes,
+        "in_channels": data.in_channels, "image_size": data.image_size, "skip_aware_norm": cfg.skip_aware_norm,
+        "method": cfg.method, "trained_skip": cfg.skip if cfg.method == "individual" else None,
+        # absolute, so that `adn eval` finds the data from any working directory
+        "dataset": cfg.data, "data_path": os.path.abspath(cfg.data_path) if cfg.data_path else None, "mean": list(data.mean), "std": list(data.std),
+        "config": asdict(cfg),
+        # what adn predict / adn serve need to answer about image files: output names, input preprocessing
+        "class_names": dataset_class_names(cfg.data, cfg.data_path, data.num_classes),
+        "preprocess": Preprocessing.for_training(cfg.data, data.image_size, data.in_channels, data.mean, data.std,
+                                                 cfg.val_resize_size, cfg.interpolation).to_dict(),
+    }
+
+
+def _convert(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    try:
+        return convert(model, skip_aware_norm=cfg.skip_aware_norm)
+    except TypeError as error:  # a model family adn cannot give adaptive depth (the message lists those it can)
+        raise ValueError(f"--model {cfg.model}: {error}") from error
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before the (slow) data loading if the folder cannot be made or written; creates nothing."""
+    check_writable(path)
+
+
+def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
+    """Run one image through the network before training, so that a size or channel mismatch is
+    reported as such, not as an error from deep inside the model."""
+    image = _first_readable(data.train)[0]
+    try:
+        with torch.no_grad():
+            net.eval()(image[None].to(device))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(f"{cfg.model} cannot process images of shape {tuple(image.shape)} from "
+                         f"{data.description.split(' (')[0]} ({str(error).splitlines()[0][:200]}). Pick a model that fits the data "
+                         f"(e.g. resnet20 for 28x28 images) or set the image size with --train-crop-size") from error
+    finally:
+        net.train()
+
+
+def _channels_last_crash(net: nn.Module, device: torch.device) -> str | None:
+    """The first layer that torch 2.14.1 mishandles in channels-last on CPU (None if none): the backward
+    pass of a channels-last 1x1 convolution with stride > 1 and 2-7 input channels corrupts memory (the
+    process dies with SIGSEGV or "double free"), e.g. the shortcut projections of resnet20 --width 4."""
+    if device.type != "cpu":
+        return None
+    for name, module in net.named_modules():
+        if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
+                and 1 < module.in_channels < 8):
+            return f"{name} is a strided 1x1 convolution with {module.in_channels} input channels"
+    return None
+
+
+def speed_settings(cfg: TrainConfig, net: nn.Module, device: torch.device) -> tuple[bool, bool, str]:
+    """``(amp, channels_last, why)``: the flags as given, and where left unset (None), the fastest the
+    hardware supports: bfloat16 autocast with channels-last where bfloat16 is native (1.66-1.70x faster
+    training steps on an AVX512-BF16 CPU, benchmarks/training_speed.py), float32 otherwise."""
+    crash = _channels_last_crash(net, device)
+    if cfg.channels_last and crash:
+        raise ValueError(f"--channels-last on CPU: {crash}, whose channels-last backward pass crashes in torch "
+                         f"{torch.__version__} on CPU; drop --channels-last (it mainly speeds up GPUs) or use a "
+                         f"wider model (e.g. --width 8)")
+    native = native_bfloat16(device)
+    amp = native if cfg.amp is None else cfg.amp
+    wants_cl = amp and native if cfg.channels_last is None else cfg.channels_last
+    channels_last = bool(wants_cl) and crash is None
+    chosen = [name for name, value in (("amp", cfg.amp), ("channels-last", cfg.channels_last)) if value is None]
+    why = ""
+    if chosen:
+        why = (f"{' and '.join(chosen)} chosen automatically ("
+               + ("native bfloat16 on this device" if native else "no native bfloat16 on this device")
+               + ("; channels-last off: " + crash if wants_cl and crash else "")
+               + "; override with --amp/--no-amp, --channels-last/--no-channels-last)")
+    return bool(amp), channels_last, why
+
+
+def _first_readable(dataset):
+    """The first sample that is not an unreadable image (``None``), for the input check."""
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if sample is not None:
+            return sample
+    raise DataError("none of the training images could be read")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands. Mid-epoch checkpoints hold it, so that a resumed epoch skips the
+    batches already trained on and its metrics still cover every step of the epoch."""
+    steps: int = 0
+    seen: int = 0
+    skipped_images: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    # CPU time of this process (all its threads): unlike wall time, it does not grow while the process
+    # is paused or waits for a core another process holds, so it measures the compute a run really took.
+    cpu_seconds: float = 0.0
+    global_batch: int = 0  # images per step over all processes; a mid-epoch resume needs the same
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run a training; returns the last epoch's metrics. Writes ``checkpoint.pt`` (every epoch and every
+    ``save_every_steps`` steps) and ``log.jsonl`` (one line per epoch) in ``cfg.output_dir``. Under
+    torchrun, every process calls this; rank 0 alone writes files and logs."""
+    cfg.validate()
+    world, device = setup_distributed(cfg.device)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, world, device)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        world.close()
+
+
+class Trainer:
+    """One training run: :meth:`__init__` sets everything up (restoring a checkpoint when resuming),
+    :meth:`run` trains the remaining epochs."""
+
+    def __init__(self, cfg: TrainConfig, world: Distributed, device: torch.device):
+        self.cfg, self.world, self.device = cfg, world, device
+        self.output = Path(cfg.output_dir)
+        resume = load_checkpoint(cfg.resume) if cfg.resume else None  # fail early on a bad checkpoint
+        world.on_main(lambda: _check_output_dir(self.output))
+        rng.seed_all(cfg.seed)  # the same on every process: the same initial weights
+
+        augmentation = Augmentation(cfg.auto_augment, cfg.random_erase, cfg.interpolation)
+        data = load_dataset(cfg.data, cfg.data_path, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
+                            seed=cfg.seed, image_size=cfg.train_crop_size, val_resize_size=cfg.val_resize_size,
+                            augment=augmentation, skip_bad_images=cfg.skip_bad_images,
+                            val_from_train=cfg.val_from_train)
+        self.meta = _meta(cfg, data)
+        model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                            weights=cfg.weights, **self.meta["model_kwargs"])
+        net = self.net = _convert(model, cfg).to(device)
+        if cfg.init_from and resume is None:  # (on resume, the checkpoint's weights are the starting point)
+            init_from(net, cfg.init_from, cfg.model, log=self.say)
+        if cfg.method == "individual":
+            net.skip = SkipConfig(cfg.skip, net.num_stages)
+        _check_input_fits(net, data, cfg, device)
+        self.amp, self.channels_last, speed_note = speed_settings(cfg, net, device)
+        self.meta["speed"] = {"amp": self.amp, "channels_last": self.channels_last}
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and world.enabled:
+            convert_sync_batchnorm(net, device)
+
+        self.optimizer = build_optimizer(net, cfg)
+        self.ema = build_ema(net, cfg, world.world_size) if cfg.model_ema else None
+        # Automatic mixed precision means bfloat16 (chosen because it is native); --amp keeps CUDA's float16.
+        amp_dtype = "bfloat16" if cfg.amp is None and cfg.amp_dtype == "auto" else cfg.amp_dtype
+        self.precision = Precision(device, self.amp, amp_dtype)
+        self.mixer = build_batch_mixer(cfg, data.num_classes)
+        self.start_epoch, self.global_step = 0, 0
+        self.progress = EpochProgress(global_batch=cfg.batch_size * world.world_size)
+        self.stop, self.stop_now = StopSignals(), False  # SIGINT/SIGTERM: save the steps done, then stop
+        rng_state = self._load_state(resume) if resume is not None else None
+        world.broadcast_module(net)  # identical weights everywhere, whatever happened before
+        if self.ema is not None:
+            world.broadcast_module(self.ema)
+
+        # The learning rate is a function of (settings, epoch): on resume, replay the schedule up to the
+        # saved epoch, so a run resumed with a larger --epochs follows the longer schedule.
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
+            for _ in range(min(self.start_epoch, cfg.epochs)):  # (nothing is trained beyond cfg.epochs)
+                self.scheduler.step()
+
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        if cfg.method == "adn":
+            self.step = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from, precision=self.precision)
+            self.loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd, cfg.label_smoothing,
+                                                   channel_dim=net.adn_info["channel_dim"], base_ce=cfg.base_ce)
+        else:
+            step = joint_step if cfg.method == "joint" else individual_step
+            self.step, self.loss_fn = functools.partial(step, precision=self.precision), criterion
+        self.eval_configs = [net.skip] if cfg.method == "individual" else [SkipConfig.super_net(net.num_stages),
+                                                                          SkipConfig.base_net(net.num_stages)]
+        # In-memory data sets (Fashion-MNIST, CIFAR) train from whole-tensor batches kept on the device;
+        # others (and PIL-only augmentations) go through a DataLoader, one image at a time.
+        self.in_memory = isinstance(data.train, TensorImages) and data.train.batched
+        self.train_set = data.train.to(device) if self.in_memory else SeededSamples(data.train, cfg.seed)
+        # Each process evaluates every world_size-th image: no image twice, none left out.
+        val = data.val
+        if world.enabled:
+            shard = range(world.rank, len(val), world.world_size)
+            val = val.subset(list(shard)) if isinstance(val, TensorImages) else Subset(val, shard)
+        if isinstance(val, TensorImages):
+            val = val.to(device)
+        self.val_loader = eval_loader(val, cfg.batch_size, cfg.workers,
+                                      collate_readable_pairs if cfg.skip_bad_images else None)
+        # Validation with recalibrated batch-norm statistics next to the running ones: early in training at a
+        # high learning rate the running averages lag the weights and the accuracy they give can collapse
+        # (docs/evaluation.md); the recalibrated figure shows what the weights themselves do.
+        self.calibration = None
+        # Not with --compile: recalibration flips the norms' modes and momenta, and each flip would be traced
+        # into new graphs. Evaluate a compiled run's checkpoint with `adn eval --recalibrate-bn` instead.
+        if cfg.recalibrate_bn and batch_norms(net) and not cfg.skip_bad_images and not cfg.compile:
+            source = self.train_set if self.in_memory else data.train  # image folders: augmented images
+            self.calibration = calibration_loader(source, cfg.batch_size, cfg.recalibrate_bn, cfg.workers)
+        if cfg.compile:  # in place: net.skip and the stage hooks keep working; one graph per depth
+            net.compile(backend=cfg.compile_backend)
+
+        # Only now, with every setting, the data and the model checked, is the folder made and claimed, so
+        # that a failed start leaves nothing behind; the lock is held until close().
+        if rng_state is not None:
+            _restore_rng(rng_state, cfg.resume)
+        elif world.rank > 0:  # dropout, MixUp, ... differ between processes (augmentation is per image)
+            rng.seed_all(cfg.seed + 100_003 * world.rank)
+        self.lock = None
+        world.on_main(lambda: self._claim_output(resume))
+        self.say(f"training {cfg.model} ({net.num_stages} stages, {2 ** net.num_stages} sub-networks) with "
+                 f"method={cfg.method} on {data.description}: {len(data.train)} train / {len(data.val)} val images, "
+                 f"device={device}, threads={torch.get_num_threads()}"
+                 + (f", {world.world_size} processes x batch {cfg.batch_size}" + (" (sync-bn)" if cfg.sync_bn else "")
+                    if world.enabled else "")
+                 + (f", {self.precision}" if self.amp else ", float32")
+                 + (", channels-last" if self.channels_last else "")
+                 + (f", compiled ({cfg.compile_backend})" if cfg.compile else ""))
+        if speed_note:
+            self.say(speed_note)
+
+    def say(self, message: str) -> None:
+        if self.world.is_main:
+            _log(message)
+
+    def _load_state(self, resume: dict):
+        """:meth:`_restore`, with a checkpoint whose training state is malformed (wrong types, missing
+        entries) reported as such instead of a KeyError or TypeError from deep inside."""
+        source = self.cfg.resume
+        validate_meta(resume["meta"], source=str(source))
+        _check_position(resume, source)
+        try:
+            return self._restore(resume)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(f"cannot resume from {source}: its training state is malformed ({type(error).__name__}: "
+                                  f"{str(error).strip()[:200]}); it was not written by adn train or was altered. "
+                                  f"Resume from another checkpoint") from error
+
+    def _claim_output(self, resume: dict | None) -> None:
+        """Lock the output folder (refusing another run's), then tidy what an interrupted run left there."""
+        self.lock = claim_output_dir(self.output, self.cfg.resume, self.cfg.overwrite, log=_log)
+        try:
+            removed = remove_stale_temporaries(self.output)
+            if removed:
+                _log(f"removed {len(removed)} temporary file(s) left by an interrupted run in {self.output}")
+            if resume is not None:
+                reconcile_log(self.output / "log.jsonl", self.start_epoch,
+                               resume.get("metrics") if resume.get("step_in_epoch") is None else None)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output folder (the OS releases it too if the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # ----- resuming ---------------------------------------------------------------------------------------
+    def _restore(self, resume: dict):
+        """Load a checkpoint's state into this run; returns this process's saved RNG state (or None)."""
+        cfg, source = self.cfg, self.cfg.resume
+        for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
+            if resume["meta"].get(key) != self.meta.get(key):
+                raise CheckpointError(f"cannot resume from {source}: it was trained with {key}="
+                                      f"{resume['meta'].get(key)!r}, this run has {key}={self.meta.get(key)!r}")
+        load_weights(self.net, resume["model"], source=source)
+        self.optimizer.load_state_dict(resume["optimizer"])
+        if self.ema is not None:
+            if "model_ema" not in resume:
+                raise CheckpointError(f"cannot resume with --model-ema from {source}: it holds no EMA weights")
+            self.ema.load_state_dict(resume["model_ema"])
+        self.precision.load_state_dict(resume.get("scaler"))
+        for group in self.optimizer.param_groups:  # the schedule is recomputed from this run's settings
+            group["lr"] = group["initial_lr"] = cfg.lr * group.get("lr_scale", 1.0)
+        self.global_step = resume.get("global_step", 0)
+        if resume.get("step_in_epoch") is None:  # an epoch-end checkpoint
+            self.start_epoch = resume["epoch"] + 1
+            where = f"epoch {self.start_epoch + 1}"
+        else:
+            self.start_epoch = resume["epoch"]
+            self.progress = EpochProgress(**resume["progress"])
+            if self.progress.global_batch != cfg.batch_size * self.world.world_size:
+                raise CheckpointError(
+                    f"cannot resume mid-epoch from {source}: it was saved with {self.progress.global_batch} "
+                    f"images per step (batch size x processes), this run has {cfg.batch_size} x "
+                    f"{self.world.world_size}; use the same -b and number of processes, or resume from an "
+                    f"epoch-end checkpoint")
+            where = f"epoch {self.start_epoch + 1}, step {self.progress.steps + 1}"
+        self.say(f"resumed from {source} at {where}")
+        if self.start_epoch >= cfg.epochs:
+            self.say(f"nothing to do: the checkpoint already finished {self.start_epoch} of {cfg.epochs} epochs")
+        states = resume.get("rng") or ([resume["rng_state"]] if "rng_state" in resume else [])
+        if self.world.rank < len(states):
+            return states[self.world.rank]
+        if states:
+            self.say(f"the checkpoint holds RNG states of {len(states)} processes, this run has "
+                     f"{self.world.world_size}: the others start from fresh seeds")
+        return None
+
+    # ----- training -----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        record: dict = {}
+        with self.stop:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                progress = self.progress if epoch == self.start_epoch else EpochProgress(global_batch=self.progress.global_batch)
+                record = self.train_epoch(epoch, progress)
+                # A signal during validation: the epoch's checkpoint is written; stop before the next epoch.
+                if epoch + 1 < self.cfg.epochs and self.world.sum([self._stop_requested()])[0] > 0:
+                    raise self._interrupted(f"after epoch {epoch + 1}")
+        return record
+
+    def _stop_requested(self) -> float:
+        return float(self.stop.signum is not None)
+
+    def _interrupted(self, where: str) -> TrainingInterrupted:
+        signum = self.stop.signum or signal.SIGINT  # (another process of the run may have got it)
+        checkpoint = self.output / "checkpoint.pt"
+        return TrainingInterrupted(f"{signal.Signals(signum).name} {where}: the steps done are saved in {checkpoint}",
+                                   signum, checkpoint)
+
+    def train_epoch(self, epoch: int, progress: EpochProgress) -> dict:
+        cfg, world = self.cfg, self.world
+        batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank, world.world_size,
+                               start=progress.steps, steps=cfg.max_steps_per_epoch)
+        if self.in_memory:
+            loader = training_batches(self.train_set, batches)
+        else:
+            self.train_set.epoch = epoch
+            # The loader's own generator (seeded per epoch) seeds its workers, so creating it mid-epoch on
+            # resume does not draw from the global RNG stream that dropout and MixUp use.
+            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.workers,
+                                collate_fn=collate_readable, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                worker_init_fn=ignore_interrupts)
+        self.net.train()
+        started = time.perf_counter() - progress.seconds
+        cpu_started = time.process_time() - progress.cpu_seconds
+
+        def note_time() -> None:  # before a mid-epoch save, so that a resumed epoch's times stay whole
+            progress.seconds = time.perf_counter() - started
+            progress.cpu_seconds = time.process_time() - cpu_started
+
+        bar = tqdm(loader, total=batches.steps, initial=progress.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and world.is_main), file=sys.stderr, leave=False)
+        for images, targets, skipped in bar:
+            if not self.train_step(images, targets, skipped, epoch, progress):
+                continue
+            self.global_step += 1
+            bar.set_postfix(loss=f"{progress.sums['loss'] / progress.steps:.3f}", refresh=False)
+            # SIGINT/SIGTERM (alone: as soon as it came; several processes: once all agree): keep the steps done
+            if self.stop_now or (not world.enabled and self.stop.signum is not None):
+                bar.close()
+                note_time()
+                self.save(epoch, progress)
+                raise self._interrupted(f"at epoch {epoch + 1}, step {progress.steps} of {batches.steps}")
+            if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and progress.steps < batches.steps:
+                note_time()
+                self.save(epoch, progress)
+        bar.close()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        record = {"epoch": epoch + 1, "lr": lr, "steps": progress.steps,
+                  **{f"train_{k}": v / max(progress.steps, 1) for k, v in progress.sums.items()},
+                  **{f"train_acc1_{_label(k, self.net)}": 100.0 * v / max(progress.seen, 1)
+                     for k, v in progress.correct.items()}}
+        if cfg.skip_bad_images:
+            record["train_skipped_images"] = progress.skipped_images
+        for skip, accs in self.evaluate(self.net).items():
+            record[f"val_acc1_{_label(skip, self.net)}"] = accs["acc1"]
+            record[f"val_acc5_{_label(skip, self.net)}"] = accs["acc5"]
+        if self.calibration is not None:
+            for skip, accs in self.evaluate(self.net, recalibrate=True).items():
+                record[f"val_acc1_{_label(skip, self.net)}_recal"] = accs["acc1"]
+        if self.ema is not None:
+            for skip, accs in self.evaluate(self.ema.module).items():
+                record[f"val_acc1_{_label(skip, self.net)}_ema"] = accs["acc1"]
+        record["epoch_time_s"] = time.perf_counter() - started
+        record["epoch_cpu_s"] = time.process_time() - cpu_started
+        self.save(epoch, progress, record)
+        if world.is_main:
+            append_log(self.output / "log.jsonl", record)
+            _log(_summary(record))
+        return record
+
+    def train_step(self, images, targets, skipped: int, epoch: int, progress: EpochProgress) -> bool:
+        """One optimizer step on this process's share of a global batch; False if there was nothing to
+        train on (all images of the batch unreadable and skipped)."""
+        cfg, world = self.cfg, self.world
+        if images is None:  # every image of this batch was unreadable (--skip-bad-images)
+            if world.enabled:
+                raise DataError(f"every image of a batch on process {world.rank} was unreadable; the processes "
+                                f"cannot stay in step. Remove the unreadable files (named above)")
+            progress.skipped_images += skipped
+            return False
+        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = targets
+        if self.mixer is not None:  # soft targets; accuracy is measured against the dominant label
+            images, targets = self.mixer(images, targets)
+            labels = targets.argmax(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.step(self.net, images, targets, self.loss_fn)
+        # One small all-reduce for the metrics: loss terms averaged, counts summed over processes; its last
+        # number says whether any process was asked to stop, so that all of them stop after the same step.
+        names, counts = list(result["terms"]), {k: int((v.argmax(1) == labels).sum()) for k, v in result["logits"].items()}
+        totals = world.sum([*result["terms"].values(), *counts.values(), labels.numel(), skipped,
+                            self._stop_requested()])
+        self.stop_now = totals.pop() > 0
+        terms = {k: v / world.world_size for k, v in zip(names, totals)}
+        if not all(math.isfinite(v) for v in terms.values()):
+            raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {progress.steps + 1}: "
+                                   + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + f". {self._kept()}; "
+                                   f"try a lower --lr")
+        world.average_gradients(self.net.parameters())
+        if cfg.clip_grad_norm is not None:
+            self.precision.unscale(self.optimizer)
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad_norm)
+        self.precision.step(self.optimizer)
+        progress.steps += 1
+        progress.seen += int(totals[len(names) + len(counts)])
+        progress.skipped_images += int(totals[-1])
+        for key, value in terms.items():
+            progress.sums[key] = progress.sums.get(key, 0.0) + value
+        for key, value in zip(counts, totals[len(names):]):
+            progress.correct[key] = progress.correct.get(key, 0) + int(value)
+        if self.ema is not None and progress.steps % cfg.model_ema_steps == 0:
+            self.ema.update_parameters(self.net)
+        return True
+
+    def evaluate(self, model: nn.Module, recalibrate: bool = False) -> dict:
+        self.world.average_buffers(model)
+        return evaluate_accuracy(model, self.val_loader, self.eval_configs, device=self.device,
+                                 sum_over_processes=self.world.sum_tensor if self.world.enabled else None,
+                                 recalibrate=(self.calibration, self.cfg.recalibrate_bn) if recalibrate else None)
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+    def _kept(self) -> str:
+        """What a run that stops on an error leaves: its last checkpoint, if it wrote one."""
+        latest = self.output / "checkpoint.pt"
+        if latest.is_file():
+            return f"The last good checkpoint ({latest}) is kept"
+        return "No checkpoint was written yet"
+
+    def _check_finite_weights(self, epoch: int, progress: EpochProgress) -> None:
+        """Never save non-finite weights: one step with a huge learning rate can leave the loss of that step
+        finite and the weights NaN, and they would evaluate to plausible-looking accuracy later."""
+        tensors = [t for t in self.net.state_dict().values() if t.is_floating_point()]
+        if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+            bad = sum(not bool(t.isfinite().all()) for t in tensors)
+            raise TrainingDiverged(f"{bad} of {len(tensors)} weight tensors became NaN or infinite by epoch "
+                                   f"{epoch + 1}, step {progress.steps}; they were not saved. {self._kept()}; "
+                                   f"try a lower --lr")
+
+    def save(self, epoch: int, progress: EpochProgress, metrics: dict | None = None) -> None:
+        """Write the checkpoint of an epoch's end (``metrics`` given) or of a step within the epoch.
+        Every process takes part (their RNG states are gathered); rank 0 writes."""
+        mid_epoch = metrics is None
+        self._check_finite_weights(epoch, progress)
+        if mid_epoch:  # what every process will load on resume, and what an uninterrupted run uses on
+            self.world.average_buffers(self.net)
+            if self.ema is not None:
+                self.world.average_buffers(self.ema)
+        rng_states = self.world.gather(rng.capture())
+        if not self.world.is_main:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "epoch": epoch, "global_step": self.global_step,
+                 "step_in_epoch": progress.steps if mid_epoch else None, "rng": rng_states}
+        if mid_epoch:
+            state["progress"] = asdict(progress)
+        else:
+            state["metrics"] = metrics
+        if self.ema is not None:
+            state["model_ema"] = self.ema.state_dict()
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.state_dict()
+        save_rotating(self.output, checkpoint_payload(self.net, self.meta, **state), epoch + 1, progress.steps,
+                      self.cfg.keep_last)
+
+
+MAX_EPOCHS = 1_000_000  # a bound on positions read from checkpoints (the schedule is replayed epoch by epoch)
+
+
+def _check_position(resume: dict, source) -> None:
+    """The position fields of a checkpoint to resume from, before anything loops over them."""
+    def bad(key: str, expected: str):
+        raise CheckpointError(f"cannot resume from {source}: {key} = {str(resume.get(key))[:80]}, expected {expected}; "
+                              f"it was not written by adn train or was altered")
+    def count(value, high=2 ** 62) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+    if not count(resume.get("epoch"), MAX_EPOCHS):
+        bad("epoch", f"an epoch number in [0, {MAX_EPOCHS}]")
+    if "global_step" in resume and not count(resume["global_step"]):
+        bad("global_step", "a step count")
+    step = resume.get("step_in_epoch")
+    if step is not None:
+        if not count(step):
+            bad("step_in_epoch", "a step count or null")
+        progress = resume.get("progress")
+        names = {f.name for f in fields(EpochProgress)}
+        if not isinstance(progress, dict) or not set(progress) <= names:
+            bad("progress", f"a dict with keys among {sorted(names)}")
+    if not isinstance(resume.get("optimizer"), dict):
+        bad("optimizer", "an optimizer state dict")
+
+
+def _restore_rng(state, source) -> None:
+    try:
+        rng.restore(state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise CheckpointError(f"cannot resume from {source}: its RNG state is malformed ({type(error).__name__}); it "
+                              f"was not written by adn train or was altered") from error
+
+
+def _label(skip: str, net) -> str:
+    """'super' / 'base' for the two trained extremes, else the skip string."""
+    config = SkipConfig(skip, net.num_stages)
+    return "super" if config.is_super else "base" if config.is_base else str(config)
+
+
+def _summary(record: dict) -> str:
+    def accs(suffix: str) -> str:
+        return " ".join(f"{k[len('val_acc1_'):len(k) - len(suffix)]}={v:.2f}%" for k, v in record.items()
+                        if k.startswith("val_acc1_") and k.endswith(suffix) and (suffix or not k.endswith(("_recal", "_ema"))))
+    recal, ema = accs("_recal"), accs("_ema")
+    return (f"epoch {record['epoch']}: loss {record.get('train_loss', float('nan')):.4f}, val acc@1 {accs('')}"
+            + (f" (recalibrated BN: {recal})" if recal else "") + (f" (EMA: {ema})" if ema else "")
+            + f", {record['epoch_time_s']:.1f}s")
+
+
