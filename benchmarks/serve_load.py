@@ -4,12 +4,14 @@ For each arm (governor; fixed super-net; fixed base-net) a fresh `adn serve` is 
 loopback port and sent the same arrival schedule: Poisson arrivals at --rate requests/s for --seconds,
 plus a burst of --burst-size requests within --burst-ms at --burst-at (a fraction of the run). The client is
 open-loop: each request leaves at its scheduled time whether or not earlier ones were answered, and its
-latency counts from that time. Reported per arm:
+latency counts from that time. With several batching rules (--batch-wait adaptive,fixed), every arm runs
+under each, one after the other, on the same schedule. Reported per arm:
 
 * p50 / p99 latency of the answers (client side: HTTP included), share of requests answered within the
   budget (errors and late answers count against it), throughput (answers per second);
 * effective accuracy: the mean, over all requests sent, of the top-1 accuracy of the depth that answered,
-  from the depth table (or --eval for depths not in it), counting a late or failed answer as wrong.
+  from the depth table (or --eval for depths not in it), counting a late or failed answer as wrong;
+* the server's own median queue time (the answers' time_ms.queue) and images per batch.
 
 A plot shows latency and the depth the governor chose over time through the burst. Bounded: at most
 --max-requests requests per arm, and each arm stops waiting --grace-s seconds after its last send.
@@ -81,10 +83,10 @@ def parse_cpus(text: str | None) -> set[int] | None:
 class Server:
     """`adn serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, args):
+    def __init__(self, args, batch_wait: str = "adaptive"):
         command = [sys.executable, "-m", "adn", "serve", "--checkpoint", args.checkpoint, "--budget-ms",
                    str(args.budget_ms), "--host", "127.0.0.1", "--port", "0", "--max-batch", str(args.max_batch),
-                   "--max-wait-ms", str(args.max_wait_ms), "--backend", args.backend]
+                   "--max-wait-ms", str(args.max_wait_ms), "--batch-wait", batch_wait, "--backend", args.backend]
         if args.table:
             command += ["--table", args.table]
         if args.no_headroom:
@@ -132,7 +134,9 @@ async def run_arm(url: str, times: list[float], images: list[bytes], skip: str |
                 body = response.json()
                 records[i] = {"sent": due - start, "latency_ms": (time.perf_counter() - due) * 1e3,
                               "status": response.status_code, "skip": body.get("skip"),
-                              "server_ms": body.get("time_ms", {}).get("total")}
+                              "server_ms": body.get("time_ms", {}).get("total"),
+                              "queue_ms": body.get("time_ms", {}).get("queue"),
+                              "batch_images": body.get("batch", {}).get("images")}
             except (httpx.HTTPError, ValueError) as error:
                 records[i] = {"sent": due - start, "latency_ms": None, "status": type(error).__name__}
         start = time.perf_counter() + 0.2
@@ -166,6 +170,8 @@ def summarize(records: list[dict], budget_ms: float, accuracy: dict[str, float])
         "throughput_per_s": len(ok) / span if span > 0 else None,
         "effective_acc1": None if missing else sum(accuracy[r["skip"]] for r in within) / len(records),
         "accuracy_unknown_for": missing, "depths": depths,
+        "server_queue_p50_ms": _quantile(sorted(r["queue_ms"] for r in ok if r.get("queue_ms") is not None), 0.5),
+        "batch_images_mean": float(np.mean([r["batch_images"] for r in ok])) if ok else None,
     }
 
 
@@ -201,7 +207,8 @@ def plot(results: dict, budget_ms: float, table: dict, burst: tuple[float, float
     top.set_ylabel("latency (ms, client side)")
     top.legend(loc="upper right", fontsize=8, markerscale=3)
     order = [row["skip"] for row in table["depths"]]  # least accurate first
-    governed = [r for r in results.get("governor", []) if r["status"] == 200 and r["skip"] in order]
+    first_governor = next((records for arm, records in results.items() if arm.startswith("governor")), [])
+    governed = [r for r in first_governor if r["status"] == 200 and r["skip"] in order]
     bottom.scatter([r["sent"] for r in governed], [order.index(r["skip"]) for r in governed], s=4, color="tab:blue")
     bottom.set_yticks(range(len(order)), [f"{s} ({row['acc1']:.1f}%)" for s, row in zip(order, table["depths"])])
     bottom.set_ylabel("depth the governor chose")
@@ -230,6 +237,9 @@ def main() -> None:
     parser.add_argument("--arms", default="governor,super,base", help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-wait", default="adaptive",
+                        help="adn serve's batching rule(s), comma-separated: adaptive, fixed, or both (each arm "
+                             "runs under each, side by side)")
     parser.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"))
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
     parser.add_argument("--no-headroom", action="store_true", help="pass --no-headroom to adn serve")
@@ -245,6 +255,9 @@ def main() -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+    rules = [r.strip() for r in args.batch_wait.split(",")]
+    if not set(rules) <= {"adaptive", "fixed"}:
+        parser.error(f"--batch-wait {args.batch_wait}: give adaptive, fixed or adaptive,fixed")
 
     from adn.utils.checkpoint_file import load_checkpoint
     meta = load_checkpoint(args.checkpoint)["meta"]
@@ -256,37 +269,41 @@ def main() -> None:
           f"{args.burst_size} within {args.burst_ms:g} ms at {burst[0]:.1f} s; budget {args.budget_ms:g} ms",
           file=sys.stderr)
     results, summaries, table = {}, {}, None
-    for arm in arms:
-        server = Server(args)
+    for arm, rule in [(arm, rule) for arm in arms for rule in rules]:
+        name = arm if len(rules) == 1 else f"{arm} ({rule})"
+        server = Server(args, rule)
         try:
             table = httpx.get(f"{server.url}/v1/depths", timeout=10).json()["table"]
             num_stages = len(table["depths"][0]["skip"])
             for i in range(20):  # warm up (first requests pay for lazy set-up); not counted
                 httpx.post(f"{server.url}/v1/predict", files={"file": ("warm.png", images[i % len(images)])},
                            timeout=30)
-            print(f"{arm}: sending to {server.url}", file=sys.stderr)
-            results[arm] = asyncio.run(run_arm(server.url, times, images, ARMS[arm], args.grace_s))
+            print(f"{name}: sending to {server.url}", file=sys.stderr)
+            results[name] = asyncio.run(run_arm(server.url, times, images, ARMS[arm], args.grace_s))
         finally:
             server.stop()
-        summaries[arm] = summarize(results[arm], args.budget_ms, accuracies(table, args.eval, num_stages))
+        summaries[name] = summarize(results[name], args.budget_ms, accuracies(table, args.eval, num_stages))
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     conditions = {"checkpoint": os.path.abspath(args.checkpoint), "budget_ms": args.budget_ms, "rate": args.rate,
                   "seconds": args.seconds, "burst_size": args.burst_size, "burst_ms": args.burst_ms,
-                  "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "backend": args.backend,
+                  "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "batch_wait": rules,
+                  "backend": args.backend,
                   "server_threads": args.server_threads, "cpus": os.cpu_count(), "server_cpus": args.server_cpus,
                   "client_cpus": args.client_cpus, "headroom": not args.no_headroom, "seed": args.seed}
     (output / "results.json").write_text(json.dumps({"conditions": conditions, "arms": summaries,
                                                      "requests": results}, indent=1))
     plot(results, args.budget_ms, table, burst, output / "serve_load.png")
-    print(f"{'arm':>9}  {'sent':>6}  {'answered':>8}  {'p50 ms':>8}  {'p99 ms':>8}  {'in budget':>9}  "
-          f"{'answers/s':>9}  {'eff. acc@1':>10}  depths")
+    width = max(9, *map(len, summaries))
+    print(f"{'arm':>{width}}  {'sent':>6}  {'answered':>8}  {'p50 ms':>8}  {'p99 ms':>8}  {'in budget':>9}  "
+          f"{'answers/s':>9}  {'eff. acc@1':>10}  {'queue p50':>9}  {'img/batch':>9}  depths")
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for arm, s in summaries.items():
-        print(f"{arm:>9}  {s['sent']:>6}  {s['answered']:>8}  {fmt(s['p50_ms'], '8.2f'):>8}  "
+        print(f"{arm:>{width}}  {s['sent']:>6}  {s['answered']:>8}  {fmt(s['p50_ms'], '8.2f'):>8}  "
               f"{fmt(s['p99_ms'], '8.2f'):>8}  {fmt(s['within_budget'] and 100 * s['within_budget'], '8.1f'):>8}%  "
-              f"{fmt(s['throughput_per_s'], '9.1f'):>9}  {fmt(s['effective_acc1'], '10.2f'):>10}  {s['depths']}")
+              f"{fmt(s['throughput_per_s'], '9.1f'):>9}  {fmt(s['effective_acc1'], '10.2f'):>10}  "
+              f"{fmt(s['server_queue_p50_ms'], '9.2f'):>9}  {fmt(s['batch_images_mean'], '9.2f'):>9}  {s['depths']}")
         if s["accuracy_unknown_for"]:
             print(f"           (accuracy of {', '.join(s['accuracy_unknown_for'])} unknown: pass --eval eval.json)")
     print(f"results: {output / 'results.json'}   plot: {output / 'serve_load.png'}", file=sys.stderr)

@@ -35,8 +35,13 @@ def add(sub) -> None:
                                                                             "must fit the time left")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per batch (and per request)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the oldest queued request may wait for a fuller batch (never so long that the most "
-                        "accurate depth could no longer make its deadline)")
+                   help="the longest the oldest queued request may wait for a fuller batch (never so long that the "
+                        "most accurate depth could no longer make its deadline); see --batch-wait for when it waits")
+    p.add_argument("--batch-wait", default="adaptive", choices=("adaptive", "fixed"),
+                   help="adaptive: a batch leaves as soon as the worker is free, unless the recent arrival rate "
+                        "says the next request comes sooner than batching it would save (then it waits, at most "
+                        "--max-wait-ms): an idle server never waits. Requests that arrive while a batch runs go "
+                        "out together either way. fixed: every batch that is not full waits --max-wait-ms")
     p.add_argument("--no-headroom", dest="headroom", action="store_false",
                    help="choose depths for the queued requests only; by default room is kept for the requests "
                         "expected within one budget at the recent arrival rate, so that a deep batch does not "
@@ -66,7 +71,8 @@ def run(args) -> int:
     from ..serve import server
 
     settings = ServeSettings(budget_ms=args.budget_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                             max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
+                             batch_wait=args.batch_wait, max_queue=args.max_queue,
+                             max_body_bytes=int(args.max_body_mb * 2**20),
                              max_image_pixels=int(args.max_image_mpixels * 1e6), top_k=args.top_k,
                              quantile=args.quantile, backend=args.backend, depths=args.depths,
                              headroom=args.headroom)

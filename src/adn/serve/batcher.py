@@ -2,6 +2,8 @@
 
 The event loop submits :class:`~adn.serve.policy.Pending` requests; the worker thread asks the policy
 when to form which batch and hands it to ``execute`` (which runs it and answers its requests). The
+worker asks only when it is free, so the policy knows that a batch it holds back holds an idle worker;
+the requests that arrive while a batch runs are all in the queue when the worker asks again. The
 forward pass runs in the worker, outside any lock, so the event loop keeps accepting requests while a
 batch runs (torch releases the GIL in its kernels).
 

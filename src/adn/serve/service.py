@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .policy import BatchPolicy, Pending, Plan
 
 MAX_BUDGET_MS = 600_000.0  # ten minutes: a budget beyond it is a typo, not a latency target
+BATCH_WAITS = ("adaptive", "fixed")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,10 @@ class ServeSettings:
 
     budget_ms: float
     max_batch: int = 32            # images per batch (and per request)
-    max_wait_ms: float = 5.0       # how long the oldest request may wait for a fuller batch
+    max_wait_ms: float = 5.0       # the longest the oldest request may wait for a fuller batch
+    # "adaptive": a batch waits for a fuller one only while the recent arrival rate says that pays (never when
+    # nothing is coming), at most max_wait_ms; "fixed": every batch that is not full waits max_wait_ms.
+    batch_wait: str = "adaptive"
     max_queue: int = 256           # images queued; beyond, requests are refused with 503
     max_body_bytes: int = 16 << 20
     max_image_pixels: int = 40_000_000
@@ -67,6 +71,7 @@ class ServeSettings:
              f"a positive number of milliseconds, at most {MAX_BUDGET_MS:g}"),
             ("--max-batch", self.max_batch, self.max_batch >= 1, "a positive number of images"),
             ("--max-wait-ms", self.max_wait_ms, 0 <= self.max_wait_ms <= MAX_BUDGET_MS, "zero or more milliseconds"),
+            ("--batch-wait", self.batch_wait, self.batch_wait in BATCH_WAITS, " or ".join(BATCH_WAITS)),
             ("--max-queue", self.max_queue, self.max_queue >= self.max_batch, "at least --max-batch images"),
             ("--max-body-mb", self.max_body_bytes, self.max_body_bytes >= 1024, "at least 0.001 MB"),
             ("--max-image-mpixels", self.max_image_pixels, self.max_image_pixels >= 1, "positive"),
@@ -98,7 +103,8 @@ class Service:
         example = torch.zeros(1, *predictor.preprocessing.input_shape)
         self.engine = engine or Engine(predictor.net, example, self._depths_to_prepare(), backend=settings.backend)
         self._warm_up_decoding()
-        self.policy = BatchPolicy(governor, settings.max_batch, settings.max_wait_ms / 1e3, settings.headroom)
+        self.policy = BatchPolicy(governor, settings.max_batch, settings.max_wait_ms / 1e3, settings.headroom,
+                                  adaptive=settings.batch_wait == "adaptive")
         self.batcher = Batcher(self.policy, self._execute, self._fail, settings.max_queue, clock,
                                on_change=self.metrics.queue_changed)
         self._batch_ids = itertools.count(1)
@@ -213,6 +219,7 @@ class Service:
         return {"budget_ms": self.settings.budget_ms, "quantile": self.governor.quantile,
                 "correction_factor": self.governor.factor, "backend": self.engine.backend,
                 "max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
+                "batch_wait": self.settings.batch_wait,
                 "skips": self.engine.skips, "table": self.governor.table.to_dict()}
 
     def health(self) -> dict:
