@@ -24,14 +24,21 @@ original model therefore loads into the converted model's super-net path unchang
 - :class:`DepthStatisticsNorm` — a batch norm that, in eval mode, normalizes with running statistics
   measured at the depth being run (one row per depth, :mod:`adn.depth_statistics`), so that depths never
   trained explicitly do not borrow statistics collected at other depths.
+
+A flag may also be a 0-dim bool *tensor* (and the row a 0-dim integer tensor): then the depth is an input of
+the computation, not a Python constant, and the mixins choose with ``torch.cond``, which ``torch.export`` and
+the ONNX exporter keep as a conditional (ONNX ``If``): a skipped part is still not executed. This is how one
+exported program runs every depth (:mod:`adn.switchable`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from collections.abc import Sequence
 from contextvars import ContextVar
 
+import torch
 from torch import nn
 
 _MODULE = sys.modules[__name__]
@@ -44,17 +51,67 @@ _SUBCLASS_CACHE: dict[tuple[type, type], type] = {}
 ACTIVE_DEPTH: ContextVar[dict | None] = ContextVar("adn_active_depth", default=None)
 
 # The row of per-depth norm statistics (:class:`DepthStatisticsNorm`) the forward pass in progress reads:
-# set by the forward of a network that has them, in eval mode, for the depth it runs; None otherwise.
-STATISTICS_ROW: ContextVar[int | None] = ContextVar("adn_statistics_row", default=None)
+# set by the forward of a network that has them, in eval mode, for the depth it runs; None otherwise. A 0-dim
+# integer tensor when the depth is an input of an exported program (adn.switchable).
+STATISTICS_ROW: ContextVar[int | torch.Tensor | None] = ContextVar("adn_statistics_row", default=None)
 
 
-def is_skipped(module: nn.Module) -> bool:
+def is_skipped(module: nn.Module) -> bool | torch.Tensor:
     """Whether a skippable block or skip-aware norm is skipped right now: by the depth of the current call
-    or ``skipping`` block if one covers it, else by its network's default depth (``net.skip``)."""
+    or ``skipping`` block if one covers it, else by its network's default depth (``net.skip``). A 0-dim bool
+    tensor while a program whose depth is an input is traced (:mod:`adn.switchable`)."""
     active = ACTIVE_DEPTH.get()
     if active is None:
         return module.adn_skipped
     return active.get(module, module.adn_skipped)
+
+
+def _choose(flag: torch.Tensor, skipped, run, x: torch.Tensor):
+    """``skipped(x)`` if the traced flag is set, else ``run(x)``, as a conditional of the traced program, so
+    that only the branch taken is executed (a multiply by the flag would run both)."""
+    # The branches are closures: the module's parameters and the forward's other arguments are captured,
+    # and torch.cond lifts the tensors among them into inputs of its branch graphs.
+    # torch.cond traces its branches with Dynamo. Non-strict torch.export traces with torch.fx, which swaps the
+    # functions registered with torch.fx.wrap (torchvision's shifted_window_attention) for wrappers without
+    # their __defaults__, and Dynamo's guards on those crash (torch 2.14): the originals are put back while
+    # the branches are traced.
+    with _fx_patches_reverted():
+        return torch.cond(flag, skipped, run, (x,))
+
+
+@contextlib.contextmanager
+def _fx_patches_reverted():
+    """Undo torch.fx's patches while torch.cond traces its branches (see :func:`_choose`); torch.fx is private
+    API, so a torch without it is left alone."""
+    from torch.fx import _symbolic_trace as fx_trace
+    patcher = getattr(fx_trace, "CURRENT_PATCHER", None)
+    if patcher is None or not hasattr(patcher, "revert_all_patches"):
+        yield
+        return
+    # Reverted and unregistered: Dynamo would re-apply a registered patcher's patches when it finishes
+    # tracing, before it builds the guards that crash.
+    patcher.revert_all_patches()
+    fx_trace.CURRENT_PATCHER = None
+    try:
+        yield
+    finally:
+        fx_trace.CURRENT_PATCHER = patcher
+        patcher.reapply_all_patches()
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    # A branch of torch.cond may not return its input itself (an output aliasing an input is refused);
+    # exporters turn the copy into ONNX Identity, which ONNX Runtime does not copy.
+    return x.clone()
+
+
+def _branch(forward, *args, **kwargs):
+    """``forward`` as a branch of torch.cond: its other arguments bound, and its input copied when it returns
+    it unchanged (stochastic depth and dropout do in eval mode; torch.cond refuses aliasing outputs)."""
+    def run(x: torch.Tensor):
+        out = forward(x, *args, **kwargs)
+        return x.clone() if out is x else out
+    return run
 
 
 def swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
@@ -133,7 +190,10 @@ class SkippableBlock:
         return block
 
     def forward(self, x, *args, **kwargs):
-        if is_skipped(self):
+        flag = is_skipped(self)
+        if isinstance(flag, torch.Tensor):
+            return _choose(flag, _identity, _branch(super().forward, *args, **kwargs), x)
+        if flag:
             return x
         return super().forward(x, *args, **kwargs)
 
@@ -157,7 +217,10 @@ class SkipAwareNorm:
         return norm
 
     def forward(self, x, *args, **kwargs):
-        if is_skipped(self):
+        flag = is_skipped(self)
+        if isinstance(flag, torch.Tensor):
+            return _choose(flag, _branch(self.twin, *args, **kwargs), _branch(super().forward, *args, **kwargs), x)
+        if flag:
             return self.twin(x, *args, **kwargs)
         return super().forward(x, *args, **kwargs)
 
@@ -180,7 +243,10 @@ class IdleWhenSkipped:
         return module
 
     def forward(self, x, *args, **kwargs):
-        if is_skipped(self):
+        flag = is_skipped(self)
+        if isinstance(flag, torch.Tensor):
+            return _choose(flag, _identity, _branch(super().forward, *args, **kwargs), x)
+        if flag:
             return x
         return super().forward(x, *args, **kwargs)
 
@@ -213,6 +279,10 @@ class DepthStatisticsNorm:
         rows = _ROWS.get(name)
         if rows is not None:
             row = STATISTICS_ROW.get()
+            if isinstance(row, torch.Tensor) and not self.training:
+                # A traced row: a gather in the exported program. Not ``table[row]``, which converts the
+                # index to a Python int (an unbacked symbol that torch.cond's branch tracing rejects).
+                return self._buffers[rows[0]].index_select(0, row.reshape(1)).squeeze(0)
             if row is not None and not self.training:
                 # One view per row, made once: indexing the table on every read cost ~10 µs per norm.
                 # Rebuilt when the table is another tensor (after .to(), .half(), loading).
