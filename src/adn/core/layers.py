@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import sys
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -219,10 +220,27 @@ class SkipAwareNorm:
     def forward(self, x, *args, **kwargs):
         flag = is_skipped(self)
         if isinstance(flag, torch.Tensor):
-            return _choose(flag, _branch(self.twin, *args, **kwargs), _branch(super().forward, *args, **kwargs), x)
+            return self._forward_selected(flag, x, *args, **kwargs)
         if flag:
             return self.twin(x, *args, **kwargs)
         return super().forward(x, *args, **kwargs)
+
+    def _forward_selected(self, flag: torch.Tensor, x, *args, **kwargs):
+        """The norm with each of its tensors (parameters, statistics) taken from the twin where the traced flag
+        is set. The two differ only in their tensors, so this is one norm, not a conditional of two: cheaper
+        to trace, and it keeps the norm next to the layer before it in the exported graph."""
+        twin = dict(itertools.chain(self.twin.named_parameters(), self.twin.named_buffers()))
+        selected = {}
+        for name, own in itertools.chain(self.named_parameters(), self.named_buffers()):
+            other = twin.get(name)
+            if other is not None and own.is_floating_point() and other.shape == own.shape:
+                selected[name] = torch.where(flag, other, own)
+        # Run as the plain norm (a Python flag) with the selected tensors in place of its own.
+        token = ACTIVE_DEPTH.set({**(ACTIVE_DEPTH.get() or {}), self: False})
+        try:
+            return torch.func.functional_call(self, selected, (x, *args), kwargs)
+        finally:
+            ACTIVE_DEPTH.reset(token)
 
     def sync_twin(self) -> None:
         """Copy this norm's parameters and buffers into its twin (used after loading original weights)."""

@@ -86,33 +86,40 @@ def export_switchable_program(net: nn.Module, example: torch.Tensor) -> torch.ex
     return torch.export.export(switchable, (_traced_example(example), skip), dynamic_shapes=({0: batch}, None))
 
 
-def export_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                           tolerance: float = ONNX_TOLERANCE) -> dict:
-    """Write one ONNX file at ``path`` that runs ``net`` at every depth (inputs ``images``, ``skip``), verify
-    every depth in ONNX Runtime (if installed) and return what was written: ``file``, ``bytes``,
-    ``num_stages``, ``depths`` and the largest difference from PyTorch, ``max_difference`` (None without
-    ONNX Runtime). The network is exported in eval mode and left in the mode it was in."""
+def write_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> None:
+    """Export ``net`` (in eval mode) as a switchable ONNX file at ``path``, unverified: see
+    :func:`export_switchable_onnx`."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as error:
         raise ValueError("ONNX export needs onnx and onnxscript: pip install 'adn[onnx]'") from error
+    switchable = SwitchableNetwork(net).eval()
+    skip = torch.zeros(net.num_stages, dtype=torch.bool)
+    batch = torch.export.Dim("batch", min=1)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
+        # external_data=False: the weights inside the file, so that the file alone is the model.
+        torch.onnx.export(switchable, (_traced_example(example), skip), str(path), dynamo=True,
+                          dynamic_shapes=({0: batch}, None), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                          verbose=False, external_data=False)
+
+
+def export_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
+                           tolerance: float = ONNX_TOLERANCE) -> dict:
+    """Write one ONNX file at ``path`` that runs ``net`` at every depth (inputs ``images``, ``skip``), verify
+    every depth in ONNX Runtime (if installed) before it is kept, and return what was written: ``file``,
+    ``bytes``, ``num_stages``, ``depths``, ``tolerance`` and the largest difference from PyTorch,
+    ``max_difference`` (None without ONNX Runtime). The network is exported in eval mode and left in the mode
+    it was in."""
     path = Path(path)
     was_training = net.training
     net.eval()
+    report: dict = {}
+
+    def write(tmp: str) -> None:
+        write_switchable_onnx(net, example, tmp)
+        report["max_difference"] = verify_switchable_onnx(tmp, net, example, tolerance)
+
     try:
-        switchable = SwitchableNetwork(net).eval()
-        skip = torch.zeros(net.num_stages, dtype=torch.bool)
-        batch = torch.export.Dim("batch", min=1)
-
-        def write(tmp: str) -> None:
-            with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress
-                # external_data=False: the weights inside the file, so that the file alone is the model.
-                torch.onnx.export(switchable, (_traced_example(example), skip), tmp, dynamo=True,
-                                  dynamic_shapes=({0: batch}, None), input_names=INPUT_NAMES,
-                                  output_names=OUTPUT_NAMES, verbose=False, external_data=False)
-            report["max_difference"] = verify_switchable_onnx(tmp, net, example, tolerance)
-
-        report: dict = {}
         atomic_write(path, write, suffix=".onnx")
     finally:
         net.train(was_training)
@@ -129,7 +136,9 @@ def verify_switchable_onnx(path, net: nn.Module, example: torch.Tensor, toleranc
         import onnxruntime
     except ImportError:
         return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # not its notes on initializers the exporter left unused
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for batch in batch_sizes:

@@ -1,0 +1,179 @@
+"""One switchable ONNX file (every depth, ``skip`` as an input) against per-depth ONNX files, on the CPU.
+
+ResNet-50 (torchvision, random weights, converted with adn.convert, eval mode; twins and running statistics
+perturbed so that every norm differs from its twin, as after training) at 224x224, ONNX Runtime, 1 thread:
+
+- memory: resident memory added by loading a session (and after one batch-1 run), each file measured in a
+  fresh subprocess that imports only numpy and onnxruntime;
+- latency per depth at each batch size: the switchable session fed that depth's ``skip`` and the depth's own
+  per-depth session, medians of alternating runs;
+- preparation: export (unverified) + session creation, switchable vs the super-net alone;
+- file sizes.
+
+Targets (issue 23): memory <= 1.15x, latency <= 1.05x per depth, preparation <= 1.5x.
+
+    OMP_NUM_THREADS=1 python benchmarks/switchable_onnx.py [--depths FFFF TTTT] [--repeats 10 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+import adn
+from adn.switchable import write_switchable_onnx
+
+# Run in a fresh interpreter: loads a session and reports VmRSS deltas (kB). Only numpy + onnxruntime.
+MEMORY_PROBE = """
+import sys, numpy as np, onnxruntime as ort
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])
+o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1; o.log_severity_level = 3
+o.graph_optimization_level = ort.GraphOptimizationLevel(int(sys.argv[2]))
+before = rss()
+s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])
+loaded = rss()
+feed = {'images': np.zeros((1, 3, 224, 224), np.float32)}
+if len(s.get_inputs()) > 1:
+    feed['skip'] = np.zeros(s.get_inputs()[1].shape[0], bool)
+s.run(None, feed)
+print(loaded - before, rss() - before)
+"""
+
+
+def session(path, level):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = level
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_subnet(net, config, example, path) -> None:
+    """The per-depth file as adn export writes it (same exporter settings), unverified."""
+    batch = torch.export.Dim("batch", min=1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(net.subnet(config).eval(), (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+                          input_names=["images"], output_names=["logits"], verbose=False, external_data=False)
+
+
+def trained_looking(net):
+    """Norms that differ from their twins (random init makes them exact copies, which the exporter may
+    deduplicate, hiding the cost of choosing between them)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            if name.endswith(("running_mean", "bias")):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.4 - 0.2)
+            elif name.endswith("running_var") or (name.endswith("weight") and tensor.dim() == 1):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+    return net.eval()
+
+
+def memory(path, level) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), str(int(level))], check=True,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def main() -> None:
+    import onnxruntime as ort
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", nargs="*", help="depths to time (default: all 16)")
+    parser.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 16])
+    parser.add_argument("--repeats", nargs="*", type=int, default=[10, 3], help="timed runs per batch size")
+    parser.add_argument("--level", choices=["basic", "extended", "all"], default="all",
+                        help="graph optimization level of the switchable session (per-depth ones: all)")
+    parser.add_argument("--folder", help="keep the files here (default: a temporary folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    level, best = levels[args.level], ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    torch.manual_seed(0)
+    net = trained_looking(adn.convert(torchvision.models.resnet50()))
+    depths = [adn.SkipConfig(d, net.num_stages) for d in args.depths] if args.depths else net.sub_networks()
+    example = torch.randn(2, 3, 224, 224)
+    results: dict = {"settings": {"model": "resnet50 224x224, random weights", "threads": 1, "onnxruntime": ort.__version__,
+                                  "torch": torch.__version__, "switchable_level": args.level}}
+    with contextlib.ExitStack() as stack:
+        folder = Path(args.folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="adn-switchable-")))
+        folder.mkdir(parents=True, exist_ok=True)
+        switchable = folder / "switchable.onnx"
+
+        # Preparation: export + session creation, the switchable file vs the super-net's file.
+        start = time.perf_counter()
+        write_switchable_onnx(net, example, switchable)
+        exported = time.perf_counter()
+        switch_session = session(switchable, level)
+        prep_switch = (exported - start, time.perf_counter() - exported)
+        start = time.perf_counter()
+        export_subnet(net, "FFFF", example, folder / "subnet_FFFF.onnx")
+        exported = time.perf_counter()
+        session(folder / "subnet_FFFF.onnx", best)
+        prep_super = (exported - start, time.perf_counter() - exported)
+        results["preparation_s"] = {"switchable": {"export": prep_switch[0], "session": prep_switch[1]},
+                                    "super_net": {"export": prep_super[0], "session": prep_super[1]},
+                                    "ratio": sum(prep_switch) / sum(prep_super)}
+
+        # Memory, each in a fresh process.
+        mem_switch, mem_super = memory(switchable, level), memory(folder / "subnet_FFFF.onnx", best)
+        results["memory_kB"] = {"switchable": {"loaded": mem_switch[0], "after_run": mem_switch[1]},
+                                "super_net": {"loaded": mem_super[0], "after_run": mem_super[1]},
+                                "ratio_loaded": mem_switch[0] / mem_super[0], "ratio_after_run": mem_switch[1] / mem_super[1]}
+        results["file_bytes"] = {"switchable": switchable.stat().st_size,
+                                 "super_net": (folder / "subnet_FFFF.onnx").stat().st_size}
+
+        # Latency per depth, alternating the two sessions so that drift hits both alike.
+        latency = {}
+        for config in depths:
+            path = folder / f"subnet_{config}.onnx"
+            if not path.exists():
+                export_subnet(net, config, example, path)
+            per_depth = session(path, best)
+            flags = np.array(config, dtype=bool)
+            for batch, repeats in zip(args.batch_sizes, args.repeats):
+                images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+                switch_feed, depth_feed = {"images": images, "skip": flags}, {"images": images}
+                runs = {"switchable": lambda feed=switch_feed: switch_session.run(None, feed)[0],
+                        "per_depth": lambda session=per_depth, feed=depth_feed: session.run(None, feed)[0]}
+                outputs = {name: run() for name, run in runs.items()}  # warm-up, and the outputs must agree
+                times: dict = {name: [] for name in runs}
+                for _ in range(repeats):
+                    for name, run in runs.items():
+                        start = time.perf_counter()
+                        run()
+                        times[name].append(time.perf_counter() - start)
+                median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                latency[f"{config} b{batch}"] = {
+                    "switchable_ms": median["switchable"], "per_depth_ms": median["per_depth"],
+                    "ratio": median["switchable"] / median["per_depth"],
+                    "max_difference": float(np.abs(outputs["switchable"] - outputs["per_depth"]).max())}
+                print(f"{config} batch {batch:2d}: switchable {median['switchable']:8.1f} ms  per-depth "
+                      f"{median['per_depth']:8.1f} ms  ratio {latency[f'{config} b{batch}']['ratio']:.3f}", flush=True)
+        results["latency"] = latency
+    ratios = [entry["ratio"] for entry in latency.values()]
+    print(json.dumps(results, indent=1))
+    print(f"memory ratio (loaded / after a run): {results['memory_kB']['ratio_loaded']:.2f} / "
+          f"{results['memory_kB']['ratio_after_run']:.2f} (target <= 1.15)")
+    print(f"latency ratio per depth: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f} (target <= 1.05)")
+    print(f"preparation ratio: {results['preparation_s']['ratio']:.2f} (target <= 1.5)")
+    print(f"file size ratio: {results['file_bytes']['switchable'] / results['file_bytes']['super_net']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
