@@ -51,7 +51,7 @@ def main() -> None:
         os.sched_setaffinity(0, client_cpus)
     rules = [r.strip() for r in args.rules.split(",")]
 
-    from adn.checkpoint import load_checkpoint
+    from adn.utils.checkpoint_file import load_checkpoint
     images = sample_images(load_checkpoint(args.checkpoint)["meta"])
     servers = {}
     try:

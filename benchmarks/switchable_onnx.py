@@ -33,7 +33,7 @@ import torch
 import torchvision
 
 import adn
-from adn.switchable import write_switchable_onnx
+from adn.runtime.switchable import write_switchable_onnx
 
 # Run in a fresh interpreter: loads a session and reports VmRSS deltas (kB). Only numpy + onnxruntime.
 MEMORY_PROBE = """

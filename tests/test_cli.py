@@ -222,7 +222,7 @@ def test_adn_load_gives_the_trained_network_ready_to_use(checkpoint):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(net(x, skip="TFT"), reference.eval()(x, skip="TFT"))
-    with pytest.raises(adn.checkpoint.CheckpointError):
+    with pytest.raises(adn.errors.CheckpointError):
         adn.load(checkpoint.parent / "missing.pt")
 
 

@@ -105,7 +105,7 @@ def test_dropping_them_restores_the_running_statistics():
         adn.record_depth_statistics(net, _batches(), num_batches=2)
         adn.drop_depth_statistics(net)
         assert torch.equal(net(x, skip="TFT"), before)
-    assert all(type(m) is not adn.layers.DepthStatisticsNorm and "depth_running" not in dict(m.named_buffers())
+    assert all(type(m) is not adn.core.layers.DepthStatisticsNorm and "depth_running" not in dict(m.named_buffers())
                for m in net.modules())
 
 
@@ -114,7 +114,7 @@ def test_a_failed_measurement_leaves_the_network_as_it_was():
     with pytest.raises(ValueError, match="no batches"):
         adn.record_depth_statistics(net, [], num_batches=2)
     assert "adn_depth_statistics" not in net.__dict__
-    assert not any(isinstance(m, adn.layers.DepthStatisticsNorm) for m in net.modules())
+    assert not any(isinstance(m, adn.core.layers.DepthStatisticsNorm) for m in net.modules())
 
 
 def test_recording_some_depths_keeps_the_rows_of_the_others():
@@ -127,7 +127,7 @@ def test_recording_some_depths_keeps_the_rows_of_the_others():
     with torch.no_grad():
         assert torch.equal(net(x, skip="TTT"), deepest)
         assert torch.allclose(net(x, skip="TFT"), _reference(net, "TFT")(x, skip="TFT"), atol=1e-5)
-    assert "measured for 3 of 8 depths" in adn.depth_statistics.statistics_in_use(net)
+    assert "measured for 3 of 8 depths" in adn.core.depth_statistics.statistics_in_use(net)
 
 
 def test_changed_weights_make_the_network_warn_and_use_its_running_statistics():
@@ -141,7 +141,7 @@ def test_changed_weights_make_the_network_warn_and_use_its_running_statistics():
     net.load_state_dict(other.state_dict())
     with pytest.warns(UserWarning, match="weights changed"), torch.no_grad():
         assert torch.equal(net(x, skip="TFT"), other(x, skip="TFT"))
-    assert adn.depth_statistics.statistics_in_use(net) == "running"
+    assert adn.core.depth_statistics.statistics_in_use(net) == "running"
 
 
 def test_recalibrating_one_depth_updates_its_row():
@@ -190,7 +190,7 @@ def test_recalibrate_command_stores_them_and_every_command_reads_them(trained, t
     assert trained.read_bytes() == original  # --output: the input is not touched
 
     net, _ = load_network(target)
-    assert adn.depth_statistics.has_depth_statistics(net)
+    assert adn.core.depth_statistics.has_depth_statistics(net)
     x = torch.randn(4, 1, 28, 28)
     loaded = adn.load(target)
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_damaged_stored_statistics_are_refused_and_the_fix_works(trained, tmp_pa
     with pytest.raises(CheckpointError, match=r"expected finite values of shape \(8, .*adn recalibrate"):
         load_network(target)
     assert main(["recalibrate", "--checkpoint", str(target), "--batches", "1"]) == 0  # the fix the message names
-    assert adn.depth_statistics.has_depth_statistics(load_network(target)[0])
+    assert adn.core.depth_statistics.has_depth_statistics(load_network(target)[0])
 
 
 def test_a_joint_network_without_them_gets_a_note_naming_the_fix(tmp_path, fashion_dir, capsys):

@@ -333,7 +333,7 @@ def test_image_that_disagrees_with_its_annotation_is_named(tmp_path):
     Image.new("RGB", (41, 30)).save(tmp_path / "images/a.png")
     (tmp_path / "instances.json").write_text(json.dumps(_valid()))
     dataset = CocoDetection(tmp_path / "images", tmp_path / "instances.json", eval_transforms())
-    with pytest.raises(adn.data.DataError, match="a.png is 41x30 pixels but .* says 40x30"):
+    with pytest.raises(adn.errors.DataError, match="a.png is 41x30 pixels but .* says 40x30"):
         dataset[0]
 
 

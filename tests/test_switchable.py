@@ -12,7 +12,8 @@ import torch
 import torchvision
 
 import adn
-from adn.switchable import (
+from adn.runtime.graph_export import export_onnx
+from adn.runtime.switchable import (
     SwitchableNetwork,
     export_switchable_onnx,
     verify_switchable_onnx,
@@ -109,7 +110,7 @@ def test_per_depth_statistics_are_chosen_by_the_skip_input(tmp_path):
 def test_skipped_blocks_are_conditionals_and_weights_are_stored_once(resnet20_file, tmp_path):
     onnx = pytest.importorskip("onnx")
     net, path, _ = resnet20_file
-    adn.export.export_onnx(net.subnet("FFF").eval(), torch.randn(1, 1, 28, 28), str(tmp_path / "super.onnx"))
+    export_onnx(net.subnet("FFF").eval(), torch.randn(1, 1, 28, 28), str(tmp_path / "super.onnx"))
     model = onnx.load(str(path))
     conditionals = [node for node in model.graph.node if node.op_type == "If"]
     assert len(conditionals) == sum(len(stage.skippable) for stage in net.adn_stages)

@@ -14,7 +14,7 @@ batch-norm statistics reads the row of its depth with a gather indexed by the fl
 * 2^i, :attr:`adn.SkipConfig.index`).
 
 Every depth is run in ONNX Runtime before the file is kept, at batch sizes 1 and 3, and compared with the
-adaptive network in PyTorch (:data:`adn.export.ONNX_TOLERANCE`, as for per-depth files).
+adaptive network in PyTorch (:data:`adn.runtime.graph_export.ONNX_TOLERANCE`, as for per-depth files).
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_write
-from .depth_statistics import rows_apply
-from .export import ONNX_TOLERANCE
-from .layers import ACTIVE_DEPTH, STATISTICS_ROW
-from .network import AdaptiveDepthNetwork
-from .skip import SkipConfig
+from ..core.depth_statistics import rows_apply
+from ..core.layers import ACTIVE_DEPTH, STATISTICS_ROW
+from ..core.network import AdaptiveDepthNetwork
+from ..core.skip import SkipConfig
+from ..utils.atomic import atomic_write
+from .graph_export import ONNX_TOLERANCE
 
 INPUT_NAMES = ["images", "skip"]
 OUTPUT_NAMES = ["logits"]

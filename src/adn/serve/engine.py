@@ -2,7 +2,7 @@
 first request: switching depth between batches never exports, compiles or creates a session.
 
 Eager PyTorch switches depth per call (``net(x, skip=...)``: flags, nothing rebuilt). ONNX Runtime gets
-one session per depth, exported and loaded at start-up (:class:`adn.backends.OnnxDepths`).
+one session per depth, exported and loaded at start-up (:class:`adn.runtime.backends.OnnxDepths`).
 """
 from __future__ import annotations
 
