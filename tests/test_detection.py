@@ -21,7 +21,6 @@ from adn.cli import main
 from adn.detection import AnnotationError, CocoDetection, build_detector, convert_detector, load_annotations
 from adn.detection.data import decode_mask, eval_transforms, train_transforms
 from adn.detection.evaluate import coco_metrics, predict, score
-from adn.detection.synthetic import make_synthetic_coco
 from adn.detection.train import adn_step, individual_step, joint_step
 from adn.core.layers import SkipAwareNorm
 from adn.runtime.profile import count_macs

@@ -80,8 +80,8 @@ def test_compile_traces_one_graph_per_depth_and_trains_the_same(tmp_path, fashio
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_and_layout_default_to_the_fastest_the_hardware_supports(tmp_path, fashion_dir, monkeypatch, native,
                                                                            capsys):
-    import adn.vision.train
-    monkeypatch.setattr(adn.vision.train, "native_bfloat16", lambda device: native)
+    import adn.vision.train_setup
+    monkeypatch.setattr(adn.vision.train_setup, "native_bfloat16", lambda device: native)
     _run(tmp_path, fashion_dir, "auto", amp=None, channels_last=None)
     ckpt = load_checkpoint(tmp_path / "auto" / "checkpoint.pt")
     assert ckpt["meta"]["speed"] == {"amp": native, "channels_last": native}
@@ -95,8 +95,8 @@ def test_precision_and_layout_default_to_the_fastest_the_hardware_supports(tmp_p
 
 
 def test_automatic_channels_last_avoids_the_layer_torch_crashes_on(tmp_path, fashion_dir, monkeypatch, capsys):
-    import adn.vision.train
-    monkeypatch.setattr(adn.vision.train, "native_bfloat16", lambda device: True)
+    import adn.vision.train_setup
+    monkeypatch.setattr(adn.vision.train_setup, "native_bfloat16", lambda device: True)
     _run(tmp_path, fashion_dir, "auto4", width=4, amp=None, channels_last=None)  # would crash in channels-last
     assert load_checkpoint(tmp_path / "auto4" / "checkpoint.pt")["meta"]["speed"] == {"amp": True,
                                                                                      "channels_last": False}

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_lm.add(sub)  # language models: adn train-lm, eval-lm, generate
     eval_lm.add(sub)
     generate.add(sub)
+    # The study commands run each arm's commands (adn train, adn eval, ...) in their worker processes through
+    # this module's main, handed to them here: they cannot import it without an import circle.
+    for study in ("reproduce", "reproduce-finetune"):
+        _subcommands(parser)[study].set_defaults(run_command=main)
     for command in _all_parsers(parser):  # one formatter everywhere, adn detect's commands included
         command.formatter_class = HelpFormatter
     return parser

@@ -44,7 +44,6 @@ def run(args) -> int:
     from ..studies.finetune_report import write_finetune_report
     from ..studies.finetune_study import FinetuneRecipe, Reproduction, Study, collect, run_study
     from ..studies.reproduce import Protocol
-    from . import main  # each run's commands execute in this process (one worker process per job)
 
     protocol = Protocol.quick() if args.quick else Protocol()
     protocol.data_path, protocol.device = args.data_path, args.device
@@ -67,7 +66,7 @@ def run(args) -> int:
                                                                           Path(args.reproduce_record)))
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if not args.report_only:
-        for item in run_study(study, args.train_teachers, args.jobs, log=log, run_command=main):
+        for item in run_study(study, args.train_teachers, args.jobs, log=log, run_command=args.run_command):
             log(f"pending: no checkpoint of {item}")
     report = write_finetune_report(study, collect(study), docs, quick=args.quick)
     print(f"report: {report}")

@@ -37,7 +37,6 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from ..studies.reproduce import Protocol, reproduce
-    from . import main  # each run's commands execute in this process (one worker process per job)
 
     protocol = Protocol.quick() if args.quick else Protocol()
     protocol.data_path = args.data_path
@@ -54,7 +53,7 @@ def run(args) -> int:
     report = reproduce(protocol, Path(args.runs), Path(args.docs), record=Path(args.record) if args.record else None,
                        quick=args.quick, train_only=args.train_only, report_only=args.report_only, jobs=args.jobs,
                        arms=args.arms,
-                       log=lambda message: print(message, file=sys.stderr, flush=True), run_command=main)
+                       log=lambda message: print(message, file=sys.stderr, flush=True), run_command=args.run_command)
     if report:
         print(f"report: {report}")
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import DEFAULT_NORM_TYPES, StageSpec, convert_stages, register_adapter
+from .registry import DEFAULT_NORM_TYPES, StageSpec, convert_stages, register_adapter
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_STAGES = 4      # stages when layers_per_stage is not given (16 sub-networks, as ResNet-50's)

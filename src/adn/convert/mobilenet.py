@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models import MobileNetV2
 from torchvision.models.mobilenetv2 import InvertedResidual
 
-from . import StageSpec, register_adapter
+from .registry import StageSpec, register_adapter
 
 
 def _stages(features: nn.Sequential) -> list[list[nn.Module]]:

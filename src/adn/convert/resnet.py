@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models import ResNet
 
 from ..models.small_resnet import SmallResNet
-from . import StageSpec, register_adapter
+from .registry import StageSpec, register_adapter
 
 
 def _is_resnet(model: nn.Module) -> bool:

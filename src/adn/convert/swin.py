@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import SwinTransformer
 from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
-from . import StageSpec, register_adapter
+from .registry import StageSpec, register_adapter
 
 
 @register_adapter("swin", "torchvision swin_t, swin_s, swin_b, swin_v2_t, swin_v2_s, swin_v2_b",

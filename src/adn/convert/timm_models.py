@@ -11,7 +11,7 @@ Same machinery, timm's module names:
 """
 from __future__ import annotations
 
-from . import StageSpec, register_adapter
+from .registry import StageSpec, register_adapter
 from .vit import VIT_GROUP
 
 try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torchvision.models import VisionTransformer
 
-from . import StageSpec, register_adapter
+from .registry import StageSpec, register_adapter
 
 VIT_GROUP = 3
 

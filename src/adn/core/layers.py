@@ -115,6 +115,18 @@ def _branch(forward, *args, **kwargs):
     return run
 
 
+def _identity_when_skipped(module: nn.Module, forward, x, *args, **kwargs):
+    """The forward of a module that returns its input while skipped (:class:`SkippableBlock`,
+    :class:`IdleWhenSkipped`): ``forward`` runs unless the module is skipped; a traced (tensor) flag makes
+    the choice a conditional of the traced program."""
+    flag = is_skipped(module)
+    if isinstance(flag, torch.Tensor):
+        return _choose(flag, _identity, _branch(forward, *args, **kwargs), x)
+    if flag:
+        return x
+    return forward(x, *args, **kwargs)
+
+
 def swap_in_subclass(module: nn.Module, mixin: type, prefix: str) -> None:
     """Give ``module`` the class ``<prefix><OriginalClass>`` = (mixin, OriginalClass).
 
@@ -191,12 +203,7 @@ class SkippableBlock:
         return block
 
     def forward(self, x, *args, **kwargs):
-        flag = is_skipped(self)
-        if isinstance(flag, torch.Tensor):
-            return _choose(flag, _identity, _branch(super().forward, *args, **kwargs), x)
-        if flag:
-            return x
-        return super().forward(x, *args, **kwargs)
+        return _identity_when_skipped(self, super().forward, x, *args, **kwargs)
 
 
 class SkipAwareNorm:
@@ -261,12 +268,7 @@ class IdleWhenSkipped:
         return module
 
     def forward(self, x, *args, **kwargs):
-        flag = is_skipped(self)
-        if isinstance(flag, torch.Tensor):
-            return _choose(flag, _identity, _branch(super().forward, *args, **kwargs), x)
-        if flag:
-            return x
-        return super().forward(x, *args, **kwargs)
+        return _identity_when_skipped(self, super().forward, x, *args, **kwargs)
 
 
 class DepthStatisticsNorm:

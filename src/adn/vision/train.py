@@ -41,8 +41,8 @@ from ..training import rng
 from ..training.distributed import Distributed
 from ..training.distributed import setup as setup_distributed
 from ..training.methods import adn_step, individual_step, joint_step
-from ..training.optim import build_ema, build_scheduler, parameter_groups
-from ..training.precision import Precision, native_bfloat16
+from ..training.optim import build_ema, build_scheduler
+from ..training.precision import Precision
 from ..training.run_folder import check_writable, remove_stale_temporaries, save_rotating
 from ..training.run_folder import claim as claim_output_dir
 from ..training.run_log import append_log, reconcile_log
@@ -60,38 +60,14 @@ from .data import (
     load_dataset,
 )
 from .evaluate import evaluate_accuracy
-from .init_from import init_from, scale_body_lr
+from .init_from import init_from
 from .labels import dataset_class_names
 from .memory_data import TensorImages, training_batches
 from .preprocess import Preprocessing
 from .train_config import TrainConfig
+from .train_setup import build_batch_mixer, build_optimizer, speed_settings
 
 
-def build_batch_mixer(cfg: TrainConfig, num_classes: int):
-    """MixUp and/or CutMix on whole batches (torchvision.transforms.v2), or None."""
-    from torchvision.transforms import v2
-    mixers = []
-    if cfg.mixup_alpha > 0:
-        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
-    if cfg.cutmix_alpha > 0:
-        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
-    if not mixers:
-        return None
-    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-
-
-def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(net, cfg)
-    if cfg.body_lr_scale != 1.0:
-        groups = scale_body_lr(groups, net, cfg.lr, cfg.body_lr_scale)
-    if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.opt == "rmsprop":  # torchvision's settings for MobileNet recipes
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=0.0316, alpha=0.9)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-# ----- the run ----------------------------------------------------------------------------------------------
 def _meta(cfg: TrainConfig, data) -> dict:
     model_kwargs = {"width": cfg.width} if cfg.width else {}
     if cfg.model in NEEDS_IMAGE_SIZE:
@@ -135,42 +111,6 @@ def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
                          f"(e.g. resnet20 for 28x28 images) or set the image size with --train-crop-size") from error
     finally:
         net.train()
-
-
-def _channels_last_crash(net: nn.Module, device: torch.device) -> str | None:
-    """The first layer that torch 2.14.1 mishandles in channels-last on CPU (None if none): the backward
-    pass of a channels-last 1x1 convolution with stride > 1 and 2-7 input channels corrupts memory (the
-    process dies with SIGSEGV or "double free"), e.g. the shortcut projections of resnet20 --width 4."""
-    if device.type != "cpu":
-        return None
-    for name, module in net.named_modules():
-        if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride != (1, 1)
-                and 1 < module.in_channels < 8):
-            return f"{name} is a strided 1x1 convolution with {module.in_channels} input channels"
-    return None
-
-
-def speed_settings(cfg: TrainConfig, net: nn.Module, device: torch.device) -> tuple[bool, bool, str]:
-    """``(amp, channels_last, why)``: the flags as given, and where left unset (None), the fastest the
-    hardware supports: bfloat16 autocast with channels-last where bfloat16 is native (1.66-1.70x faster
-    training steps on an AVX512-BF16 CPU, benchmarks/training_speed.py), float32 otherwise."""
-    crash = _channels_last_crash(net, device)
-    if cfg.channels_last and crash:
-        raise ValueError(f"--channels-last on CPU: {crash}, whose channels-last backward pass crashes in torch "
-                         f"{torch.__version__} on CPU; drop --channels-last (it mainly speeds up GPUs) or use a "
-                         f"wider model (e.g. --width 8)")
-    native = native_bfloat16(device)
-    amp = native if cfg.amp is None else cfg.amp
-    wants_cl = amp and native if cfg.channels_last is None else cfg.channels_last
-    channels_last = bool(wants_cl) and crash is None
-    chosen = [name for name, value in (("amp", cfg.amp), ("channels-last", cfg.channels_last)) if value is None]
-    why = ""
-    if chosen:
-        why = (f"{' and '.join(chosen)} chosen automatically ("
-               + ("native bfloat16 on this device" if native else "no native bfloat16 on this device")
-               + ("; channels-last off: " + crash if wants_cl and crash else "")
-               + "; override with --amp/--no-amp, --channels-last/--no-channels-last)")
-    return bool(amp), channels_last, why
 
 
 def _first_readable(dataset):
