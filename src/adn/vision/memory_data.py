@@ -105,8 +105,12 @@ class TensorImages(Dataset):
             rows = offsets[:, :1] + torch.arange(height, device=device)      # [B, H]
             cols = offsets[:, 1:] + torch.arange(width, device=device)       # [B, W]
             picked = torch.arange(images.shape[0], device=device)[:, None, None]
-            # Advanced indexing around a slice puts the indexed dims first: [B, H, W, C].
+            # Advanced indexing around a slice puts the indexed dims first: [B, H, W, C]. The permuted view
+            # keeps NHWC memory, which convolutions take as channels-last even where the run chose not to
+            # (and with one channel .contiguous() keeps it): copy into plain NCHW memory. Channels-last
+            # backward of tiny convolutions corrupts memory in oneDNN on AVX2-only CPUs (resnet20 --width 4).
             images = padded[picked, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+            images = images.clone(memory_format=torch.contiguous_format)
         if self.augment.flip:
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         return images
