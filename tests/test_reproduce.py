@@ -137,7 +137,7 @@ def test_the_reproduction_record_is_versioned_not_ignored():
     root = Path(__file__).resolve().parents[1]
     if shutil.which("git") is None or not (root / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("docs/reproduction/runs/adn/seed0/result.json", "docs/reproduction/runs/adn/seed0/log.jsonl"):
+    for path in ("results/reproduction/runs/adn/seed0/result.json", "results/reproduction/runs/adn/seed0/log.jsonl"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
         assert not ignored, f"{path} is git-ignored: fix .gitignore"
     assert subprocess.run(["git", "check-ignore", "-q", "runs/reproduce/adn/seed0/checkpoint.pt"], cwd=root).returncode == 0

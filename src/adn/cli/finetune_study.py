@@ -21,9 +21,10 @@ def add(sub) -> None:
     p.add_argument("--runs", default="runs/finetune", help="folder for the fine-tuning checkpoints (the cache)")
     p.add_argument("--docs", default="docs/reproduction/finetune.md",
                    help="report to write; finished runs' result.json and log.jsonl go in <its folder>/<its name>/runs")
-    p.add_argument("--record", default=None, help="folder for the finished runs' result.json and log.jsonl")
+    p.add_argument("--record", default="results/reproduction/finetune/runs",
+                   help="folder for the finished runs' result.json and log.jsonl (run records, kept in version control)")
     p.add_argument("--reproduce-runs", default="runs/reproduce", help="adn reproduce's --runs (the teachers' checkpoints)")
-    p.add_argument("--reproduce-record", default="docs/reproduction/runs",
+    p.add_argument("--reproduce-record", default="results/reproduction/runs",
                    help="adn reproduce's record (the baselines' results)")
     p.add_argument("--train-teachers", action="store_true",
                    help="train the missing individual super-nets first, into adn reproduce's folders (as adn reproduce "
@@ -61,7 +62,7 @@ def run(args) -> int:
     if args.train_teachers and args.report_only:
         raise ValueError("--train-teachers and --report-only exclude each other")
     docs = Path(args.docs)
-    record = Path(args.record) if args.record else docs.parent / docs.stem / "runs"
+    record = Path(args.record)
     study = Study(protocol, recipe, Path(args.runs), record, Reproduction(Path(args.reproduce_runs),
                                                                           Path(args.reproduce_record)))
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731

@@ -107,7 +107,7 @@ def cached_finetune(protocol: Protocol, recipe: FinetuneRecipe, fraction: float,
 class Reproduction:
     """Where ``adn reproduce`` keeps its runs: checkpoints in ``root``, results in ``record``."""
     root: Path = Path("runs/reproduce")
-    record: Path = Path("docs/reproduction/runs")
+    record: Path = Path("results/reproduction/runs")
 
 
 def teacher_checkpoint(protocol: Protocol, seed: int, reproduction: Reproduction, train_missing: bool = False,
