@@ -3,35 +3,16 @@ finished: fine-tuned networks against the individual networks and ADN from scrat
 and the cost. What has not run reads "pending"; no number is written that no run produced."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..utils.atomic import atomic_write
 from .finetune_study import BASELINES, TEACHER, Study, arm_name, commands
 from .reproduce import command_line
-from .reproduce_report import machine_description, mean_std, verdict
+from .tables import accuracies, cell, machine_description, mean_cell, mean_std, num_stages, verdict
 from ..core.skip import SkipConfig
 
 TARGET_FRACTION = 0.2       # the issue's target: with at most 20% of the from-scratch epochs ...
 SUPER_TOLERANCE = 0.3       # ... the super-net within 0.3 points of the individual super-net
-
-
-def _acc(results: dict, arm: str, skip: str, key: str = "accuracy") -> list[float]:
-    return [r[key][skip] for r in results.get(arm, []) if skip in r.get(key, {})]
-
-
-def _fmt(values: list[float], seeds: int) -> str:
-    if not values:
-        return "pending"
-    m, s = mean_std(values)
-    return f"{m:.2f} ± {s:.2f}" + (f" (n={len(values)})" if len(values) < seeds else "")
-
-
-def _num_stages(study: Study) -> int:
-    from ..convert import convert
-    from ..models import build_model
-    protocol = study.protocol
-    return convert(build_model(protocol.model, num_classes=10, in_channels=1, width=protocol.width)).num_stages
 
 
 def target_status(tuned: list[float], alone: list[float], seeds: int, margin: float = 0.0) -> str:
@@ -50,7 +31,7 @@ def target_status(tuned: list[float], alone: list[float], seeds: int, margin: fl
 
 def write_finetune_report(study: Study, results: dict, path: Path, quick: bool = False) -> Path:
     protocol, recipe = study.protocol, study.recipe
-    stages = _num_stages(study)
+    stages = num_stages(study.protocol)
     sup, base = "F" * stages, "T" * stages
     seeds = len(protocol.seeds)
     arms = [arm_name(f) for f in recipe.fractions]
@@ -84,8 +65,8 @@ def write_finetune_report(study: Study, results: dict, path: Path, quick: bool =
         counts = "" if fraction <= TARGET_FRACTION + 1e-9 else " (beyond the target's budget)"
         lines.append(
             f"| {round(fraction * 100)}%{counts} | {recipe.epochs(protocol, fraction)} | "
-            f"{target_status(_acc(results, arm, base), _acc(results, 'individual-base', base), seeds)} | "
-            f"{target_status(_acc(results, arm, sup), _acc(results, 'individual-super', sup), seeds, SUPER_TOLERANCE)} |")
+            f"{target_status(accuracies(results, arm, base), accuracies(results, 'individual-base', base), seeds)} | "
+            f"{target_status(accuracies(results, arm, sup), accuracies(results, 'individual-super', sup), seeds, SUPER_TOLERANCE)} |")
     lines += [""]
     lines += _accuracy_table(results, arms, recipe, stages, seeds, "accuracy",
                              "## Test accuracy of every sub-network (%, mean ± std over seeds)",
@@ -101,17 +82,13 @@ def write_finetune_report(study: Study, results: dict, path: Path, quick: bool =
     for arm in arms:
         for r in results.get(arm, []):
             acc = r["accuracy"]
-            lines.append(f"| {arm} | {r['seed']} | {r['epochs']} | {_cell(acc.get(sup))} | {_cell(acc.get(base))} | "
+            lines.append(f"| {arm} | {r['seed']} | {r['epochs']} | {cell(acc.get(sup))} | {cell(acc.get(base))} | "
                          f"{r['train_s']:.0f} |")
     lines += ["", f"Finished fine-tuning runs' `result.json` and `log.jsonl`: `{study.record}` (checkpoints stay in "
                   f"`{study.root}`).", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     return path
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def _accuracy_table(results, arms, recipe, stages, seeds, key, title, note) -> list[str]:
@@ -124,9 +101,9 @@ def _accuracy_table(results, arms, recipe, stages, seeds, key, title, note) -> l
         skip = str(config)
         alone = {sup: "individual-super", base: "individual-base"}.get(skip)
         label = skip + (" (super-net)" if skip == sup else " (base-net)" if skip == base else "")
-        cells = [_fmt(_acc(results, alone, skip, key), seeds) if alone else "-",
-                 _fmt(_acc(results, "adn", skip, key), seeds),
-                 *[_fmt(_acc(results, arm, skip, key), seeds) for arm in arms]]
+        cells = [mean_cell(accuracies(results, alone, skip, key), seeds) if alone else "-",
+                 mean_cell(accuracies(results, "adn", skip, key), seeds),
+                 *[mean_cell(accuracies(results, arm, skip, key), seeds) for arm in arms]]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""]
 

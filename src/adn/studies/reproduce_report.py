@@ -8,80 +8,26 @@ otherwise; with fewer than two seeds on either side it is **pending**.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
-import sys
 from pathlib import Path
 
-import torch
 
 from ..utils import jsonout
 from ..utils.atomic import atomic_write
+from .tables import accuracies, cell, machine_description, mean_cell, mean_std, num_stages, verdict
 
 PLATEAU_POINTS = 0.3     # "converged": the mean validation curve moves less than this ...
 PLATEAU_FRACTION = 0.2   # ... over the last 20% of the epochs
-
-
-# ----- statistics --------------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def verdict(a: list[float], b: list[float]) -> str:
-    """Whether mean(a) > mean(b) is resolved at this number of seeds (see the module's docstring)."""
-    if len(a) < 2 or len(b) < 2:
-        return "pending"
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    if ma - mb > sa + sb:
-        return "holds"
-    if mb - ma > sa + sb:
-        return "fails"
-    return "within noise"
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {sys.version.split()[0]}"
-
-
-def _acc(results: dict, arm: str, skip: str, key: str = "accuracy") -> list[float]:
-    return [r[key][skip] for r in results.get(arm, []) if skip in r.get(key, {})]
-
-
-def _fmt(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "pending"
-    m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}" + (f" (n={len(values)})" if len(values) < 3 else "")
-
-
-def _cell(value: float | None) -> str:
-    """A table cell: two decimals, or "-" for a value the run does not have."""
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def _delta(a: list[float], b: list[float]) -> str:
     if not a or not b:
         return "pending"
     return f"{mean_std(a)[0] - mean_std(b)[0]:+.2f}"
-
-
-def _num_stages(protocol) -> int:
-    from ..convert import convert
-    from ..models import build_model
-    return convert(build_model(protocol.model, num_classes=10, in_channels=1, width=protocol.width)).num_stages
 
 
 def _macs(results: dict, skip: str) -> str:
@@ -221,16 +167,16 @@ def plot_subnetworks(results: dict, path: Path, title: str) -> Path | None:
     macs = [runs[0]["macs"][s] / 1e6 for s in skips]
     for key, label, shift in (("accuracy", "ADN sub-networks", 0.0),
                               ("accuracy_recalibrated", "ADN, recalibrated BN", 0.03)):
-        stats = [mean_std(_acc(results, "adn", s, key)) for s in skips]
+        stats = [mean_std(accuracies(results, "adn", s, key)) for s in skips]
         if any(not math.isnan(m) for m, _ in stats):
             ax.errorbar([x + shift for x in macs], [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o",
                         capsize=3, label=label, alpha=0.8)
     for skip, x in zip(skips, macs):
-        ax.annotate(skip, (x, mean_std(_acc(results, "adn", skip))[0]), textcoords="offset points", xytext=(4, 4),
+        ax.annotate(skip, (x, mean_std(accuracies(results, "adn", skip))[0]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
     for arm, skip, marker in (("individual-super", "F" * len(skips[0]), "s"),
                               ("individual-base", "T" * len(skips[0]), "^")):
-        values = _acc(results, arm, skip)
+        values = accuracies(results, arm, skip)
         if values:
             m, s = mean_std(values)
             ax.errorbar([runs[0]["macs"][skip] / 1e6], [m], yerr=[s], fmt=marker, color="tab:red", capsize=3,
@@ -249,12 +195,12 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
                  quick: bool = False) -> Path:
     """``docs/reproduction.md`` from the finished runs; hand-written notes (``notes.md`` beside the figures:
     recipe choice, diagnosis) are included as they are."""
-    stages = _num_stages(protocol)
+    stages = num_stages(protocol)
     n = 2 ** stages
     sup, base = "F" * stages, "T" * stages
     seeds = len(protocol.seeds)
-    ind_sup, ind_base = _acc(results, "individual-super", sup), _acc(results, "individual-base", base)
-    adn_sup, adn_base = _acc(results, "adn", sup), _acc(results, "adn", base)
+    ind_sup, ind_base = accuracies(results, "individual-super", sup), accuracies(results, "individual-base", base)
+    adn_sup, adn_base = accuracies(results, "adn", sup), accuracies(results, "adn", base)
     done = sum(len(runs) for runs in results.values())
     total = len(results) * seeds
     # records of resumed runs written before eval_s was timed on its own hold a negative eval_s (their
@@ -269,7 +215,8 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
         "",
         ("**QUICK MODE — a harness check with a few steps per arm; these numbers mean nothing.**\n\n" if quick else "")
         + f"Generated by `adn reproduce`{' --quick' if quick else ''} from **{done} of {total} runs** "
-        f"({len(results)} arms x {seeds} seeds){'' if done == total else '; the rest are pending (run `make reproduce` to continue: finished runs are kept)'}. "
+        f"({len(results)} arms x {seeds} seeds)"
+        f"{'' if done == total else '; the rest are pending (run `make reproduce` to continue: finished runs are kept)'}. "
         f"Machine of the last report: {machine_description()}. Compute of the finished runs: "
         f"{compute / 3600:.2f} h of training and evaluation, summed over runs (`make reproduce` trains two at "
         f"once, one thread each, on 2 cores"
@@ -302,10 +249,10 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
         "```",
         "",
     ]
-    pooled_sup = _acc(results, "adn-pooled", sup)
-    no_san_base = _acc(results, "adn-no-san", base)
-    joint_sup, joint_base = _acc(results, "joint", sup), _acc(results, "joint", base)
-    joint_no_san_sup, joint_no_san_base = _acc(results, "joint-no-san", sup), _acc(results, "joint-no-san", base)
+    pooled_sup = accuracies(results, "adn-pooled", sup)
+    no_san_base = accuracies(results, "adn-no-san", base)
+    joint_sup, joint_base = accuracies(results, "joint", sup), accuracies(results, "joint", base)
+    joint_no_san_sup, joint_no_san_base = accuracies(results, "joint-no-san", sup), accuracies(results, "joint-no-san", base)
     def glance(a, b) -> str:  # "**holds** (+0.40 points)", or "**pending**" alone
         outcome = verdict(a, b)
         return f"**{outcome}**" + ("" if outcome == "pending" else f" ({_delta(a, b)} points)")
@@ -344,7 +291,7 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
             acc, rec = r["accuracy"], r.get("accuracy_recalibrated", {})
             recal = f"{rec[sup]:.2f} / {rec[base]:.2f}" if sup in rec and base in rec else \
                 (f"{next(iter(rec.values())):.2f}" if rec else "-")
-            lines.append(f"| {arm} | {r['seed']} | {_cell(acc.get(sup))} | {_cell(acc.get(base))} | "
+            lines.append(f"| {arm} | {r['seed']} | {cell(acc.get(sup))} | {cell(acc.get(base))} | "
                          f"{recal} | {r['train_s']:.0f} | {_seconds(r.get('train_cpu_s'))} |")
     lines += ["", f"Finished runs' `result.json` and `log.jsonl`: `{rel(record)}` (checkpoints stay in `{root}`).", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
@@ -362,10 +309,10 @@ def _table1(results, sup, base) -> list[str]:
              "| depth | MACs (M) | individual | ADN | ADN − individual | verdict | ADN, recalibrated BN | individual, recalibrated |",
              "|---|---:|---:|---:|---:|---|---:|---:|"]
     for label, skip, ind_arm in (("super-net", sup, "individual-super"), ("base-net", base, "individual-base")):
-        a, b = _acc(results, "adn", skip), _acc(results, ind_arm, skip)
-        lines.append(f"| {label} ({skip}) | {_macs(results, skip)} | {_fmt(b)} | {_fmt(a)} | {_delta(a, b)} | "
-                     f"{verdict(a, b)} | {_fmt(_acc(results, 'adn', skip, 'accuracy_recalibrated'))} | "
-                     f"{_fmt(_acc(results, ind_arm, skip, 'accuracy_recalibrated'))} |")
+        a, b = accuracies(results, "adn", skip), accuracies(results, ind_arm, skip)
+        lines.append(f"| {label} ({skip}) | {_macs(results, skip)} | {mean_cell(b)} | {mean_cell(a)} | {_delta(a, b)} | "
+                     f"{verdict(a, b)} | {mean_cell(accuracies(results, 'adn', skip, 'accuracy_recalibrated'))} | "
+                     f"{mean_cell(accuracies(results, ind_arm, skip, 'accuracy_recalibrated'))} |")
     return lines
 
 
@@ -376,8 +323,8 @@ def _table3(results, sup, base, ind_sup, ind_base) -> list[str]:
              "| specialization | skip-aware norms | super-net | vs individual | base-net | vs individual | verdict (super / base) |",
              "|:---:|:---:|---:|---:|---:|---:|---|"]
     for arm, spec, san in (("joint-no-san", "", ""), ("joint", "", "✓"), ("adn-no-san", "✓", ""), ("adn", "✓", "✓")):
-        a_s, a_b = _acc(results, arm, sup), _acc(results, arm, base)
-        lines.append(f"| {spec} | {san} | {_fmt(a_s)} | {_delta(a_s, ind_sup)} | {_fmt(a_b)} | {_delta(a_b, ind_base)} | "
+        a_s, a_b = accuracies(results, arm, sup), accuracies(results, arm, base)
+        lines.append(f"| {spec} | {san} | {mean_cell(a_s)} | {_delta(a_s, ind_sup)} | {mean_cell(a_b)} | {_delta(a_b, ind_base)} | "
                      f"{verdict(a_s, ind_sup)} / {verdict(a_b, ind_base)} |")
     return lines
 
@@ -397,13 +344,13 @@ def _figure3a(results, figures, rel, sup, base, n, seeds) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|"]
     for skip in order:
         macs = runs[0]["macs"][skip]
-        plain, recal = _acc(results, "adn", skip), _acc(results, "adn", skip, "accuracy_recalibrated")
+        plain, recal = accuracies(results, "adn", skip), accuracies(results, "adn", skip, "accuracy_recalibrated")
         lines.append(f"| {skip} | {'yes' if skip in (sup, base) else 'no'} | {macs / 1e6:.2f} | "
-                     f"{macs / runs[0]['macs'][sup]:.3f} | {_fmt(plain)} | {_fmt(recal)} | {_delta(recal, plain)} |")
+                     f"{macs / runs[0]['macs'][sup]:.3f} | {mean_cell(plain)} | {mean_cell(recal)} | {_delta(recal, plain)} |")
     untrained = [s for s in order if s not in (sup, base)]
     if untrained:
-        worst = min(untrained, key=lambda s: mean_std(_acc(results, "adn", s))[0])
-        (w_m, w_s), (b_m, b_s) = mean_std(_acc(results, "adn", worst)), mean_std(_acc(results, "adn", base))
+        worst = min(untrained, key=lambda s: mean_std(accuracies(results, "adn", s))[0])
+        (w_m, w_s), (b_m, b_s) = mean_std(accuracies(results, "adn", worst)), mean_std(accuracies(results, "adn", base))
         collapsed = w_m < b_m - (b_s + w_s)
         lines += ["", f"The weakest never-trained sub-network is {worst} at {w_m:.2f}%, against {b_m:.2f}% for the "
                       f"base-net, the shallowest trained one: the claim of no collapse "
@@ -426,7 +373,8 @@ def _figure3b(results, figures, rel) -> list[str]:
               "stage 1 the first norm sees the stem's output, identical in both depths by construction):", "",
               "| training | first norm of a stage | other norms | other norms larger? |", "|---|---:|---:|---|"]
     for arm, label in (("adn", "ADN (specialization)"), ("joint", "joint (no specialization)")):
-        lines.append(f"| {label} | {_fmt(first[arm], 4)} | {_fmt(other[arm], 4)} | {verdict(other[arm], first[arm])} |")
+        lines.append(f"| {label} | {mean_cell(first[arm], digits=4)} | {mean_cell(other[arm], digits=4)} | "
+                     f"{verdict(other[arm], first[arm])} |")
     lines += ["", f"ADN's first-norm distance is smaller than joint training's: "
                   f"**{verdict(first['joint'], first['adn'])}**."]
     return lines
@@ -452,13 +400,13 @@ def _figure4(results, root, figures, rel, seed) -> list[str]:
 
 
 def _feature_kd(results, sup, base) -> list[str]:
-    a_s, a_b = _acc(results, "adn", sup), _acc(results, "adn", base)
-    p_s, p_b = _acc(results, "adn-pooled", sup), _acc(results, "adn-pooled", base)
+    a_s, a_b = accuracies(results, "adn", sup), accuracies(results, "adn", base)
+    p_s, p_b = accuracies(results, "adn-pooled", sup), accuracies(results, "adn-pooled", base)
     return ["", "## Feature distillation: spatial or pooled", "",
             "`--feature-kd spatial` (default: KL over channels at every position) against `pooled` (KL of the "
             "globally pooled features).", "",
             "| feature KD | super-net | base-net |", "|---|---:|---:|",
-            f"| spatial | {_fmt(a_s)} | {_fmt(a_b)} |", f"| pooled | {_fmt(p_s)} | {_fmt(p_b)} |", "",
+            f"| spatial | {mean_cell(a_s)} | {mean_cell(a_b)} |", f"| pooled | {mean_cell(p_s)} | {mean_cell(p_b)} |", "",
             f"spatial − pooled: super-net {_delta(a_s, p_s)} ({verdict(a_s, p_s)} that spatial is better), "
             f"base-net {_delta(a_b, p_b)} ({verdict(a_b, p_b)})."]
 
@@ -489,11 +437,11 @@ def _curves(logs: dict, figures: Path, rel, epochs: int) -> list[str]:
               "| arm | " + " | ".join(f"ep {e}" for e in marks) + " |", "|---|" + "---:|" * len(marks)]
     for arm, per_seed in logs.items():
         cells = []
-        def pair(key_of) -> list[str]:
+        def pair(key_of, per_seed=per_seed) -> list[str]:
             sup, bas = mean_curve(per_seed, key_of("super")), mean_curve(per_seed, key_of("base"))
-            return [_cell(sup[e - 1]) + ("" if math.isnan(bas[e - 1]) else f" / {_cell(bas[e - 1])}")
+            return [cell(sup[e - 1]) + ("" if math.isnan(bas[e - 1]) else f" / {cell(bas[e - 1])}")
                     if e <= len(sup) else "-" for e in marks]
-        weights = pair(lambda depth: curve_key(per_seed, depth))
+        weights = pair(lambda depth, per_seed=per_seed: curve_key(per_seed, depth))
         running = pair(lambda depth: f"val_acc1_{depth}")
         for w, r in zip(weights, running):
             cells.append(w if w == r else f"{w} ({r})")
