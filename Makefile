@@ -3,11 +3,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv data demo test contract bench reproduce clean
+.PHONY: venv data demo test lint package-check lock contract bench reproduce clean
 
-$(BIN)/.installed: pyproject.toml
+# Exact versions from constraints.txt (pyproject.toml only declares ranges): every machine tests the same set.
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -18,8 +19,18 @@ data:  ## Fashion-MNIST from Debian where apt exists; otherwise torchvision down
 demo: venv data
 	bash scripts/demo.sh
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest -q
+
+lint: venv  ## style and obvious bugs (configured in pyproject.toml)
+	$(BIN)/ruff check src tests benchmarks scripts
+
+package-check: venv  ## build the wheel, install it in a fresh venv with the constraints, run `adn --help`
+	bash scripts/check-package.sh
+
+lock: venv  ## refresh constraints.txt from the installed environment (after changing a range)
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^adn'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 reproduce: venv data  ## the paper's claims at small scale -> docs/reproduction.md (15 core-hours measured: ~7.5 h on 2 cores; resumable, in parts)
 	$(BIN)/adn reproduce --jobs 2

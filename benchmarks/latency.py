@@ -27,6 +27,11 @@ from adn.runtime.backends import OnnxDepths, depth_runners
 from adn.runtime.profile import count_macs, time_interleaved
 
 
+def _numpy_runner(run):
+    """An ONNX Runtime runner (numpy in) called like the eager ones (a tensor in)."""
+    return lambda t: run(t.numpy())
+
+
 def plain_resnet_without(config) -> torch.nn.Module:
     """A torchvision ResNet-50 with the skippable blocks of the skipped stages deleted."""
     model = torchvision.models.resnet50()
@@ -87,7 +92,7 @@ def main() -> None:
         x = torch.randn(batch, 3, args.size, args.size)
         runners, _ = depth_runners(net, x, configs, "eager")
         if onnx is not None:
-            runners += [(lambda t, run=onnx.runner(c): run(t.numpy())) for c in configs]
+            runners += [_numpy_runner(onnx.runner(c)) for c in configs]
         times = time_interleaved(runners, x, warmup=1, repeats=repeats[batch])
         medians = [statistics.median(t) for t in times]
         per_engine = {engine: medians[i * len(configs):(i + 1) * len(configs)] for i, engine in enumerate(engines)}

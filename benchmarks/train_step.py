@@ -34,7 +34,8 @@ def build(model_name: str, size: int, batch: int):
     return net, optimizer, x, y
 
 
-def plain_step(net, optimizer, x, y, criterion=nn.CrossEntropyLoss()):
+def plain_step(net, optimizer, x, y, criterion=None):
+    criterion = criterion or nn.CrossEntropyLoss()
     optimizer.zero_grad(set_to_none=True)
     criterion(net(x), y).backward()
     optimizer.step()
@@ -48,7 +49,8 @@ def adn_step(net, optimizer, x, y, loss=None):
     optimizer.step()
 
 
-def base_step(net, optimizer, x, y, criterion=nn.CrossEntropyLoss()):
+def base_step(net, optimizer, x, y, criterion=None):
+    criterion = criterion or nn.CrossEntropyLoss()
     optimizer.zero_grad(set_to_none=True)
     with net.skipping("base"):
         criterion(net(x), y).backward()

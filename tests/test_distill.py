@@ -50,8 +50,10 @@ def test_two_pass_gradients_equal_the_single_loss_gradients():
     state = {k: v.clone() for k, v in net.state_dict().items()}
 
     with net.capture_stage_outputs() as feats:
-        ys = net(x, skip="FFF"); hs = list(feats)
-        yb = net(x, skip="TTT"); hb = list(feats)
+        ys = net(x, skip="FFF")
+        hs = list(feats)
+        yb = net(x, skip="TTT")
+        hb = list(feats)
     total, terms = loss_fn(ys, yb, y, hs, hb)
     total.backward()
     single = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}

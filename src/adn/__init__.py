@@ -22,7 +22,10 @@ from .core.skip import SkipConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveDepthNetwork", "CompiledDepths", "Decision", "DepthTable", "Governor", "Predictor", "Preprocessing", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
-    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert", "drop_depth_statistics", "load", "recalibrate_norms", "record_depth_statistics", "register_adapter", "split_point",
+    "AdaptiveDepthNetwork", "CompiledDepths", "Decision", "DepthTable", "Governor", "Predictor",
+    "Preprocessing", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
+    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert",
+    "drop_depth_statistics", "load", "recalibrate_norms", "record_depth_statistics", "register_adapter",
+    "split_point",
     "supported_families",
 ]

@@ -1,5 +1,6 @@
-"""``adn.checkpoint`` was split into :mod:`adn.errors`, :mod:`adn.training.run_folder`, :mod:`adn.utils.checkpoint_file`, :mod:`adn.vision.checkpoint`; its names are read from
-there until the next release."""
+"""``adn.checkpoint`` was split into :mod:`adn.errors`, :mod:`adn.training.run_folder`,
+:mod:`adn.utils.checkpoint_file`, :mod:`adn.vision.checkpoint`; its names are read from there until the next
+release."""
 from .utils.deprecated import moved_names
 
 __getattr__ = moved_names(__name__, {

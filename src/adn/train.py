@@ -1,5 +1,6 @@
-"""``adn.train`` was split into :mod:`adn.errors`, :mod:`adn.training.methods`, :mod:`adn.training.optim`, :mod:`adn.training.run_log`, :mod:`adn.training.signals`, :mod:`adn.vision.train`, :mod:`adn.vision.train_config`; its names are read from
-there until the next release."""
+"""``adn.train`` was split into :mod:`adn.errors`, :mod:`adn.training.methods`, :mod:`adn.training.optim`,
+:mod:`adn.training.run_log`, :mod:`adn.training.signals`, :mod:`adn.vision.train`,
+:mod:`adn.vision.train_config`; its names are read from there until the next release."""
 from .utils.deprecated import moved_names
 
 __getattr__ = moved_names(__name__, {

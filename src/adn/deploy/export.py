@@ -54,13 +54,15 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
         name = f"subnet_{config}.{fmt}"
         if fmt == "safetensors":
             tensors = {k: v.detach().contiguous().clone() for k, v in sub.state_dict().items()}
-            atomic_write(output / name, lambda tmp: save_file(tensors, tmp, metadata={"skip": str(config)}))
+            atomic_write(output / name, lambda tmp, tensors=tensors, config=config:
+                         save_file(tensors, tmp, metadata={"skip": str(config)}))
         elif fmt == "pt2":
             program, dynamic = export_pt2(sub, example, name)
-            atomic_write(output / name, lambda tmp: torch.export.save(program, tmp))
+            atomic_write(output / name, lambda tmp, program=program: torch.export.save(program, tmp))
         else:
             data_files = []  # what export_onnx returns inside atomic_write: None, or the external data file
-            atomic_write(output / name, lambda tmp: data_files.append(export_onnx(sub, example, tmp, f"{name}.data")))
+            atomic_write(output / name, lambda tmp, sub=sub, name=name, data_files=data_files:
+                         data_files.append(export_onnx(sub, example, tmp, f"{name}.data")))
             # Once more as it will be used: under its final name, loaded by ONNX Runtime from there.
             try:
                 verify_onnx(output / name, sub, example)

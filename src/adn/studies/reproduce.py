@@ -2,8 +2,9 @@
 
 Every arm is an ordinary ``adn train`` run followed by ``adn eval`` (the same code paths users run; the
 command line passes its own entry point in, so they run in-process without this module importing the
-command line, and a caller without one runs them as ``python -m adn`` subprocesses); the protocol below is the single place where the settings live. A finished run
-leaves ``result.json`` next to its checkpoint and is skipped on re-run, unless its command changed.
+command line, and a caller without one runs them as ``python -m adn`` subprocesses); the protocol below is
+the single place where the settings live. A finished run leaves ``result.json`` next to its checkpoint and
+is skipped on re-run, unless its command changed.
 
 Arms (same data, model, recipe and epochs; several seeds each):
 

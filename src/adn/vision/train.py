@@ -77,7 +77,8 @@ def _meta(cfg: TrainConfig, data) -> dict:
         "in_channels": data.in_channels, "image_size": data.image_size, "skip_aware_norm": cfg.skip_aware_norm,
         "method": cfg.method, "trained_skip": cfg.skip if cfg.method == "individual" else None,
         # absolute, so that `adn eval` finds the data from any working directory
-        "dataset": cfg.data, "data_path": os.path.abspath(cfg.data_path) if cfg.data_path else None, "mean": list(data.mean), "std": list(data.std),
+        "dataset": cfg.data, "data_path": os.path.abspath(cfg.data_path) if cfg.data_path else None,
+        "mean": list(data.mean), "std": list(data.std),
         "config": asdict(cfg),
         # what adn predict / adn serve need to answer about image files: output names, input preprocessing
         "class_names": dataset_class_names(cfg.data, cfg.data_path, data.num_classes),
