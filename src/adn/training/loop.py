@@ -168,6 +168,7 @@ class RunLoop:
                 periods = list(self.task.periods())
                 for number, index in enumerate(periods, 1):
                     self._period(index)
+                    self.check_weights()  # before evaluating weights that could not be saved
                     record = self.task.end_period(index) or {}
                     self.save(record or None)
                     if record:
@@ -186,7 +187,6 @@ class RunLoop:
         try:
             for batch in bar:
                 terms = self.task.step(batch)
-                stop = self.stop_agreed()  # every process, after the same step
                 if terms is not None:
                     self.check_loss(terms)
                     record = self.task.update(terms)
@@ -194,7 +194,8 @@ class RunLoop:
                         self.append(record)
                     if "loss" in terms:
                         bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
-                if stop:
+                # SIGINT/SIGTERM: keep the steps done (every process agrees, so all stop after the same step)
+                if self.stop_agreed():
                     bar.close()
                     self.save(None)
                     raise self.interrupted(self.task.where(False))
