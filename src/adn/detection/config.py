@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.distill import FEATURE_KD_MODES
+from ..training.config import RunConfig, need
 from .backbone import DEFAULT_FPN_CHANNELS, DetectorName
 
 METHODS = ("adn", "joint", "individual")
@@ -12,7 +13,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
-class DetectTrainConfig:
+class DetectTrainConfig(RunConfig):
     """Every setting of ``adn detect train`` (flags map one to one). Defaults: torchvision's detection
     reference recipe (``--lr 0.02`` is for 16 images per step; scale it with the global batch size)."""
     model: str = "maskrcnn_resnet50_fpn"
@@ -57,17 +58,10 @@ class DetectTrainConfig:
     val_subset: int | None = None
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 2
-    seed: int = 0
     device: str = "auto"
-    resume: str | None = None
-    overwrite: bool = False
-    keep_last: int = 0
-    progress: bool = True
 
     def validate(self) -> None:
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
+        super().validate()
         DetectorName.parse(self.model)
         need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         need(self.data_path is not None or (self.train_images and self.train_ann),

@@ -94,11 +94,12 @@ def learning_rate(cfg: LMTrainConfig, step: int) -> float:
 
 def train_lm(cfg: LMTrainConfig) -> dict:
     """Run ``adn train-lm``; returns the summary also written to ``summary.json``."""
-    cfg.check()
+    cfg.validate()
     out = Path(cfg.output_dir)
     check_output_dir(out)  # before the slow set-up; creates nothing
     task = LMTask(cfg)
-    RunLoop(task, out, resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress).run()
+    RunLoop(task, out, resume=cfg.resume, overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
+            progress=cfg.progress).run()
     summary = task.summary()
     (out / "summary.json").write_text(jsonout.dumps(summary, indent=2) + "\n")
     say(f"done ({summary['stopped']}) after {summary['steps']} steps: held-out perplexity super "

@@ -215,18 +215,11 @@ class RunLoop:
         return (self.world.sum([asked])[0] if self.world.enabled else asked) > 0
 
     def interrupted(self, where: str) -> TrainingInterrupted:
-        signum = self.stop.signum or signal.SIGINT  # (another process of the run may have got it)
-        checkpoint = self.output / LATEST
-        return TrainingInterrupted(f"{signal.Signals(signum).name} {where}: the steps done are saved in {checkpoint}",
-                                   signum, checkpoint)
+        return interrupted(self.stop.signum, self.output, where)
 
     # ----- finite checks and checkpoints ------------------------------------------------------------------
     def kept(self) -> str:
-        """What a run that stops on an error leaves: its last checkpoint, if it wrote one."""
-        latest = self.output / LATEST
-        if latest.is_file():
-            return f"The last good checkpoint ({latest}) is kept"
-        return "No checkpoint was written yet"
+        return kept_message(self.output)
 
     def check_loss(self, terms: dict[str, float]) -> None:
         if not all(math.isfinite(v) for v in terms.values()):
@@ -250,6 +243,22 @@ class RunLoop:
 def check_output_dir(path: str | os.PathLike) -> None:
     """Fail before the (slow) set-up if the folder cannot be made or written; creates nothing."""
     check_writable(path)
+
+
+def interrupted(signum: int | None, output: Path, where: str) -> TrainingInterrupted:
+    """The error that stops a run after SIGINT/SIGTERM, once the steps done are saved in ``output``."""
+    signum = signum or signal.SIGINT  # (another process of the run may have got it)
+    checkpoint = output / LATEST
+    return TrainingInterrupted(f"{signal.Signals(signum).name} {where}: the steps done are saved in {checkpoint}",
+                               signum, checkpoint)
+
+
+def kept_message(output: Path) -> str:
+    """What a run that stops on an error leaves: its last checkpoint, if it wrote one."""
+    latest = output / LATEST
+    if latest.is_file():
+        return f"The last good checkpoint ({latest}) is kept"
+    return "No checkpoint was written yet"
 
 
 def check_finite_weights(module: nn.Module, where: str, then: str) -> None:
