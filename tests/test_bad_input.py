@@ -57,7 +57,7 @@ def _train(fashion_dir, out, *extra) -> list[str]:
     (["--workers", "-1"], ["--workers must be >= 0"]),
     (["--lr", "-0.1"], ["--lr must be positive"]),
     (["--save-every-steps", "0"], ["--save-every-steps must be at least 1"]),
-    (["--keep-last", "-1"], ["--keep-last must be >= 0"]),
+    (["--keep-last", "-1"], ["--keep-checkpoints (--keep-last) must be >= 0"]),
     (["--train-subset", "0"], ["--train-subset must be a positive number of images"]),
     (["--model", "resnet5O"], ["unknown model 'resnet5O'", "Did you mean", "resnet50"]),
     (["--model", "resnt20"], ["Did you mean resnet20"]),

@@ -100,7 +100,7 @@ def test_mid_epoch_checkpoints_restore_everything_and_rotate(tmp_path, fashion_d
     # MixUp draws from the global RNG every step and the EMA changes every step: both must be restored.
     straight = _config(tmp_path, fashion_dir)
     train(straight)
-    saved = _config(tmp_path, fashion_dir, output_dir=str(tmp_path / "saved"), save_every_steps=2, keep_last=3)
+    saved = _config(tmp_path, fashion_dir, output_dir=str(tmp_path / "saved"), save_every_steps=2, keep_checkpoints=3)
     train(saved)
     names = [p.name for p in numbered_checkpoints(saved.output_dir)]
     assert names == ["checkpoint-e0002-s0000002.pt", "checkpoint-e0002-s0000004.pt", "checkpoint-e0002-s0000006.pt"]
@@ -126,7 +126,7 @@ def test_mid_epoch_checkpoints_restore_everything_and_rotate(tmp_path, fashion_d
 
 def test_a_damaged_checkpoint_is_named_and_earlier_ones_still_resume(tmp_path, fashion_dir):
     cfg = _config(tmp_path, fashion_dir, epochs=1, max_steps_per_epoch=4, mixup_alpha=0.0, model_ema=False,
-                  save_every_steps=2, keep_last=5)
+                  save_every_steps=2, keep_checkpoints=5)
     train(cfg)
     folder = Path(cfg.output_dir)
     latest = folder / "checkpoint.pt"

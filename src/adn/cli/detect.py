@@ -139,7 +139,9 @@ def _add_train(commands) -> None:
     g.add_argument("--output-dir", default=d.output_dir, help="where checkpoint.pt and log.jsonl go")
     g.add_argument("--resume", default=None, help="checkpoint to continue from, at the epoch after the "
                                                   "last one it finished (model settings come from the checkpoint)")
-    g.add_argument("--keep-last", type=int, default=d.keep_last, metavar="K", help="numbered checkpoints kept")
+    g.add_argument("--overwrite", action="store_true", help="replace another run's files in --output-dir")
+    g.add_argument("--keep-checkpoints", "--keep-last", dest="keep_checkpoints", type=int, default=d.keep_checkpoints,
+                   metavar="K", help="keep the last K checkpoints as checkpoint-e<epoch>-s<step>.pt beside checkpoint.pt")
     g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="images per evaluation batch")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of initialization, data order and augmentation")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")

@@ -133,7 +133,8 @@ def add(sub) -> None:
                         "(without it such a folder is refused)")
     g.add_argument("--save-every-steps", type=int, default=None, metavar="N",
                    help="also write a checkpoint every N steps, mid-epoch included (unset: at the end of each epoch only)")
-    g.add_argument("--keep-last", type=int, default=d.keep_last, metavar="K",
+    g.add_argument("--keep-checkpoints", "--keep-last", dest="keep_checkpoints", type=int, default=d.keep_checkpoints,
+                   metavar="K",
                    help="keep the last K checkpoints as checkpoint-e<epoch>-s<step>.pt beside checkpoint.pt (the latest)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and augmentation")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ... (under torchrun: GPU LOCAL_RANK)")

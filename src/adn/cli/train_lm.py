@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..utils import jsonout
 from ..core.distill import FEATURE_KD_MODES
 from ..lm.config import TRAIN_MODES, LMTrainConfig
+from ..utils import jsonout
 from .common import positive_int
 from .lm_flags import add_model_flags, add_text_flags, grouping
 
@@ -52,6 +52,9 @@ def add(sub) -> None:
     g.add_argument("--save-every", type=positive_int, default=d.save_every, help="checkpoint every N steps")
     g.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue the run that wrote CHECKPOINT")
     g.add_argument("--overwrite", action="store_true", help="replace another run's files in --output-dir")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="K",
+                   help="keep the last K checkpoints as checkpoint-e0001-s<step>.pt beside checkpoint.pt "
+                        "(--keep-last is the layers kept out of every stage)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -68,6 +71,7 @@ def run(args) -> int:
         feature_kd=args.feature_kd, train=args.train, skip_aware_norm=args.skip_aware_norm, amp=args.amp,
         max_train_tokens=args.max_train_tokens, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
         save_every=args.save_every, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+        keep_checkpoints=args.keep_checkpoints,
         progress=args.progress, **grouping(args))
     summary = train_lm(cfg)
     if args.json:

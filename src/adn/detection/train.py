@@ -16,125 +16,46 @@ sub-network's.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from ..utils import jsonout
-from ..training import rng
-from ..utils.atomic import atomic_write
+from ..core.distill import feature_kl
+from ..core.skip import SkipConfig
 from ..errors import CheckpointError
+from ..training import rng
+from ..training.distributed import Distributed
+from ..training.distributed import setup as setup_distributed
+from ..training.loop import Checkpoint, Period, Resumed, RunLoop, check_output_dir
+from ..training.methods import frozen_running_stats, single_norms
+from ..training.sampling import EpochBatches, SeededSamples
+from ..training.signals import ignore_interrupts
 from ..utils.checkpoint_file import checkpoint_payload, load_checkpoint
 from ..vision.checkpoint import load_weights
-from ..training.run_folder import save_rotating
-from ..core.distill import FEATURE_KD_MODES, feature_kl
-from ..training.distributed import Distributed, setup as setup_distributed
-from ..training.sampling import EpochBatches, SeededSamples
-from ..core.skip import SkipConfig
-from ..errors import TrainingDiverged
-from ..training.methods import frozen_running_stats, single_norms
-from .backbone import DEFAULT_FPN_CHANNELS, DetectorName, build_detector, capture_backbone, stage_levels
+from .backbone import DetectorName, build_detector, capture_backbone, stage_levels
 from .checkpoint import TASK, build_from_meta, detector_meta
-from .data import (CocoDetection, DataError, collate, eval_transforms, find_split, fixed_subset, load_annotations,
-                   train_transforms)
+from .config import METHODS, OPTIMIZERS, SCHEDULERS, DetectTrainConfig
+from .data import (
+    CocoDetection,
+    DataError,
+    collate,
+    eval_transforms,
+    find_split,
+    fixed_subset,
+    load_annotations,
+    train_transforms,
+)
 from .evaluate import image_ids, predict, score
 
-METHODS = ("adn", "joint", "individual")
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "DetectTrainConfig", "DetectionTask", "adn_step", "fpn_distillation",
+           "individual_step", "joint_step", "learning_rate", "train_detector"]
+
 LOGGED_METRICS = ("box_ap", "box_ap50", "mask_ap", "mask_ap50")  # per epoch, of each trained depth
-SCHEDULERS = ("multisteplr", "cosineannealinglr", "constant")
-OPTIMIZERS = ("sgd", "adamw")
-
-
-@dataclass
-class DetectTrainConfig:
-    """Every setting of ``adn detect train`` (flags map one to one). Defaults: torchvision's detection
-    reference recipe (``--lr 0.02`` is for 16 images per step; scale it with the global batch size)."""
-    model: str = "maskrcnn_resnet50_fpn"
-    data_path: str | None = None
-    train_images: str | None = None
-    train_ann: str | None = None
-    val_images: str | None = None
-    val_ann: str | None = None
-    output_dir: str = "runs/detect"
-    method: str = "adn"
-    skip: str = "super"                      # the depth --method individual trains
-    alpha: float = 0.5
-    temperature: float = 1.0
-    feature_kd: str = "spatial"
-    bn_stats_from: str = "super"
-    backbone_weights: str | None = None
-    trainable_backbone_layers: int | None = None
-    frozen_bn: bool | None = None
-    skip_aware_norm: bool | None = None
-    fpn_channels: int = DEFAULT_FPN_CHANNELS
-    min_size: int = 800
-    max_size: int = 1333
-    rpn_proposals_train: int = 2000
-    rpn_proposals_test: int = 1000
-    box_batch_size_per_image: int = 512
-    detections_per_image: int = 100
-    hflip: bool = True
-    epochs: int = 12
-    batch_size: int = 2
-    workers: int = 4
-    opt: str = "sgd"
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_scheduler: str = "multisteplr"
-    lr_steps: tuple[int, ...] = (8, 11)
-    lr_gamma: float = 0.1
-    lr_warmup_iters: int = 1000
-    lr_warmup_factor: float = 0.001
-    clip_grad_norm: float | None = None
-    train_subset: int | None = None
-    val_subset: int | None = None
-    max_steps_per_epoch: int | None = None
-    eval_batch_size: int = 2
-    seed: int = 0
-    device: str = "auto"
-    resume: str | None = None
-    keep_last: int = 0
-    progress: bool = True
-
-    def validate(self) -> None:
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
-        DetectorName.parse(self.model)
-        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        need(self.data_path is not None or (self.train_images and self.train_ann),
-             "give --data-path (COCO layout: train2017/, annotations/instances_train2017.json) or both "
-             "--train-images and --train-ann")
-        need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be at least 1")
-        need(self.lr > 0 and self.weight_decay >= 0, "--lr must be positive and --wd >= 0")
-        need(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
-        need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
-        need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
-        need(self.bn_stats_from in ("super", "both"), "--bn-stats-from must be super or both")
-        need(self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
-        need(self.opt in OPTIMIZERS, f"--opt must be one of {', '.join(OPTIMIZERS)}")
-        need(self.min_size >= 32 and self.max_size >= self.min_size, "--min-size must be >= 32 and --max-size >= --min-size")
-        need(self.fpn_channels >= 8, f"--fpn-channels must be at least 8, got {self.fpn_channels}")
-        need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch must be >= 1")
-        need(self.lr_warmup_iters >= 0 and 0 < self.lr_warmup_factor <= 1,
-             "--lr-warmup-iters must be >= 0 and --lr-warmup-factor in (0, 1]")
-
-    def detector_kwargs(self) -> dict:
-        """Settings of torchvision's FasterRCNN/MaskRCNN constructor (stored in the checkpoint)."""
-        return {"min_size": self.min_size, "max_size": self.max_size,
-                "rpn_pre_nms_top_n_train": self.rpn_proposals_train, "rpn_post_nms_top_n_train": self.rpn_proposals_train,
-                "rpn_pre_nms_top_n_test": self.rpn_proposals_test, "rpn_post_nms_top_n_test": self.rpn_proposals_test,
-                "box_batch_size_per_image": self.box_batch_size_per_image,
-                "box_detections_per_img": self.detections_per_image}
 
 
 # ----- one step per method -----------------------------------------------------------------------------------
@@ -209,22 +130,39 @@ def learning_rate(cfg: DetectTrainConfig, epoch: int, step: int, global_step: in
     return cfg.lr * factor
 
 
-# ----- the run -------------------------------------------------------------------------------------------------
+# ----- the run: a task of adn.training.loop.RunLoop ------------------------------------------------------------
 def train_detector(cfg: DetectTrainConfig) -> dict:
     """Train; returns the last epoch's record. Writes ``checkpoint.pt`` and ``log.jsonl`` in
     ``cfg.output_dir`` each epoch. Under torchrun every process calls this; rank 0 writes."""
     cfg.validate()
     world, device = setup_distributed(cfg.device)
     try:
-        return DetectionTrainer(cfg, world, device).run()
+        world.on_main(lambda: check_output_dir(cfg.output_dir))  # before the slow set-up; creates nothing
+        task = DetectionTask(cfg, world, device)
+        return RunLoop(task, cfg.output_dir, world=world, resume=cfg.resume, overwrite=cfg.overwrite,
+                       keep_checkpoints=cfg.keep_checkpoints, progress=cfg.progress).run()
     finally:
         world.close()
 
 
-class DetectionTrainer:
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands; mid-epoch checkpoints hold it, so that a resumed epoch skips the
+    batches already trained on and its logged means still cover every step."""
+    steps: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    global_batch: int = 0  # images per step over all processes; a mid-epoch resume needs the same
+
+
+class DetectionTask:
+    """``adn detect train`` as a :class:`~adn.training.loop.Task`: set-up (data, detector, optimizer,
+    resuming), the step of the chosen method, evaluation and checkpoints."""
+    log_key = "epoch"
+    advice = "try a lower --lr or a longer --lr-warmup-iters"
+
     def __init__(self, cfg: DetectTrainConfig, world: Distributed, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
-        self.output = Path(cfg.output_dir)
         resume = load_checkpoint(cfg.resume) if cfg.resume else None  # a bad checkpoint fails before any work
         rng.seed_all(cfg.seed)  # the same initial weights on every process
         name = DetectorName.parse(cfg.model)
@@ -246,31 +184,28 @@ class DetectionTrainer:
                                   backbone_weights=(str(cfg.backbone_weights) if resume is None and cfg.backbone_weights
                                                     else None if resume is None else resume["meta"].get("backbone_weights")),
                                   config=asdict(cfg))
-        self.detector = detector.to(device)
+        self.module = self.detector = detector.to(device)
         n = detector.num_stages
         if cfg.method == "individual":
             detector.skip = cfg.skip
             self.eval_configs = [detector.skip]
         else:
             self.eval_configs = [SkipConfig.super_net(n), SkipConfig.base_net(n)]
-        self.step = {"adn": lambda d, x, t: adn_step(d, x, t, cfg.alpha, cfg.feature_kd, cfg.temperature, cfg.bn_stats_from),
-                     "joint": joint_step, "individual": individual_step}[cfg.method]
+        self.step_fn = {"adn": lambda d, x, t: adn_step(d, x, t, cfg.alpha, cfg.feature_kd, cfg.temperature,
+                                                        cfg.bn_stats_from),
+                        "joint": joint_step, "individual": individual_step}[cfg.method]
         self.parameters = [p for p in detector.parameters() if p.requires_grad]
         if cfg.opt == "sgd":
             self.optimizer = torch.optim.SGD(self.parameters, lr=cfg.lr, momentum=cfg.momentum,
                                              weight_decay=cfg.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.start_epoch, self.global_step = 0, 0
-        if resume is not None:
-            self.optimizer.load_state_dict(resume["optimizer"])
-            self.start_epoch, self.global_step = resume["epoch"] + 1, resume.get("global_step", 0)
-            states = resume.get("rng") or []
-            if world.rank < len(states):
-                rng.restore(states[world.rank])
-            self.say(f"resumed from {cfg.resume} at epoch {self.start_epoch + 1}")
+        self.start_epoch, self.global_step, self.lr = 0, 0, cfg.lr
+        self.progress = EpochProgress(global_batch=cfg.batch_size * world.world_size)
+        self.epoch, self.batches, self.started, self.resumed_at = 0, None, time.perf_counter(), None
+        restored_rng = self._restore(resume) if resume is not None else False
         world.broadcast_module(detector)
-        if world.rank > 0:  # RoI sampling draws differ between processes
+        if world.rank > 0 and not restored_rng:  # RoI sampling draws differ between processes
             rng.seed_all(cfg.seed + 100_003 * world.rank)
         self.say(f"training {cfg.model} ({n} stages, {2 ** n} sub-networks) with method={cfg.method} on "
                  f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
@@ -316,60 +251,124 @@ class DetectionTrainer:
         if [c["id"] for c in meta["categories"]] != [c["id"] for c in categories]:
             raise CheckpointError(f"cannot resume from {source}: its categories differ from the training set's")
 
-    def run(self) -> dict:
-        record: dict = {}
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            record = self.train_epoch(epoch)
-        return record
+    def _restore(self, resume: dict) -> bool:
+        """Load a checkpoint's training state (an epoch's end or a step within it); True if this process's
+        RNG state was restored."""
+        source = self.cfg.resume
+        try:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.global_step = int(resume.get("global_step", 0))
+            step = resume.get("step_in_epoch")
+            if step is None:  # an epoch-end checkpoint
+                self.start_epoch = int(resume["epoch"]) + 1
+                self.resumed_at = Resumed(self.start_epoch, resume.get("metrics"))
+                where = f"epoch {self.start_epoch + 1}"
+            else:
+                self.start_epoch = int(resume["epoch"])
+                self.progress = EpochProgress(**resume["progress"])
+                self.progress.steps = int(step)
+                self.resumed_at = Resumed(self.start_epoch, None)
+                where = f"epoch {self.start_epoch + 1}, step {self.progress.steps + 1}"
+            states = resume.get("rng") or []
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"cannot resume from {source}: its training state is malformed ({type(error).__name__}: "
+                                  f"{str(error).strip()[:200]}); it was not written by adn detect train or was "
+                                  f"altered") from error
+        if self.progress.global_batch != self.cfg.batch_size * self.world.world_size:
+            raise CheckpointError(f"cannot resume mid-epoch from {source}: it was saved with "
+                                  f"{self.progress.global_batch} images per step (batch size x processes), this run "
+                                  f"has {self.cfg.batch_size} x {self.world.world_size}; use the same -b and number of "
+                                  f"processes, or resume from an epoch-end checkpoint")
+        self.say(f"resumed from {source} at {where}")
+        if self.world.rank < len(states):
+            rng.restore(states[self.world.rank])
+            return True
+        return False
 
-    def train_epoch(self, epoch: int) -> dict:
-        cfg, world, detector = self.cfg, self.world, self.detector
-        batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank, world.world_size,
-                               steps=cfg.max_steps_per_epoch)
+    # ----- the Task protocol ----------------------------------------------------------------------------------
+    def resumed(self) -> Resumed | None:
+        return self.resumed_at
+
+    def start(self) -> None:
+        return None
+
+    def periods(self) -> range:
+        return range(self.start_epoch, self.cfg.epochs)
+
+    def period(self, epoch: int) -> Period:
+        cfg, world = self.cfg, self.world
+        if epoch != self.start_epoch:
+            self.progress = EpochProgress(global_batch=self.progress.global_batch)
+        self.epoch = epoch
+        self.batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank, world.world_size,
+                                    start=self.progress.steps, steps=cfg.max_steps_per_epoch)
         self.train_set.epoch = epoch
-        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        detector.train()
-        started, sums, steps, lr = time.perf_counter(), {}, 0, cfg.lr
-        bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, leave=False,
-                   disable=not (cfg.progress and world.is_main))
-        for images, targets in bar:
-            lr = learning_rate(cfg, epoch, steps, self.global_step, batches.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            images = [image.to(self.device, non_blocking=True) for image in images]
-            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            self.optimizer.zero_grad(set_to_none=True)
-            terms = self.step(detector, images, targets)
-            names = list(terms)
-            values = [v / world.world_size for v in world.sum(torch.stack([terms[k].float() for k in names]).tolist())]
-            if not all(math.isfinite(v) for v in values):
-                raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {steps + 1}: "
-                                       + ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values))
-                                       + f". The last good checkpoint ({self.output / 'checkpoint.pt'}) is kept; "
-                                         f"try a lower --lr or a longer --lr-warmup-iters")
-            world.average_gradients(self.parameters)
-            if cfg.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(self.parameters, cfg.clip_grad_norm)
-            self.optimizer.step()
-            self.global_step += 1
-            steps += 1
-            for key, value in zip(names, values):
-                sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", refresh=False)
-        bar.close()
-        record = {"epoch": epoch + 1, "lr": lr, "steps": steps, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
-        world.average_buffers(detector)
+        loader = DataLoader(self.train_set, batch_sampler=self.batches, num_workers=cfg.workers, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch), worker_init_fn=ignore_interrupts)
+        self.detector.train()
+        self.started = time.perf_counter() - self.progress.seconds
+        return Period(loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}")
+
+    def step(self, batch) -> dict[str, float]:
+        images, targets = batch
+        self.lr = learning_rate(self.cfg, self.epoch, self.progress.steps, self.global_step, self.batches.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.step_fn(self.detector, images, targets)
+        names = list(terms)
+        totals = self.world.sum(torch.stack([terms[k].float() for k in names]).tolist())
+        return {k: v / self.world.world_size for k, v in zip(names, totals)}
+
+    def update(self, terms: dict[str, float]) -> None:
+        self.world.average_gradients(self.parameters)
+        if self.cfg.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.parameters, self.cfg.clip_grad_norm)
+        self.optimizer.step()
+        self.global_step += 1
+        self.progress.steps += 1
+        for key, value in terms.items():
+            self.progress.sums[key] = self.progress.sums.get(key, 0.0) + value
+
+    def save_due(self) -> bool:
+        return False
+
+    def end_period(self, epoch: int) -> dict:
+        steps, sums = self.progress.steps, self.progress.sums
+        record = {"epoch": epoch + 1, "lr": self.lr, "steps": steps,
+                  **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
+        self.world.average_buffers(self.detector)
         if self.val_set is not None:
             for skip, metrics in self.evaluate().items():
                 label = _label(skip)
                 record.update({f"val_{k}_{label}": v for k, v in metrics.items() if k in LOGGED_METRICS})
-        record["epoch_time_s"] = time.perf_counter() - started
-        self.save(epoch, steps, record)
-        if world.is_main:
-            _append_log(self.output / "log.jsonl", record)
-            self.say(_summary(record))
+        record["epoch_time_s"] = time.perf_counter() - self.started
+        self.say(_summary(record))
         return record
+
+    def where(self, pending: bool) -> str:
+        total = f" of {self.batches.steps}" if self.batches is not None else ""
+        return f"at epoch {self.epoch + 1}, step {self.progress.steps + int(pending)}{total}"
+
+    def checkpoint(self, record: dict | None) -> Checkpoint | None:
+        """The checkpoint of an epoch's end (``record`` given) or of a step within it; every process takes
+        part (their RNG states are gathered), rank 0 gets it."""
+        mid_epoch = record is None
+        if mid_epoch:  # what every process will load on resume
+            self.world.average_buffers(self.detector)
+        states = self.world.gather(rng.capture())
+        if not self.world.is_main:
+            return None
+        state = {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+                 "step_in_epoch": self.progress.steps if mid_epoch else None, "rng": states}
+        if mid_epoch:
+            self.progress.seconds = time.perf_counter() - self.started
+            state["progress"] = asdict(self.progress)
+        else:
+            state["metrics"] = record
+        return Checkpoint(checkpoint_payload(self.detector, self.meta, **state), self.epoch + 1, self.progress.steps)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """AP of the trained depths on the validation set; each process detects on its share of the
@@ -384,14 +383,6 @@ class DetectionTrainer:
         merged = {key: [entry for part in gathered for entry in part[key]] for key in results}
         return score(annotations, merged, self.detector.roi_heads.has_mask(), image_ids(self.val_set))
 
-    def save(self, epoch: int, steps: int, record: dict) -> None:
-        states = self.world.gather(rng.capture())
-        if not self.world.is_main:
-            return
-        payload = checkpoint_payload(self.detector, self.meta, optimizer=self.optimizer.state_dict(), epoch=epoch,
-                                     global_step=self.global_step, metrics=record, rng=states)
-        save_rotating(self.output, payload, epoch + 1, steps, self.cfg.keep_last)
-
 
 def _label(skip: str) -> str:
     config = SkipConfig(skip)
@@ -403,10 +394,3 @@ def _summary(record: dict) -> str:
                    if k.startswith(("val_box_ap_", "val_mask_ap_")) and v is not None)
     return (f"epoch {record['epoch']}: loss {record.get('train_loss', float('nan')):.4f}"
             + (f", {aps}" if aps else "") + f", {record['epoch_time_s']:.1f}s")
-
-
-def _append_log(path: Path, record: dict) -> None:
-    """One JSON line per epoch; the file is rewritten atomically (a crash never leaves half a line)."""
-    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-    lines = [line for line in lines if json.loads(line).get("epoch", 0) < record["epoch"]]  # drop lines a resume redoes
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines) + jsonout.dumps(record) + "\n"))

@@ -20,9 +20,9 @@ import os
 
 import torch
 
+from ..convert.llama import convert_decoder
 from ..errors import CheckpointError
 from ..utils.checkpoint_file import atomic_save, check_finite, load_checkpoint
-from ..convert.llama import convert_decoder
 from .model import load_causal_lm
 
 TASK = "causal-lm"
@@ -36,10 +36,13 @@ def trained_state(net, trained_names: set[str]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k in trained_names or ".twin." in k}
 
 
+def lm_checkpoint_payload(net, trained_names: set[str], meta: dict, **state) -> dict:
+    return {"format": "adn-checkpoint", "version": 1, "meta": {"task": TASK, **meta},
+            "model": trained_state(net, trained_names), **state}
+
+
 def save_lm_checkpoint(path: str | os.PathLike, net, trained_names: set[str], meta: dict, **state) -> None:
-    payload = {"format": "adn-checkpoint", "version": 1, "meta": {"task": TASK, **meta},
-               "model": trained_state(net, trained_names), **state}
-    atomic_save(payload, path)
+    atomic_save(lm_checkpoint_payload(net, trained_names, meta, **state), path)
 
 
 def _check_meta(meta, source: str) -> dict:

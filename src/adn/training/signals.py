@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Self
 
 
 class StopSignals:
@@ -17,7 +18,7 @@ class StopSignals:
         self.signum: int | None = None
         self._saved: dict = {}
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():  # Python handles signals there only
             for signum in self.SIGNALS:
                 self._saved[signum] = signal.signal(signum, self._handle)
@@ -33,3 +34,9 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the training process saves a
+    checkpoint and stops its workers itself, so a worker must not die of it first (the loader would fail)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

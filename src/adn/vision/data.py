@@ -25,6 +25,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from ..errors import DataError
+from ..training.signals import ignore_interrupts  # re-exported: adn.vision.data.ignore_interrupts
 from ..utils.atomic import atomic_write
 from .memory_data import BatchAugment, EvalBatches, TensorImages
 
@@ -354,13 +355,6 @@ class CheckedImageFolder(datasets.ImageFolder):
             print(f"adn: warning: skipping unreadable image {path} ({error})", file=sys.stderr, flush=True)
             return None
         return (image if self.transform is None else self.transform(image)), target
-
-
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group; the training process saves a
-    checkpoint and stops its workers itself, so a worker must not die of it first (the loader would fail)."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate_readable(batch: list):

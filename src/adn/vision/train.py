@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -40,11 +39,17 @@ from ..models import NEEDS_IMAGE_SIZE, build_model
 from ..training import rng
 from ..training.distributed import Distributed
 from ..training.distributed import setup as setup_distributed
+from ..training.loop import (
+    check_finite_weights,
+    check_output_dir,
+    interrupted,
+    kept_message,
+)
 from ..training.methods import adn_step, individual_step, joint_step
 from ..training.optim import build_ema, build_scheduler
 from ..training.precision import Precision
-from ..training.run_folder import check_writable, remove_stale_temporaries, save_rotating
 from ..training.run_folder import claim as claim_output_dir
+from ..training.run_folder import remove_stale_temporaries, save_rotating
 from ..training.run_log import append_log, reconcile_log
 from ..training.sampling import EpochBatches, SeededSamples
 from ..training.signals import StopSignals
@@ -92,11 +97,6 @@ def _convert(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         return convert(model, skip_aware_norm=cfg.skip_aware_norm)
     except TypeError as error:  # a model family adn cannot give adaptive depth (the message lists those it can)
         raise ValueError(f"--model {cfg.model}: {error}") from error
-
-
-def _check_output_dir(path: Path) -> None:
-    """Fail before the (slow) data loading if the folder cannot be made or written; creates nothing."""
-    check_writable(path)
 
 
 def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
@@ -167,7 +167,7 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, device
         self.output = Path(cfg.output_dir)
         resume = load_checkpoint(cfg.resume) if cfg.resume else None  # fail early on a bad checkpoint
-        world.on_main(lambda: _check_output_dir(self.output))
+        world.on_main(lambda: check_output_dir(self.output))
         rng.seed_all(cfg.seed)  # the same on every process: the same initial weights
 
         augmentation = Augmentation(cfg.auto_augment, cfg.random_erase, cfg.interpolation)
@@ -364,10 +364,7 @@ class Trainer:
         return float(self.stop.signum is not None)
 
     def _interrupted(self, where: str) -> TrainingInterrupted:
-        signum = self.stop.signum or signal.SIGINT  # (another process of the run may have got it)
-        checkpoint = self.output / "checkpoint.pt"
-        return TrainingInterrupted(f"{signal.Signals(signum).name} {where}: the steps done are saved in {checkpoint}",
-                                   signum, checkpoint)
+        return interrupted(self.stop.signum, self.output, where)
 
     def train_epoch(self, epoch: int, progress: EpochProgress) -> dict:
         cfg, world = self.cfg, self.world
@@ -486,21 +483,10 @@ class Trainer:
 
     # ----- checkpoints --------------------------------------------------------------------------------------
     def _kept(self) -> str:
-        """What a run that stops on an error leaves: its last checkpoint, if it wrote one."""
-        latest = self.output / "checkpoint.pt"
-        if latest.is_file():
-            return f"The last good checkpoint ({latest}) is kept"
-        return "No checkpoint was written yet"
+        return kept_message(self.output)
 
     def _check_finite_weights(self, epoch: int, progress: EpochProgress) -> None:
-        """Never save non-finite weights: one step with a huge learning rate can leave the loss of that step
-        finite and the weights NaN, and they would evaluate to plausible-looking accuracy later."""
-        tensors = [t for t in self.net.state_dict().values() if t.is_floating_point()]
-        if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
-            bad = sum(not bool(t.isfinite().all()) for t in tensors)
-            raise TrainingDiverged(f"{bad} of {len(tensors)} weight tensors became NaN or infinite by epoch "
-                                   f"{epoch + 1}, step {progress.steps}; they were not saved. {self._kept()}; "
-                                   f"try a lower --lr")
+        check_finite_weights(self.net, f"by epoch {epoch + 1}, step {progress.steps}", f"{self._kept()}; try a lower --lr")
 
     def save(self, epoch: int, progress: EpochProgress, metrics: dict | None = None) -> None:
         """Write the checkpoint of an epoch's end (``metrics`` given) or of a step within the epoch.
@@ -525,7 +511,7 @@ class Trainer:
         if self.precision.scaler is not None:
             state["scaler"] = self.precision.state_dict()
         save_rotating(self.output, checkpoint_payload(self.net, self.meta, **state), epoch + 1, progress.steps,
-                      self.cfg.keep_last)
+                      self.cfg.keep_checkpoints)
 
 
 MAX_EPOCHS = 1_000_000  # a bound on positions read from checkpoints (the schedule is replayed epoch by epoch)

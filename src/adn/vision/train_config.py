@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, fields
 
 from ..core.distill import FEATURE_KD_MODES
+from ..training.config import RunConfig, need
 from ..training.methods import METHODS
 from ..training.optim import OPTIMIZERS, SCHEDULERS
 from ..training.precision import AMP_DTYPES
@@ -14,12 +15,13 @@ from .data import DATASETS
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a training run; ``adn train`` flags map one to one (``--lr`` -> ``lr``)."""
+class TrainConfig(RunConfig):
+    """Every setting of a training run; ``adn train`` flags map one to one (``--lr`` -> ``lr``). The fields
+    every training command has (``output_dir``, ``resume``, ``overwrite``, ``keep_checkpoints``, ``seed``, ``lr``,
+    ``progress``) come from :class:`adn.training.config.RunConfig`."""
     model: str = "resnet20"
     data: str = "fashion-mnist"
     data_path: str | None = None
-    output_dir: str = "runs/adn"
     method: str = "adn"
     skip: str = "super"                 # the sub-network trained by method=individual
     skip_aware_norm: bool = True
@@ -30,7 +32,6 @@ class TrainConfig:
     batch_size: int = 128
     workers: int = 0
     opt: str = "sgd"
-    lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
@@ -68,10 +69,7 @@ class TrainConfig:
     val_resize_size: int | None = None
     max_steps_per_epoch: int | None = None
     recalibrate_bn: int = 10            # per-epoch validation also with batch-norm statistics recomputed on N batches
-    seed: int = 0
     device: str = "auto"
-    resume: str | None = None
-    progress: bool = True
     # scale and speed
     sync_bn: bool = False               # batch statistics over all processes (torchrun)
     amp: bool | None = None             # None: bfloat16 autocast where the hardware has native bfloat16
@@ -81,30 +79,22 @@ class TrainConfig:
     compile_backend: str = "inductor"
     # checkpoints
     save_every_steps: int | None = None
-    keep_last: int = 0                  # numbered checkpoints kept beside checkpoint.pt
     skip_bad_images: bool = False
-    overwrite: bool = False             # a fresh run may delete another run's files in output_dir
 
     def __post_init__(self):
         self.lr_steps = tuple(self.lr_steps)  # from the command line or a checkpoint's JSON: a list
 
     def validate(self) -> None:
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
         self._check_finite()
+        super().validate()
         need(not (self.init_from and self.weights), "--init-from and --weights exclude each other: both give the "
                                                     "starting weights")
         need(bool(self.resume) or not self.init_from or os.path.isfile(self.init_from),
              f"--init-from {self.init_from}: no such file")
-        need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --resume continues "
-                                                   "the run in --output-dir, --overwrite replaces it")
         need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         need(self.data in DATASETS, f"--data must be one of {', '.join(DATASETS)}, got {self.data!r}")
         need(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
-        need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.weight_decay >= 0, f"--wd must be >= 0, got {self.weight_decay}")
         need(0 <= self.alpha <= 1, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
@@ -131,7 +121,6 @@ class TrainConfig:
         need(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
         need(self.save_every_steps is None or self.save_every_steps >= 1,
              f"--save-every-steps must be at least 1, got {self.save_every_steps}")
-        need(self.keep_last >= 0, f"--keep-last must be >= 0 (0: only checkpoint.pt), got {self.keep_last}")
         self._check_ranges()
 
     def _check_finite(self) -> None:
@@ -184,4 +173,6 @@ def _interval(low, high) -> str:
 
 def config_from_dict(values: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
+    if "keep_last" in values and "keep_checkpoints" not in values:  # a checkpoint written before the rename
+        values = {**values, "keep_checkpoints": values["keep_last"]}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
