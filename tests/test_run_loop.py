@@ -20,11 +20,8 @@ from adn.errors import TrainingDiverged
 from adn.training.loop import Checkpoint, Period, RunLoop
 from adn.training.run_folder import LOCK_NAME, RunLock
 from adn.utils.checkpoint_file import load_checkpoint
-from adn.vision.train import Trainer
-
-transformers = pytest.importorskip("transformers")
-
 from adn.lm.train import LMTask
+from adn.vision.train import Trainer
 
 from .test_lm import tiny
 
