@@ -25,12 +25,17 @@ def add(sub) -> None:
                    help="latency budget of a request, from arrival to answer (requests may bring their own)")
     p.add_argument("--table", default=None, help="depth table from adn depth-table (default: depth_table.json next to "
                                                  "the checkpoint)")
-    p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"),
-                   help="engine; depths are prepared at start-up, so switching depth never compiles or exports")
+    p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime", "onnxruntime-per-depth"),
+                   help="engine; depths are prepared at start-up, so switching depth never compiles or exports. "
+                        "onnxruntime: one switchable ONNX file in one session, the depth fed per batch (memory of "
+                        "about one network); onnxruntime-per-depth: one session per depth (a little faster per "
+                        "depth, a network's memory per depth). A model torch cannot export as one switchable file "
+                        "gets one session per depth on onnxruntime too, with a warning")
     p.add_argument("--depths", default=None, choices=("all", "table"),
                    help="depths to prepare: all 2^N, or the depth table's plus the super-net and the base-net (default: "
-                        "all on eager, where a depth is only flags; table on onnxruntime, where each depth is an "
-                        "export and a session); a request may fix only a prepared depth")
+                        "all on eager and onnxruntime, where a depth is only flags or an input; table on "
+                        "onnxruntime-per-depth, where each depth is an export and a session); a request may fix only "
+                        "a prepared depth")
     p.add_argument("--quantile", default="p99", choices=("p50", "p99"), help="latency quantile of the table that "
                                                                             "must fit the time left")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per batch (and per request)")
