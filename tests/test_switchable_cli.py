@@ -2,6 +2,7 @@
 the standalone ONNX Runtime snippet of docs/evaluation.md, and adn profile / depth-table on one switchable session."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import adn
 from adn.cli import main
@@ -30,6 +32,12 @@ def checkpoint(tmp_path_factory, fashion_dir) -> Path:
                  str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "1", "--recalibrate-bn", "0",
                  "--output-dir", str(run), "--no-progress"]) == 0
     assert main(["recalibrate", "--checkpoint", str(run / "checkpoint.pt"), "--batches", "2", "-b", "32"]) == 0
+    # A depth table next to it (the governor's; any latencies do here): adn export --switchable takes it along.
+    table = {"batch_sizes": [1, 8], "depths": [
+        {"skip": s, "acc1": acc, "macs": 1, "latency_ms": {"1": {"p50": ms, "p99": 2 * ms},
+                                                          "8": {"p50": 4 * ms, "p99": 8 * ms}}}
+        for s, acc, ms in (("TTT", 80.0, 0.05), ("TFF", 85.0, 0.1), ("FFF", 90.0, 0.2))]}
+    (run / "depth_table.json").write_text(json.dumps(table))
     return run / "checkpoint.pt"
 
 
@@ -63,6 +71,8 @@ def test_one_file_and_a_manifest_that_says_what_it_takes_and_carries(exported, c
                for e in manifest["subnetworks"])
     assert manifest["bytes"] == (exported / "switchable.onnx").stat().st_size
     assert manifest["preprocess"]["channels"] == 1 and len(manifest["class_names"]) == 10
+    assert manifest["model"] == "resnet20" and [r["skip"] for r in manifest["depth_table"]["depths"]] == [
+        "TTT", "TFF", "FFF"]
 
     # The file itself, at every depth, against the checkpoint's network with its per-depth statistics.
     net, _ = load_network(checkpoint)
@@ -199,3 +209,46 @@ def test_depth_table_uses_one_switchable_session(checkpoint, sessions, tmp_path)
                  "--output", str(tmp_path / "table.json")]) == 0
     assert len(sessions) == 2 and all("switchable.onnx" in name for name in sessions)
     assert json.loads((tmp_path / "table.json").read_text())["conditions"]["backend"] == "onnxruntime"
+
+
+def test_serve_runs_the_export_folder_without_the_checkpoint(exported, checkpoint, tmp_path, capsys):
+    """adn serve --model-dir: the switchable file in one session; preprocessing, class names and depth table from
+    the manifest; answers equal to the checkpoint's network at the depth chosen."""
+    pytest.importorskip("uvicorn")
+    from adn.serve import ServeSettings, Service
+
+    from .test_serve import post, running
+    folder = tmp_path / "deployed"  # the folder alone, away from the checkpoint
+    folder.mkdir()
+    for name in ("switchable.onnx", "manifest.json"):
+        (folder / name).write_bytes((exported / name).read_bytes())
+    service = Service.from_export(folder, ServeSettings(budget_ms=10_000, max_batch=8, max_wait_ms=1,
+                                                        backend="onnxruntime"))
+    assert service.predictor.net is None and service.engine.layout == "switchable" and len(service.engine.skips) == 8
+    net, _ = load_network(checkpoint)
+    net.eval()
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28), dtype=np.uint8)) for i in range(3)]
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        blobs.append(buffer.getvalue())
+    with running(service) as client:
+        for skip in (None, "TFT"):
+            answer = post(client, blobs, **({"skip": skip} if skip else {})).json()
+            assert answer["skip"] == (skip or "FFF")  # the budget lets the governor pick the super-net
+            batch = torch.stack([service.predictor.preprocessing.load(blob) for blob in blobs])
+            with torch.inference_mode():
+                probabilities = torch.softmax(net(batch, skip=answer["skip"]), dim=1)
+            for row, prediction in zip(probabilities, answer["predictions"]):
+                top = prediction["top"][0]
+                assert top["index"] == int(row.argmax()) and top["class"] == service.predictor.class_names[top["index"]]
+                assert top["probability"] == pytest.approx(float(row.max()), abs=1e-4)
+
+    assert main(["serve", "--model-dir", str(folder), "--backend", "eager", "--budget-ms", "5", "--port", "0"]) == 2
+    assert "--model-dir runs its switchable ONNX file on --backend onnxruntime" in capsys.readouterr().err
+    assert main(["serve", "--budget-ms", "5", "--port", "0"]) == 2
+    assert "give either --checkpoint FILE" in capsys.readouterr().err
+    (folder / "manifest.json").write_text(json.dumps({"switchable": False}))
+    assert main(["serve", "--model-dir", str(folder), "--budget-ms", "5", "--port", "0"]) == 2
+    assert "does not describe a switchable ONNX file" in capsys.readouterr().err

@@ -32,12 +32,16 @@ def add(sub) -> None:
                    help="write one file for every depth (switchable.onnx: inputs images and skip, a bool per "
                         "stage; or switchable.pt2: a torch.export program using torch.cond) instead of one per depth")
     p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--table", default=None,
+                   help="with --switchable: depth table (adn depth-table) to put into the manifest, so that adn serve "
+                        "--model-dir runs the export alone (default: depth_table.json next to the checkpoint, if any)")
     p.add_argument("--accuracy", default=None, help="JSON from `adn eval --json` to record accuracy in the manifest")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..deploy.export import SWITCHABLE_FORMATS, export_subnetworks, export_switchable
+    from ..deploy.predict import depth_table_for
     from ..vision.checkpoint import load_network
 
     if args.switchable and args.format not in SWITCHABLE_FORMATS:
@@ -55,8 +59,14 @@ def run(args) -> int:
             raise ValueError(f"--accuracy {args.accuracy}: expected the JSON printed by `adn eval --json` ({error})") from error
     size = meta.get("image_size", 224)
     example = torch.randn(1, meta["in_channels"], size, size)
+    if args.table and not args.switchable:
+        raise ValueError("--table goes into a switchable export's manifest: add --switchable")
     if args.switchable:
-        manifest = export_switchable(net.eval(), configs, args.output, args.format, example, accuracy, meta=meta)
+        table = None
+        if args.table or (Path(args.checkpoint).parent / "depth_table.json").is_file():
+            table = depth_table_for(args.checkpoint, args.table, net.num_stages).to_dict()
+        manifest = export_switchable(net.eval(), configs, args.output, args.format, example, accuracy, meta=meta,
+                                     depth_table=table)
         check = manifest["verification"]
         how = (f"largest difference from PyTorch {check['max_difference']:.1e} (tolerance {check['tolerance']:g})"
                if check["verified"] else "not run: onnxruntime is not installed (pip install 'adn[onnx]')")

@@ -91,11 +91,12 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
 
 
 def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
-                      meta: dict | None = None) -> dict:
+                      meta: dict | None = None, depth_table: dict | None = None) -> dict:
     """Write one file that runs every depth of ``net`` (``switchable.onnx``: inputs ``images`` and ``skip``; or
     ``switchable.pt2``: a ``torch.export`` program of both) and ``manifest.json``; return the manifest. The
     depths in ``configs`` are run from the file and compared with ``net`` before it is kept (ONNX: in ONNX
-    Runtime, when installed); they are the manifest's ``subnetworks``, each with its ``max_difference``."""
+    Runtime, when installed); they are the manifest's ``subnetworks``, each with its ``max_difference``. A
+    ``depth_table`` (``adn depth-table``'s JSON) goes into the manifest, for ``adn serve --model-dir``."""
     if fmt not in SWITCHABLE_FORMATS:
         raise ValueError(f"--switchable: one file for every depth is written as {' or '.join(SWITCHABLE_FORMATS)}, "
                          f"not {fmt}; --format safetensors writes one file per depth (without --switchable)")
@@ -138,6 +139,8 @@ def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor,
                          "verified": differences is not None, "tolerance": report["tolerance"],
                          "batch_sizes": [1, 3], "depths": len(configs), "max_difference": report["max_difference"]},
         "subnetworks": entries}
+    if depth_table is not None:
+        manifest["depth_table"] = depth_table
     _write_manifest(output, manifest)
     return manifest
 
@@ -146,7 +149,8 @@ def _model_io(meta: dict | None) -> dict:
     """With the checkpoint's ``meta``: what the files take and give (read and checked before anything is written)."""
     if meta is None:
         return {}
-    return {"preprocess": Preprocessing.from_meta(meta).to_dict(), "class_names": class_names(meta)}
+    return {"model": meta.get("model"), "preprocess": Preprocessing.from_meta(meta).to_dict(),
+            "class_names": class_names(meta)}
 
 
 def _output_folder(output_dir) -> Path:

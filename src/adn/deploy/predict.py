@@ -54,8 +54,8 @@ class Predictor:
             raise ValueError(f"--model-dir {folder}: cannot read {source} ({error}); give the folder written by adn "
                              f"export --format onnx --switchable") from error
         if not isinstance(manifest, dict) or manifest.get("switchable") is not True or manifest.get("format") != "onnx":
-            raise ValueError(f"--model-dir {folder}: {source} does not describe a switchable ONNX file; export one with "
-                             f"adn export --checkpoint C --format onnx --switchable --output {folder}")
+            raise ValueError(f"--model-dir {folder}: {source} does not describe a switchable ONNX file; export one "
+                             f"with adn export --checkpoint C --format onnx --switchable --output {folder}")
         missing = [key for key in ("file", "num_stages", "preprocess", "class_names", "input_shape")
                    if key not in manifest]
         file = folder / str(manifest.get("file", ""))
@@ -91,8 +91,8 @@ class Predictor:
 def depth_table_for(checkpoint: str | os.PathLike, table: str | os.PathLike | None, num_stages: int):
     """The depth table to choose depths from: ``table``, or ``depth_table.json`` next to the checkpoint
     (where ``adn depth-table`` writes it). Checked to describe a network of ``num_stages`` stages."""
-    from .depth_table import DepthTable
     from ..core.skip import SkipConfig
+    from .depth_table import DepthTable
 
     path = Path(table) if table else Path(checkpoint).parent / "depth_table.json"
     if not path.is_file():

@@ -22,7 +22,8 @@ BACKENDS = ("eager", *ONNX_BACKENDS)
 
 class Engine:
     def __init__(self, net: nn.Module | None, example: torch.Tensor, configs: list | None = None,
-                 backend: str = "eager", switchable_file: str | os.PathLike | None = None, num_stages: int | None = None):
+                 backend: str = "eager", switchable_file: str | os.PathLike | None = None,
+                 num_stages: int | None = None):
         """``example``: one input ``[1, C, H, W]``; ``configs``: the depths to prepare (default: all 2^N). Without
         ``net``: the switchable ONNX file ``switchable_file`` (written, and checked at every depth, by ``adn
         export --switchable``) of a network of ``num_stages`` stages, on onnxruntime."""

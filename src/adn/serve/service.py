@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..core.skip import SkipConfig
 from ..deploy.depth_table import DepthTable
 from ..deploy.governor import Governor
 from ..deploy.predict import Predictor, depth_table_for, top_k
 from ..vision.preprocess import ImageError, ImageTooLarge
-from ..core.skip import SkipConfig
 from .batcher import Batcher, Draining, QueueFull
 from .engine import Engine
 from .errors import ApiError
