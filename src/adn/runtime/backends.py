@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -153,12 +154,14 @@ class OnnxSwitchable:
             if names != ["images", "skip"]:
                 raise ValueError(f"{path} is not a switchable file (inputs {', '.join(names)}; expected images, skip): "
                                  f"write one with adn export --format onnx --switchable")
-            self.num_stages = num_stages or self.session.get_inputs()[1].shape[0]
+            flags = self.session.get_inputs()[1].shape[0]
+            if num_stages is not None and flags != num_stages:
+                raise ValueError(f"{path} takes {flags} skip flags, not {num_stages}: its manifest was altered or "
+                                 f"belongs to another export")
+            self.num_stages = flags
         self._flags: dict[str, object] = {}
 
     def runner(self, config) -> Callable[[object], object]:
-        import numpy as np  # numpy comes with onnxruntime; only this runner needs it here
-
         config = SkipConfig(config, self.num_stages)
         flags = self._flags.setdefault(str(config), np.array(list(config), dtype=bool))
         session = self.session
