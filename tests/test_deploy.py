@@ -105,9 +105,9 @@ def test_compiled_depths_switch_without_compiling(fast_compile):
         fast.skip = "TTF"
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "compile"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-per-depth", "compile"])
 def test_profile_times_each_backend(backend, fast_compile, capsys):
-    if backend == "onnxruntime":
+    if backend.startswith("onnxruntime"):
         pytest.importorskip("onnxruntime")
     assert main(["profile", "--model", "resnet20", "--width", "4", "--in-channels", "1", "--input-size", "28",
                  "--num-classes", "10", "--skip", "FFF,TTT", "--backend", backend, "--repeats", "3", "--json"]) == 0

@@ -562,7 +562,10 @@ def test_sigterm_answers_queued_requests_then_exits(model_dir):
             process.wait()
 
 
-def test_onnx_runtime_sessions_are_made_once_and_depth_switches_reuse_them(model_dir, monkeypatch):
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-per-depth"])
+def test_onnx_runtime_sessions_are_made_once_and_depth_switches_reuse_them(model_dir, monkeypatch, backend):
+    """onnxruntime: one session on one switchable file serves every depth (skip is an input);
+    onnxruntime-per-depth: one session per depth. Either way nothing is made after start-up."""
     pytest.importorskip("onnxscript")
     onnxruntime = pytest.importorskip("onnxruntime")
     from adn.serve.engine import Engine
@@ -574,9 +577,14 @@ def test_onnx_runtime_sessions_are_made_once_and_depth_switches_reuse_them(model
             super().__init__(*args, **kwargs)
     monkeypatch.setattr(onnxruntime, "InferenceSession", Counted)
     net = adn.load(model_dir / "checkpoint.pt")
-    engine = Engine(net, torch.zeros(1, 1, 28, 28), ["FFF", "TTT"], backend="onnxruntime")
-    prepared = len(made)  # (export_onnx opens each file once more to check it)
-    assert {path.rsplit("_", 1)[-1] for path in made} == {"FFF.onnx", "TTT.onnx"} and engine.skips == ["FFF", "TTT"]
+    engine = Engine(net, torch.zeros(1, 1, 28, 28), ["FFF", "TTT"], backend=backend)
+    prepared = len(made)  # (the export opens each file once more to check it)
+    if backend == "onnxruntime":  # (the file is checked under a temporary name, then opened once to serve)
+        assert engine.layout == "switchable" and prepared == 2 and all("switchable.onnx" in p for p in made)
+    else:
+        assert engine.layout == "per-depth"
+        assert {path.rsplit("_", 1)[-1] for path in made} == {"FFF.onnx", "TTT.onnx"}
+    assert engine.skips == ["FFF", "TTT"]
     for size, skip in ((1, "TTT"), (3, "FFF"), (2, "TTT"), (5, "FFF")):  # switching depth and batch size
         batch = torch.randn(size, 1, 28, 28)
         with torch.inference_mode():
@@ -587,9 +595,11 @@ def test_onnx_runtime_sessions_are_made_once_and_depth_switches_reuse_them(model
 
 
 def test_the_table_depths_can_be_served_alone_and_are_the_default_on_onnx_runtime(model_dir):
-    """Preparing a depth on ONNX Runtime is an export and a session: by default only the depths the governor can
-    choose (the table's) and the two a request most often fixes (super-net, base-net) are prepared there."""
-    assert ServeSettings(budget_ms=10, backend="onnxruntime").prepared_depths == "table"
+    """Preparing a depth on per-depth ONNX Runtime sessions is an export and a session: by default only the depths
+    the governor can choose (the table's) and the two a request most often fixes (super-net, base-net) are prepared
+    there. One switchable session serves every depth at the cost of one: all are prepared."""
+    assert ServeSettings(budget_ms=10, backend="onnxruntime-per-depth").prepared_depths == "table"
+    assert ServeSettings(budget_ms=10, backend="onnxruntime").prepared_depths == "all"
     assert ServeSettings(budget_ms=10).prepared_depths == "all"
     service = make_service(model_dir, depths="table")
     assert service.engine.skips == ["FFF", "TFF", "TTT"]  # the table's three, which include super and base

@@ -14,8 +14,10 @@ import torchvision
 import adn
 from adn.runtime.graph_export import export_onnx
 from adn.runtime.switchable import (
+    SwitchableExportError,
     SwitchableNetwork,
     export_switchable_onnx,
+    export_switchable_pt2,
     verify_switchable_onnx,
 )
 
@@ -183,3 +185,13 @@ def test_swin(tmp_path):
     net, (channels, size) = _small("swin")
     export_switchable_onnx(net, torch.randn(1, channels, size, size), tmp_path / "net.onnx")
     _check_every_depth(net, tmp_path / "net.onnx", channels, size)
+
+
+@pytest.mark.slow
+def test_swin_pt2_export_fails_with_a_clear_message_and_writes_nothing(tmp_path):
+    """torch 2.14 exports the switchable Swin program but cannot serialize it (the attention mask, a tensor
+    constant inside a torch.cond branch): one error that names the step and the cause, and no file."""
+    net, (channels, size) = _small("swin")
+    with pytest.raises(SwitchableExportError, match=r"torch.export cannot save .*SerializeError"):
+        export_switchable_pt2(net, torch.randn(1, channels, size, size), tmp_path / "net.pt2")
+    assert list(tmp_path.iterdir()) == []

@@ -77,9 +77,10 @@ def add_measure_flags(p) -> None:
     p.add_argument("--repeats", type=positive_int, default=10, help="timed forward passes (median reported)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--backend", default="eager", choices=("eager", "compile", "onnxruntime"),
-                   help="engine for latency: eager PyTorch (switching depth in place), torch.compile or ONNX Runtime "
-                        "(every sub-network compiled or exported ahead of time)")
+    p.add_argument("--backend", default="eager", choices=("eager", "compile", "onnxruntime", "onnxruntime-per-depth"),
+                   help="engine for latency: eager PyTorch (switching depth in place), torch.compile (every "
+                        "sub-network compiled ahead of time), ONNX Runtime on one switchable file (one session, the "
+                        "depth fed as an input) or on one file per sub-network (onnxruntime-per-depth)")
 
 
 def skip_configs(text: str, num_stages: int) -> list[SkipConfig]:

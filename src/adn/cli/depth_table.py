@@ -30,7 +30,9 @@ def add(sub) -> None:
                                    "some batch size, and writes them as plain JSON (schema: docs/serving.md).")
     p.add_argument("--checkpoint", required=True, help="file written by adn train")
     p.add_argument("--eval", required=True, dest="eval_json", help="file with the output of adn eval --json (acc1)")
-    p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"), help="engine that will serve")
+    p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime", "onnxruntime-per-depth"),
+                   help="engine that will serve (onnxruntime: one switchable session for every depth; "
+                        "onnxruntime-per-depth: one session per depth; see adn serve --help)")
     p.add_argument("--batch-sizes", type=_batch_size_list, default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                    help="comma-separated batch sizes to time, e.g. 1,8,32")
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds per batch size")

@@ -6,6 +6,7 @@ import sys
 
 from .common import note_missing_depth_statistics, positive_int
 
+LAYOUTS = {"switchable": ", one switchable ONNX Runtime session", "per-depth": ", one ONNX Runtime session per depth"}
 NEEDS = {"starlette": "starlette", "uvicorn": "uvicorn", "prometheus_client": "prometheus_client",
          "multipart": "python-multipart"}
 
@@ -20,17 +21,30 @@ def add(sub) -> None:
                                    "('budget_ms' or X-ADN-Budget-Ms). SIGTERM answers queued requests, then exits. "
                                    "Once it listens: curl -F file=@shoe.png http://127.0.0.1:8000/v1/predict "
                                    "(more in docs/serving.md)")
-    p.add_argument("--checkpoint", required=True, help="file written by adn train")
+    p.add_argument("--checkpoint", default=None, help="file written by adn train")
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="instead of --checkpoint: a folder written by adn export --format onnx --switchable (the "
+                        "switchable .onnx and its manifest, with preprocessing, class names and, with adn export "
+                        "--table, the depth table), served on onnxruntime without the checkpoint; needs numpy, "
+                        "onnxruntime, pillow, torch (preprocessing) and the serve packages")
     p.add_argument("--budget-ms", type=float, required=True, metavar="B",
                    help="latency budget of a request, from arrival to answer (requests may bring their own)")
     p.add_argument("--table", default=None, help="depth table from adn depth-table (default: depth_table.json next to "
-                                                 "the checkpoint)")
-    p.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"),
-                   help="engine; depths are prepared at start-up, so switching depth never compiles or exports")
+                                                 "the checkpoint; with --model-dir, the manifest's, else "
+                                                 "depth_table.json in the folder)")
+    p.add_argument("--backend", default=None, choices=("eager", "onnxruntime", "onnxruntime-per-depth"),
+                   help="engine; depths are prepared at start-up, so switching depth never compiles or exports. "
+                        "onnxruntime: one switchable ONNX file in one session, the depth fed per batch (memory of "
+                        "about one network); onnxruntime-per-depth: one session per depth (a little faster per "
+                        "depth, a network's memory per depth). A model torch cannot export as one switchable file "
+                        "gets one session per depth on onnxruntime too, with a warning (default: eager with "
+                        "--checkpoint, onnxruntime with --model-dir)")
     p.add_argument("--depths", default=None, choices=("all", "table"),
-                   help="depths to prepare: all 2^N, or the depth table's plus the super-net and the base-net (default: "
-                        "all on eager, where a depth is only flags; table on onnxruntime, where each depth is an "
-                        "export and a session); a request may fix only a prepared depth")
+                   help="depths to prepare: all 2^N, or the depth table's plus the super-net and the base-net "
+                        "(default: "
+                        "all on eager and onnxruntime, where a depth is only flags or an input; table on "
+                        "onnxruntime-per-depth, where each depth is an export and a session); a request may fix only "
+                        "a prepared depth")
     p.add_argument("--quantile", default="p99", choices=("p50", "p99"), help="latency quantile of the table that "
                                                                             "must fit the time left")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per batch (and per request)")
@@ -65,6 +79,13 @@ def run(args) -> int:
     missing = [package for module, package in NEEDS.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise ValueError(f"adn serve needs {', '.join(missing)}: pip install 'adn[serve]'")
+    if (args.checkpoint is None) == (args.model_dir is None):
+        raise ValueError("give either --checkpoint FILE (a trained network) or --model-dir DIR (a switchable export)")
+    if args.backend is None:
+        args.backend = "eager" if args.checkpoint else "onnxruntime"
+    if args.model_dir and args.backend != "onnxruntime":
+        raise ValueError(f"--model-dir runs its switchable ONNX file on --backend onnxruntime, not {args.backend}; "
+                         f"serving on {args.backend} needs --checkpoint")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: give a port number in 0..65535 (0: any free one)")
     from ..serve import ServeSettings, Service, create_app
@@ -77,14 +98,18 @@ def run(args) -> int:
                              quantile=args.quantile, backend=args.backend, depths=args.depths,
                              headroom=args.headroom)
     sock = server.bind(args.host, args.port)  # before the slow start-up: a taken port fails at once
-    print(f"adn serve: loading {args.checkpoint}, preparing {settings.prepared_depths} depths on {args.backend}",
-          file=sys.stderr)
+    print(f"adn serve: loading {args.checkpoint or args.model_dir}, preparing {settings.prepared_depths} depths on "
+          f"{args.backend}", file=sys.stderr)
     try:
-        service = Service.from_checkpoint(args.checkpoint, settings, args.table)
+        if args.model_dir:
+            service = Service.from_export(args.model_dir, settings, args.table)
+        else:
+            service = Service.from_checkpoint(args.checkpoint, settings, args.table)
     except BaseException:
         sock.close()
         raise
-    note_missing_depth_statistics(service.predictor.net, service.predictor.meta, args.checkpoint)
+    if service.predictor.net is not None:
+        note_missing_depth_statistics(service.predictor.net, service.predictor.meta, args.checkpoint)
     measured_on = service.governor.table.meta.get("conditions", {}).get("backend")
     if measured_on and measured_on != args.backend:
         print(f"adn: warning: the depth table was measured on {measured_on}, the server runs {args.backend}: the "
@@ -94,7 +119,8 @@ def run(args) -> int:
     shown = f"[{host}]" if ":" in host else host
     table = service.governor.table
     print(f"adn serve: {service.predictor.meta['model']} ({service.predictor.num_stages} stages, "
-          f"{len(service.engine.skips)} depths prepared in {service.engine.prepare_seconds:.1f} s), "
+          f"{len(service.engine.skips)} depths prepared in {service.engine.prepare_seconds:.1f} s"
+          f"{LAYOUTS.get(service.engine.layout, '')}), "
           f"{len(table.depths)} depths in the table, budget {settings.budget_ms:g} ms ({settings.quantile}), "
           f"max batch {settings.max_batch}", file=sys.stderr)
     print(f"adn serve: listening on http://{shown}:{port}  (POST /v1/predict, GET /v1/depths, /healthz, /metrics; "

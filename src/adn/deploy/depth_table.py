@@ -198,7 +198,7 @@ def measure_latencies(net, image, configs, batch_sizes, backend: str = "eager", 
     from ..runtime.backends import depth_runners
     from ..runtime.profile import time_interleaved
 
-    if backend not in ("eager", "onnxruntime"):
+    if backend not in ("eager", "onnxruntime", "onnxruntime-per-depth"):
         raise ValueError(f"--backend {backend}: a depth table is measured on eager or onnxruntime (a compiled graph "
                          f"is specialised to one batch size)")
     net.eval()
@@ -206,7 +206,7 @@ def measure_latencies(net, image, configs, batch_sizes, backend: str = "eager", 
     tables: list[dict] = [{} for _ in configs]
     for size in batch_sizes:
         batch = image[None].expand(size, *image.shape).contiguous()
-        inputs = batch.numpy() if backend == "onnxruntime" else batch
+        inputs = batch.numpy() if backend.startswith("onnxruntime") else batch
         times = time_interleaved(runners, inputs, warmup, repeats, batch.is_cuda)
         for table, samples in zip(tables, times):
             samples = sorted(samples)
@@ -233,7 +233,7 @@ def conditions(device, backend: str, warmup: int, repeats: int) -> dict:
 
     import torch
     onnx_version = None
-    if backend == "onnxruntime":
+    if backend.startswith("onnxruntime"):
         import onnxruntime
         onnx_version = onnxruntime.__version__
     return {"device": str(device), "cpu": _cpu_name() or platform.processor() or platform.machine(),

@@ -7,7 +7,11 @@ dimension, runnable without adn) and
 run in it and compared with PyTorch before it is kept, and loaded again under its final name). Every file
 is written under a temporary name and renamed when complete and verified. Exporting into a folder that
 holds an earlier export replaces it: the earlier manifest's files that the new one does not list are
-deleted, so the folder holds exactly what its manifest describes."""
+deleted, so the folder holds exactly what its manifest describes.
+
+:func:`export_switchable` writes one file for every depth instead (``switchable.onnx`` or ``switchable.pt2``,
+:mod:`adn.runtime.switchable`), verified at each depth before it is kept, and the same kind of manifest
+with ``"switchable": true``, the file's inputs and outputs, and each verified depth's largest difference."""
 from __future__ import annotations
 
 import json
@@ -19,16 +23,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..utils import jsonout
-from ..utils.atomic import atomic_write
-from ..core.depth_statistics import statistics_in_use
-from ..vision.labels import class_names
-from ..vision.preprocess import Preprocessing
+from ..core.depth_statistics import rows_apply, statistics_in_use
+from ..core.skip import SkipConfig
 from ..runtime.graph_export import export_onnx, export_pt2, verify_onnx
 from ..runtime.profile import count_macs
-from ..core.skip import SkipConfig
+from ..runtime.switchable import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    SwitchableExportError,
+    export_switchable_onnx,
+    export_switchable_pt2,
+)
+from ..utils import jsonout
+from ..utils.atomic import atomic_write
+from ..vision.labels import class_names
+from ..vision.preprocess import Preprocessing
 
 FORMATS = ("safetensors", "pt2", "onnx")
+SWITCHABLE_FORMATS = ("onnx", "pt2")
 
 
 def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
@@ -38,16 +50,8 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     configs = [SkipConfig(c, net.num_stages) for c in configs]  # validate every config before writing anything
-    model_io = {}
-    if meta is not None:  # read (and checked) before anything is written
-        model_io = {"preprocess": Preprocessing.from_meta(meta).to_dict(), "class_names": class_names(meta)}
-    output = Path(output_dir)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"cannot create output directory {output}: {error.strerror or error}") from error
-    if not os.access(output, os.W_OK):
-        raise ValueError(f"output directory {output} is not writable; choose another --output")
+    model_io = _model_io(meta)
+    output = _output_folder(output_dir)
     entries = []
     for config in configs:
         sub = net.subnet(config).eval()
@@ -84,14 +88,93 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
     # Which batch-norm statistics the files carry: each depth's own (adn recalibrate) or the running ones.
     manifest = {"input_shape": list(example.shape[1:]), **model_io, "batch_norm_statistics": statistics_in_use(net),
                 "subnetworks": entries}
-    previous = _listed_files(output / "manifest.json")  # read before it is replaced
-    atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(manifest, indent=2)))
-    _remove_stale(output, previous - {name for entry in entries for name in _entry_files(entry)})
+    _write_manifest(output, manifest)
     return entries
 
 
+def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
+                      meta: dict | None = None, depth_table: dict | None = None) -> dict:
+    """Write one file that runs every depth of ``net`` (``switchable.onnx``: inputs ``images`` and ``skip``; or
+    ``switchable.pt2``: a ``torch.export`` program of both) and ``manifest.json``; return the manifest. The
+    depths in ``configs`` are run from the file and compared with ``net`` before it is kept (ONNX: in ONNX
+    Runtime, when installed); they are the manifest's ``subnetworks``, each with its ``max_difference``. A
+    ``depth_table`` (``adn depth-table``'s JSON) goes into the manifest, for ``adn serve --model-dir``."""
+    if fmt not in SWITCHABLE_FORMATS:
+        raise ValueError(f"--switchable: one file for every depth is written as {' or '.join(SWITCHABLE_FORMATS)}, "
+                         f"not {fmt}; --format safetensors writes one file per depth (without --switchable)")
+    configs = [SkipConfig(c, net.num_stages) for c in configs]
+    model_io = _model_io(meta)
+    output = _output_folder(output_dir)
+    name = f"switchable.{fmt}"
+    entries = []  # measured before anything is written
+    for config in configs:
+        sub = net.subnet(config).eval()
+        entry = {"skip": str(config), "file": name, "format": fmt, "skip_input": list(config),
+                 "params": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example[:1])}
+        if accuracy and str(config) in accuracy:
+            entry.update(accuracy[str(config)])
+        entries.append(entry)
+    with torch.no_grad():
+        classes = int(net(example[:1], skip=configs[0]).shape[1]) if configs else None
+    write = export_switchable_onnx if fmt == "onnx" else export_switchable_pt2
+    try:
+        report = write(net.eval(), example[:1], output / name, configs=configs)
+    except SwitchableExportError as error:
+        other = ("--format onnx --switchable (one ONNX file), or " if fmt == "pt2" else "")
+        raise SwitchableExportError(f"{error}. Nothing was written; use {other}one file per depth (--format {fmt} "
+                                    f"without --switchable)") from error
+    differences = report["differences"]
+    for entry in entries:
+        entry["max_difference"] = None if differences is None else differences[entry["skip"]]
+    shape = list(example.shape[1:])
+    manifest = {
+        "switchable": True, "format": fmt, "file": name, "bytes": report["bytes"], "num_stages": net.num_stages,
+        "opset": report.get("opset"), "input_shape": shape,
+        "inputs": [{"name": INPUT_NAMES[0], "shape": ["batch", *shape], "dtype": "float32"},
+                   {"name": INPUT_NAMES[1], "shape": [net.num_stages], "dtype": "bool",
+                    "meaning": "one flag per stage, first stage first; true: that stage's skippable blocks are "
+                               "not run (the skip string's T)"}],
+        "outputs": [{"name": OUTPUT_NAMES[0], "shape": ["batch", classes], "dtype": "float32"}],
+        **model_io,
+        "batch_norm_statistics": statistics_in_use(net), "per_depth_statistics": rows_apply(net),
+        "verification": {"engine": "onnxruntime" if fmt == "onnx" else "torch.export.load",
+                         "verified": differences is not None, "tolerance": report["tolerance"],
+                         "batch_sizes": [1, 3], "depths": len(configs), "max_difference": report["max_difference"]},
+        "subnetworks": entries}
+    if depth_table is not None:
+        manifest["depth_table"] = depth_table
+    _write_manifest(output, manifest)
+    return manifest
+
+
+def _model_io(meta: dict | None) -> dict:
+    """With the checkpoint's ``meta``: what the files take and give (read and checked before anything is written)."""
+    if meta is None:
+        return {}
+    return {"model": meta.get("model"), "preprocess": Preprocessing.from_meta(meta).to_dict(),
+            "class_names": class_names(meta)}
+
+
+def _output_folder(output_dir) -> Path:
+    output = Path(output_dir)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create output directory {output}: {error.strerror or error}") from error
+    if not os.access(output, os.W_OK):
+        raise ValueError(f"output directory {output} is not writable; choose another --output")
+    return output
+
+
+def _write_manifest(output: Path, manifest: dict) -> None:
+    """Write ``manifest.json``, then delete the files the earlier manifest listed and this one does not."""
+    previous = _listed_files(output / "manifest.json")  # read before it is replaced
+    atomic_write(output / "manifest.json", lambda tmp: Path(tmp).write_text(jsonout.dumps(manifest, indent=2)))
+    _remove_stale(output, previous - {name for entry in manifest["subnetworks"] for name in _entry_files(entry)})
+
+
 # What adn writes into an export folder; an earlier manifest is only trusted to name files of this form.
-EXPORTED_FILE = re.compile(r"subnet_[TF]+\.(safetensors|pt2|onnx|onnx\.data)")
+EXPORTED_FILE = re.compile(r"subnet_[TF]+\.(safetensors|pt2|onnx|onnx\.data)|switchable\.(onnx|pt2)")
 
 
 def _entry_files(entry) -> list[str]:

@@ -7,8 +7,11 @@ outputs are called, together (``adn predict`` and ``adn serve`` both use it).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ from ..vision.preprocess import Preprocessing
 
 @dataclass
 class Predictor:
-    net: nn.Module
+    net: nn.Module | None  # None: an exported switchable file runs the network (from_export)
     preprocessing: Preprocessing
     class_names: list[str]
     meta: dict
@@ -38,12 +41,44 @@ class Predictor:
                              f"network that takes {meta['in_channels']}; it was altered")
         return cls(net.eval(), preprocessing, class_names(meta, source=str(path)), meta)
 
+    @classmethod
+    def from_export(cls, folder: str | os.PathLike) -> tuple[Predictor, Path, dict]:
+        """The preprocessing and class names of a switchable export folder (``adn export --format onnx
+        --switchable``), without the network (``net`` is None: the ONNX file runs it), with the path of the file
+        and the manifest."""
+        folder = Path(folder)
+        source = folder / "manifest.json"
+        try:
+            manifest = json.loads(source.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--model-dir {folder}: cannot read {source} ({error}); give the folder written by adn "
+                             f"export --format onnx --switchable") from error
+        if not isinstance(manifest, dict) or manifest.get("switchable") is not True or manifest.get("format") != "onnx":
+            raise ValueError(f"--model-dir {folder}: {source} does not describe a switchable ONNX file; export one "
+                             f"with adn export --checkpoint C --format onnx --switchable --output {folder}")
+        missing = [key for key in ("file", "num_stages", "preprocess", "class_names", "input_shape")
+                   if key not in manifest]
+        file = folder / str(manifest.get("file", ""))
+        if missing or not re.fullmatch(r"switchable\.onnx", file.name) or not file.is_file():
+            raise ValueError(f"--model-dir {folder}: {source} lacks {', '.join(missing) or 'its file'} (written by an "
+                             f"older adn export, or altered); export again with adn export --format onnx --switchable")
+        meta = {"model": manifest.get("model", "exported"), "num_stages": int(manifest["num_stages"]),
+                "num_classes": len(manifest["class_names"]), "in_channels": manifest["input_shape"][0],
+                "preprocess": manifest["preprocess"], "class_names": manifest["class_names"]}
+        preprocessing = Preprocessing.from_meta(meta, source=str(source))
+        if list(preprocessing.input_shape) != list(manifest["input_shape"]):
+            raise ValueError(f"{source}: preprocessing makes {list(preprocessing.input_shape)} images, the file takes "
+                             f"{manifest['input_shape']}; it was altered")
+        return cls(None, preprocessing, class_names(meta, source=str(source)), meta), file, manifest
+
     @property
     def num_stages(self) -> int:
-        return self.net.num_stages
+        return self.net.num_stages if self.net is not None else self.meta["num_stages"]
 
     def logits(self, batch: torch.Tensor, skip) -> torch.Tensor:
         """The network's outputs for ``batch`` at depth ``skip`` (per call: safe from several threads)."""
+        if self.net is None:
+            raise ValueError("this predictor has no PyTorch network (it was read from an export folder)")
         with torch.inference_mode():
             return self.net(batch, skip=skip)
 
@@ -56,10 +91,8 @@ class Predictor:
 def depth_table_for(checkpoint: str | os.PathLike, table: str | os.PathLike | None, num_stages: int):
     """The depth table to choose depths from: ``table``, or ``depth_table.json`` next to the checkpoint
     (where ``adn depth-table`` writes it). Checked to describe a network of ``num_stages`` stages."""
-    from pathlib import Path
-
-    from .depth_table import DepthTable
     from ..core.skip import SkipConfig
+    from .depth_table import DepthTable
 
     path = Path(table) if table else Path(checkpoint).parent / "depth_table.json"
     if not path.is_file():

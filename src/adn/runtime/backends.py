@@ -8,24 +8,35 @@ trigger a compilation on the hot path, every requested depth is prepared ahead o
     fast(images)
 
 :func:`depth_runners` gives the per-depth callables ``adn profile --backend`` times.
+
+ONNX Runtime is the exception: one switchable file holds every depth (:mod:`adn.runtime.switchable`), so
+:func:`onnx_depths` opens one session and switching depth is feeding another ``skip`` input
+(:class:`OnnxSwitchable`); :class:`OnnxDepths` keeps one session per depth (per-depth files fold every
+batch norm into its convolution, so each depth is a little faster, at 2^N times the memory).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..core.skip import SkipConfig
 from .graph_export import export_onnx
+from .switchable import SwitchableExportError, export_switchable_onnx
 
-BACKENDS = ("eager", "compile", "onnxruntime")
+# "onnxruntime": one switchable ONNX file in one session for every depth (skip fed as an input), or, for a
+# model torch cannot export so, one session per depth; "onnxruntime-per-depth": one session per depth always.
+ONNX_BACKENDS = ("onnxruntime", "onnxruntime-per-depth")
+BACKENDS = ("eager", "compile", *ONNX_BACKENDS)
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests switch to dynamo's fast "eager" backend
 
 
@@ -89,24 +100,87 @@ def compile_depths(net: nn.Module, example: torch.Tensor, configs: Sequence | No
     return CompiledDepths(net, example, configs, backend=backend, mode=mode, dynamic=dynamic)
 
 
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ValueError("the onnxruntime backend needs ONNX Runtime: pip install 'adn[onnx]'") from error
+    return onnxruntime
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options with ``threads`` intra-op threads (default: as many as torch uses, so that
+    eager and ONNX Runtime timings compare like with like), one inter-op thread, warnings only."""
+    options = _onnxruntime().SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def _on_cpu(example: torch.Tensor) -> None:
+    if example.device.type != "cpu":
+        raise ValueError("the onnxruntime backend runs on the CPU (the pinned onnxruntime package has no GPU "
+                         "provider); use --device cpu")
+
+
+class OnnxSwitchable:
+    """One ONNX Runtime session on a switchable ONNX file (inputs ``images`` and ``skip``): every depth,
+    chosen per call by the ``skip`` input; switching depth creates nothing. Opens ``path`` when given (a file
+    written by ``adn export --switchable``, with ``num_stages`` flags), else exports ``net`` to a temporary
+    file, checks the depths in ``configs`` against it (:func:`adn.runtime.switchable.export_switchable_onnx`)
+    and opens that."""
+
+    layout = "switchable"
+
+    def __init__(self, net: nn.Module | None = None, example: torch.Tensor | None = None,
+                 configs: Sequence | None = None, threads: int | None = None,
+                 path: str | os.PathLike | None = None, num_stages: int | None = None):
+        onnxruntime = _onnxruntime()
+        options = session_options(threads)
+        self.threads = options.intra_op_num_threads
+        if path is None:
+            _on_cpu(example)
+            self.num_stages = net.num_stages
+            with tempfile.TemporaryDirectory(prefix="adn-onnx-") as folder:
+                file = Path(folder) / "switchable.onnx"
+                with contextlib.redirect_stderr(io.StringIO()):
+                    self.report = export_switchable_onnx(net, example[:1], file, configs=configs)
+                self.session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        else:
+            self.report = None
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            names = [i.name for i in self.session.get_inputs()]
+            if names != ["images", "skip"]:
+                raise ValueError(f"{path} is not a switchable file (inputs {', '.join(names)}; expected images, skip): "
+                                 f"write one with adn export --format onnx --switchable")
+            flags = self.session.get_inputs()[1].shape[0]
+            if num_stages is not None and flags != num_stages:
+                raise ValueError(f"{path} takes {flags} skip flags, not {num_stages}: its manifest was altered or "
+                                 f"belongs to another export")
+            self.num_stages = flags
+        self._flags: dict[str, object] = {}
+
+    def runner(self, config) -> Callable[[object], object]:
+        config = SkipConfig(config, self.num_stages)
+        flags = self._flags.setdefault(str(config), np.array(list(config), dtype=bool))
+        session = self.session
+        return lambda array: session.run(None, {"images": array, "skip": flags})
+
+
 class OnnxDepths:
-    """Sub-networks exported to ONNX (dynamic batch) and loaded in ONNX Runtime sessions on the CPU,
-    with as many threads as torch uses, so that eager and ONNX Runtime timings compare like with like."""
+    """Sub-networks exported to ONNX (dynamic batch) and loaded in ONNX Runtime sessions on the CPU (one
+    per depth), with as many threads as torch uses, so that eager and ONNX Runtime timings compare like
+    with like."""
+
+    layout = "per-depth"
 
     def __init__(self, net: nn.Module, example: torch.Tensor, configs: Sequence | None = None,
                  folder: str | os.PathLike | None = None, threads: int | None = None):
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise ValueError("the onnxruntime backend needs ONNX Runtime: pip install 'adn[onnx]'") from error
-        if example.device.type != "cpu":
-            raise ValueError("the onnxruntime backend runs on the CPU (the pinned onnxruntime package has no GPU "
-                             "provider); use --device cpu")
+        onnxruntime = _onnxruntime()
+        _on_cpu(example)
         configs = net.sub_networks() if configs is None else [SkipConfig(c, net.num_stages) for c in configs]
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = session_options(threads)
         self.threads = options.intra_op_num_threads
         self.sessions = {}
         with contextlib.ExitStack() as stack:
@@ -123,6 +197,23 @@ class OnnxDepths:
         session = self.sessions[str(config)]
         name = session.get_inputs()[0].name
         return lambda array: session.run(None, {name: array})
+
+
+def onnx_depths(net: nn.Module, example: torch.Tensor, configs: Sequence | None = None, backend: str = "onnxruntime",
+                threads: int | None = None) -> OnnxSwitchable | OnnxDepths:
+    """ONNX Runtime sessions for the depths in ``configs``: on ``"onnxruntime"`` one switchable session
+    (:class:`OnnxSwitchable`), or, when torch cannot export the model as one switchable file, one session per
+    depth with a warning on stderr; on ``"onnxruntime-per-depth"`` one session per depth
+    (:class:`OnnxDepths`)."""
+    if backend not in ONNX_BACKENDS:
+        raise ValueError(f"unknown ONNX Runtime backend {backend!r}; choose one of {', '.join(ONNX_BACKENDS)}")
+    if backend == "onnxruntime":
+        try:
+            return OnnxSwitchable(net, example, configs, threads=threads)
+        except SwitchableExportError as error:
+            print(f"adn: warning: {error}; using one ONNX Runtime session per depth instead (more memory; "
+                  f"--backend onnxruntime-per-depth says so and skips this attempt)", file=sys.stderr)
+    return OnnxDepths(net, example, configs, threads=threads)
 
 
 def depth_runners(net: nn.Module, example: torch.Tensor, configs: Sequence, backend: str = "eager"):
@@ -142,5 +233,5 @@ def depth_runners(net: nn.Module, example: torch.Tensor, configs: Sequence, back
     if backend == "compile":
         compiled = compile_depths(net, example, configs)
         return [(lambda x, key=c: compiled(x, skip=key)) for c in configs], example
-    onnx = OnnxDepths(net, example, configs)
+    onnx = onnx_depths(net, example, configs, backend)
     return [onnx.runner(c) for c in configs], example.numpy()

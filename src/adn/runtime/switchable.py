@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,64 +105,162 @@ def write_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.
                           verbose=False, external_data=False)
 
 
+class SwitchableExportError(ValueError):
+    """torch could not export the model as one switchable program (the exporter failed, not the checks)."""
+
+
 def export_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                           tolerance: float = ONNX_TOLERANCE) -> dict:
+                           tolerance: float = ONNX_TOLERANCE, configs: Sequence | None = None) -> dict:
     """Write one ONNX file at ``path`` that runs ``net`` at every depth (inputs ``images``, ``skip``), verify
-    every depth in ONNX Runtime (if installed) before it is kept, and return what was written: ``file``,
-    ``bytes``, ``num_stages``, ``depths``, ``tolerance`` and the largest difference from PyTorch,
-    ``max_difference`` (None without ONNX Runtime). The network is exported in eval mode and left in the mode
-    it was in."""
+    the depths in ``configs`` (default: all 2^N) in ONNX Runtime (if installed) before it is kept, and return
+    what was written: ``file``, ``bytes``, ``opset``, ``num_stages``, ``depths``, ``tolerance``, the largest
+    difference from PyTorch, ``max_difference``, and each verified depth's, ``differences`` (``{"TFT": 3e-6}``;
+    both None without ONNX Runtime). The network is exported in eval mode and left in the mode it was in.
+    Raises :class:`SwitchableExportError` when torch's exporter fails on the model, ``ValueError`` when the
+    file differs from the network (nothing is written then)."""
     path = Path(path)
     was_training = net.training
     net.eval()
     report: dict = {}
 
     def write(tmp: str) -> None:
-        write_switchable_onnx(net, example, tmp)
-        report["max_difference"] = verify_switchable_onnx(tmp, net, example, tolerance)
+        try:
+            write_switchable_onnx(net, example, tmp)
+        except ValueError:
+            raise
+        except Exception as error:  # the exporter's errors have no common base class
+            raise SwitchableExportError(f"torch.onnx cannot export {type(net).__name__} as one switchable file: "
+                                        f"{_first_line(error)}") from error
+        report["differences"] = switchable_differences(tmp, net, example, tolerance, configs=configs)
+        report["opset"] = onnx_opset(tmp)
 
     try:
         atomic_write(path, write, suffix=".onnx")
     finally:
         net.train(was_training)
-    return {"file": str(path), "bytes": path.stat().st_size, "num_stages": net.num_stages,
-            "depths": 2 ** net.num_stages, "tolerance": tolerance, **report}
+    differences = report["differences"]
+    return {"file": str(path), "bytes": path.stat().st_size, "opset": report["opset"], "num_stages": net.num_stages,
+            "depths": 2 ** net.num_stages, "tolerance": tolerance, "differences": differences,
+            "max_difference": max(differences.values()) if differences else None}
+
+
+def onnx_opset(path) -> int | None:
+    """The default-domain opset of the ONNX file at ``path`` (None without the ``onnx`` package)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``, and of its innermost cause (where torch's exporters say what failed)."""
+    def line(e: BaseException, most: int) -> str:
+        lines = [text for text in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if text.strip()]
+        text = lines[0] if lines else ""
+        return f"{type(e).__name__}: {text if len(text) <= most else text[:most] + '...'}"
+
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return line(error, 300) if root is error else f"{line(error, 120)} (caused by {line(root, 300)})"
 
 
 def verify_switchable_onnx(path, net: nn.Module, example: torch.Tensor, tolerance: float = ONNX_TOLERANCE,
-                           batch_sizes=(1, 3)) -> float | None:
-    """Run the switchable ONNX file at every depth and each batch size on random images and compare with
-    ``net(images, skip=depth)``; raise if any depth differs by more than ``tolerance`` or gives a NaN or
-    infinite value. Returns the largest difference, or None when onnxruntime is not installed."""
+                           batch_sizes=(1, 3), configs: Sequence | None = None) -> float | None:
+    """Run the switchable ONNX file at every depth in ``configs`` (default: all 2^N) and each batch size on
+    random images and compare with ``net(images, skip=depth)``; raise if any depth differs by more than
+    ``tolerance`` or gives a NaN or infinite value. Returns the largest difference, or None when onnxruntime
+    is not installed."""
+    differences = switchable_differences(path, net, example, tolerance, batch_sizes, configs)
+    return None if differences is None else max(differences.values())
+
+
+def switchable_differences(path, net: nn.Module, example: torch.Tensor, tolerance: float = ONNX_TOLERANCE,
+                           batch_sizes=(1, 3), configs: Sequence | None = None) -> dict[str, float] | None:
+    """:func:`verify_switchable_onnx`, returning each depth's largest difference: ``{"FFT": 2e-6, ...}``."""
     try:
         import onnxruntime
     except ImportError:
         return None
+    configs = SkipConfig.all(net.num_stages) if configs is None else [SkipConfig(c, net.num_stages) for c in configs]
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # not its notes on initializers the exporter left unused
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
-    worst = 0.0
+    worst = {str(config): 0.0 for config in configs}
     for batch in batch_sizes:
         images = torch.randn(batch, *example.shape[1:], generator=generator)
-        for config in SkipConfig.all(net.num_stages):
+        for config in configs:
             with torch.no_grad():
                 expected = net(images, skip=config).numpy()
             got = session.run(None, {"images": images.numpy(), "skip": np.array(config, dtype=bool)})[0]
-            where = f"depth {config}, batch {batch} of random images"
-            # Checked first: a NaN makes every comparison false, so all-NaN outputs would pass the one below.
-            if not np.isfinite(expected).all():
-                raise ValueError(f"the PyTorch network gives NaN or infinite outputs ({where}); not writing {path}. "
-                                 "Its weights are broken: check the checkpoint (did training diverge?)")
-            if not np.isfinite(got).all():
-                raise ValueError(f"ONNX Runtime gives NaN or infinite outputs for {path} ({where}) where PyTorch's "
-                                 "are finite; not writing it")
-            if got.shape != expected.shape:
-                raise ValueError(f"ONNX Runtime output has shape {got.shape}, PyTorch's {expected.shape} ({where}); "
-                                 f"not writing {path}")
-            difference = float(np.abs(got - expected).max())
-            if difference > tolerance:
-                raise ValueError(f"ONNX Runtime output differs from PyTorch by {difference:.2e} (> {tolerance}) "
-                                 f"at {where}; not writing {path}")
-            worst = max(worst, difference)
+            worst[str(config)] = max(worst[str(config)], compare(expected, got, tolerance, path,
+                                                                 f"depth {config}, batch {batch} of random images",
+                                                                 "ONNX Runtime"))
     return worst
+
+
+def compare(expected: np.ndarray, got: np.ndarray, tolerance: float, path, where: str, engine: str) -> float:
+    """The largest difference between ``got`` (from ``engine``) and PyTorch's ``expected``; raise if either has a
+    NaN or infinite value, the shapes differ, or the difference exceeds ``tolerance``."""
+    # Checked first: a NaN makes every comparison false, so all-NaN outputs would pass the one below.
+    if not np.isfinite(expected).all():
+        raise ValueError(f"the PyTorch network gives NaN or infinite outputs ({where}); not writing {path}. "
+                         "Its weights are broken: check the checkpoint (did training diverge?)")
+    if not np.isfinite(got).all():
+        raise ValueError(f"{engine} gives NaN or infinite outputs for {path} ({where}) where PyTorch's "
+                         "are finite; not writing it")
+    if got.shape != expected.shape:
+        raise ValueError(f"{engine} output has shape {got.shape}, PyTorch's {expected.shape} ({where}); "
+                         f"not writing {path}")
+    difference = float(np.abs(got - expected).max())
+    if difference > tolerance:
+        raise ValueError(f"{engine} output differs from PyTorch by {difference:.2e} (> {tolerance}) "
+                         f"at {where}; not writing {path}")
+    return difference
+
+
+def export_switchable_pt2(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
+                          tolerance: float = ONNX_TOLERANCE, configs: Sequence | None = None) -> dict:
+    """Write one ``torch.export`` program at ``path`` (inputs ``images``, ``skip``; every depth via
+    ``torch.cond``), load it back and check the depths in ``configs`` (default: all 2^N) against ``net`` at
+    batch sizes 1 and 3 before it is kept. Returns ``file``, ``bytes``, ``depths``, ``tolerance``,
+    ``differences`` and ``max_difference``. Raises :class:`SwitchableExportError` when torch cannot export,
+    save or load the program (Swin, in torch 2.14: see docs/evaluation.md)."""
+    path = Path(path)
+    configs = SkipConfig.all(net.num_stages) if configs is None else [SkipConfig(c, net.num_stages) for c in configs]
+    was_training = net.training
+    net.eval()
+    worst = {str(config): 0.0 for config in configs}
+
+    def write(tmp: str) -> None:
+        step = "export"
+        try:
+            program = export_switchable_program(net, example)
+            step = "save"
+            torch.export.save(program, tmp)
+            step = "load"
+            module = torch.export.load(tmp).module()
+        except Exception as error:  # the exporter's errors have no common base class
+            raise SwitchableExportError(f"torch.export cannot {step} {type(net).__name__} as one switchable "
+                                        f"program: {_first_line(error)}") from error
+        generator = torch.Generator().manual_seed(0)
+        for batch in (1, 3):
+            images = torch.randn(batch, *example.shape[1:], generator=generator)
+            for config in configs:
+                with torch.no_grad():
+                    expected = net(images, skip=config).numpy()
+                    got = module(images, torch.tensor(list(config), dtype=torch.bool)).numpy()
+                worst[str(config)] = max(worst[str(config)], compare(
+                    expected, got, tolerance, path, f"depth {config}, batch {batch} of random images",
+                    "the torch.export program"))
+
+    try:
+        atomic_write(path, write, suffix=".pt2")
+    finally:
+        net.train(was_training)
+    return {"file": str(path), "bytes": path.stat().st_size, "num_stages": net.num_stages,
+            "depths": 2 ** net.num_stages, "tolerance": tolerance, "differences": worst,
+            "max_difference": max(worst.values())}

@@ -20,15 +20,17 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from ..core.skip import SkipConfig
+from ..deploy.depth_table import DepthTable
 from ..deploy.governor import Governor
 from ..deploy.predict import Predictor, depth_table_for, top_k
 from ..vision.preprocess import ImageError, ImageTooLarge
-from ..core.skip import SkipConfig
 from .batcher import Batcher, Draining, QueueFull
 from .engine import Engine
 from .errors import ApiError
@@ -57,13 +59,14 @@ class ServeSettings:
     backend: str = "eager"
     # Which depths to prepare at start-up: "all" 2^N, or "table" (the depth table's, plus the super-net and
     # the base-net, which requests fix most often). None: all on eager (a depth there is flags, free to
-    # prepare), the table's on ONNX Runtime (each depth is an export and a session: seconds apiece).
+    # prepare) and on onnxruntime (one switchable session: a depth is an input), the table's on
+    # onnxruntime-per-depth (each depth is an export and a session: seconds apiece).
     depths: str | None = None
     headroom: bool = True          # keep room for the requests expected within one budget (BatchPolicy)
 
     @property
     def prepared_depths(self) -> str:
-        return self.depths or ("all" if self.backend == "eager" else "table")
+        return self.depths or ("table" if self.backend == "onnxruntime-per-depth" else "all")
 
     def __post_init__(self):
         checks = [
@@ -117,14 +120,29 @@ class Service:
         depth_table = depth_table_for(checkpoint, table, predictor.num_stages)
         return cls(predictor, Governor(depth_table, settings.budget_ms, settings.quantile), settings)
 
+    @classmethod
+    def from_export(cls, folder: str | os.PathLike, settings: ServeSettings,
+                    table: str | os.PathLike | None = None) -> Service:
+        """Serve a switchable export folder (``adn export --format onnx --switchable``) without the checkpoint: its
+        ONNX file in one ONNX Runtime session, preprocessing and class names from its manifest, and the depth
+        table ``table``, else the manifest's, else ``depth_table.json`` in the folder."""
+        predictor, file, manifest = Predictor.from_export(folder)
+        n = predictor.num_stages
+        if table is None and isinstance(manifest.get("depth_table"), dict):
+            depth_table = DepthTable.from_dict(manifest["depth_table"], source=f"{folder}/manifest.json's depth_table")
+        elif table is None and not (Path(folder) / "depth_table.json").is_file():
+            raise ValueError(f"--model-dir {folder}: the export carries no depth table; pass --table FILE (from adn "
+                             f"depth-table), or export with one next to the checkpoint (adn export --table FILE)")
+        else:
+            depth_table = depth_table_for(Path(folder) / "manifest.json", table, n)
+        governor = Governor(depth_table, settings.budget_ms, settings.quantile)
+        example = torch.zeros(1, *predictor.preprocessing.input_shape)
+        engine = Engine(None, example, _depths_to_prepare(settings, governor.table, n), backend=settings.backend,
+                        switchable_file=file, num_stages=n)
+        return cls(predictor, governor, settings, engine=engine)
+
     def _depths_to_prepare(self) -> list[str] | None:
-        """None (every depth) or the table's depths with the super-net and the base-net, deepest first."""
-        if self.settings.prepared_depths == "all":
-            return None
-        n = self.predictor.num_stages
-        wanted = {str(SkipConfig(row["skip"], n)) for row in self.governor.table.depths}
-        wanted |= {str(SkipConfig.super_net(n)), str(SkipConfig.base_net(n))}
-        return [str(c) for c in self.predictor.net.sub_networks() if str(c) in wanted]
+        return _depths_to_prepare(self.settings, self.governor.table, self.predictor.num_stages)
 
     def _warm_up_decoding(self) -> None:
         """The first image of a format pays for loading PIL's decoder and building the transforms: here,
@@ -268,6 +286,15 @@ class Service:
                                                 f"if it persists")
         for request in requests:
             _settle(request.payload, error=failure)
+
+
+def _depths_to_prepare(settings: ServeSettings, table, n: int) -> list[str] | None:
+    """None (every depth) or the table's depths with the super-net and the base-net, deepest first."""
+    if settings.prepared_depths == "all":
+        return None
+    wanted = {str(SkipConfig(row["skip"], n)) for row in table.depths}
+    wanted |= {str(SkipConfig.super_net(n)), str(SkipConfig.base_net(n))}
+    return [str(c) for c in SkipConfig.all(n) if str(c) in wanted]
 
 
 def _ms(seconds: float) -> float:
