@@ -34,7 +34,7 @@ from ..core.layers import ACTIVE_DEPTH, STATISTICS_ROW
 from ..core.network import AdaptiveDepthNetwork
 from ..core.skip import SkipConfig
 from ..utils.atomic import atomic_write
-from .graph_export import ONNX_TOLERANCE
+from .graph_export import ONNX_TOLERANCE, compare
 
 INPUT_NAMES = ["images", "skip"]
 OUTPUT_NAMES = ["logits"]
@@ -200,26 +200,6 @@ def switchable_differences(path, net: nn.Module, example: torch.Tensor, toleranc
                                                                  f"depth {config}, batch {batch} of random images",
                                                                  "ONNX Runtime"))
     return worst
-
-
-def compare(expected: np.ndarray, got: np.ndarray, tolerance: float, path, where: str, engine: str) -> float:
-    """The largest difference between ``got`` (from ``engine``) and PyTorch's ``expected``; raise if either has a
-    NaN or infinite value, the shapes differ, or the difference exceeds ``tolerance``."""
-    # Checked first: a NaN makes every comparison false, so all-NaN outputs would pass the one below.
-    if not np.isfinite(expected).all():
-        raise ValueError(f"the PyTorch network gives NaN or infinite outputs ({where}); not writing {path}. "
-                         "Its weights are broken: check the checkpoint (did training diverge?)")
-    if not np.isfinite(got).all():
-        raise ValueError(f"{engine} gives NaN or infinite outputs for {path} ({where}) where PyTorch's "
-                         "are finite; not writing it")
-    if got.shape != expected.shape:
-        raise ValueError(f"{engine} output has shape {got.shape}, PyTorch's {expected.shape} ({where}); "
-                         f"not writing {path}")
-    difference = float(np.abs(got - expected).max())
-    if difference > tolerance:
-        raise ValueError(f"{engine} output differs from PyTorch by {difference:.2e} (> {tolerance}) "
-                         f"at {where}; not writing {path}")
-    return difference
 
 
 def export_switchable_pt2(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
