@@ -51,7 +51,9 @@ def test_amp_autocasts_the_forward_pass():
 
 def test_channels_last_computes_the_same_training(tmp_path, fashion_dir, plain):
     record, ckpt = _run(tmp_path, fashion_dir, "cl", channels_last=True)
-    assert _max_difference(ckpt, plain[1]) < 1e-4
+    # The two layouts sum the first convolution's weight gradient (one input channel, 32 x 28 x 28 terms) in
+    # different orders: its weights differ by ~2e-4 after two steps; a layout bug would differ by ~1e-1.
+    assert _max_difference(ckpt, plain[1]) < 1e-3
     assert record["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-5)
 
 
