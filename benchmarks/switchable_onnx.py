@@ -12,7 +12,9 @@ perturbed so that every norm differs from its twin, as after training) at 224x22
 
 Targets (issue 23): memory <= 1.15x, latency <= 1.05x per depth, preparation <= 1.5x.
 
-    OMP_NUM_THREADS=1 python benchmarks/switchable_onnx.py [--depths FFFF TTTT] [--repeats 10 3]
+Also MobileNetV2 and ViT-B/16 (``--model``), the same way.
+
+    OMP_NUM_THREADS=1 python benchmarks/switchable_onnx.py [--model resnet50] [--depths FFFF TTTT] [--repeats 10 3]
 """
 from __future__ import annotations
 
@@ -93,7 +95,9 @@ def memory(path, level) -> tuple[int, int]:
 def main() -> None:
     import onnxruntime as ort
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depths", nargs="*", help="depths to time (default: all 16)")
+    parser.add_argument("--model", default="resnet50", choices=["resnet50", "mobilenet_v2", "vit_b_16"],
+                        help="torchvision model, random weights, 224x224")
+    parser.add_argument("--depths", nargs="*", help="depths to time (default: all 2^N)")
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 16])
     parser.add_argument("--repeats", nargs="*", type=int, default=[10, 3], help="timed runs per batch size")
     parser.add_argument("--level", choices=["basic", "extended", "all"], default="all",
@@ -105,10 +109,11 @@ def main() -> None:
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     level, best = levels[args.level], ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     torch.manual_seed(0)
-    net = trained_looking(adn.convert(torchvision.models.resnet50()))
+    net = trained_looking(adn.convert(getattr(torchvision.models, args.model)()))
+    super_net = str(adn.SkipConfig.super_net(net.num_stages))
     depths = [adn.SkipConfig(d, net.num_stages) for d in args.depths] if args.depths else net.sub_networks()
     example = torch.randn(2, 3, 224, 224)
-    results: dict = {"settings": {"model": "resnet50 224x224, random weights", "threads": 1, "onnxruntime": ort.__version__,
+    results: dict = {"settings": {"model": f"{args.model} 224x224, random weights", "threads": 1, "onnxruntime": ort.__version__,
                                   "torch": torch.__version__, "switchable_level": args.level}}
     with contextlib.ExitStack() as stack:
         folder = Path(args.folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="adn-switchable-")))
@@ -122,21 +127,21 @@ def main() -> None:
         switch_session = session(switchable, level)
         prep_switch = (exported - start, time.perf_counter() - exported)
         start = time.perf_counter()
-        export_subnet(net, "FFFF", example, folder / "subnet_FFFF.onnx")
+        export_subnet(net, super_net, example, folder / f"subnet_{super_net}.onnx")
         exported = time.perf_counter()
-        session(folder / "subnet_FFFF.onnx", best)
+        session(folder / f"subnet_{super_net}.onnx", best)
         prep_super = (exported - start, time.perf_counter() - exported)
         results["preparation_s"] = {"switchable": {"export": prep_switch[0], "session": prep_switch[1]},
                                     "super_net": {"export": prep_super[0], "session": prep_super[1]},
                                     "ratio": sum(prep_switch) / sum(prep_super)}
 
         # Memory, each in a fresh process.
-        mem_switch, mem_super = memory(switchable, level), memory(folder / "subnet_FFFF.onnx", best)
+        mem_switch, mem_super = memory(switchable, level), memory(folder / f"subnet_{super_net}.onnx", best)
         results["memory_kB"] = {"switchable": {"loaded": mem_switch[0], "after_run": mem_switch[1]},
                                 "super_net": {"loaded": mem_super[0], "after_run": mem_super[1]},
                                 "ratio_loaded": mem_switch[0] / mem_super[0], "ratio_after_run": mem_switch[1] / mem_super[1]}
         results["file_bytes"] = {"switchable": switchable.stat().st_size,
-                                 "super_net": (folder / "subnet_FFFF.onnx").stat().st_size}
+                                 "super_net": (folder / f"subnet_{super_net}.onnx").stat().st_size}
 
         # Latency per depth, alternating the two sessions so that drift hits both alike.
         latency = {}

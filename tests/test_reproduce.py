@@ -3,6 +3,7 @@ looks inside a checkpoint."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,14 @@ def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(t
     seen.clear()
     run_arm(protocol, "individual-super", 0, tmp_path / "cut", **quiet, run_command=lambda args: seen.append(args) or main(args))
     assert "--resume" not in seen[0]
+
+
+def test_records_go_to_results_only_for_the_projects_own_report(tmp_path):
+    # A report written elsewhere (a user's experiment, this suite's temporary folders) keeps its runs beside
+    # it: it must never mix quick or foreign runs into the project's committed records.
+    from adn.cli.common import record_folder
+    from adn.cli.reproduce import DEFAULT_DOCS, DEFAULT_RECORD
+    assert record_folder(None, DEFAULT_DOCS, DEFAULT_DOCS, DEFAULT_RECORD) == Path("results/reproduction/runs")
+    elsewhere = tmp_path / "report.md"
+    assert record_folder(None, str(elsewhere), DEFAULT_DOCS, DEFAULT_RECORD) == tmp_path / "report" / "runs"
+    assert record_folder("mine", str(elsewhere), DEFAULT_DOCS, DEFAULT_RECORD) == Path("mine")

@@ -109,7 +109,7 @@ def test_onnx_verification_fails_on_nan_outputs(tmp_path):
     example = torch.randn(1, 1, 8, 8)
     finite, nan = tmp_path / "finite.onnx", tmp_path / "nan.onnx"
     export_onnx(_tiny(), example, str(finite))
-    with pytest.raises(ValueError, match=r"PyTorch sub-network gives NaN or infinite outputs.*not writing .*nan\.onnx"):
+    with pytest.raises(ValueError, match=r"PyTorch network gives NaN or infinite outputs.*not writing .*nan\.onnx"):
         export_onnx(_tiny(float("nan")), example, str(nan))  # all outputs NaN: used to verify with difference 0.0
     # An ONNX file whose outputs are NaN where PyTorch's are finite (written without verification).
     torch.onnx.export(_tiny(float("nan")), (example.expand(2, 1, 8, 8),), str(nan), dynamo=True, external_data=False,
@@ -117,7 +117,7 @@ def test_onnx_verification_fails_on_nan_outputs(tmp_path):
     finite_in_torch = r"ONNX Runtime gives NaN or infinite outputs for .*nan\.onnx .* where PyTorch's are finite"
     with pytest.raises(ValueError, match=finite_in_torch):
         verify_onnx(nan, _tiny(), example)
-    with pytest.raises(ValueError, match="PyTorch sub-network gives NaN or infinite"):
+    with pytest.raises(ValueError, match="PyTorch network gives NaN or infinite"):
         verify_onnx(finite, _tiny(float("inf")), example)
     assert verify_onnx(finite, _tiny(), example) < 1e-5
 

@@ -13,6 +13,16 @@ import torch
 from ..core.skip import SkipConfig
 
 
+def record_folder(record: str | None, docs: str, default_docs: str, default_record: str) -> Path:
+    """Where a study keeps its run records: ``--record`` if given; ``results/...`` for the project's own
+    report (the default ``--docs``); runs/ beside any other report, so that a report written elsewhere (a
+    test's temporary folder, a user's experiment) never mixes its runs into the project's records."""
+    if record:
+        return Path(record)
+    docs_path = Path(docs)
+    return Path(default_record) if docs_path == Path(default_docs) else docs_path.parent / docs_path.stem / "runs"
+
+
 def out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         return True

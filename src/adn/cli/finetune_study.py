@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import positive_int
+from .common import positive_int, record_folder
+
+DEFAULT_DOCS = "docs/reproduction/finetune.md"
+DEFAULT_RECORD = "results/reproduction/finetune/runs"
 
 
 def add(sub) -> None:
@@ -19,10 +22,11 @@ def add(sub) -> None:
                     "reproduce's; seeds whose individual super-net has not finished stay pending.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", default="runs/finetune", help="folder for the fine-tuning checkpoints (the cache)")
-    p.add_argument("--docs", default="docs/reproduction/finetune.md",
+    p.add_argument("--docs", default=DEFAULT_DOCS,
                    help="report to write; finished runs' result.json and log.jsonl go in <its folder>/<its name>/runs")
-    p.add_argument("--record", default="results/reproduction/finetune/runs",
-                   help="folder for the finished runs' result.json and log.jsonl (run records, kept in version control)")
+    p.add_argument("--record", default=None,
+                   help="folder for the finished runs' result.json and log.jsonl, the run records kept in version "
+                        f"control (default: {DEFAULT_RECORD} with the default --docs, else runs/ beside the report)")
     p.add_argument("--reproduce-runs", default="runs/reproduce", help="adn reproduce's --runs (the teachers' checkpoints)")
     p.add_argument("--reproduce-record", default="results/reproduction/runs",
                    help="adn reproduce's record (the baselines' results)")
@@ -62,7 +66,7 @@ def run(args) -> int:
     if args.train_teachers and args.report_only:
         raise ValueError("--train-teachers and --report-only exclude each other")
     docs = Path(args.docs)
-    record = Path(args.record)
+    record = record_folder(args.record, args.docs, DEFAULT_DOCS, DEFAULT_RECORD)
     study = Study(protocol, recipe, Path(args.runs), record, Reproduction(Path(args.reproduce_runs),
                                                                           Path(args.reproduce_record)))
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731

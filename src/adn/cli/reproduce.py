@@ -5,7 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import positive_int
+from .common import positive_int, record_folder
+
+DEFAULT_DOCS = "docs/reproduction.md"
+DEFAULT_RECORD = "results/reproduction/runs"
 
 
 def add(sub) -> None:
@@ -18,9 +21,10 @@ def add(sub) -> None:
                                    "interrupted reproduction continues where it stopped, on this machine or another.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", default="runs/reproduce", help="folder for the runs' checkpoints (the cache)")
-    p.add_argument("--docs", default="docs/reproduction.md", help="report to write; figures go in a folder beside it")
-    p.add_argument("--record", default="results/reproduction/runs",
-                   help="folder for each finished run's result.json and log.jsonl (run records, kept in version control)")
+    p.add_argument("--docs", default=DEFAULT_DOCS, help="report to write; figures go in a folder beside it")
+    p.add_argument("--record", default=None,
+                   help="folder for each finished run's result.json and log.jsonl, the run records kept in version "
+                        f"control (default: {DEFAULT_RECORD} with the default --docs, else runs/ beside the report)")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: checks the harness, not the claims")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per arm (default 0 1 2; quick: 0 1)")
     p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), metavar="ARM",
@@ -50,7 +54,8 @@ def run(args) -> int:
         protocol.seeds = tuple(args.seeds)
     if args.arms and not args.train_only:
         raise ValueError("--arms trains part of the protocol: add --train-only (the report needs every arm)")
-    report = reproduce(protocol, Path(args.runs), Path(args.docs), record=Path(args.record),
+    record = record_folder(args.record, args.docs, DEFAULT_DOCS, DEFAULT_RECORD)
+    report = reproduce(protocol, Path(args.runs), Path(args.docs), record=record,
                        quick=args.quick, train_only=args.train_only, report_only=args.report_only, jobs=args.jobs,
                        arms=args.arms,
                        log=lambda message: print(message, file=sys.stderr, flush=True), run_command=args.run_command)
