@@ -50,6 +50,16 @@ ARMS: dict[str, list[str]] = {
     "adn-pooled": ["--method", "adn", "--feature-kd", "pooled"],
 }
 
+# The demo's schedule (``make demo``: all 60,000 training images, 10 epochs, cosine decay, test set), with the
+# recipes a user picks between: which one ``adn train`` runs without ``--method`` is decided here (issue 27).
+DEMO_ARMS: dict[str, list[str]] = {
+    "individual-super": ARMS["individual-super"],
+    "individual-base": ARMS["individual-base"],
+    "adn": ["--method", "adn", "--base-ce", "0"],
+    "adn-base-ce0.5": ["--method", "adn", "--base-ce", "0.5"],
+    "joint": ["--method", "joint"],
+}
+
 
 @dataclass
 class Protocol:
@@ -61,7 +71,7 @@ class Protocol:
     width: int = 8
     data: str = "fashion-mnist"
     data_path: str | None = None             # default: the Debian package or torchvision's download
-    val_from_train: int = 5000               # monitoring and recipe choice; never the test set
+    val_from_train: int | None = 5000        # monitoring and recipe choice; never the test set
     train_subset: int | None = None
     final_val_subset: int | None = None      # None: the whole test set
     epochs: int = 30
@@ -71,25 +81,38 @@ class Protocol:
     # last phase at lr 0.001 is where a plateau can show; a cosine schedule still gains 0.7 points in its
     # last 20% at 20 and 30 epochs alike (docs/reproduction/notes.md).
     lr_steps: tuple[int, ...] = (15, 23)
+    lr_scheduler: str = "multisteplr"        # with lr_steps; any other adn train --lr-scheduler ignores them
     weight_decay: float = 5e-4
     seeds: tuple[int, ...] = (0, 1, 2)
     max_steps_per_epoch: int | None = None
     recalibrate_bn: int = 50                 # batches of 256 training images per sub-network; 0: off
     device: str | None = None                # None: adn train's default (a GPU if there is one)
     extra: list[str] = field(default_factory=list)
+    arms: dict[str, list[str]] = field(default_factory=lambda: dict(ARMS))
 
     @classmethod
     def quick(cls) -> "Protocol":
         return cls(train_subset=128, val_from_train=64, final_val_subset=128, epochs=2, lr_steps=(1,), batch_size=32,
                    seeds=(0, 1), max_steps_per_epoch=2, recalibrate_bn=2)
 
+    @classmethod
+    def demo(cls) -> "Protocol":
+        """``make demo``'s schedule: every training image (no held-out split), 10 epochs, cosine decay, the
+        test set; the arms are the recipes a user chooses between (:data:`DEMO_ARMS`)."""
+        return cls(val_from_train=None, epochs=10, lr_scheduler="cosineannealinglr", lr_steps=(),
+                   arms=dict(DEMO_ARMS))
+
     def train_args(self, arm: str, seed: int, output_dir: Path) -> list[str]:
+        # (the order of the flags is part of each run's cache key: keep it)
+        schedule = ["--lr-scheduler", self.lr_scheduler]
+        if self.lr_scheduler == "multisteplr":
+            schedule += ["--lr-steps", *map(str, self.lr_steps)]
+        held_out = ["--val-from-train", str(self.val_from_train)] if self.val_from_train else []
         args = ["train", "--model", self.model, "--width", str(self.width), "--data", self.data,
-                "--epochs", str(self.epochs), "-b", str(self.batch_size), "--lr", str(self.lr),
-                "--lr-scheduler", "multisteplr", "--lr-steps", *map(str, self.lr_steps),
-                "--wd", str(self.weight_decay), "--val-from-train", str(self.val_from_train), "--seed", str(seed),
+                "--epochs", str(self.epochs), "-b", str(self.batch_size), "--lr", str(self.lr), *schedule,
+                "--wd", str(self.weight_decay), *held_out, "--seed", str(seed),
                 "--output-dir", str(output_dir), "--no-progress"]
-        return args + self.data_and_device_args() + ARMS[arm] + list(self.extra)
+        return args + self.data_and_device_args() + self.arms[arm] + list(self.extra)
 
     def data_and_device_args(self) -> list[str]:
         """The `adn train` flags of the protocol's data and device settings that are given only when set."""
@@ -105,7 +128,7 @@ class Protocol:
         return args
 
     def eval_args(self, arm: str, checkpoint: Path, recalibrate: bool = False) -> list[str]:
-        skip = "all" if not arm.startswith("individual") else ARMS[arm][-1]
+        skip = "all" if not arm.startswith("individual") else self.arms[arm][-1]
         args = ["eval", "--checkpoint", str(checkpoint), "--skip", skip, "--json", "--no-latency", "--no-plot"]
         if self.final_val_subset:
             args += ["--val-subset", str(self.final_val_subset)]
@@ -293,7 +316,7 @@ def run_all(protocol: Protocol, root: Path, record: Path | None = None, arms=Non
     """Every (arm, seed), seeds outermost: an interrupted run has all arms at the first seeds. ``jobs``
     runs train at once, each in its own process with one thread (on 2 cores, two one-thread runs train
     1.7x faster than one two-thread run: this small network does not keep two threads busy)."""
-    arms = list(arms or ARMS)
+    arms = list(arms or protocol.arms)
     tasks = [(arm, seed) for seed in protocol.seeds for arm in arms]
     if jobs <= 1:
         done = {task: run_arm(protocol, *task, root, record, log, run_command) for task in tasks}
@@ -314,7 +337,7 @@ def run_all(protocol: Protocol, root: Path, record: Path | None = None, arms=Non
 def collect_results(protocol: Protocol, root: Path, record: Path | None = None, arms=None) -> dict[str, list[dict]]:
     """The finished runs of the current protocol (from ``record`` or ``root``), without training any."""
     results: dict[str, list[dict]] = {}
-    for arm in arms or ARMS:
+    for arm in arms or protocol.arms:
         results[arm] = [r for seed in protocol.seeds
                         if (r := cached_result(protocol, arm, seed, [record or root, root])) is not None]
     return results
