@@ -50,15 +50,16 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..studies.reproduce import Protocol, reproduce
+    from ..studies.demo_report import write_demo_report
+    from ..studies.reproduce import Protocol, reproduce, write_report
 
     if args.protocol == "demo":
         if args.quick:
             raise ValueError("--quick checks the harness with the paper protocol; leave out --protocol demo")
-        protocol, default_docs, default_record = Protocol.demo(), DEMO_DOCS, DEMO_RECORD
+        protocol, default_docs, default_record, writer = Protocol.demo(), DEMO_DOCS, DEMO_RECORD, write_demo_report
     else:
         protocol = Protocol.quick() if args.quick else Protocol()
-        default_docs, default_record = DEFAULT_DOCS, DEFAULT_RECORD
+        default_docs, default_record, writer = DEFAULT_DOCS, DEFAULT_RECORD, write_report
     docs = args.docs or default_docs
     unknown = sorted(set(args.arms or ()) - set(protocol.arms))
     if unknown:
@@ -80,7 +81,8 @@ def run(args) -> int:
     report = reproduce(protocol, runs, Path(docs), record=record,
                        quick=args.quick, train_only=args.train_only, report_only=args.report_only, jobs=args.jobs,
                        arms=args.arms,
-                       log=lambda message: print(message, file=sys.stderr, flush=True), run_command=args.run_command)
+                       log=lambda message: print(message, file=sys.stderr, flush=True), run_command=args.run_command,
+                       report=writer)
     if report:
         print(f"report: {report}")
     return 0

@@ -345,10 +345,11 @@ def collect_results(protocol: Protocol, root: Path, record: Path | None = None, 
 
 def reproduce(protocol: Protocol, root: Path, docs: Path, record: Path | None = None, figures: Path | None = None,
               quick: bool = False, train_only: bool = False, report_only: bool = False, jobs: int = 1,
-              arms=None, log=print, run_command: CommandRunner | None = None) -> Path | None:
+              arms=None, log=print, run_command: CommandRunner | None = None, report=write_report) -> Path | None:
     """The whole reproduction: train (or reuse) every arm, then write the report. ``record``: where each
     finished run's ``result.json`` and ``log.jsonl`` are kept (default: ``runs/`` beside the figures, in
-    version control). ``report_only``: write the report from the finished runs, train nothing."""
+    version control). ``report_only``: write the report from the finished runs, train nothing. ``report``:
+    the report writer (the paper's, or :func:`~adn.studies.demo_report.write_demo_report`)."""
     figures = figures or docs.parent / docs.stem
     record = record or figures / "runs"
     if report_only:
@@ -357,4 +358,4 @@ def reproduce(protocol: Protocol, root: Path, docs: Path, record: Path | None = 
         results = run_all(protocol, root, record, arms=arms, jobs=jobs, log=log, run_command=run_command)
     if train_only:
         return None
-    return write_report(protocol, results, docs, figures, root, record, quick=quick)
+    return report(protocol, results, docs, figures, root, record, quick=quick)
