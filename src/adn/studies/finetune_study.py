@@ -16,7 +16,6 @@ trained again, on this machine or another.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -24,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .reproduce import (CommandRunner, Protocol, cache_key, cached_result, collect_results, command_line, run_adn,
-                        run_arm, save_record, training_cpu_seconds, write_json)
+from .reproduce import (CommandRunner, Protocol, cache_key, cached_result, collect_results, command_line, first_record,
+                        run_adn, run_arm, save_record, training_cpu_seconds, write_json)
 
 TEACHER = "individual-super"               # the reproduction's arm whose checkpoints are fine-tuned
 BASELINES = ("individual-super", "individual-base", "adn")  # the reproduction's arms the report compares with
@@ -91,15 +90,8 @@ def finetune_key(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, se
 
 def cached_finetune(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int,
                     folders: list[Path]) -> dict | None:
-    key = finetune_key(protocol, recipe, fraction, seed)
-    for folder in folders:
-        path = folder / arm_name(fraction) / f"seed{seed}" / "result.json"
-        if path.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                cached = json.loads(path.read_text())
-                if cached.get("key") == key:
-                    return cached
-    return None
+    return first_record(finetune_key(protocol, recipe, fraction, seed),
+                        [folder / arm_name(fraction) / f"seed{seed}" for folder in folders])
 
 
 # ----- the teachers ------------------------------------------------------------------------------------------

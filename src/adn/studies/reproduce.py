@@ -178,9 +178,13 @@ def cache_key(protocol: Protocol, arm: str, seed: int) -> list[str]:
 
 def cached_result(protocol: Protocol, arm: str, seed: int, folders: list[Path]) -> dict | None:
     """The first ``result.json`` among ``folders`` made by the current commands of (arm, seed)."""
-    key = cache_key(protocol, arm, seed)
+    return first_record(cache_key(protocol, arm, seed), [folder / arm / f"seed{seed}" for folder in folders])
+
+
+def first_record(key: list[str], folders: list[Path]) -> dict | None:
+    """The first readable ``result.json`` among ``folders`` whose commands are ``key``."""
     for folder in folders:
-        path = folder / arm / f"seed{seed}" / "result.json"
+        path = folder / "result.json"
         if path.is_file():
             with contextlib.suppress(ValueError, OSError):
                 cached = json.loads(path.read_text())
