@@ -16,7 +16,8 @@ import torch
 
 from adn.cli import main
 from adn.detection.train import DetectionTask
-from adn.errors import TrainingDiverged
+from adn.errors import TrainingDiverged, TrainingInterrupted
+from adn.training.distributed import Distributed
 from adn.training.loop import Checkpoint, Period, RunLoop
 from adn.training.run_folder import LOCK_NAME, RunLock
 from adn.utils.checkpoint_file import load_checkpoint
@@ -207,45 +208,47 @@ def test_weights_that_became_nan_are_never_saved(command, capsys, monkeypatch, t
     assert _fingerprint(folder)["checkpoint.pt"] == before
 
 
+class Counting:
+    """A task of a few lines: one period of steps with the given losses."""
+    module, log_key, advice = torch.nn.Linear(2, 2), "step", "try something else"
+
+    def __init__(self, losses):
+        self.losses, self.done, self.updates = losses, 0, 0
+
+    def resumed(self):
+        return None
+
+    def start(self):
+        return None
+
+    def periods(self):
+        return range(1)
+
+    def period(self, index):
+        return Period(range(len(self.losses)), total=len(self.losses))
+
+    def step(self, batch):
+        return {"loss": self.losses[batch]}
+
+    def update(self, terms):
+        self.done += 1
+        return {"step": self.done, **terms}
+
+    def save_due(self):
+        return False
+
+    def end_period(self, index):
+        return None
+
+    def where(self, pending):
+        return f"at step {self.done + int(pending)}"
+
+    def checkpoint(self, record):
+        return Checkpoint({"step": self.done}, 1, self.done)
+
+
 def test_the_loop_knows_no_task(tmp_path):
     """A task of a few lines gets the whole run: log, checkpoint, lock released, NaN caught before its update."""
-    class Counting:
-        module, log_key, advice = torch.nn.Linear(2, 2), "step", "try something else"
-
-        def __init__(self, losses):
-            self.losses, self.done, self.updates = losses, 0, 0
-
-        def resumed(self):
-            return None
-
-        def start(self):
-            return None
-
-        def periods(self):
-            return range(1)
-
-        def period(self, index):
-            return Period(range(len(self.losses)), total=len(self.losses))
-
-        def step(self, batch):
-            return {"loss": self.losses[batch]}
-
-        def update(self, terms):
-            self.done += 1
-            return {"step": self.done, **terms}
-
-        def save_due(self):
-            return False
-
-        def end_period(self, index):
-            return None
-
-        def where(self, pending):
-            return f"at step {self.done + int(pending)}"
-
-        def checkpoint(self, record):
-            return Checkpoint({"step": self.done}, 1, self.done)
-
     RunLoop(Counting([1.0, 0.5]), tmp_path / "ok", progress=False).run()
     assert [json.loads(line)["step"] for line in (tmp_path / "ok" / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert torch.load(tmp_path / "ok" / "checkpoint.pt")["step"] == 2
@@ -255,3 +258,44 @@ def test_the_loop_knows_no_task(tmp_path):
                                                r"try something else"):
         RunLoop(task, tmp_path / "bad", progress=False).run()
     assert task.done == 1 and not (tmp_path / "bad" / LOCK_NAME).exists()
+
+
+class OtherProcessStops(Distributed):
+    """Rank 0 of two processes, the other one simulated: it contributes the same numbers to every sum, and
+    from its ``after``-th sum on it asks to stop (the last number of a sum is the stop request)."""
+
+    def __init__(self, after: int):
+        super().__init__(rank=0, world_size=2)
+        self.after, self.sums = after, 0
+
+    def sum(self, values):
+        self.sums += 1
+        other = [*values[:-1], float(self.sums >= self.after)]
+        return [mine + theirs for mine, theirs in zip(values, other)]
+
+    def on_main(self, action):  # (no process group to broadcast an error over)
+        action()
+
+
+class Agreeing(Counting):
+    """A task that sums its loss over the processes every step and folds the stop request into that sum."""
+    loop: RunLoop
+    world: Distributed
+
+    def step(self, batch):
+        totals = self.world.sum([self.losses[batch], self.loop.asked()])
+        self.loop.agree(totals.pop())
+        return {"loss": totals[0] / self.world.world_size}
+
+
+@pytest.mark.parametrize("task_class", [Counting, Agreeing])
+def test_processes_agree_on_a_stop_in_the_tasks_own_sum_or_the_loops(tmp_path, task_class):
+    """Several processes stop after the same step, one small all-reduce per step: the task's own, when it
+    hands the loop the agreed stop request, else the loop's."""
+    world, task = OtherProcessStops(after=2), task_class([1.0] * 5)
+    loop = RunLoop(task, tmp_path, world=world, progress=False)
+    task.loop, task.world = loop, world
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT at step 2: the steps done are saved"):
+        loop.run()
+    assert task.done == 2 and world.sums == 2
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == 2 and not (tmp_path / LOCK_NAME).exists()

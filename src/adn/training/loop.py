@@ -7,7 +7,8 @@
   changes), another run's files refused unless resuming or ``--overwrite``, temporaries of a killed run
   removed, and on resume the log cut back to the checkpoint (:mod:`adn.training.run_folder`);
 - Ctrl-C and SIGTERM (:class:`StopSignals`): the steps done are saved in a resumable checkpoint, then
-  :class:`TrainingInterrupted` is raised; with several processes all stop after the same step;
+  :class:`TrainingInterrupted` is raised; with several processes all stop after the same step (they agree
+  in one small all-reduce per step, or in the task's own: :meth:`RunLoop.asked`, :meth:`RunLoop.agree`);
 - finite checks: a non-finite loss stops the run with :class:`TrainingDiverged` naming the step (before the
   optimizer applies it), and the weights are checked before every save, so no non-finite checkpoint is
   ever written;
@@ -98,7 +99,9 @@ class Task(Protocol):
 
     def step(self, batch) -> dict[str, float] | None:
         """Forward and backward on one batch; the loss terms averaged over processes (``loss`` among
-        them), or None when there was nothing to train on. No optimizer update yet."""
+        them), or None when there was nothing to train on. No optimizer update yet. A task that sums
+        numbers over the processes here anyway may add :meth:`RunLoop.asked` to them and hand the sum to
+        :meth:`RunLoop.agree`, which spares the loop its own all-reduce for the stop request."""
 
     def update(self, terms: dict[str, float]) -> dict | None:
         """The optimizer update after a finite loss, and the bookkeeping; a log record or None."""
@@ -128,12 +131,16 @@ class RunLoop:
         self.resume, self.overwrite, self.keep_checkpoints = resume, overwrite, keep_checkpoints
         self.progress, self.log = progress, log
         self.stop = StopSignals()
-        self.lock: RunLock | None = None
+        self.lock: RunLock | None = None  # rank 0's hold on the folder
+        self.claimed = False              # every process: claim() ran (it is collective, so it runs once)
+        self.agreed: float | None = None  # a task's sum of asked() over the processes, this step
 
     # ----- the folder -------------------------------------------------------------------------------------
     def claim(self) -> None:
-        """Lock the output folder (refusing another run's), then tidy what an interrupted run left there."""
+        """Lock the output folder (refusing another run's), then tidy what an interrupted run left there.
+        Every process calls it (rank 0's error is raised on all of them); :meth:`run` does if nobody did."""
         self.world.on_main(self._claim)
+        self.claimed = True
 
     def _claim(self) -> None:
         self.lock = claim(self.output, self.resume, self.overwrite, log=self.log)
@@ -159,7 +166,7 @@ class RunLoop:
         """Train the task's remaining periods; returns the last period's record ({} if none)."""
         record: dict = {}
         try:
-            if self.lock is None:
+            if not self.claimed:  # (not `lock is None`: only rank 0 ever holds the lock)
                 self.claim()
             with self.stop:
                 first = self.task.start()
@@ -209,10 +216,23 @@ class RunLoop:
             append_log(self.output / LOG_NAME, record)
 
     # ----- stopping -----------------------------------------------------------------------------------------
+    def asked(self) -> float:
+        """1.0 if this process got SIGINT/SIGTERM, else 0.0: a number for a task's own per-step all-reduce."""
+        return float(self.stop.signum is not None)
+
+    def agree(self, total: float) -> None:
+        """The sum of :meth:`asked` over the processes, as the task's step reduced it: this step's stop
+        decision then costs no all-reduce of its own. Every process must call it in the same steps."""
+        self.agreed = total
+
     def stop_agreed(self) -> bool:
-        """Whether any process got SIGINT/SIGTERM (one small all-reduce with several processes)."""
-        asked = float(self.stop.signum is not None)
-        return (self.world.sum([asked])[0] if self.world.enabled else asked) > 0
+        """Whether any process got SIGINT/SIGTERM. Alone, as soon as the signal came; with several
+        processes, the sum the task agreed on this step, else one small all-reduce, so that all of them
+        see the same answer and stop after the same step."""
+        agreed, self.agreed = self.agreed, None  # (good for one step only)
+        if not self.world.enabled:
+            return self.asked() > 0
+        return (agreed if agreed is not None else self.world.sum([self.asked()])[0]) > 0
 
     def interrupted(self, where: str) -> TrainingInterrupted:
         return interrupted(self.stop.signum, self.output, where)

@@ -1,6 +1,6 @@
 """``adn train``: Algorithm 1 (sub-path specialization) and the paper's baselines and ablations.
 
-One epoch loop over the three methods' steps (:mod:`adn.training.methods`):
+The steps of the three methods (:mod:`adn.training.methods`):
 - ``adn``: super-net forward + backward (alpha * CE), then base-net forward + backward
   ((1 - alpha) * KL terms against the detached super-net). Two backward passes, so the peak memory
   is that of one sub-network; the gradients equal those of the paper's single loss.
@@ -8,15 +8,16 @@ One epoch loop over the three methods' steps (:mod:`adn.training.methods`):
 - ``individual`` (baseline): plain training of one fixed sub-network.
 Skip-aware norms off (``skip_aware_norm=False``) is the other ablation.
 
-The run (:func:`train`) adds what long jobs need: data parallelism over torchrun's processes
-(:mod:`adn.distributed`), mixed precision (:mod:`adn.precision`), and checkpoints every epoch and every
-``save_every_steps`` steps from which ``resume`` continues exactly where the run stopped (model, EMA,
-optimizer, scaler, schedule, position in the epoch, RNG states, and the epoch's partial metrics).
+The run (:func:`train`) is a task of :class:`adn.training.loop.RunLoop`, the loop detection and language
+models share: it owns the output folder, Ctrl-C/SIGTERM, the finite checks, ``log.jsonl`` and checkpoint
+rotation. :class:`Trainer` adds what is classification's own: data parallelism over torchrun's processes
+(:mod:`adn.training.distributed`), mixed precision (:mod:`adn.training.precision`), and checkpoints every
+epoch and every ``save_every_steps`` steps from which ``resume`` continues exactly where the run stopped
+(model, EMA, optimizer, scaler, schedule, position in the epoch, RNG states, and the epoch's partial metrics).
 """
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import time
@@ -27,32 +28,22 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from ..convert import convert
 from ..core.distill import SubPathDistillationLoss
 from ..core.recalibrate import batch_norms
 from ..core.skip import SkipConfig
 from ..core.sync_bn import convert_sync_batchnorm
-from ..errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted
+from ..errors import CheckpointError, DataError
 from ..models import NEEDS_IMAGE_SIZE, build_model
 from ..training import rng
 from ..training.distributed import Distributed
 from ..training.distributed import setup as setup_distributed
-from ..training.loop import (
-    check_finite_weights,
-    check_output_dir,
-    interrupted,
-    kept_message,
-)
+from ..training.loop import Checkpoint, Period, Resumed, RunLoop, check_output_dir
 from ..training.methods import adn_step, individual_step, joint_step
 from ..training.optim import build_ema, build_scheduler
 from ..training.precision import Precision
-from ..training.run_folder import claim as claim_output_dir
-from ..training.run_folder import remove_stale_temporaries, save_rotating
-from ..training.run_log import append_log, reconcile_log
 from ..training.sampling import EpochBatches, SeededSamples
-from ..training.signals import StopSignals
 from ..utils.checkpoint_file import checkpoint_payload, load_checkpoint
 from .checkpoint import load_weights, validate_meta
 from .data import (
@@ -160,8 +151,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 class Trainer:
-    """One training run: :meth:`__init__` sets everything up (restoring a checkpoint when resuming),
-    :meth:`run` trains the remaining epochs."""
+    """One training run, as a :class:`~adn.training.loop.Task` of its :class:`RunLoop` (``self.loop``):
+    :meth:`__init__` sets everything up (restoring a checkpoint when resuming) and claims the output
+    folder, :meth:`run` trains the remaining epochs, :meth:`close` releases the folder."""
+    log_key = "epoch"
+    advice = "try a lower --lr"
 
     def __init__(self, cfg: TrainConfig, world: Distributed, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
@@ -197,10 +191,13 @@ class Trainer:
         amp_dtype = "bfloat16" if cfg.amp is None and cfg.amp_dtype == "auto" else cfg.amp_dtype
         self.precision = Precision(device, self.amp, amp_dtype)
         self.mixer = build_batch_mixer(cfg, data.num_classes)
-        self.start_epoch, self.global_step = 0, 0
+        self.start_epoch, self.global_step, self.resumed_at = 0, 0, None
         self.progress = EpochProgress(global_batch=cfg.batch_size * world.world_size)
-        self.stop, self.stop_now = StopSignals(), False  # SIGINT/SIGTERM: save the steps done, then stop
         rng_state = self._load_state(resume) if resume is not None else None
+        # The epoch being trained: its batches, and when its clocks started (less the time a resumed
+        # epoch had already taken).
+        self.epoch, self.batches, self.started, self.cpu_started = self.start_epoch, None, 0.0, 0.0
+        self.counts: dict = {}  # the step's images and correct answers, counted once its loss proves finite
         world.broadcast_module(net)  # identical weights everywhere, whatever happened before
         if self.ema is not None:
             world.broadcast_module(self.ema)
@@ -215,12 +212,12 @@ class Trainer:
 
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         if cfg.method == "adn":
-            self.step = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from, precision=self.precision)
+            self.step_fn = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from, precision=self.precision)
             self.loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd, cfg.label_smoothing,
                                                    channel_dim=net.adn_info["channel_dim"], base_ce=cfg.base_ce)
         else:
             step = joint_step if cfg.method == "joint" else individual_step
-            self.step, self.loss_fn = functools.partial(step, precision=self.precision), criterion
+            self.step_fn, self.loss_fn = functools.partial(step, precision=self.precision), criterion
         self.eval_configs = [net.skip] if cfg.method == "individual" else [SkipConfig.super_net(net.num_stages),
                                                                           SkipConfig.base_net(net.num_stages)]
         # In-memory data sets (Fashion-MNIST, CIFAR) train from whole-tensor batches kept on the device;
@@ -247,15 +244,17 @@ class Trainer:
             self.calibration = calibration_loader(source, cfg.batch_size, cfg.recalibrate_bn, cfg.workers)
         if cfg.compile:  # in place: net.skip and the stage hooks keep working; one graph per depth
             net.compile(backend=cfg.compile_backend)
+        self.module = net  # (the weights the loop checks before every save)
 
         # Only now, with every setting, the data and the model checked, is the folder made and claimed, so
-        # that a failed start leaves nothing behind; the lock is held until close().
+        # that a failed start leaves nothing behind; the lock is held until the run ends or close().
         if rng_state is not None:
             _restore_rng(rng_state, cfg.resume)
         elif world.rank > 0:  # dropout, MixUp, ... differ between processes (augmentation is per image)
             rng.seed_all(cfg.seed + 100_003 * world.rank)
-        self.lock = None
-        world.on_main(lambda: self._claim_output(resume))
+        self.loop = RunLoop(self, self.output, world=world, resume=cfg.resume, overwrite=cfg.overwrite,
+                            keep_checkpoints=cfg.keep_checkpoints, progress=cfg.progress, log=_log)
+        self.loop.claim()
         self.say(f"training {cfg.model} ({net.num_stages} stages, {2 ** net.num_stages} sub-networks) with "
                  f"method={cfg.method} on {data.description}: {len(data.train)} train / {len(data.val)} val images, "
                  f"device={device}, threads={torch.get_num_threads()}"
@@ -286,25 +285,13 @@ class Trainer:
                                   f"{str(error).strip()[:200]}); it was not written by adn train or was altered. "
                                   f"Resume from another checkpoint") from error
 
-    def _claim_output(self, resume: dict | None) -> None:
-        """Lock the output folder (refusing another run's), then tidy what an interrupted run left there."""
-        self.lock = claim_output_dir(self.output, self.cfg.resume, self.cfg.overwrite, log=_log)
-        try:
-            removed = remove_stale_temporaries(self.output)
-            if removed:
-                _log(f"removed {len(removed)} temporary file(s) left by an interrupted run in {self.output}")
-            if resume is not None:
-                reconcile_log(self.output / "log.jsonl", self.start_epoch,
-                               resume.get("metrics") if resume.get("step_in_epoch") is None else None)
-        except BaseException:
-            self.close()
-            raise
+    def run(self) -> dict:
+        """Train the remaining epochs; returns the last epoch's record. Releases the folder when done."""
+        return self.loop.run()
 
     def close(self) -> None:
         """Release the output folder (the OS releases it too if the process dies)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        self.loop.close()
 
     # ----- resuming ---------------------------------------------------------------------------------------
     def _restore(self, resume: dict):
@@ -326,9 +313,11 @@ class Trainer:
         self.global_step = resume.get("global_step", 0)
         if resume.get("step_in_epoch") is None:  # an epoch-end checkpoint
             self.start_epoch = resume["epoch"] + 1
+            self.resumed_at = Resumed(self.start_epoch, resume.get("metrics"))
             where = f"epoch {self.start_epoch + 1}"
         else:
             self.start_epoch = resume["epoch"]
+            self.resumed_at = Resumed(self.start_epoch)
             self.progress = EpochProgress(**resume["progress"])
             if self.progress.global_batch != cfg.batch_size * self.world.world_size:
                 raise CheckpointError(
@@ -348,69 +337,105 @@ class Trainer:
                      f"{self.world.world_size}: the others start from fresh seeds")
         return None
 
-    # ----- training -----------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        record: dict = {}
-        with self.stop:
-            for epoch in range(self.start_epoch, self.cfg.epochs):
-                progress = self.progress if epoch == self.start_epoch else EpochProgress(global_batch=self.progress.global_batch)
-                record = self.train_epoch(epoch, progress)
-                # A signal during validation: the epoch's checkpoint is written; stop before the next epoch.
-                if epoch + 1 < self.cfg.epochs and self.world.sum([self._stop_requested()])[0] > 0:
-                    raise self._interrupted(f"after epoch {epoch + 1}")
-        return record
+    # ----- the Task protocol: the loop calls these ---------------------------------------------------------
+    def resumed(self) -> Resumed | None:
+        return self.resumed_at
 
-    def _stop_requested(self) -> float:
-        return float(self.stop.signum is not None)
+    def start(self) -> None:
+        return None
 
-    def _interrupted(self, where: str) -> TrainingInterrupted:
-        return interrupted(self.stop.signum, self.output, where)
+    def periods(self) -> range:
+        return range(self.start_epoch, self.cfg.epochs)
 
-    def train_epoch(self, epoch: int, progress: EpochProgress) -> dict:
+    def period(self, epoch: int) -> Period:
+        """The batches of an epoch still to train (all of them, unless resumed in its middle)."""
         cfg, world = self.cfg, self.world
-        batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank, world.world_size,
-                               start=progress.steps, steps=cfg.max_steps_per_epoch)
+        if epoch != self.start_epoch:
+            self.progress = EpochProgress(global_batch=self.progress.global_batch)
+        self.epoch = epoch
+        self.batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank,
+                                    world.world_size, start=self.progress.steps, steps=cfg.max_steps_per_epoch)
         if self.in_memory:
-            loader = training_batches(self.train_set, batches)
+            loader = training_batches(self.train_set, self.batches)
         else:
             self.train_set.epoch = epoch
             # The loader's own generator (seeded per epoch) seeds its workers, so creating it mid-epoch on
             # resume does not draw from the global RNG stream that dropout and MixUp use.
-            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.workers,
+            loader = DataLoader(self.train_set, batch_sampler=self.batches, num_workers=cfg.workers,
                                 collate_fn=collate_readable, generator=torch.Generator().manual_seed(cfg.seed + epoch),
                                 worker_init_fn=ignore_interrupts)
         self.net.train()
-        started = time.perf_counter() - progress.seconds
-        cpu_started = time.process_time() - progress.cpu_seconds
+        self.started = time.perf_counter() - self.progress.seconds
+        self.cpu_started = time.process_time() - self.progress.cpu_seconds
+        return Period(loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}")
 
-        def note_time() -> None:  # before a mid-epoch save, so that a resumed epoch's times stay whole
-            progress.seconds = time.perf_counter() - started
-            progress.cpu_seconds = time.process_time() - cpu_started
+    def step(self, batch) -> dict[str, float] | None:
+        images, targets, skipped = batch
+        return self.train_step(images, targets, skipped)
 
-        bar = tqdm(loader, total=batches.steps, initial=progress.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and world.is_main), file=sys.stderr, leave=False)
-        for images, targets, skipped in bar:
-            if not self.train_step(images, targets, skipped, epoch, progress):
-                continue
-            self.global_step += 1
-            bar.set_postfix(loss=f"{progress.sums['loss'] / progress.steps:.3f}", refresh=False)
-            # SIGINT/SIGTERM (alone: as soon as it came; several processes: once all agree): keep the steps done
-            if self.stop_now or (not world.enabled and self.stop.signum is not None):
-                bar.close()
-                note_time()
-                self.save(epoch, progress)
-                raise self._interrupted(f"at epoch {epoch + 1}, step {progress.steps} of {batches.steps}")
-            if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and progress.steps < batches.steps:
-                note_time()
-                self.save(epoch, progress)
-        bar.close()
+    def train_step(self, images, targets, skipped: int) -> dict[str, float] | None:
+        """Forward and backward on this process's share of a global batch; the loss terms averaged over
+        the processes, or None if there was nothing to train on (all images of the batch unreadable and
+        skipped). :meth:`update` then applies the step."""
+        world = self.world
+        if images is None:  # every image of this batch was unreadable (--skip-bad-images)
+            if world.enabled:
+                raise DataError(f"every image of a batch on process {world.rank} was unreadable; the processes "
+                                f"cannot stay in step. Remove the unreadable files (named above)")
+            self.progress.skipped_images += skipped
+            return None
+        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = targets
+        if self.mixer is not None:  # soft targets; accuracy is measured against the dominant label
+            images, targets = self.mixer(images, targets)
+            labels = targets.argmax(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.step_fn(self.net, images, targets, self.loss_fn)
+        # One small all-reduce for the metrics: loss terms averaged, counts summed over processes; its last
+        # number is the loop's stop request, so that all processes stop after the same step at no extra cost.
+        names, correct = list(result["terms"]), {k: int((v.argmax(1) == labels).sum()) for k, v in result["logits"].items()}
+        totals = world.sum([*result["terms"].values(), *correct.values(), labels.numel(), skipped, self.loop.asked()])
+        self.loop.agree(totals.pop())
+        self.counts = {"skipped": int(totals.pop()), "seen": int(totals.pop()),
+                       "correct": dict(zip(correct, map(int, totals[len(names):])))}
+        return {k: v / world.world_size for k, v in zip(names, totals)}
+
+    def update(self, terms: dict[str, float]) -> None:
+        """The optimizer step after a finite loss, and the epoch's running metrics."""
+        cfg, progress = self.cfg, self.progress
+        self.world.average_gradients(self.net.parameters())
+        if cfg.clip_grad_norm is not None:
+            self.precision.unscale(self.optimizer)
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad_norm)
+        self.precision.step(self.optimizer)
+        self.global_step += 1
+        progress.steps += 1
+        progress.seen += self.counts["seen"]
+        progress.skipped_images += self.counts["skipped"]
+        for key, value in terms.items():
+            progress.sums[key] = progress.sums.get(key, 0.0) + value
+        for key, value in self.counts["correct"].items():
+            progress.correct[key] = progress.correct.get(key, 0) + value
+        if self.ema is not None and progress.steps % cfg.model_ema_steps == 0:
+            self.ema.update_parameters(self.net)
+
+    def save_due(self) -> bool:
+        """A checkpoint every ``save_every_steps`` steps, but none on an epoch's last step (its own follows)."""
+        every = self.cfg.save_every_steps
+        return bool(every) and self.global_step % every == 0 and self.progress.steps < self.batches.steps
+
+    def end_period(self, epoch: int) -> dict:
+        """The epoch's record: the learning rate it trained with, its mean training metrics, validation."""
+        progress = self.progress
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, "steps": progress.steps,
                   **{f"train_{k}": v / max(progress.steps, 1) for k, v in progress.sums.items()},
                   **{f"train_acc1_{_label(k, self.net)}": 100.0 * v / max(progress.seen, 1)
                      for k, v in progress.correct.items()}}
-        if cfg.skip_bad_images:
+        if self.cfg.skip_bad_images:
             record["train_skipped_images"] = progress.skipped_images
         for skip, accs in self.evaluate(self.net).items():
             record[f"val_acc1_{_label(skip, self.net)}"] = accs["acc1"]
@@ -421,97 +446,51 @@ class Trainer:
         if self.ema is not None:
             for skip, accs in self.evaluate(self.ema.module).items():
                 record[f"val_acc1_{_label(skip, self.net)}_ema"] = accs["acc1"]
-        record["epoch_time_s"] = time.perf_counter() - started
-        record["epoch_cpu_s"] = time.process_time() - cpu_started
-        self.save(epoch, progress, record)
-        if world.is_main:
-            append_log(self.output / "log.jsonl", record)
-            _log(_summary(record))
+        record["epoch_time_s"] = time.perf_counter() - self.started
+        record["epoch_cpu_s"] = time.process_time() - self.cpu_started
+        self.batches = None  # the epoch is over: where() names it whole ("after epoch 2")
+        self.say(_summary(record))
         return record
 
-    def train_step(self, images, targets, skipped: int, epoch: int, progress: EpochProgress) -> bool:
-        """One optimizer step on this process's share of a global batch; False if there was nothing to
-        train on (all images of the batch unreadable and skipped)."""
-        cfg, world = self.cfg, self.world
-        if images is None:  # every image of this batch was unreadable (--skip-bad-images)
-            if world.enabled:
-                raise DataError(f"every image of a batch on process {world.rank} was unreadable; the processes "
-                                f"cannot stay in step. Remove the unreadable files (named above)")
-            progress.skipped_images += skipped
-            return False
-        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-        if self.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = targets
-        if self.mixer is not None:  # soft targets; accuracy is measured against the dominant label
-            images, targets = self.mixer(images, targets)
-            labels = targets.argmax(1)
-        self.optimizer.zero_grad(set_to_none=True)
-        result = self.step(self.net, images, targets, self.loss_fn)
-        # One small all-reduce for the metrics: loss terms averaged, counts summed over processes; its last
-        # number says whether any process was asked to stop, so that all of them stop after the same step.
-        names, counts = list(result["terms"]), {k: int((v.argmax(1) == labels).sum()) for k, v in result["logits"].items()}
-        totals = world.sum([*result["terms"].values(), *counts.values(), labels.numel(), skipped,
-                            self._stop_requested()])
-        self.stop_now = totals.pop() > 0
-        terms = {k: v / world.world_size for k, v in zip(names, totals)}
-        if not all(math.isfinite(v) for v in terms.values()):
-            raise TrainingDiverged(f"loss is not finite at epoch {epoch + 1}, step {progress.steps + 1}: "
-                                   + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + f". {self._kept()}; "
-                                   f"try a lower --lr")
-        world.average_gradients(self.net.parameters())
-        if cfg.clip_grad_norm is not None:
-            self.precision.unscale(self.optimizer)
-            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad_norm)
-        self.precision.step(self.optimizer)
-        progress.steps += 1
-        progress.seen += int(totals[len(names) + len(counts)])
-        progress.skipped_images += int(totals[-1])
-        for key, value in terms.items():
-            progress.sums[key] = progress.sums.get(key, 0.0) + value
-        for key, value in zip(counts, totals[len(names):]):
-            progress.correct[key] = progress.correct.get(key, 0) + int(value)
-        if self.ema is not None and progress.steps % cfg.model_ema_steps == 0:
-            self.ema.update_parameters(self.net)
-        return True
+    def where(self, pending: bool) -> str:
+        if self.batches is None:
+            return f"at epoch {self.epoch + 1}"
+        return f"at epoch {self.epoch + 1}, step {self.progress.steps + int(pending)} of {self.batches.steps}"
 
-    def evaluate(self, model: nn.Module, recalibrate: bool = False) -> dict:
-        self.world.average_buffers(model)
-        return evaluate_accuracy(model, self.val_loader, self.eval_configs, device=self.device,
-                                 sum_over_processes=self.world.sum_tensor if self.world.enabled else None,
-                                 recalibrate=(self.calibration, self.cfg.recalibrate_bn) if recalibrate else None)
-
-    # ----- checkpoints --------------------------------------------------------------------------------------
-    def _kept(self) -> str:
-        return kept_message(self.output)
-
-    def _check_finite_weights(self, epoch: int, progress: EpochProgress) -> None:
-        check_finite_weights(self.net, f"by epoch {epoch + 1}, step {progress.steps}", f"{self._kept()}; try a lower --lr")
-
-    def save(self, epoch: int, progress: EpochProgress, metrics: dict | None = None) -> None:
-        """Write the checkpoint of an epoch's end (``metrics`` given) or of a step within the epoch.
-        Every process takes part (their RNG states are gathered); rank 0 writes."""
-        mid_epoch = metrics is None
-        self._check_finite_weights(epoch, progress)
-        if mid_epoch:  # what every process will load on resume, and what an uninterrupted run uses on
+    def checkpoint(self, record: dict | None) -> Checkpoint | None:
+        """The checkpoint of an epoch's end (``record``: its metrics) or of a step within the epoch.
+        Every process takes part (their RNG states are gathered); rank 0 gets it."""
+        progress, mid_epoch = self.progress, record is None
+        if mid_epoch:
+            # A resumed epoch's times stay whole ...
+            progress.seconds = time.perf_counter() - self.started
+            progress.cpu_seconds = time.process_time() - self.cpu_started
+            # ... and its batch-norm statistics are what every process will load on resume, and what an
+            # uninterrupted run goes on with.
             self.world.average_buffers(self.net)
             if self.ema is not None:
                 self.world.average_buffers(self.ema)
         rng_states = self.world.gather(rng.capture())
         if not self.world.is_main:
-            return
-        state = {"optimizer": self.optimizer.state_dict(), "epoch": epoch, "global_step": self.global_step,
+            return None
+        state = {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
                  "step_in_epoch": progress.steps if mid_epoch else None, "rng": rng_states}
         if mid_epoch:
             state["progress"] = asdict(progress)
         else:
-            state["metrics"] = metrics
+            state["metrics"] = record
         if self.ema is not None:
             state["model_ema"] = self.ema.state_dict()
         if self.precision.scaler is not None:
             state["scaler"] = self.precision.state_dict()
-        save_rotating(self.output, checkpoint_payload(self.net, self.meta, **state), epoch + 1, progress.steps,
-                      self.cfg.keep_checkpoints)
+        return Checkpoint(checkpoint_payload(self.net, self.meta, **state), self.epoch + 1, progress.steps)
+
+    # ----- evaluation -----------------------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, recalibrate: bool = False) -> dict:
+        self.world.average_buffers(model)
+        return evaluate_accuracy(model, self.val_loader, self.eval_configs, device=self.device,
+                                 sum_over_processes=self.world.sum_tensor if self.world.enabled else None,
+                                 recalibrate=(self.calibration, self.cfg.recalibrate_bn) if recalibrate else None)
 
 
 MAX_EPOCHS = 1_000_000  # a bound on positions read from checkpoints (the schedule is replayed epoch by epoch)
