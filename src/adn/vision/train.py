@@ -45,7 +45,7 @@ from ..training.loop import (
     interrupted,
     kept_message,
 )
-from ..training.methods import adn_step, individual_step, joint_step
+from ..training.methods import METHODS, adn_step, individual_step, joint_step
 from ..training.optim import build_ema, build_scheduler
 from ..training.precision import Precision
 from ..training.run_folder import claim as claim_output_dir
@@ -318,7 +318,7 @@ class Trainer:
         cfg, source = self.cfg, self.cfg.resume
         for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
             if resume["meta"].get(key) != self.meta.get(key):
-                hint = f"; add --method {resume['meta'].get(key)}" if key == "method" else ""
+                hint = f"; add --method {resume['meta'][key]}" if key == "method" and resume["meta"][key] in METHODS else ""
                 raise CheckpointError(f"cannot resume from {source}: it was trained with {key}="
                                       f"{resume['meta'].get(key)!r}, this run has {key}={self.meta.get(key)!r}{hint}")
         load_weights(self.net, resume["model"], source=source)
