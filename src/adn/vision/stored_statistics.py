@@ -96,13 +96,17 @@ def after_training(cfg, device: torch.device | str = "cpu", log=print) -> dict |
     checkpoint = Path(cfg.output_dir) / LATEST
     if not wants_depth_statistics(cfg) or not checkpoint.is_file():
         return None
-    skip = "--no-depth-statistics skips this"
-    log(f"measuring each depth's batch-norm statistics on {cfg.depth_statistics_batches} x {BATCH_SIZE} training "
-        f"images ({skip}) ...")
+    started = []
+
+    def announce(config) -> None:  # once, when the measurement really starts
+        if not started:
+            started.append(config)
+            log(f"measuring each depth's batch-norm statistics on {cfg.depth_statistics_batches} x {BATCH_SIZE} "
+                f"training images (--no-depth-statistics skips this) ...")
     try:
         summary = store_depth_statistics(checkpoint, batches=cfg.depth_statistics_batches, workers=cfg.workers,
                                          device=device, skip_bad_images=cfg.skip_bad_images, by="adn train",
-                                         unless_stored=True)
+                                         progress=announce, unless_stored=True)
     except KeyboardInterrupt:
         log(f"adn: interrupted while measuring per-depth batch-norm statistics; {checkpoint} is whole, without them. "
             f"Measure them with: adn recalibrate --checkpoint {checkpoint}")
