@@ -46,9 +46,9 @@ def test_the_demo_report_compares_every_recipe_with_the_individual_networks(tmp_
     path = write_demo_report(protocol, fake_results(protocol), tmp_path / "demo.md", tmp_path, tmp_path, tmp_path)
     text = path.read_text()
     assert "15 of 15 runs" in text
-    assert "| joint training (`--method joint`) | per depth | 91.30 ± 0.10 | 90.80 ± 0.10 | 90.30–91.30 |" in text
+    assert "| joint training (`--method joint`, adn train's default) | per depth | 91.30 ± 0.10 | 90.80 ± 0.10 | 90.30–91.30 |" in text
     # joint is a point above the individual networks everywhere, far beyond a spread of 0.1
-    assert "joint training (`--method joint`): super-net above the individual network: **holds**" in text
+    assert "joint training (`--method joint`, adn train's default): super-net above the individual network: **holds**" in text
     assert "Algorithm 1 (the paper: `--method adn --base-ce 0`): super-net above the individual network: " \
            "**within noise**" in text
 

@@ -176,8 +176,8 @@ def trained(tmp_path_factory, fashion_dir):
     out = tmp_path_factory.mktemp("depthstats") / "run"
     assert main(["train", "--model", "resnet20", "--width", "8", "--data", "fashion-mnist", "--data-path",
                  str(fashion_dir), "--epochs", "1", "-b", "32", "--lr", "0.5", "--max-steps-per-epoch", "6",
-                 "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
-    return out / "checkpoint.pt"
+                 "--method", "adn", "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
+    return out / "checkpoint.pt"  # (Algorithm 1: no per-depth statistics until adn recalibrate stores them)
 
 
 def test_recalibrate_command_stores_them_and_every_command_reads_them(trained, tmp_path, capsys):
@@ -235,10 +235,10 @@ def test_damaged_stored_statistics_are_refused_and_the_fix_works(trained, tmp_pa
 
 
 def test_a_joint_network_without_them_gets_a_note_naming_the_fix(tmp_path, fashion_dir, capsys):
-    out = tmp_path / "joint"
+    out = tmp_path / "joint"  # (told not to store them: adn train stores them itself by default)
     assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
                  str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "2", "--method", "joint",
-                 "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
+                 "--no-depth-statistics", "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
     checkpoint = str(out / "checkpoint.pt")
     assert f"next: adn recalibrate --checkpoint {checkpoint}" in capsys.readouterr().err
     eval_args = ["eval", "--checkpoint", checkpoint, "--no-latency", "--no-plot", "--skip", "TFT", "--json"]

@@ -135,3 +135,8 @@ def test_torchrun_two_processes_end_where_one_process_ends(tmp_path, fashion_dir
     numbered = numbered_checkpoints(tmp_path / "ddp")
     assert [p.name for p in numbered] == ["checkpoint-e0001-s0000002.pt", "checkpoint-e0001-s0000003.pt"]
     assert len(load_checkpoint(numbered[0])["rng"]) == 2
+    # The default (joint) run's per-depth batch-norm statistics: measured once, by rank 0, after training, and
+    # stored in checkpoint.pt and in the numbered checkpoint it links to.
+    assert result.stderr.count("stored the batch-norm statistics of 8 depths") == 1
+    assert ddp["depth_statistics"]["measured_by"] == "adn train"
+    assert os.path.samefile(numbered[-1], tmp_path / "ddp" / "checkpoint.pt")

@@ -65,7 +65,8 @@ def tiny_imagenet(tmp_path_factory):
 def test_paper_scale_recipes_start_and_stop_cleanly(model, tiny_imagenet, tmp_path):
     out = tmp_path / model
     args = ["train", "--model", model, "--data", "imagefolder", "--data-path", str(tiny_imagenet), "--epochs", "2",
-            "-b", "2", "--max-steps-per-epoch", "1", "--output-dir", str(out), "--no-progress", *PAPER_RECIPES[model]]
+            "-b", "2", "--max-steps-per-epoch", "1", "--method", "adn", "--output-dir", str(out), "--no-progress",
+            *PAPER_RECIPES[model]]
     assert main(args) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["steps"] == 1 for r in log)

@@ -157,8 +157,9 @@ def test_a_stop_signal_saves_a_checkpoint_that_resume_continues(command, signum,
 
 def _nan_loss(monkeypatch, task: str) -> None:
     """The task's second step reports a NaN loss."""
-    if task == "train":
-        monkeypatch.setattr("adn.vision.train.adn_step", _nan_terms)
+    if task == "train":  # whichever method the command trains with (joint, the default)
+        for step in ("adn_step", "joint_step", "individual_step"):
+            monkeypatch.setattr(f"adn.vision.train.{step}", _nan_terms)
         return
     cls = {"detect": DetectionTask, "lm": LMTask}[task]
     original, calls = cls.step, []

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import adn
+from adn.core.depth_statistics import load_depth_statistics
 from adn.errors import CheckpointError
 from adn.utils.checkpoint_file import load_checkpoint
 from adn.vision.checkpoint import load_network
@@ -74,9 +75,12 @@ def test_checkpoint_round_trips_every_subnetwork(tmp_path, fashion_dir):
     train(cfg)
     net, ckpt = load_network(f"{cfg.output_dir}/checkpoint.pt")
     assert ckpt["meta"]["model"] == "resnet20" and ckpt["epoch"] == 0
-    # Rebuild the trained network independently: same weights, same outputs at every depth.
+    # Rebuild the trained network independently: same weights (and, for the default joint training, the
+    # per-depth batch-norm statistics the run stored at its end), same outputs at every depth.
     reference = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
-    reference.load_state_dict(torch.load(f"{cfg.output_dir}/checkpoint.pt", weights_only=True)["model"])
+    saved = torch.load(f"{cfg.output_dir}/checkpoint.pt", weights_only=True)
+    reference.load_state_dict(saved["model"])
+    load_depth_statistics(reference, saved["depth_statistics"])
     x = torch.randn(3, 1, 28, 28)
     net.eval(), reference.eval()
     with torch.no_grad():

@@ -128,20 +128,8 @@ def read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:
 def checkpoint_dataset(args, meta: dict, val_subset: int | None = None, skip_bad_images: bool = False):
     """The data set a checkpoint was trained on (or ``--data``/``--data-path``), un-augmented, checked
     against the checkpoint's class count: what eval and recalibrate read."""
-    from ..errors import CheckpointError
-    from ..errors import DataError
-    from ..vision.data import load_dataset
-    cfg = meta.get("config", {})
-    if not (args.data or meta.get("dataset")):
-        raise CheckpointError(f"{args.checkpoint} does not say which dataset it was trained on; pass --data")
-    # What the checkpoint names is read where it already is; downloads need --data or --data-path from the user.
-    data = load_dataset(args.data or meta["dataset"], args.data_path or meta.get("data_path"),
-                        val_subset=val_subset, seed=cfg.get("seed", 0), augment=False,
-                        image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"),
-                        skip_bad_images=skip_bad_images, download=bool(args.data or args.data_path))
-    if data.num_classes != meta["num_classes"]:
-        raise DataError(f"the dataset has {data.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
-    return data
+    from ..vision.data import checkpoint_data
+    return checkpoint_data(meta, args.checkpoint, args.data, args.data_path, val_subset, skip_bad_images)
 
 
 def note_missing_depth_statistics(net, meta: dict, path) -> None:

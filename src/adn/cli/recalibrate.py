@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
-
-import torch
 
 from ..utils import jsonout
 from ..vision.data import DATASETS
-from .common import checkpoint_dataset, positive_int
+from ..vision.stored_statistics import BATCH_SIZE, BATCHES
+from .common import positive_int
 
 
 def add(sub) -> None:
@@ -21,12 +18,15 @@ def add(sub) -> None:
                     "and store them in the checkpoint, one row per depth. From then on every command that runs a depth "
                     "(eval, predict, serve, export, depth-table, adn.load) normalizes with that depth's own statistics; "
                     "switching depth stays free. Needed above all for networks trained with --method joint, whose "
-                    "intermediate depths read up to 0.8 points lower with the running statistics. Training further "
-                    "(--resume, --init-from) starts from the running statistics; run this again afterwards.")
+                    "intermediate depths read up to 0.8 points lower with the running statistics; adn train stores "
+                    "them itself at the end of such a run (its default), so this is for checkpoints without them "
+                    "(--no-depth-statistics, older runs, --method adn, imported weights). Training further (--resume, "
+                    "--init-from) starts from the running statistics; run this again afterwards unless that run "
+                    "stores them itself.")
     p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
     p.add_argument("--output", default=None, help="checkpoint to write (default: replace --checkpoint, atomically)")
-    p.add_argument("--batches", type=positive_int, default=50, metavar="N", help="training batches per depth")
-    p.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per batch")
+    p.add_argument("--batches", type=positive_int, default=BATCHES, metavar="N", help="training batches per depth")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=BATCH_SIZE, help="images per batch")
     p.add_argument("--data", default=None, choices=DATASETS, help="default: the dataset it was trained on")
     p.add_argument("--data-path", default=None, help="default: the path it was trained with")
     p.add_argument("-j", "--workers", type=int, default=0, help="data loading processes (0: in this process)")
@@ -36,46 +36,17 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..errors import CheckpointError
-    from ..utils.checkpoint_file import atomic_save
-    from ..vision.checkpoint import load_network
-    from ..vision.data import calibration_loader
-    from ..core.depth_statistics import CHECKPOINT_KEY, depth_statistics_payload, record_depth_statistics
+    from ..vision.stored_statistics import store_depth_statistics
 
-    source = Path(args.checkpoint)
-    before = _identity(source)
-    net, ckpt = load_network(source, depth_statistics=False)  # stored rows are replaced, damaged or not
-    data = checkpoint_dataset(args, ckpt["meta"])
-    device = torch.device(args.device)
-    net.to(device)
-    batches = calibration_loader(data.train, args.batch_size, args.batches, args.workers)
-    start = time.perf_counter()
-    images = record_depth_statistics(net, batches, args.batches, device=device,
+    summary = store_depth_statistics(args.checkpoint, args.output, batches=args.batches, batch_size=args.batch_size,
+                                     workers=args.workers, device=args.device, data=args.data, data_path=args.data_path,
                                      progress=lambda config: print(f"measuring {config} ...", file=sys.stderr))
-    output = Path(args.output or args.checkpoint)
-    summary = {"checkpoint": str(output), "depths": 2 ** net.num_stages, "batches": args.batches,
-               "images_per_depth": images, "seconds": round(time.perf_counter() - start, 1)}
-    if images == 0:
-        summary["depths"] = 0
-        note = f"{ckpt['meta']['model']} has no batch norms: nothing to recalibrate; {output} not written"
+    output = summary["checkpoint"]
+    if summary["depths"] == 0:
+        note = f"the network in {args.checkpoint} has no batch norms: nothing to recalibrate; {output} not written"
     else:
-        net.to("cpu")
-        if output.resolve() == source.resolve() and _identity(source) != before:
-            raise CheckpointError(f"{source} changed while its statistics were measured (is a training run still writing "
-                                  f"it?); it was not replaced. Run adn recalibrate again once it is finished, or write "
-                                  f"a copy with --output")
-        atomic_save({**ckpt, CHECKPOINT_KEY: depth_statistics_payload(net)}, output)
-        note = (f"stored batch-norm statistics of {summary['depths']} depths ({images} training images each, "
-                f"{summary['seconds']} s) in {output}; adn eval, predict, serve and export now use each depth's own")
+        note = (f"stored batch-norm statistics of {summary['depths']} depths ({summary['images_per_depth']} training "
+                f"images each, {summary['seconds']} s) in {output}; adn eval, predict, serve and export now use each "
+                f"depth's own")
     print(jsonout.dumps(summary, indent=2) if args.json else note)
     return 0
-
-
-def _identity(path: Path) -> tuple | None:
-    """What changes when a file is rewritten or replaced (an atomic replace gives a new inode); None for
-    a missing file (load_network then says what is wrong)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns

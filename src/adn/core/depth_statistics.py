@@ -15,11 +15,12 @@ and everything built on them (``adn eval``, ``serve``, ``export``, ``predict``).
 free: the row is chosen per forward, nothing is copied. Training mode ignores the rows (they describe
 the weights they were measured with; record them again after training further).
 
-Checkpoints carry them under ``"depth_statistics"`` (``adn recalibrate`` writes it;
-:func:`adn.load` restores it); the weights' ``state_dict`` is unchanged, so training code, resuming and
-``--init-from`` never see them. Rows describe the weights they were measured with: once the weights
-change (an optimizer step, ``load_state_dict``), the network warns and runs with its running statistics
-again. :func:`adn.recalibrate_norms` at one depth updates that depth's row too.
+Checkpoints carry them under ``"depth_statistics"`` (``adn recalibrate`` writes it, and so does ``adn
+train`` at the end of a run that needs them; :func:`adn.load` restores it), with what measured them; the
+weights' ``state_dict`` is unchanged, so training code, resuming and ``--init-from`` never see them. Rows
+describe the weights they were measured with: once the weights change (an optimizer step,
+``load_state_dict``), the network warns and runs with its running statistics again.
+:func:`adn.recalibrate_norms` at one depth updates that depth's row too.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .recalibrate import batch_norms, load_norm_state, norm_state, recalibrate_n
 from .skip import SkipConfig
 
 CHECKPOINT_KEY = "depth_statistics"
+DEFAULT_BY = "adn recalibrate"  # what measured a network's rows, when nothing else is said
 
 
 class DepthStatisticsError(ValueError):
@@ -76,29 +78,30 @@ def statistics_in_use(net: nn.Module) -> str:
     stored = net.__dict__["adn_depth_statistics"]
     measured = len(stored.get("depths", ()))
     which = "" if measured == 2 ** net.num_stages else f", measured for {measured} of {2 ** net.num_stages} depths"
-    return f"per depth ({stored.get('images', 0)} training images each{which}, adn recalibrate)"
+    return f"per depth ({stored.get('images', 0)} training images each{which}, {stored.get('by') or DEFAULT_BY})"
 
 
-def _install(net: nn.Module, images: int, depths) -> list[nn.Module]:
+def _install(net: nn.Module, images: int, depths, by: str | None = None) -> list[nn.Module]:
     """Give every batch norm one row of statistics per depth (kept where it has them, else initialized
-    to its running statistics), and note what was measured."""
+    to its running statistics), and note what was measured, and by what (``by``)."""
     rows = 2 ** net.num_stages
     norms = [DepthStatisticsNorm.convert(norm, rows) for norm in batch_norms(net)]
     previous = net.__dict__.get("adn_depth_statistics") or {}
     measured = sorted(set(previous.get("depths", ())) | {str(SkipConfig(d, net.num_stages)) for d in depths})
     parameters = list(net.parameters())
     net.__dict__["adn_depth_statistics"] = {"images": images, "depths": measured, "parameters": parameters,
-                                            "version": weights_version(parameters)}
+                                            "version": weights_version(parameters), "by": by}
     return norms
 
 
 @torch.no_grad()
 def record_depth_statistics(net: nn.Module, batches: Iterable, num_batches: int, configs=None,
-                            device: torch.device | str | None = None, progress=None) -> int:
+                            device: torch.device | str | None = None, progress=None, by: str | None = None) -> int:
     """Measure the batch-norm statistics of each depth in ``configs`` (default: all 2^N) on the first
     ``num_batches`` of ``batches`` (training images without random augmentation, the same for every depth)
     and keep them in the network, one row per depth (rows of other depths recorded earlier are kept).
     The running statistics are left as they were. ``progress(config)`` is called before each depth.
+    ``by``: what measured them, for reports and checkpoints (default: ``adn recalibrate``).
     Returns the number of images used per depth (0 for a network without batch norms, e.g. a ViT: there
     is nothing to record)."""
     if not batch_norms(net):
@@ -119,7 +122,7 @@ def record_depth_statistics(net: nn.Module, batches: Iterable, num_batches: int,
     finally:
         load_norm_state(net, running)
     # Installed only once every depth was measured: an error above leaves the network as it was.
-    _install(net, images, configs)
+    _install(net, images, configs, by)
     for row, stats in measured:
         for norm, (mean, var) in zip(norms, stats):
             norm.depth_running_mean[row] = mean
@@ -144,7 +147,10 @@ def depth_statistics_payload(net: nn.Module) -> dict | None:
         return None
     norms = {name: {"mean": module.depth_running_mean.detach().cpu(), "var": module.depth_running_var.detach().cpu()}
              for name, module in net.named_modules() if isinstance(module, DepthStatisticsNorm)}
-    return {"images": int(stored.get("images", 0)), "depths": list(stored.get("depths", ())), "norms": norms}
+    payload = {"images": int(stored.get("images", 0)), "depths": list(stored.get("depths", ())), "norms": norms}
+    if stored.get("by"):
+        payload["measured_by"] = stored["by"]
+    return payload
 
 
 @torch.no_grad()
@@ -177,7 +183,8 @@ def load_depth_statistics(net: nn.Module, payload, source: str = "checkpoint") -
         depths = [SkipConfig(d, net.num_stages) for d in depths]
     except ValueError as error:
         raise DepthStatisticsError(f"{source}: its per-depth batch-norm statistics list invalid depths ({error}){fix}") from error
-    _install(net, int(payload.get("images", 0)), depths)
+    by = payload.get("measured_by")
+    _install(net, int(payload.get("images", 0)), depths, by[:80] if isinstance(by, str) and by.isprintable() else None)
     for name, norm in norms.items():
         norm.depth_running_mean.copy_(stored[name]["mean"])
         norm.depth_running_var.copy_(stored[name]["var"])

@@ -18,7 +18,7 @@ TITLES = {
     "individual-base": "individual network, base-net depth",
     "adn": "Algorithm 1 (the paper: `--method adn --base-ce 0`)",
     "adn-base-ce0.5": "Algorithm 1 + base-net label loss (`--method adn --base-ce 0.5`)",
-    "joint": "joint training (`--method joint`)",
+    "joint": "joint training (`--method joint`, adn train's default)",
 }
 
 

@@ -266,11 +266,12 @@ def write_report(protocol, results: dict, path: Path, figures: Path, root: Path,
         f"- Spatial feature KD above pooled (super-net): {glance(adn_sup, pooled_sup)}.",
         f"- Table 3, sub-path specialization matters (ADN above the network trained jointly on the same two depths, "
         f"with skip-aware norms): super-net {glance(adn_sup, joint_sup)}; base-net {glance(adn_base, joint_base)}.",
-        f"- Our recommendation for training from scratch, a deviation from the paper: `--method joint`, then "
-        f"`adn recalibrate` (each depth's own batch-norm statistics). Joint network against the individual "
+        f"- Our recommendation for training from scratch and `adn train`'s default, a deviation from the paper: "
+        f"`--method joint`, with each depth's own batch-norm statistics (which `adn train` stores at the end of the "
+        f"run, as `adn recalibrate` does). Joint network against the individual "
         f"networks: super-net {glance(joint_sup, ind_sup)}; base-net {glance(joint_base, ind_base)}.",
         f"- The simpler alternative, `--method joint --no-skip-aware-norm` (no twins; running statistics serve "
-        f"every depth, no `adn recalibrate`), against the individual networks: super-net "
+        f"every depth, no per-depth statistics), against the individual networks: super-net "
         f"{glance(joint_no_san_sup, ind_sup)}; base-net {glance(joint_no_san_base, ind_base)}.",
         "",
     ]

@@ -195,6 +195,19 @@ def save_rotating(folder: str | os.PathLike, payload: dict, epoch: int, step: in
     return numbered
 
 
+def replace_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Atomically replace the checkpoint ``path`` by ``payload``. A run's ``checkpoint.pt`` that is a hard
+    link to its newest numbered checkpoint (``--keep-checkpoints``) stays one: both get the payload."""
+    path = Path(path)
+    if path.name == LATEST and path.is_file():
+        newest = numbered_checkpoints(path.parent)[-1:]
+        if newest and os.path.samefile(newest[0], path):
+            atomic_save(payload, newest[0])
+            _publish(newest[0], path)
+            return
+    atomic_save(payload, path)
+
+
 def _publish(source: Path, target: Path) -> None:
     """Atomically make ``target`` a hard link to ``source`` (or a copy of it)."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision import transforms as T
 
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 from ..training.signals import ignore_interrupts  # re-exported: adn.vision.data.ignore_interrupts
 from ..utils.atomic import atomic_write
 from .memory_data import BatchAugment, EvalBatches, TensorImages
@@ -131,6 +131,24 @@ def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train
             skip_bad_images=skip_bad_images, download=download).train)
     bundle.train = _subset(bundle.train, train_subset, seed, "train")
     bundle.val = _subset(bundle.val, val_subset, seed + 1, "val")
+    return bundle
+
+
+def checkpoint_data(meta: dict, source, data: str | None = None, data_path: str | None = None,
+                    val_subset: int | None = None, skip_bad_images: bool = False) -> DataBundle:
+    """The data set a checkpoint was trained on (or ``data``/``data_path``), un-augmented, checked
+    against the checkpoint's class count: what eval and recalibrate read, and what ``adn train`` measures
+    per-depth statistics on at its end. ``source``: the checkpoint's path, for messages."""
+    cfg = meta.get("config", {})
+    if not (data or meta.get("dataset")):
+        raise CheckpointError(f"{source} does not say which dataset it was trained on; pass --data")
+    # What the checkpoint names is read where it already is; downloads need --data or --data-path from the user.
+    bundle = load_dataset(data or meta["dataset"], data_path or meta.get("data_path"),
+                          val_subset=val_subset, seed=cfg.get("seed", 0), augment=False,
+                          image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"),
+                          skip_bad_images=skip_bad_images, download=bool(data or data_path))
+    if bundle.num_classes != meta["num_classes"]:
+        raise DataError(f"the dataset has {bundle.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
     return bundle
 
 

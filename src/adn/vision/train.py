@@ -40,7 +40,7 @@ from ..training import rng
 from ..training.distributed import Distributed
 from ..training.distributed import setup as setup_distributed
 from ..training.loop import Checkpoint, Period, Resumed, RunLoop, check_output_dir
-from ..training.methods import adn_step, individual_step, joint_step
+from ..training.methods import METHODS, adn_step, individual_step, joint_step
 from ..training.optim import build_ema, build_scheduler
 from ..training.precision import Precision
 from ..training.sampling import EpochBatches, SeededSamples
@@ -60,6 +60,7 @@ from .init_from import init_from
 from .labels import dataset_class_names
 from .memory_data import TensorImages, training_batches
 from .preprocess import Preprocessing
+from .stored_statistics import after_training
 from .train_config import TrainConfig
 from .train_setup import build_batch_mixer, build_optimizer, speed_settings
 
@@ -136,14 +137,19 @@ class EpochProgress:
 
 def train(cfg: TrainConfig) -> dict:
     """Run a training; returns the last epoch's metrics. Writes ``checkpoint.pt`` (every epoch and every
-    ``save_every_steps`` steps) and ``log.jsonl`` (one line per epoch) in ``cfg.output_dir``. Under
-    torchrun, every process calls this; rank 0 alone writes files and logs."""
+    ``save_every_steps`` steps) and ``log.jsonl`` (one line per epoch) in ``cfg.output_dir``, and at the end
+    each depth's batch-norm statistics into ``checkpoint.pt`` when the run wants them
+    (:func:`adn.vision.stored_statistics.after_training`). Under torchrun, every process calls this; rank 0
+    alone writes files and logs."""
     cfg.validate()
     world, device = setup_distributed(cfg.device)
     trainer = None
     try:
         trainer = Trainer(cfg, world, device)
-        return trainer.run()
+        record = trainer.run()
+        if world.is_main:  # (the folder is still this run's: the lock is released in close())
+            after_training(cfg, device, log=_log)
+        return record
     finally:
         if trainer is not None:
             trainer.close()
@@ -299,8 +305,9 @@ class Trainer:
         cfg, source = self.cfg, self.cfg.resume
         for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
             if resume["meta"].get(key) != self.meta.get(key):
+                hint = f"; add --method {resume['meta'][key]}" if key == "method" and resume["meta"][key] in METHODS else ""
                 raise CheckpointError(f"cannot resume from {source}: it was trained with {key}="
-                                      f"{resume['meta'].get(key)!r}, this run has {key}={self.meta.get(key)!r}")
+                                      f"{resume['meta'].get(key)!r}, this run has {key}={self.meta.get(key)!r}{hint}")
         load_weights(self.net, resume["model"], source=source)
         self.optimizer.load_state_dict(resume["optimizer"])
         if self.ema is not None:

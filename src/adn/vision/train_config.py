@@ -22,7 +22,9 @@ class TrainConfig(RunConfig):
     model: str = "resnet20"
     data: str = "fashion-mnist"
     data_path: str | None = None
-    method: str = "adn"
+    # joint: both depths on the labels, our reproduction's best from scratch (docs/reproduction.md); "adn" is the
+    # paper's Algorithm 1 (with base_ce 0)
+    method: str = "joint"
     skip: str = "super"                 # the sub-network trained by method=individual
     skip_aware_norm: bool = True
     weights: str | None = None          # torchvision weights name, e.g. DEFAULT
@@ -69,6 +71,8 @@ class TrainConfig(RunConfig):
     val_resize_size: int | None = None
     max_steps_per_epoch: int | None = None
     recalibrate_bn: int = 10            # per-epoch validation also with batch-norm statistics recomputed on N batches
+    depth_statistics: bool | None = None  # store per-depth batch-norm statistics at the end (None: for joint with twins)
+    depth_statistics_batches: int = 50  # training batches of 256 images per depth for them (adn recalibrate --batches)
     device: str = "auto"
     # scale and speed
     sync_bn: bool = False               # batch statistics over all processes (torchrun)
@@ -116,6 +120,8 @@ class TrainConfig(RunConfig):
         need(0 <= self.lr_warmup_epochs < self.epochs or self.lr_warmup_epochs == 0,
              f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be smaller than --epochs ({self.epochs})")
         need(self.recalibrate_bn >= 0, f"--recalibrate-bn must be >= 0 (0: off), got {self.recalibrate_bn}")
+        need(self.depth_statistics_batches >= 1,
+             f"--depth-statistics-batches must be at least 1, got {self.depth_statistics_batches}")
         need(self.val_from_train is None or self.val_from_train >= 1, "--val-from-train must be a positive number of images")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "--max-steps-per-epoch must be >= 1")
         need(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
