@@ -170,6 +170,28 @@ def test_predict_errors_are_one_line(trained, tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def test_predict_decodes_only_the_formats_allowed(trained, tmp_path, capsys, monkeypatch):
+    """EPS goes to Ghostscript, other formats to rarely audited decoders: adn predict reads PNG, JPEG, WebP, BMP and
+    TIFF unless --image-formats says otherwise, and recognises the others by their first bytes, never decoding."""
+    from PIL import EpsImagePlugin
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n")
+    gif = tmp_path / "anim.gif"
+    Image.new("RGB", (40, 48)).save(gif)
+    checkpoint = str(trained / "checkpoint.pt")
+    for path, name in ((eps, "EPS"), (gif, "GIF")):
+        assert main(["predict", "--checkpoint", checkpoint, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"adn: error: {path} is in {name} format, which is not accepted here" in err and "--image-formats" in err
+    assert opened == []
+    assert main(["predict", "--checkpoint", checkpoint, str(gif), "--image-formats", "png,gif", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["image"] == str(gif)
+    assert main(["predict", "--checkpoint", checkpoint, str(gif), "--image-formats", "png,bogus"]) == 2
+    assert "adn: error: --image-formats 'png,bogus': unknown format(s) BOGUS" in capsys.readouterr().err
+
+
 def test_export_manifest_says_what_the_files_take_and_give(trained, tmp_path):
     from adn.deploy.export import export_subnetworks
     net = adn.load(trained / "checkpoint.pt")

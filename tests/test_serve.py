@@ -249,9 +249,10 @@ def make_service(model_dir, **changes) -> Service:
 
 @contextmanager
 def running(service: Service):
-    """The app on uvicorn in a thread, on a free loopback port; an httpx client for it."""
+    """The app on adn serve's uvicorn server (its connection limits from the service's settings) in a thread, on a
+    free loopback port; an httpx client for it."""
     sock = adn_server.bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), lifespan="on", log_level="warning"))
+    server = adn_server.make_server(create_app(service), service.settings, service.begin_drain)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from ..core.skip import SkipConfig
+from ..utils import jsonout
 
 
 def record_folder(record: str | None, docs: str, default_docs: str, default_record: str) -> Path:
@@ -115,7 +115,7 @@ def write_plot(write, path: Path) -> None:
 
 def read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:
     try:
-        rows = json.loads(Path(path).read_text())
+        rows = jsonout.loads(Path(path).read_text(), source=path)
         by_skip = {row["skip"]: row for row in rows}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: expected the JSON printed by `adn {what} --json` ({error})") from error

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from ..utils import jsonout
 from .common import note_missing_depth_statistics, skip_configs
 
 
@@ -54,7 +54,8 @@ def run(args) -> int:
     accuracy = None
     if args.accuracy:
         try:
-            accuracy = {r["skip"]: {"acc1": r["acc1"], "acc5": r["acc5"]} for r in json.loads(Path(args.accuracy).read_text())}
+            rows = jsonout.loads(Path(args.accuracy).read_text(), source=args.accuracy)
+            accuracy = {r["skip"]: {"acc1": r["acc1"], "acc5": r["acc5"]} for r in rows}
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"--accuracy {args.accuracy}: expected the JSON printed by `adn eval --json` ({error})") from error
     size = meta.get("image_size", 224)

@@ -5,17 +5,18 @@ import sys
 import time
 
 from ..utils import jsonout
+from ..vision.preprocess import DEFAULT_IMAGE_FORMATS
 from .common import note_missing_depth_statistics, positive_int
 
 
 def add(sub) -> None:
     p = sub.add_parser("predict", help="classify image files: top classes by name, at a chosen depth or budget",
-                       description="Reads image files (PNG, JPEG, ...; converted to the checkpoint's channels, "
-                                   "resized and center-cropped as its validation data was), runs them as one batch "
-                                   "and prints each image's most probable classes. The depth is --skip, or the most "
-                                   "accurate depth of the depth table whose p99 latency for that batch fits "
-                                   "--budget-ms, or the super-net. Example: adn predict --checkpoint "
-                                   "runs/demo/checkpoint.pt shoe.png bag.png --skip TTF --top-k 3")
+                       description="Reads image files (PNG, JPEG, WebP, BMP, TIFF; see --image-formats; converted "
+                                   "to the checkpoint's channels, resized and center-cropped as its validation data "
+                                   "was), runs them as one batch and prints each image's most probable classes. The "
+                                   "depth is --skip, or the most accurate depth of the depth table whose p99 latency "
+                                   "for that batch fits --budget-ms, or the super-net. Example: adn predict "
+                                   "--checkpoint runs/demo/checkpoint.pt shoe.png bag.png --skip TTF --top-k 3")
     p.add_argument("--checkpoint", required=True, help="file written by adn train")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     depth = p.add_mutually_exclusive_group()
@@ -25,6 +26,9 @@ def add(sub) -> None:
     p.add_argument("--table", default=None,
                    help="depth table for --budget-ms (default: depth_table.json next to the checkpoint)")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image")
+    p.add_argument("--image-formats", default=",".join(DEFAULT_IMAGE_FORMATS).lower(), metavar="LIST",
+                   help="image formats decoded, comma-separated Pillow names; a file of any other is refused from "
+                        "its first bytes, before a decoder runs (eps would run Ghostscript)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout instead of lines")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(run=run)
@@ -32,8 +36,10 @@ def add(sub) -> None:
 
 def run(args) -> int:
     from ..deploy.predict import Predictor, depth_table_for
-    from ..vision.preprocess import ImageError
+    from ..vision.preprocess import ImageError, image_formats
     from ..core.skip import SkipConfig
+
+    formats = image_formats(args.image_formats)
 
     if args.table and args.budget_ms is None:
         raise ValueError("--table is read only with --budget-ms B; give both, or --skip S")
@@ -53,7 +59,7 @@ def run(args) -> int:
     else:
         skip = SkipConfig(args.skip or "super", stages)
     try:
-        batch = predictor.preprocessing.load_files(args.images)
+        batch = predictor.preprocessing.load_files(args.images, formats=formats)
     except ImageError as error:
         raise ValueError(str(error)) from error
     start = time.perf_counter()

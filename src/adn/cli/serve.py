@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from ..vision.preprocess import DEFAULT_IMAGE_FORMATS
 from .common import note_missing_depth_statistics, positive_int
 
 LAYOUTS = {"switchable": ", one switchable ONNX Runtime session", "per-depth": ", one ONNX Runtime session per depth"}
@@ -63,14 +64,35 @@ def add(sub) -> None:
     p.add_argument("--max-queue", type=positive_int, default=256,
                    help="images waiting at most; beyond, requests get 503 with Retry-After")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
-    p.add_argument("--max-image-mpixels", type=float, default=40.0, help="largest image accepted, in megapixels")
+    p.add_argument("--max-image-mpixels", type=float, default=40.0,
+                   help="largest image accepted, in megapixels (read from its header, before decoding; 413 beyond)")
+    p.add_argument("--max-request-mpixels", type=float, default=None,
+                   help="decoded pixels per request, all its images together, in megapixels (413 beyond, before "
+                        "anything is decoded; default: 100, or --max-image-mpixels if larger)")
+    p.add_argument("--image-formats", default=",".join(DEFAULT_IMAGE_FORMATS).lower(), metavar="LIST",
+                   help="image formats decoded, comma-separated Pillow names; any other is refused (415) from its "
+                        "first bytes, before a decoder runs. Adding eps runs Ghostscript on what clients send")
+    p.add_argument("--decode-threads", type=positive_int, default=None,
+                   help="threads decoding images, one request each, so that one client's costly images cannot "
+                        "take every core (default: half the CPUs, at most 4)")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes per image in an answer (a request may ask "
                                                                  "for another number with field top_k)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one, printed at start)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--request-timeout-s", type=float, default=15.0,
+                   help="a client must send its complete request (headers and body) within this many seconds of "
+                        "connecting, or of the first byte of a later request on the connection; else 408 and the "
+                        "connection is closed")
+    p.add_argument("--keep-alive-s", type=float, default=5.0,
+                   help="an idle connection between two requests is closed after this many seconds (0: after each "
+                        "answer)")
+    p.add_argument("--max-connections", type=positive_int, default=512,
+                   help="connections open at once; a new one beyond takes the place of the one waiting longest for "
+                        "its request, or gets 503 when all have requests in progress (lowered, with a warning, when "
+                        "the open-file limit is lower)")
     p.add_argument("--graceful-timeout-s", type=float, default=30.0,
-                   help="at shutdown, how long to wait for requests in flight before cancelling them")
+                   help="at shutdown, how long to wait for requests in flight before cancelling them (they get 503)")
     p.add_argument("--access-log", action="store_true", help="log every request on stderr")
     p.set_defaults(run=run)
 
@@ -91,12 +113,7 @@ def run(args) -> int:
     from ..serve import ServeSettings, Service, create_app
     from ..serve import server
 
-    settings = ServeSettings(budget_ms=args.budget_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                             batch_wait=args.batch_wait, max_queue=args.max_queue,
-                             max_body_bytes=int(args.max_body_mb * 2**20),
-                             max_image_pixels=int(args.max_image_mpixels * 1e6), top_k=args.top_k,
-                             quantile=args.quantile, backend=args.backend, depths=args.depths,
-                             headroom=args.headroom)
+    settings = ServeSettings(**_settings(args))
     sock = server.bind(args.host, args.port)  # before the slow start-up: a taken port fails at once
     print(f"adn serve: loading {args.checkpoint or args.model_dir}, preparing {settings.prepared_depths} depths on "
           f"{args.backend}", file=sys.stderr)
@@ -125,6 +142,26 @@ def run(args) -> int:
           f"max batch {settings.max_batch}", file=sys.stderr)
     print(f"adn serve: listening on http://{shown}:{port}  (POST /v1/predict, GET /v1/depths, /healthz, /metrics; "
           f"Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
-    server.run(create_app(service), sock, service.begin_drain, args.graceful_timeout_s, args.access_log)
+    server.run(create_app(service), sock, settings, service.begin_drain, args.access_log)
     print("adn serve: stopped (the queue was drained)", file=sys.stderr)
     return 0
+
+
+def _settings(args) -> dict:
+    """The ServeSettings of the flags. The flags given in other units than the settings (megabytes, megapixels) are
+    checked here, in their own units: finite, in range, each message naming its flag."""
+    from ..serve.service import DEFAULT_DECODE_THREADS, check_number
+
+    body_mb = check_number("--max-body-mb", args.max_body_mb, 0.001, 65536, "a number of megabytes from 0.001 to 65536")
+    image_mp = check_number("--max-image-mpixels", args.max_image_mpixels, 1e-6, 10_000,
+                            "a number of megapixels from 0.000001 to 10000")
+    request_mp = args.max_request_mpixels if args.max_request_mpixels is not None else max(100.0, image_mp)
+    check_number("--max-request-mpixels", request_mp, image_mp, 100_000,
+                 f"a number of megapixels from --max-image-mpixels ({image_mp:g}) to 100000")
+    return dict(budget_ms=args.budget_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                batch_wait=args.batch_wait, max_queue=args.max_queue, max_body_bytes=int(body_mb * 2**20),
+                max_image_pixels=max(1, int(image_mp * 1e6)), max_request_pixels=int(request_mp * 1e6),
+                image_formats=args.image_formats, decode_threads=args.decode_threads or DEFAULT_DECODE_THREADS,
+                top_k=args.top_k, quantile=args.quantile, backend=args.backend, depths=args.depths,
+                headroom=args.headroom, request_timeout_s=args.request_timeout_s, keep_alive_s=args.keep_alive_s,
+                max_connections=args.max_connections, graceful_timeout_s=args.graceful_timeout_s)

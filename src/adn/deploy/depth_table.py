@@ -23,13 +23,13 @@ Reading and predicting need no torch (the :class:`adn.Governor` hot path uses th
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.skip import SkipConfig
+from ..utils import jsonout
 
 FORMAT = "adn-depth-table"
 VERSION = 1
@@ -53,8 +53,8 @@ class DepthTable:
     @classmethod
     def load(cls, path: str | os.PathLike) -> DepthTable:
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
+            data = jsonout.loads(Path(path).read_text(), source=str(path))
+        except ValueError as error:  # malformed, or nested too deeply to parse
             raise DepthTableError(f"{path}: not valid JSON ({error}); {_HOW_TO_FIX}") from error
         return cls.from_dict(data, source=str(path))
 
@@ -123,7 +123,6 @@ class DepthTable:
 
 def dumps(table: dict) -> str:
     """The table as JSON with one line per depth, so that it reads (and diffs) as a table."""
-    from ..utils import jsonout
 
     head = jsonout.dumps({k: v for k, v in table.items() if k != "depths"}, indent=2)
     rows = ",\n".join("    " + jsonout.dumps(row) for row in table["depths"])

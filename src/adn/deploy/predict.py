@@ -7,7 +7,6 @@ outputs are called, together (``adn predict`` and ``adn serve`` both use it).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..utils import jsonout
 from ..vision.labels import class_names
 from ..vision.preprocess import Preprocessing
 
@@ -49,7 +49,7 @@ class Predictor:
         folder = Path(folder)
         source = folder / "manifest.json"
         try:
-            manifest = json.loads(source.read_text())
+            manifest = jsonout.loads(source.read_text(), source=str(source))
         except (OSError, ValueError) as error:
             raise ValueError(f"--model-dir {folder}: cannot read {source} ({error}); give the folder written by adn "
                              f"export --format onnx --switchable") from error

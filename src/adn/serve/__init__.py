@@ -4,7 +4,8 @@ dynamically and letting :class:`adn.Governor` choose each batch's depth from the
 One module per job: ``policy`` (when a batch leaves and at which depth: no clock, no thread),
 ``batcher`` (the queue and its worker thread), ``engine`` (a batch at a depth, every depth prepared
 ahead), ``service`` (all of it around one checkpoint), ``metrics`` (Prometheus), ``app`` (the HTTP
-routes), ``server`` (uvicorn, graceful shutdown). Needs the ``serve`` extra: ``pip install 'adn[serve]'``.
+routes), ``server`` (uvicorn, graceful shutdown), ``connections`` (request deadline, connection cap), ``logs``
+(throttled error lines). Needs the ``serve`` extra: ``pip install 'adn[serve]'``.
 
     from adn.serve import ServeSettings, Service, create_app
     service = Service.from_checkpoint("runs/demo/checkpoint.pt", ServeSettings(budget_ms=20))

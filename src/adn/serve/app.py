@@ -7,20 +7,21 @@
     GET  /healthz      {"status": "ok"}; 503 {"status": "draining"} while shutting down
     GET  /metrics      Prometheus text format
 
-Every error is JSON, ``{"error": {"status", "code", "message"}}``, 4xx for what the client can fix.
-The lifespan starts the batching worker and, at shutdown, answers everything still queued before the
-process exits.
+Every error is JSON, ``{"error": {"status", "code", "message"}}``, 4xx for what the client can fix; a request
+still running when a graceful shutdown runs out of time gets a 503 (code ``shutting_down``), not uvicorn's
+plain-text 500. The lifespan starts the batching worker and, at shutdown, answers everything still queued
+before the process exits.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import sys
-import traceback
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -43,7 +44,6 @@ def create_app(service: Service) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.start()
-        await run_in_threadpool(lambda: None)  # start the thread pool decoding runs in before the first request
         try:
             yield
         finally:
@@ -57,7 +57,8 @@ def create_app(service: Service) -> Starlette:
         except ApiError as error:
             response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
         except Exception as error:  # noqa: BLE001 - a bug answers 500 JSON, and the server keeps serving
-            traceback.print_exception(error, file=sys.stderr)
+            service.throttle.exception(f"internal:{type(error).__name__}:{str(error)[:100]}",
+                                       f"unexpected {type(error).__name__} answering a request:", error)
             response = JSONResponse(error_body(500, "internal_error", f"unexpected {type(error).__name__}: "
                                                                       f"{str(error)[:300]}; please report it"),
                                     status_code=500)
@@ -85,7 +86,39 @@ def create_app(service: Service) -> Starlette:
 
     routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/depths", depths, methods=["GET"]),
               Route("/healthz", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
+                     middleware=[Middleware(AnswerWhenCancelled)])
+
+
+class AnswerWhenCancelled:
+    """ASGI middleware: a request cancelled before its answer started (uvicorn cancels those still running when the
+    graceful shutdown times out) gets the JSON 503 ``shutting_down``, not uvicorn's plain-text 500 and a traceback."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if started:  # half an answer: uvicorn closes the connection
+                return
+            response = JSONResponse(error_body(503, "shutting_down", "the server stopped before this request was "
+                                                                     "answered (it was still running when the "
+                                                                     "graceful-shutdown time, adn serve "
+                                                                     "--graceful-timeout-s, ran out); retry on "
+                                                                     "another instance"),
+                                    status_code=503, headers={"Connection": "close"})
+            await response(scope, receive, send)
 
 
 async def _predict(service: Service, request: Request, arrival: float) -> dict:
@@ -128,7 +161,7 @@ async def _predict(service: Service, request: Request, arrival: float) -> dict:
     skip = service.parse_skip(options["skip"])
     budget_ms = service.parse_budget(options["budget_ms"])
     k = service.parse_top_k(top_k)
-    images = await run_in_threadpool(service.load_images, files)  # decoding is CPU work: off the event loop
+    images = await service.decode(files)  # CPU work: in the decoding threads, off the event loop
     return await service.predict(images, [name for name, _ in files], skip, budget_ms, k, arrival)
 
 
@@ -142,8 +175,12 @@ def _single(form, name: str) -> str | None:
 
 
 def _option(form, request: Request, name: str) -> str | None:
-    """A request option from its form field or its header; both must agree when both are given."""
-    field, header = _single(form, name), request.headers.get(HEADERS[name])
+    """A request option from its form field or its header (each given once at most); both must agree when both are
+    given."""
+    field, headers = _single(form, name), request.headers.getlist(HEADERS[name])
+    if len(headers) > 1:
+        raise ApiError(400, CODES[name], f"header {HEADERS[name]} is given {len(headers)} times; give it once")
+    header = headers[0] if headers else None
     if field is not None and header is not None and field.strip() != header.strip():
         raise ApiError(400, CODES[name], f"{name} is {field!r} in the form but {header!r} in header "
                                            f"{HEADERS[name]}; give one")

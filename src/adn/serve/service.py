@@ -16,9 +16,8 @@ import io
 import itertools
 import math
 import os
-import sys
 import time
-import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +29,32 @@ from ..core.skip import SkipConfig
 from ..deploy.depth_table import DepthTable
 from ..deploy.governor import Governor
 from ..deploy.predict import Predictor, depth_table_for, top_k
-from ..vision.preprocess import ImageError, ImageTooLarge
+from ..vision.preprocess import (DEFAULT_IMAGE_FORMATS, ImageError, ImageTooLarge, UnsupportedImageFormat,
+                                 image_dimensions, image_formats)
 from .batcher import Batcher, Draining, QueueFull
 from .engine import Engine
 from .errors import ApiError
+from .logs import Throttle
 from .metrics import Metrics
 from .policy import BatchPolicy, Pending, Plan
 
 MAX_BUDGET_MS = 600_000.0  # ten minutes: a budget beyond it is a typo, not a latency target
 BATCH_WAITS = ("adaptive", "fixed")
+# Decoding runs in a pool of its own, one request per thread: a few threads, so that decoding never takes every
+# core from the batches, and one client's costly images never hold more than one of them.
+DEFAULT_DECODE_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def check_number(flag: str, value, low: float, high: float, expected: str, *, low_open: bool = False,
+                 integer: bool = False):
+    """``value`` if it is a finite number (a whole one if ``integer``) in [``low``, ``high``] (``low`` excluded if
+    ``low_open``); else a ValueError ``"<flag> <value>: expected <expected>"``, as every serve flag is checked."""
+    kind = int if integer else (int, float)
+    ok = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        raise ValueError(f"{flag} {value}: expected {expected}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,9 @@ class ServeSettings:
     max_queue: int = 256           # images queued; beyond, requests are refused with 503
     max_body_bytes: int = 16 << 20
     max_image_pixels: int = 40_000_000
+    max_request_pixels: int = 100_000_000  # decoded pixels per request, all its images together
+    image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS  # decoded; anything else is refused (415) before decoding
+    decode_threads: int = DEFAULT_DECODE_THREADS
     top_k: int = 5
     quantile: str = "p99"
     backend: str = "eager"
@@ -63,27 +82,45 @@ class ServeSettings:
     # onnxruntime-per-depth (each depth is an export and a session: seconds apiece).
     depths: str | None = None
     headroom: bool = True          # keep room for the requests expected within one budget (BatchPolicy)
+    # Connections (adn.serve.connections): a complete request within request_timeout_s, idle connections closed after
+    # keep_alive_s, at most max_connections open; at shutdown, requests in flight get graceful_timeout_s.
+    request_timeout_s: float = 15.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 512
+    graceful_timeout_s: float = 30.0
 
     @property
     def prepared_depths(self) -> str:
         return self.depths or ("table" if self.backend == "onnxruntime-per-depth" else "all")
 
     def __post_init__(self):
-        checks = [
-            ("--budget-ms", self.budget_ms, 0 < self.budget_ms <= MAX_BUDGET_MS,
-             f"a positive number of milliseconds, at most {MAX_BUDGET_MS:g}"),
-            ("--max-batch", self.max_batch, self.max_batch >= 1, "a positive number of images"),
-            ("--max-wait-ms", self.max_wait_ms, 0 <= self.max_wait_ms <= MAX_BUDGET_MS, "zero or more milliseconds"),
-            ("--batch-wait", self.batch_wait, self.batch_wait in BATCH_WAITS, " or ".join(BATCH_WAITS)),
-            ("--max-queue", self.max_queue, self.max_queue >= self.max_batch, "at least --max-batch images"),
-            ("--max-body-mb", self.max_body_bytes, self.max_body_bytes >= 1024, "at least 0.001 MB"),
-            ("--max-image-mpixels", self.max_image_pixels, self.max_image_pixels >= 1, "positive"),
-            ("--top-k", self.top_k, self.top_k >= 1, "a positive number of classes"),
-            ("--depths", self.depths, self.depths in (None, "all", "table"), "all or table"),
+        if self.batch_wait not in BATCH_WAITS:
+            raise ValueError(f"--batch-wait {self.batch_wait}: expected {' or '.join(BATCH_WAITS)}")
+        if self.depths not in (None, "all", "table"):
+            raise ValueError(f"--depths {self.depths}: expected all or table")
+        object.__setattr__(self, "image_formats", image_formats(self.image_formats))
+        hour = 3600.0
+        numbers = [  # flag, value, low, high, what is expected, low excluded, whole number
+            ("--budget-ms", self.budget_ms, 0, MAX_BUDGET_MS,
+             f"a positive number of milliseconds, at most {MAX_BUDGET_MS:g}", True, False),
+            ("--max-batch", self.max_batch, 1, 100_000, "a number of images from 1 to 100000", False, True),
+            ("--max-wait-ms", self.max_wait_ms, 0, MAX_BUDGET_MS, "zero or more milliseconds", False, False),
+            ("--max-queue", self.max_queue, self.max_batch, 10**8, "at least --max-batch images (at most 10^8)", False, True),
+            ("--max-body-mb", self.max_body_bytes, 1024, 64 << 30, "at least 0.001 MB (at most 65536)", False, True),
+            ("--max-image-mpixels", self.max_image_pixels, 1, 10**10, "positive (at most 10000)", False, True),
+            ("--max-request-mpixels", self.max_request_pixels, self.max_image_pixels, 10**11,
+             "at least --max-image-mpixels (at most 100000)", False, True),
+            ("--decode-threads", self.decode_threads, 1, 256, "a number of threads from 1 to 256", False, True),
+            ("--top-k", self.top_k, 1, 10**6, "a number of classes from 1 to 10^6", False, True),
+            ("--request-timeout-s", self.request_timeout_s, 0, hour, "a positive number of seconds, at most 3600",
+             True, False),
+            ("--keep-alive-s", self.keep_alive_s, 0, hour, "zero or more seconds, at most 3600", False, False),
+            ("--max-connections", self.max_connections, 1, 10**6, "a number of connections from 1 to 10^6", False, True),
+            ("--graceful-timeout-s", self.graceful_timeout_s, 0, 24 * hour, "zero or more seconds, at most 86400",
+             False, False),
         ]
-        for flag, value, ok, expected in checks:
-            if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise ValueError(f"{flag} {value}: expected {expected}")
+        for flag, value, low, high, expected, low_open, integer in numbers:
+            check_number(flag, value, low, high, expected, low_open=low_open, integer=integer)
 
 
 @dataclass
@@ -103,6 +140,7 @@ class Service:
                  clock=time.perf_counter):
         self.predictor, self.governor, self.settings, self.clock = predictor, governor, settings, clock
         self.metrics = Metrics(settings.budget_ms)
+        self.throttle = Throttle()  # errors on stderr: each distinct one at most once per interval
         example = torch.zeros(1, *predictor.preprocessing.input_shape)
         self.engine = engine or Engine(predictor.net, example, self._depths_to_prepare(), backend=settings.backend)
         self._warm_up_decoding()
@@ -111,6 +149,7 @@ class Service:
         self.batcher = Batcher(self.policy, self._execute, self._fail, settings.max_queue, clock,
                                on_change=self.metrics.queue_changed)
         self._batch_ids = itertools.count(1)
+        self._decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="adn-decode")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, settings: ServeSettings,
@@ -148,21 +187,24 @@ class Service:
         """The first image of a format pays for loading PIL's decoder and building the transforms: here,
         not on a request."""
         for image_format in ("PNG", "JPEG"):
-            buffer = io.BytesIO()
-            Image.new("RGB", (8, 8)).save(buffer, image_format)
-            self.predictor.preprocessing.load(buffer.getvalue())
+            if image_format in self.settings.image_formats:
+                buffer = io.BytesIO()
+                Image.new("RGB", (8, 8)).save(buffer, image_format)
+                self.predictor.preprocessing.load(buffer.getvalue(), formats=self.settings.image_formats)
 
     # ----- life cycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         self.batcher.start()
+        self._decoder.submit(lambda: None)  # a decoding thread starts now, not on the first request
 
     def begin_drain(self) -> None:
         """Stop taking requests; run the queued ones at once."""
         self.batcher.begin_drain()
 
     def close(self) -> None:
-        """Answer everything queued, then stop the worker."""
+        """Answer everything queued, then stop the worker and the decoding threads."""
         self.batcher.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     # ----- what a request may ask ----------------------------------------------------------------------------
     def parse_skip(self, text: str | None) -> str | None:
@@ -202,17 +244,37 @@ class Service:
         return min(k, len(self.predictor.class_names))
 
     def load_images(self, files: list[tuple[str, bytes]]) -> torch.Tensor:
-        """Decoded, resized and normalized images as one tensor; 400/413 for files that cannot be used."""
-        preprocessing = self.predictor.preprocessing
-        tensors = []
-        for name, data in files:
-            try:
-                tensors.append(preprocessing.load(data, name=f"file {name!r}", max_pixels=self.settings.max_image_pixels))
-            except ImageTooLarge as error:
-                raise ApiError(413, "image_too_large", str(error)) from error
-            except ImageError as error:
-                raise ApiError(400, "not_an_image", str(error)) from error
-        return torch.stack(tensors)
+        """Decoded, resized and normalized images as one tensor; 400/413/415 for files that cannot be used. Every
+        image's format and size are read from its header first: nothing is decoded when one of them is of a format
+        not accepted, or when together they hold more pixels than a request may."""
+        settings, preprocessing = self.settings, self.predictor.preprocessing
+        named = [(f"file {name!r}", data) for name, data in files]
+        try:
+            pixels = 0
+            for name, data in named:
+                size = image_dimensions(data, name, settings.image_formats)
+                preprocessing.check_size(size, name, settings.max_image_pixels)
+                pixels += size[0] * size[1]
+            if pixels > settings.max_request_pixels:
+                raise ApiError(413, "too_many_pixels", f"the request's {len(files)} image(s) hold {pixels / 1e6:.1f} "
+                                                       f"Mpixels in all; this server decodes at most "
+                                                       f"{settings.max_request_pixels / 1e6:.1f} Mpixels per request "
+                                                       f"(adn serve --max-request-mpixels). Downscale them first (the "
+                                                       f"network sees {preprocessing.image_size}x"
+                                                       f"{preprocessing.image_size}), or send fewer per request")
+            return torch.stack([preprocessing.load(data, name=name, max_pixels=settings.max_image_pixels,
+                                                   formats=settings.image_formats) for name, data in named])
+        except ImageTooLarge as error:
+            raise ApiError(413, "image_too_large", str(error)) from error
+        except UnsupportedImageFormat as error:
+            raise ApiError(415, "unsupported_image_format", str(error)) from error
+        except ImageError as error:
+            raise ApiError(400, "not_an_image", str(error)) from error
+
+    async def decode(self, files: list[tuple[str, bytes]]) -> torch.Tensor:
+        """:meth:`load_images` in the decoding pool (``decode_threads``), off the event loop: a request waits for a
+        free thread, and one request never takes more than one."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, self.load_images, files)
 
     # ----- answering -----------------------------------------------------------------------------------------
     async def predict(self, images: torch.Tensor, names: list[str], skip: str | None, budget_ms: float, k: int,
@@ -279,8 +341,8 @@ class Service:
 
     def _fail(self, requests: list[Pending], error: BaseException) -> None:
         self.metrics.batch_failures.inc()
-        print(f"adn serve: a batch of {len(requests)} request(s) failed:", file=sys.stderr)
-        traceback.print_exception(error, file=sys.stderr)
+        self.throttle.exception(f"batch:{type(error).__name__}:{str(error)[:100]}",
+                                f"a batch of {len(requests)} request(s) failed:", error)
         failure = ApiError(500, "batch_failed", f"the batch this request ran in failed ({type(error).__name__}: "
                                                 f"{str(error)[:300]}); the server keeps serving: retry, and report it "
                                                 f"if it persists")

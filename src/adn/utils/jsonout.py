@@ -20,3 +20,13 @@ def finite(value):
 def dumps(value, **kwargs) -> str:
     """``json.dumps`` of :func:`finite` ``(value)``; never writes NaN or Infinity."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def loads(text: str | bytes, source: str = "JSON") -> object:
+    """``json.loads``, with a nesting too deep for Python's parser (``[[[[...]]]]``, a RecursionError otherwise) a
+    ValueError naming ``source``, as malformed JSON (``json.JSONDecodeError``, also a ValueError) is."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{source}: the JSON is nested too deeply to read (thousands of levels of [ or {{); it is "
+                         f"not a file adn wrote") from None
