@@ -113,6 +113,21 @@ def write_plot(write, path: Path) -> None:
     print(f"plot: {path}", file=sys.stderr)
 
 
+def plot_output(given: str | None, default: Path, overwrite: bool, inputs: list[tuple[str, object]]) -> Path | None:
+    """Where to write a plot, checked before the work (:mod:`adn.utils.outputs`): ``--plot`` as given
+    (refused as an error: the user chose it), or ``default``, which is skipped with a warning when it
+    cannot be used (the numbers matter more than the plot). None: no plot."""
+    from ..utils.outputs import PLOT, OutputError, output_path
+    try:
+        return output_path(given if given is not None else default, PLOT, flag="--plot", overwrite=overwrite,
+                           inputs=inputs)
+    except OutputError as error:
+        if given is not None:
+            raise
+        print(f"adn: warning: the plot will not be written: {error} (or --no-plot)", file=sys.stderr)
+        return None
+
+
 def read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:
     try:
         rows = json.loads(Path(path).read_text())

@@ -24,7 +24,10 @@ def add(sub) -> None:
                     "intermediate depths read up to 0.8 points lower with the running statistics. Training further "
                     "(--resume, --init-from) starts from the running statistics; run this again afterwards.")
     p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
-    p.add_argument("--output", default=None, help="checkpoint to write (default: replace --checkpoint, atomically)")
+    p.add_argument("--output", default=None,
+                   help="checkpoint to write (default: replace --checkpoint, atomically); an existing file is "
+                        "replaced only if it is an adn checkpoint, or with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output that is not an adn checkpoint")
     p.add_argument("--batches", type=positive_int, default=50, metavar="N", help="training batches per depth")
     p.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per batch")
     p.add_argument("--data", default=None, choices=DATASETS, help="default: the dataset it was trained on")
@@ -38,11 +41,18 @@ def add(sub) -> None:
 def run(args) -> int:
     from ..errors import CheckpointError
     from ..utils.checkpoint_file import atomic_save
+    from ..utils.outputs import CHECKPOINT, output_path
     from ..vision.checkpoint import load_network
     from ..vision.data import calibration_loader
     from ..core.depth_statistics import CHECKPOINT_KEY, depth_statistics_payload, record_depth_statistics
 
     source = Path(args.checkpoint)
+    # Checked before the measurement: a wrong --output costs nothing. In place (the default) is allowed.
+    # (A --checkpoint that is missing or a folder is load_network's to explain.)
+    output = source if args.output is None and not source.is_file() else output_path(
+        source if args.output is None else args.output, CHECKPOINT, flag="--output" if args.output else "--checkpoint",
+        overwrite=args.overwrite, inputs=[("--checkpoint", source)], in_place=True)
+    shown = args.output or args.checkpoint
     before = _identity(source)
     net, ckpt = load_network(source, depth_statistics=False)  # stored rows are replaced, damaged or not
     data = checkpoint_dataset(args, ckpt["meta"])
@@ -52,21 +62,20 @@ def run(args) -> int:
     start = time.perf_counter()
     images = record_depth_statistics(net, batches, args.batches, device=device,
                                      progress=lambda config: print(f"measuring {config} ...", file=sys.stderr))
-    output = Path(args.output or args.checkpoint)
-    summary = {"checkpoint": str(output), "depths": 2 ** net.num_stages, "batches": args.batches,
+    summary = {"checkpoint": str(shown), "depths": 2 ** net.num_stages, "batches": args.batches,
                "images_per_depth": images, "seconds": round(time.perf_counter() - start, 1)}
     if images == 0:
         summary["depths"] = 0
-        note = f"{ckpt['meta']['model']} has no batch norms: nothing to recalibrate; {output} not written"
+        note = f"{ckpt['meta']['model']} has no batch norms: nothing to recalibrate; {shown} not written"
     else:
         net.to("cpu")
-        if output.resolve() == source.resolve() and _identity(source) != before:
+        if output == source.resolve() and _identity(source) != before:
             raise CheckpointError(f"{source} changed while its statistics were measured (is a training run still writing "
                                   f"it?); it was not replaced. Run adn recalibrate again once it is finished, or write "
                                   f"a copy with --output")
-        atomic_save({**ckpt, CHECKPOINT_KEY: depth_statistics_payload(net)}, output)
+        atomic_save({**ckpt, CHECKPOINT_KEY: depth_statistics_payload(net)}, output, "--output")
         note = (f"stored batch-norm statistics of {summary['depths']} depths ({images} training images each, "
-                f"{summary['seconds']} s) in {output}; adn eval, predict, serve and export now use each depth's own")
+                f"{summary['seconds']} s) in {shown}; adn eval, predict, serve and export now use each depth's own")
     print(jsonout.dumps(summary, indent=2) if args.json else note)
     return 0
 

@@ -30,17 +30,37 @@ LATEST = "checkpoint.pt"
 NUMBERED = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
+def atomic_save(obj, path: str | os.PathLike, flag: str = "--output-dir") -> None:
     """``torch.save`` through :func:`adn.atomic.atomic_write`: a crash leaves either the old file or
-    the new one, never a truncated one. A failed write (a full disk: torch says "unexpected pos") is a
-    :class:`CheckpointError` that says the previous file is intact."""
+    the new one, never a truncated one. A failed write is a :class:`CheckpointError` that names its cause
+    (:func:`write_failure`) and says the previous file is intact; ``flag`` is the option that chose
+    ``path`` (``--output-dir`` for training runs, ``--output`` for import-weights and recalibrate)."""
     path = Path(path)
     try:
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as error:
         kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
-        raise CheckpointError(f"could not write checkpoint {path} ({type(error).__name__}: {first_line(error, 200)}); "
-                              f"{kept}. Is the disk full? Free space, or choose another --output-dir") from error
+        raise CheckpointError(f"could not write checkpoint {path}: {write_failure(error, flag)}; {kept}") from error
+
+
+def write_failure(error: BaseException, flag: str) -> str:
+    """Why a write failed, and what to do, from the error itself (a full disk is one cause among several)."""
+    import errno
+    number = getattr(error, "errno", None)
+    detail = f"{type(error).__name__}: {first_line(error, 200)}"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full or over its quota ({detail}). Free space, or choose another {flag}"
+    if number in (errno.EACCES, errno.EPERM):
+        return f"permission denied ({detail}). Choose a {flag} in a folder you can write to"
+    if number == errno.EROFS:
+        return f"the file system is read-only ({detail}). Choose a {flag} on a writable disk"
+    if number == errno.EISDIR:
+        return f"a folder is in the way ({detail}). Give {flag} the path of a file"
+    if number in (errno.ENOENT, errno.ENOTDIR):
+        return f"its folder is missing or a file is in the way ({detail}). Choose another {flag}"
+    if isinstance(error, RuntimeError):  # torch's own writer ("unexpected pos", "file write failed")
+        return f"torch could not write the data ({detail}): disk full, or a failing device. Free space, or choose another {flag}"
+    return f"{detail}. Choose another {flag}"
 
 
 def checkpoint_payload(net: nn.Module, meta: dict, **state) -> dict:

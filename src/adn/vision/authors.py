@@ -217,12 +217,14 @@ def authors_meta(model: str, source: str, entry: str) -> dict:
 
 
 def import_authors_weights(source, model: str, output: str | os.PathLike | None = None,
-                           which: str | None = None) -> nn.Module:
+                           which: str | None = None, output_flag: str = "output path") -> nn.Module:
     """Our converted ``model`` network with the authors' published weights from ``source`` (a path to
     their ``.pth`` file, or the dict ``torch.load`` returned), in eval mode. ``which``: in a training
     file, "model" (the default when present) or "model_ema". With ``output``, also write an ``adn``
     checkpoint there (atomically) that ``adn eval``, ``profile``, ``export``, ``analyze`` and
-    :func:`adn.load` read. Raises :class:`CheckpointError` naming the keys that do not fit."""
+    :func:`adn.load` read (``adn import-weights`` checks the path first: :mod:`adn.utils.outputs`;
+    ``output_flag`` names it in a write failure). Raises :class:`CheckpointError` naming the keys that
+    do not fit."""
     net = build_network(model)  # first: an unknown --model fails before the file is read
     state_dict, entry = read_authors_file(source, which)
     label = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
@@ -232,5 +234,5 @@ def import_authors_weights(source, model: str, output: str | os.PathLike | None 
     net.load_state_dict(renamed, strict=True)
     if output is not None:
         source_name = Path(source).name if isinstance(source, (str, os.PathLike)) else None
-        atomic_save(checkpoint_payload(net, authors_meta(model, source_name, entry)), output)
+        atomic_save(checkpoint_payload(net, authors_meta(model, source_name, entry)), output, output_flag)
     return net.eval()
