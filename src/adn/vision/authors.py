@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -26,7 +27,8 @@ from torch import nn
 from ..convert import convert
 from ..errors import CheckpointError
 from ..models import build_model
-from ..utils.checkpoint_file import atomic_save, check_finite, checkpoint_payload, is_state_dict, load_weights_only
+from ..utils.checkpoint_file import (atomic_save, check_dtypes, check_finite, check_variances, checkpoint_payload,
+                                    is_state_dict, load_weights_only)
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 ARCHITECTURES = ("resnet50", "mobilenet_v2", "vit_b_16", "swin_t")
@@ -230,7 +232,10 @@ def import_authors_weights(source, model: str, output: str | os.PathLike | None 
     label = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
     renamed = rename_state_dict(state_dict, model)
     check_fits(net, renamed, model, label)
+    for conversion in check_dtypes(net.state_dict(), renamed, label):
+        print(f"adn: note: {label}: {conversion}, the model's type", file=sys.stderr)
     check_finite(renamed, label)
+    check_variances(renamed, label, "Import the file as the authors published it (download it again)")
     net.load_state_dict(renamed, strict=True)
     if output is not None:
         source_name = Path(source).name if isinstance(source, (str, os.PathLike)) else None

@@ -8,7 +8,8 @@ normalization. ``adn train`` records it in the checkpoint (``meta["preprocess"]`
 
 and :meth:`Preprocessing.from_meta` rebuilds it (from ``image_size``, ``in_channels``, ``mean``, ``std`` for
 checkpoints written before). An image is decoded with PIL (16-bit grayscale scaled to 8 bits, not
-clipped), converted to the network's channels, its shorter side resized to ``resize_size``, center-cropped
+clipped; a floating-point image, such as a float TIFF, scaled by its range: [0, 1] or [0, 255]),
+converted to the network's channels, its shorter side resized to ``resize_size``, center-cropped
 to ``image_size``, scaled to [0, 1] and normalized.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, to_8bit
+from .data import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, PixelRangeError, to_8bit
 
 # PIL modes for the channel counts an image can be converted to.
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -153,6 +154,8 @@ class Preprocessing:
                 return to_8bit(image).convert(self.mode)
         except ImageError:
             raise
+        except PixelRangeError as error:
+            raise ImageError(f"{name} cannot be used: {error}") from error
         except Image.DecompressionBombError as error:  # PIL's own limit, hit before the header is read here
             raise ImageTooLarge(f"{name} is too large to decode ({error}); downscale it first") from error
         except FileNotFoundError as error:
