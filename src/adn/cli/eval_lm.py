@@ -12,7 +12,7 @@ from ..utils import jsonout
 from ..utils.atomic import atomic_write
 from ..utils.outputs import OutputKind, json_file, output_path
 from .common import positive_int, skip_configs
-from .lm_flags import add_model_flags, add_text_flags, fresh_network
+from .lm_flags import add_model_flags, add_text_flags, fresh_network, planned_network
 
 COLUMNS = [  # key, header, format
     ("skip", "skip", "{}"),
@@ -67,6 +67,9 @@ def run(args) -> int:
                            inputs=[("--checkpoint", args.checkpoint), ("--text", args.text)])
     corpus = load_corpus(args.text, args.heldout_share)  # before the model: a missing corpus fails fast
     data = read_lm_checkpoint(args.checkpoint) if args.checkpoint else None
+    stages, _ = planned_network(args, data["meta"] if data else None)
+    if stages is not None:  # --skip checked before the (slow) load
+        skip_configs(args.skip, stages)
     net, tokenizer = base_network(data["meta"], args.model, args.gguf_file) if data else fresh_network(args)
     configs = skip_configs(args.skip, net.num_stages)
     stream = token_stream(tokenizer, corpus.heldout, args.eval_tokens)
