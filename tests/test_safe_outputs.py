@@ -184,10 +184,13 @@ def test_plots_and_saved_rows_follow_the_rule(tmp_path, capsys):
     from PIL import Image
     Image.new("RGB", (4, 4), "red").save(photo)
     before = _digest(photo)
-    assert main(["pareto", "--eval", str(rows), "--plot", str(photo)]) == 2
-    assert "is not a plot adn wrote" in _error(capsys) and _digest(photo) == before
-    assert main(["pareto", "--eval", str(rows), "--plot", str(rows)]) == 2
-    assert "is this command's input (--eval" in _error(capsys)
+    # A plot is not the result: the rows are printed, the plot is refused with a warning, the file kept.
+    assert main(["pareto", "--eval", str(rows), "--plot", str(photo)]) == 0
+    captured = capsys.readouterr()
+    assert "FFF" in captured.out and "is not a plot adn wrote" in captured.err and _digest(photo) == before
+    assert f"adn: warning: could not write the plot {photo}" in captured.err
+    assert main(["pareto", "--eval", str(rows), "--plot", str(rows)]) == 0
+    assert "is this command's input (--eval" in capsys.readouterr().err and json.loads(rows.read_text())
     plot = tmp_path / "pareto.png"
     assert main(["pareto", "--eval", str(rows), "--plot", str(plot)]) == 0
     assert main(["pareto", "--eval", str(rows), "--plot", str(plot)]) == 0  # its own plot: replaced

@@ -100,8 +100,13 @@ def skip_configs(text: str, num_stages: int) -> list[SkipConfig]:
     return list(dict.fromkeys(SkipConfig(part, num_stages) for part in text.split(",")))
 
 
-def write_plot(write, path: Path) -> None:
-    """Write a plot; failing to is a warning (the numbers are already printed), not an error."""
+def write_plot(write, path) -> None:
+    """Write a plot; failing to is a warning (the numbers are already printed), not an error. ``path`` may be
+    the error :func:`plot_output` refused it with: then only the warning."""
+    if isinstance(path, ValueError):
+        print(f"adn: warning: could not write the plot {path.path}: {path} (or --no-plot); the results above are "
+              f"complete", file=sys.stderr)
+        return
     try:
         write()
     except OSError as error:
@@ -113,19 +118,18 @@ def write_plot(write, path: Path) -> None:
     print(f"plot: {path}", file=sys.stderr)
 
 
-def plot_output(given: str | None, default: Path, overwrite: bool, inputs: list[tuple[str, object]]) -> Path | None:
-    """Where to write a plot, checked before the work (:mod:`adn.utils.outputs`): ``--plot`` as given
-    (refused as an error: the user chose it), or ``default``, which is skipped with a warning when it
-    cannot be used (the numbers matter more than the plot). None: no plot."""
+def plot_output(given: str | None, default: Path, overwrite: bool, inputs: list[tuple[str, object]]):
+    """Where to write a plot (``--plot`` as given, else ``default``), checked before the work
+    (:mod:`adn.utils.outputs`). A path that must not be written is not an error: the numbers are the
+    command's result, so :func:`write_plot` then says why on stderr and writes nothing. Returns the path, or
+    the :class:`~adn.utils.outputs.OutputError` that refused it."""
     from ..utils.outputs import PLOT, OutputError, output_path
     try:
         return output_path(given if given is not None else default, PLOT, flag="--plot", overwrite=overwrite,
                            inputs=inputs)
     except OutputError as error:
-        if given is not None:
-            raise
-        print(f"adn: warning: the plot will not be written: {error} (or --no-plot)", file=sys.stderr)
-        return None
+        error.path = given if given is not None else default
+        return error
 
 
 def read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:

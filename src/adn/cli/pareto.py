@@ -62,8 +62,7 @@ def run(args) -> int:
         print(f"{len(front)} of {len(merged)} sub-networks are Pareto-optimal in accuracy vs {cost}:")
         print(format_table(front))
     sys.stdout.flush()
-    if plot is not None:
-        write_plot(lambda: plot_pareto(merged, plot), plot)
+    write_plot(lambda: plot_pareto(merged, plot), plot)
     return 0
 
 

@@ -161,7 +161,7 @@ def _model_io(meta: dict | None) -> dict:
 
 def is_manifest(data) -> bool:
     """Whether ``data`` (a manifest.json's JSON) is an adn export's manifest."""
-    return isinstance(data, dict) and isinstance(data.get("subnetworks"), list) and "input_shape" in data
+    return isinstance(data, dict) and isinstance(data.get("subnetworks"), list)
 
 
 MANIFEST = OutputKind("an adn export's manifest", "manifest.json", lambda path: json_file(path, is_manifest))
