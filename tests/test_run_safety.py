@@ -355,8 +355,9 @@ def test_a_manifest_edited_by_hand_never_makes_export_delete_other_files(finishe
     (out / "manifest.json").write_text(json.dumps({"subnetworks": listed}))
     assert main(_export(finished, out, "TTT", "safetensors")) == 0
     assert (tmp_path / "precious.pt").exists() and (out / "notes.txt").exists()
-    (out / "manifest.json").write_text("{not json")  # a damaged manifest: nothing is removed, no traceback
-    assert main(_export(finished, out, "FFF", "safetensors")) == 0
+    (out / "manifest.json").write_text("{not json")  # a damaged manifest: not recognisably adn's, so refused...
+    assert main(_export(finished, out, "FFF", "safetensors")) == 2
+    assert main([*_export(finished, out, "FFF", "safetensors"), "--overwrite"]) == 0  # ...unless told; nothing removed
     assert (out / "subnet_TTT.safetensors").exists()
 
 

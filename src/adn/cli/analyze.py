@@ -18,7 +18,10 @@ def add(sub) -> None:
                                    "super-net and base-net depths), plus summary.json, into --output.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="file written by adn train")
-    p.add_argument("--output", required=True, help="folder for the PNGs and summary.json")
+    p.add_argument("--output", required=True,
+                   help="folder for the PNGs and summary.json (files there that adn analyze did not write are "
+                        "refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace files in --output that adn analyze did not write")
     p.add_argument("--norm-distance", action="store_true", help="compute the norm-distance chart")
     p.add_argument("--gradcam", nargs="*", default=None, metavar="IMAGE",
                    help="Grad-CAM maps for these image files; with no file, the first validation images of "
@@ -43,13 +46,26 @@ def run(args) -> int:
     from ..vision.analyze import (cam_statistics, first_image_per_class, gradcam, norm_distances, plot_gradcam,
                                   plot_norm_distances, summarize_norm_distances)
     from ..utils.atomic import atomic_write
+    from ..utils.outputs import PLOT, OutputKind, json_file, output_folder, output_path
     from ..vision.checkpoint import load_network
 
     if not args.norm_distance and args.gradcam is None:
         raise ValueError("nothing to do: give --norm-distance and/or --gradcam [IMAGE ...]")
+    output = output_folder(args.output)  # the folder and every file it will get, before anything is loaded
+    rows_kind = OutputKind("norm distances adn analyze wrote", "norm_distance.json", lambda p: json_file(
+        p, lambda d: isinstance(d, list) and all(isinstance(r, dict) and "stage_name" in r for r in d)))
+    summary_kind = OutputKind("a summary adn analyze wrote", "summary.json", lambda p: json_file(
+        p, lambda d: isinstance(d, dict) and "checkpoint" in d))
+    files = [("summary.json", summary_kind)]
+    if args.norm_distance:
+        files += [("norm_distance.png", PLOT), ("norm_distance.json", rows_kind)]
+    if args.gradcam is not None:
+        files.append(("gradcam.png", PLOT))
+    for name, kind in files:
+        output_path(output / name, kind, overwrite=args.overwrite,
+                    inputs=[("--checkpoint", args.checkpoint), *(("--gradcam", image) for image in args.gradcam or ())])
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
-    output = Path(args.output)
     summary: dict = {"checkpoint": str(args.checkpoint)}
     if args.norm_distance:
         rows = norm_distances(net)

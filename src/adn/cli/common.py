@@ -100,8 +100,13 @@ def skip_configs(text: str, num_stages: int) -> list[SkipConfig]:
     return list(dict.fromkeys(SkipConfig(part, num_stages) for part in text.split(",")))
 
 
-def write_plot(write, path: Path) -> None:
-    """Write a plot; failing to is a warning (the numbers are already printed), not an error."""
+def write_plot(write, path) -> None:
+    """Write a plot; failing to is a warning (the numbers are already printed), not an error. ``path`` may be
+    the error :func:`plot_output` refused it with: then only the warning."""
+    if isinstance(path, ValueError):
+        print(f"adn: warning: could not write the plot {path.path}: {path} (or --no-plot); the results above are "
+              f"complete", file=sys.stderr)
+        return
     try:
         write()
     except OSError as error:
@@ -111,6 +116,20 @@ def write_plot(write, path: Path) -> None:
               f"Choose a writable place with --plot, or --no-plot", file=sys.stderr)
         return
     print(f"plot: {path}", file=sys.stderr)
+
+
+def plot_output(given: str | None, default: Path, overwrite: bool, inputs: list[tuple[str, object]]):
+    """Where to write a plot (``--plot`` as given, else ``default``), checked before the work
+    (:mod:`adn.utils.outputs`). A path that must not be written is not an error: the numbers are the
+    command's result, so :func:`write_plot` then says why on stderr and writes nothing. Returns the path, or
+    the :class:`~adn.utils.outputs.OutputError` that refused it."""
+    from ..utils.outputs import PLOT, OutputError, output_path
+    try:
+        return output_path(given if given is not None else default, PLOT, flag="--plot", overwrite=overwrite,
+                           inputs=inputs)
+    except OutputError as error:
+        error.path = given if given is not None else default
+        return error
 
 
 def read_rows(path: str, what: str, needed: set[str]) -> dict[str, dict]:

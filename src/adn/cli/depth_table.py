@@ -40,15 +40,25 @@ def add(sub) -> None:
                    help="timed rounds per batch size; p99 is by nearest rank, so below 100 it is the slowest run")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--output", default=None, help="JSON to write (default: depth_table.json next to the checkpoint)")
+    p.add_argument("--output", default=None,
+                   help="JSON to write (default: depth_table.json next to the checkpoint); an existing file is "
+                        "replaced only if it is a depth table, or with --overwrite, and never --eval or --checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output that is not a depth table")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..utils.atomic import atomic_write
+    from ..utils.outputs import OutputKind, json_file, output_path
     from ..vision.checkpoint import load_network
     from ..deploy.depth_table import FORMAT, VERSION, DepthTable, conditions, dumps, front, measure_latencies
 
+    kind = OutputKind("a depth table adn wrote", "depth_table.json",
+                      lambda path: json_file(path, lambda data: isinstance(data, dict) and data.get("format") == FORMAT))
+    # Checked before the (long) measurement; never one of the inputs.
+    output = output_path(args.output if args.output is not None else Path(args.checkpoint).parent / "depth_table.json",
+                         kind, overwrite=args.overwrite,
+                         inputs=[("--checkpoint", args.checkpoint), ("--eval", args.eval_json)])
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
     rows = read_rows(args.eval_json, "eval", {"skip", "acc1", "macs"})
@@ -68,10 +78,9 @@ def run(args) -> int:
              "conditions": conditions(device, args.backend, args.warmup, args.repeats),
              "batch_sizes": args.batch_sizes, "depths": front(measured, args.batch_sizes)}
     DepthTable.from_dict(table, source="the new depth table")  # what is written must read back
-    output = Path(args.output) if args.output else Path(args.checkpoint).parent / "depth_table.json"
     atomic_write(output, lambda tmp: Path(tmp).write_text(dumps(table)))
     _print_depth_table(table, len(measured))
-    print(f"depth table: {output}", file=sys.stderr)
+    print(f"depth table: {args.output or output}", file=sys.stderr)
     return 0
 
 

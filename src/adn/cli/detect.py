@@ -48,6 +48,8 @@ def _add_make_synthetic(commands) -> None:
                    help="each class its own colour family on grey backgrounds (easier; for quick CPU runs). "
                         "Default: random colours, only the shape tells the class")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images and boxes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --output folder that holds files other than an earlier synthetic dataset")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_run_make_synthetic)
 
@@ -55,7 +57,7 @@ def _add_make_synthetic(commands) -> None:
 def _run_make_synthetic(args) -> int:
     from ..detection.synthetic import make_synthetic_coco
     summary = make_synthetic_coco(args.output, args.images, args.val_images, args.size, args.max_objects, args.seed,
-                                  tuple(args.object_size), args.colour_by_class)
+                                  tuple(args.object_size), args.colour_by_class, overwrite=args.overwrite)
     if args.json:
         print(jsonout.dumps(summary, indent=2))
         return 0

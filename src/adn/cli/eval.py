@@ -9,8 +9,8 @@ import torch
 
 from ..utils import jsonout
 from ..vision.data import DATASETS
-from .common import (add_measure_flags, checkpoint_dataset, note_missing_depth_statistics, positive_int, skip_configs,
-                     write_plot)
+from .common import (add_measure_flags, checkpoint_dataset, note_missing_depth_statistics, plot_output, positive_int,
+                     skip_configs, write_plot)
 
 
 def add(sub) -> None:
@@ -28,6 +28,7 @@ def add(sub) -> None:
                         "(adn recalibrate stores such statistics in it)")
     p.add_argument("--plot", default=None, help="accuracy-vs-MACs PNG (default: acc_vs_macs.png next to the checkpoint)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file adn did not write")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="imagefolder: skip unreadable image files (named on stderr, counted in the output as "
                         "skipped_images) instead of stopping at the first one; accuracy is over the images read")
@@ -42,6 +43,8 @@ def run(args) -> int:
     from ..vision.evaluate import evaluate_subnetworks
     from ..deploy.report import add_ratios, plot_accuracy_vs_macs
 
+    plot = None if args.no_plot else plot_output(args.plot, Path(args.checkpoint).parent / "acc_vs_macs.png",
+                                                 args.overwrite, [("--checkpoint", args.checkpoint)])
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
     if not args.recalibrate_bn:
@@ -67,10 +70,9 @@ def run(args) -> int:
         if args.skip_bad_images:
             row["skipped_images"] = getattr(loader, "skipped", 0)
     _print_eval(args, rows, meta, data, device)
-    if not args.no_plot:  # after the results are out: a plot that cannot be written must not lose them
-        path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "acc_vs_macs.png"
-        write_plot(lambda: plot_accuracy_vs_macs(rows, path, title=f"{meta['model']}-ADN on "
-                                                                   f"{data.description.split(' (')[0]}"), path)
+    if plot is not None:  # after the results are out: a plot that cannot be written must not lose them
+        write_plot(lambda: plot_accuracy_vs_macs(rows, plot, title=f"{meta['model']}-ADN on "
+                                                                   f"{data.description.split(' (')[0]}"), plot)
     return 0
 
 

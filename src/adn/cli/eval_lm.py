@@ -10,8 +10,9 @@ import torch
 
 from ..utils import jsonout
 from ..utils.atomic import atomic_write
+from ..utils.outputs import OutputKind, json_file, output_path
 from .common import positive_int, skip_configs
-from .lm_flags import add_model_flags, add_text_flags, fresh_network
+from .lm_flags import add_model_flags, add_text_flags, fresh_network, planned_network
 
 COLUMNS = [  # key, header, format
     ("skip", "skip", "{}"),
@@ -23,6 +24,10 @@ COLUMNS = [  # key, header, format
     ("tokens_per_s", "tok/s", "{:.1f}"),
     ("speed_ratio", "speed/super", "{:.2f}"),
 ]
+
+# What --save-json writes: {"setting": ..., "rows": [...]}; an earlier such file may be replaced.
+SAVED_ROWS = OutputKind("rows adn eval-lm wrote", "eval-lm.json", lambda path: json_file(
+    path, lambda data: isinstance(data, dict) and set(data) == {"setting", "rows"} and isinstance(data["rows"], list)))
 
 
 def add(sub) -> None:
@@ -44,7 +49,10 @@ def add(sub) -> None:
     p.add_argument("--repeats", type=positive_int, default=1, help="speed: best of N runs")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print JSON rows on stdout instead of a table")
-    p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON rows to FILE")
+    p.add_argument("--save-json", default=None, metavar="FILE",
+                   help="also write the JSON rows to FILE (an existing FILE is replaced only if eval-lm wrote it, or "
+                        "with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save-json FILE eval-lm did not write")
     p.set_defaults(run=run)
 
 
@@ -53,8 +61,15 @@ def run(args) -> int:
     from ..lm.corpus import load_corpus, token_stream, windows
     from ..lm.evaluate import decoding_speed, layers_run, perplexity_table
 
+    save = None
+    if args.save_json is not None:  # before anything is loaded: a wrong path costs nothing
+        save = output_path(args.save_json, SAVED_ROWS, flag="--save-json", overwrite=args.overwrite,
+                           inputs=[("--checkpoint", args.checkpoint), ("--text", args.text)])
     corpus = load_corpus(args.text, args.heldout_share)  # before the model: a missing corpus fails fast
     data = read_lm_checkpoint(args.checkpoint) if args.checkpoint else None
+    stages, _ = planned_network(args, data["meta"] if data else None)
+    if stages is not None:  # --skip checked before the (slow) load
+        skip_configs(args.skip, stages)
     net, tokenizer = base_network(data["meta"], args.model, args.gguf_file) if data else fresh_network(args)
     configs = skip_configs(args.skip, net.num_stages)
     stream = token_stream(tokenizer, corpus.heldout, args.eval_tokens)
@@ -86,9 +101,9 @@ def run(args) -> int:
                f"of {held.shape[1]}, {'bfloat16 autocast' if args.amp else 'float32'}"
                + (f"; tokens/s: greedy decoding of {args.new_tokens} tokens after a {prompt.shape[1]}-token prompt with "
                   f"the KV cache, batch 1, best of {args.repeats}, {torch.get_num_threads()} threads" if args.speed else ""))
-    if args.save_json:
+    if save is not None:
         text = jsonout.dumps({"setting": setting, "rows": rows}, indent=2) + "\n"
-        atomic_write(args.save_json, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(save, lambda tmp: Path(tmp).write_text(text))
     if args.json:
         print(jsonout.dumps(rows, indent=2))
     else:

@@ -31,7 +31,11 @@ def add(sub) -> None:
     p.add_argument("--switchable", action="store_true",
                    help="write one file for every depth (switchable.onnx: inputs images and skip, a bool per "
                         "stage; or switchable.pt2: a torch.export program using torch.cond) instead of one per depth")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--output", required=True,
+                   help="output folder; an earlier adn export there is replaced, anything else in the way is "
+                        "refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a manifest.json and files in --output that no adn export wrote")
     p.add_argument("--table", default=None,
                    help="with --switchable: depth table (adn depth-table) to put into the manifest, so that adn serve "
                         "--model-dir runs the export alone (default: depth_table.json next to the checkpoint, if any)")
@@ -40,13 +44,14 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..deploy.export import SWITCHABLE_FORMATS, export_subnetworks, export_switchable
+    from ..deploy.export import SWITCHABLE_FORMATS, check_export_folder, export_subnetworks, export_switchable
     from ..deploy.predict import depth_table_for
     from ..vision.checkpoint import load_network
 
     if args.switchable and args.format not in SWITCHABLE_FORMATS:
         raise ValueError(f"--switchable writes {' or '.join(SWITCHABLE_FORMATS)}: add --format onnx (or pt2); "
                          f"--format {args.format} is written one file per depth, without --switchable")
+    check_export_folder(args.output, args.overwrite)  # before the checkpoint is loaded: a wrong --output costs nothing
     net, ckpt = load_network(args.checkpoint)
     meta = ckpt["meta"]
     note_missing_depth_statistics(net, meta, args.checkpoint)
@@ -67,14 +72,15 @@ def run(args) -> int:
         if args.table or (Path(args.checkpoint).parent / "depth_table.json").is_file():
             table = depth_table_for(args.checkpoint, args.table, net.num_stages).to_dict()
         manifest = export_switchable(net.eval(), configs, args.output, args.format, example, accuracy, meta=meta,
-                                     depth_table=table)
+                                     depth_table=table, overwrite=args.overwrite)
         check = manifest["verification"]
         how = (f"largest difference from PyTorch {check['max_difference']:.1e} (tolerance {check['tolerance']:g})"
                if check["verified"] else "not run: onnxruntime is not installed (pip install 'adn[onnx]')")
         print(f"{Path(args.output) / manifest['file']}  every depth of {manifest['num_stages']} stages; "
               f"{check['depths']} depths checked against PyTorch in {check['engine']}: {how}")
         return 0
-    entries = export_subnetworks(net.eval(), configs, args.output, args.format, example, accuracy, meta=meta)
+    entries = export_subnetworks(net.eval(), configs, args.output, args.format, example, accuracy, meta=meta,
+                                 overwrite=args.overwrite)
     for entry in entries:
         print(f"{entry['skip']}  {Path(args.output) / entry['file']}")
     return 0

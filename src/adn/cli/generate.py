@@ -10,7 +10,7 @@ import torch
 
 from ..utils import jsonout
 from .common import positive_int
-from .lm_flags import add_model_flags, network
+from .lm_flags import add_model_flags, check_depth, network, planned_network
 
 
 def add(sub) -> None:
@@ -21,7 +21,8 @@ def add(sub) -> None:
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template "
                                                       "(instruction-tuned models such as SmolLM2-Instruct)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate after the prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="tokens to generate after the prompt (the prompt and these must fit the model's context)")
     p.add_argument("--skip", default="super", help="the depth that generates (TTFF, super, base); with --speculative, "
                                                    "the depth that verifies")
     p.add_argument("--speculative", action="store_true",
@@ -30,7 +31,9 @@ def add(sub) -> None:
     p.add_argument("--draft", default="base", help="the depth that drafts")
     p.add_argument("--draft-tokens", type=positive_int, default=4, help="tokens drafted per round (k)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", action="store_true", help="print the text and statistics as JSON on stdout")
+    p.add_argument("--json", action="store_true",
+                   help="print the text and statistics as JSON on stdout at the end (without it, the text is printed "
+                        "as it is generated; Ctrl-C stops and keeps what was generated)")
     p.set_defaults(run=run)
 
 
@@ -48,23 +51,89 @@ def _prompt_ids(tokenizer, args) -> torch.Tensor:
     return ids
 
 
-def run(args) -> int:
-    from ..lm.generate import greedy_generate, speculative_generate
-    from ..core.skip import SkipConfig
+def _check_length(new_tokens: int, context: int | None, prompt_tokens: int = 0) -> None:
+    """The prompt and the new tokens must fit the model's context (its position embeddings end there)."""
+    if context is not None and prompt_tokens + new_tokens > context:
+        room = context - prompt_tokens
+        prompt = f"the prompt takes {prompt_tokens} tokens, so " if prompt_tokens else ""
+        raise ValueError(f"--max-new-tokens {new_tokens}: the model's context is {context} tokens and {prompt}at most "
+                         f"{max(room, 0)} new tokens fit; give --max-new-tokens {max(room, 1)} or less"
+                         + (" and a shorter --prompt" if room < 1 else ""))
 
-    net, tokenizer, description = network(args)
-    depth = SkipConfig(args.skip, num_stages=net.num_stages)
+
+class TextStream:
+    """Prints the text of new tokens as they come (stdout, flushed): each token's text is the difference
+    between the decoded text of all new tokens and what was printed, held back while it ends in an
+    incomplete character."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token.reshape(-1)[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._show(text)
+
+    def _show(self, text: str) -> None:
+        self.out.write(text[len(self.shown):])  # (were earlier text to change, its new end is still shown)
+        self.out.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        self._show(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        self.out.write("\n")
+        self.out.flush()
+
+
+def run(args) -> int:
+    from ..lm.checkpoint import read_lm_checkpoint
+    from ..lm.generate import greedy_generate, speculative_generate
+
+    # Everything that can be checked before the (slow) model load is: the prompt, the depths, the length.
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the text to continue")
+    data = read_lm_checkpoint(args.checkpoint) if args.checkpoint else None
+    stages, context = planned_network(args, data["meta"] if data else None)
+    check_depth(args.skip, stages, "--skip")
+    if args.speculative:
+        check_depth(args.draft, stages, "--draft")
+    _check_length(args.max_new_tokens, context)
+
+    net, tokenizer, description = network(args, data)
+    depth = check_depth(args.skip, net.num_stages, "--skip")
+    draft = check_depth(args.draft, net.num_stages, "--draft") if args.speculative else None
     ids = _prompt_ids(tokenizer, args)
+    _check_length(args.max_new_tokens, context or getattr(net.config, "max_position_embeddings", None), ids.shape[1])
     eos = tokenizer.eos_token_id
     result = {"model": description, "skip": str(depth)}
-    plain, plain_stats = greedy_generate(net, ids, args.max_new_tokens, skip=depth, eos_token_id=eos, return_stats=True)
+    stream = None if args.json else TextStream(tokenizer)
+    collected: list[torch.Tensor] = []
+
+    def on_token(token: torch.Tensor) -> None:
+        collected.append(token)
+        if stream is not None:
+            stream(token)
+    try:
+        plain, plain_stats = greedy_generate(net, ids, args.max_new_tokens, skip=depth, eos_token_id=eos,
+                                             return_stats=True, on_token=on_token)
+    except KeyboardInterrupt:
+        return _interrupted(args, result, tokenizer, collected, stream)
+    if stream is not None:
+        stream.finish()
     plain_seconds = plain_stats.prefill_seconds + plain_stats.decode_seconds
     result.update(new_tokens=plain_stats.new_tokens, tokens_per_second=plain_stats.new_tokens / plain_seconds)
     output = plain
     if args.speculative:
-        draft = SkipConfig(args.draft, num_stages=net.num_stages)
-        output, stats = speculative_generate(net, ids, args.max_new_tokens, draft=draft, target=depth,
-                                             draft_tokens=args.draft_tokens, eos_token_id=eos)
+        try:
+            output, stats = speculative_generate(net, ids, args.max_new_tokens, draft=draft, target=depth,
+                                                 draft_tokens=args.draft_tokens, eos_token_id=eos)
+        except KeyboardInterrupt:
+            print("adn: interrupted during the speculative run; the text above is plain greedy decoding's, complete",
+                  file=sys.stderr)
+            return 130
         result["speculative"] = {**stats.as_dict(), "identical_to_plain_greedy": torch.equal(output, plain),
                                  "speed_up": stats.tokens_per_second / result["tokens_per_second"]}
     text = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
@@ -72,7 +141,6 @@ def run(args) -> int:
     if args.json:
         print(jsonout.dumps(result, indent=2))
     else:
-        print(text)
         print(f"{description}; depth {depth}: {result['new_tokens']} tokens at {result['tokens_per_second']:.1f} tokens/s "
               f"(greedy, KV cache, prefill included, {torch.get_num_threads()} threads)", file=sys.stderr)
         if args.speculative:
@@ -83,3 +151,16 @@ def run(args) -> int:
                   f"plain greedy: {s['identical_to_plain_greedy']}", file=sys.stderr)
     sys.stdout.flush()
     return 0
+
+
+def _interrupted(args, result: dict, tokenizer, collected: list[torch.Tensor], stream) -> int:
+    """Ctrl-C during generation: what was generated so far is the answer (printed whole, JSON or text)."""
+    ids = [int(token.reshape(-1)[0]) for token in collected]
+    if stream is not None:
+        stream.finish()
+    else:
+        print(jsonout.dumps({**result, "new_tokens": len(ids), "interrupted": True,
+                             "text": tokenizer.decode(ids, skip_special_tokens=True)}, indent=2))
+    sys.stdout.flush()
+    print(f"adn: interrupted after {len(ids)} new token(s); the text above is what was generated", file=sys.stderr)
+    return 130

@@ -16,16 +16,23 @@ def add(sub) -> None:
     p.add_argument("--from", dest="source_format", default="authors", choices=("authors",),
                    help="who wrote FILE (only the paper's authors' layout so far)")
     p.add_argument("--model", required=True, choices=ARCHITECTURES, help="the architecture FILE holds")
-    p.add_argument("--output", required=True, help="adn checkpoint to write (replaced atomically)")
+    p.add_argument("--output", required=True,
+                   help="adn checkpoint to write, atomically; an existing file is replaced only if it is an adn "
+                        "checkpoint (or with --overwrite), and never FILE itself")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output that is not an adn checkpoint (never FILE itself)")
     p.add_argument("--which", default=None, choices=ENTRIES,
                    help="in a training file, the state dict to import (default: model when present, else model_ema)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from ..utils.outputs import CHECKPOINT, output_path
     from ..vision.authors import import_authors_weights
 
-    net = import_authors_weights(args.file, args.model, output=args.output, which=args.which)
+    # Checked before anything is read: a wrong --output costs nothing and never replaces FILE.
+    output = output_path(args.output, CHECKPOINT, overwrite=args.overwrite, inputs=[("FILE", args.file)])
+    net = import_authors_weights(args.file, args.model, output=output, which=args.which, output_flag="--output")
     print(f"{args.model}-ADN with the authors' weights from {args.file} ({net.num_stages} stages, "
           f"{2 ** net.num_stages} sub-networks): {args.output}", file=sys.stderr)
     print(f"evaluate: adn eval --checkpoint {shlex.quote(str(args.output))} --data imagefolder --data-path DIR",

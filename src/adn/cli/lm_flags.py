@@ -54,11 +54,43 @@ def fresh_network(args):
     return convert_decoder(model, **grouping(args)).eval(), tokenizer
 
 
-def network(args):
-    """``(net, tokenizer, description)`` from --checkpoint or --model."""
+def network(args, data: dict | None = None):
+    """``(net, tokenizer, description)`` from --checkpoint (``data``: its contents, already read) or --model."""
     if getattr(args, "checkpoint", None):
-        from ..lm.checkpoint import load_lm
-        net, tokenizer, data = load_lm(args.checkpoint, args.model, args.gguf_file)
+        from ..lm.checkpoint import apply_trained_state, base_network, read_lm_checkpoint
+        data = data if data is not None else read_lm_checkpoint(args.checkpoint)
+        net, tokenizer = base_network(data["meta"], args.model, args.gguf_file)
+        apply_trained_state(net, data["model"], str(args.checkpoint))
         return net, tokenizer, f"{data['meta']['base']['model']} fine-tuned by adn train-lm ({args.checkpoint}, step {data.get('step')})"
     net, tokenizer = fresh_network(args)
     return net, tokenizer, f"{args.model or 'smollm2'} converted, not fine-tuned"
+
+
+def planned_network(args, meta: dict | None = None) -> tuple[int | None, int | None]:
+    """``(stages, context length)`` of the network that --model/--checkpoint (its ``meta``) and the grouping
+    flags describe, from the model's configuration alone: what the commands check their arguments against
+    before the (slow) load. ``None`` for what cannot be known without loading."""
+    from ..convert.llama import stage_layer_groups
+    from ..lm.model import model_shape
+    if meta is not None:
+        model = args.model or meta["base"]["model"]
+        gguf = args.gguf_file if args.model else meta["base"].get("gguf_file")
+        layers, context = model_shape(model, gguf)
+        groups = meta["grouping"]
+    else:
+        layers, context = model_shape(args.model, args.gguf_file)
+        groups = grouping(args)
+    stages = len(stage_layer_groups(layers, **groups)) if layers is not None else None
+    return stages, context
+
+
+def check_depth(text: str, stages: int | None, flag: str):
+    """``text`` as a depth (SkipConfig) of a network of ``stages`` stages, or only its form when the count is
+    not known yet; a ValueError names ``flag``."""
+    from ..core.skip import SkipConfig
+    try:
+        if stages is None and text.strip().lower() in ("super", "base"):
+            return None
+        return SkipConfig(text, num_stages=stages)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from error

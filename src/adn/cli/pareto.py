@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..utils import jsonout
-from .common import positive_int, read_rows, write_plot
+from .common import plot_output, positive_int, read_rows, write_plot
 
 
 def add(sub) -> None:
@@ -21,7 +21,8 @@ def add(sub) -> None:
                    help="file with the output of adn profile --json; its latency replaces eval's")
     p.add_argument("--cost", default=None, choices=("latency_ms", "macs"),
                    help="cost to rank by (default: latency when measured, else MACs)")
-    p.add_argument("--plot", default="pareto.png", help="PNG to write")
+    p.add_argument("--plot", default=None, help="PNG to write (default: pareto.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file adn did not write")
     p.add_argument("--json", action="store_true", help="print the Pareto-optimal rows as JSON")
     g = p.add_argument_group("which depth for a latency budget (reads a depth table instead of --eval)")
     g.add_argument("--budget-ms", type=float, default=None, metavar="B",
@@ -40,6 +41,8 @@ def run(args) -> int:
     if not args.eval_json:
         raise ValueError("give --eval eval.json (the Pareto front), or --table depth_table.json --budget-ms B "
                          "(which depth for a budget)")
+    plot = plot_output(args.plot, Path("pareto.png"), args.overwrite,
+                       [("--eval", args.eval_json), ("--profile", args.profile_json)])
     rows = read_rows(args.eval_json, "eval", {"skip", "acc1", "macs"})
     if args.profile_json:
         profile = read_rows(args.profile_json, "profile", {"skip", "latency_ms"})
@@ -59,7 +62,7 @@ def run(args) -> int:
         print(f"{len(front)} of {len(merged)} sub-networks are Pareto-optimal in accuracy vs {cost}:")
         print(format_table(front))
     sys.stdout.flush()
-    write_plot(lambda: plot_pareto(merged, args.plot), Path(args.plot))
+    write_plot(lambda: plot_pareto(merged, plot), plot)
     return 0
 
 

@@ -35,7 +35,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..deploy.predict import Predictor, depth_table_for
+    from ..deploy.predict import Predictor, check_finite_outputs, depth_table_for
     from ..vision.preprocess import ImageError, image_formats
     from ..core.skip import SkipConfig
 
@@ -65,6 +65,7 @@ def run(args) -> int:
     start = time.perf_counter()
     logits = predictor.logits(batch, skip)
     compute_ms = (time.perf_counter() - start) * 1e3
+    check_finite_outputs(logits, skip, args.images, args.checkpoint)
     tops = predictor.top_k(logits, args.top_k)
     if args.json:
         print(jsonout.dumps({"skip": str(skip), "compute_ms": round(compute_ms, 3), "budget": choice,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..utils import jsonout
 from ..vision.data import DATASETS
@@ -24,7 +25,10 @@ def add(sub) -> None:
                     "--init-from) starts from the running statistics; run this again afterwards unless that run "
                     "stores them itself.")
     p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
-    p.add_argument("--output", default=None, help="checkpoint to write (default: replace --checkpoint, atomically)")
+    p.add_argument("--output", default=None,
+                   help="checkpoint to write (default: replace --checkpoint, atomically); an existing file is "
+                        "replaced only if it is an adn checkpoint, or with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output that is not an adn checkpoint")
     p.add_argument("--batches", type=positive_int, default=BATCHES, metavar="N", help="training batches per depth")
     p.add_argument("-b", "--batch-size", type=positive_int, default=BATCH_SIZE, help="images per batch")
     p.add_argument("--data", default=None, choices=DATASETS, help="default: the dataset it was trained on")
@@ -36,12 +40,19 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from ..utils.outputs import CHECKPOINT, output_path
     from ..vision.stored_statistics import store_depth_statistics
 
-    summary = store_depth_statistics(args.checkpoint, args.output, batches=args.batches, batch_size=args.batch_size,
+    source = Path(args.checkpoint)
+    # Checked before the measurement: a wrong --output costs nothing. In place (the default) is allowed.
+    # (A --checkpoint that is missing or a folder is load_network's to explain.)
+    output = source if args.output is None and not source.is_file() else output_path(
+        source if args.output is None else args.output, CHECKPOINT, flag="--output" if args.output else "--checkpoint",
+        overwrite=args.overwrite, inputs=[("--checkpoint", source)], in_place=True)
+    summary = store_depth_statistics(source, output, batches=args.batches, batch_size=args.batch_size,
                                      workers=args.workers, device=args.device, data=args.data, data_path=args.data_path,
                                      progress=lambda config: print(f"measuring {config} ...", file=sys.stderr))
-    output = summary["checkpoint"]
+    summary["checkpoint"] = output = args.output or args.checkpoint  # as the user wrote it
     if summary["depths"] == 0:
         note = f"the network in {args.checkpoint} has no batch norms: nothing to recalibrate; {output} not written"
     else:

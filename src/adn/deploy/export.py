@@ -7,7 +7,9 @@ dimension, runnable without adn) and
 run in it and compared with PyTorch before it is kept, and loaded again under its final name). Every file
 is written under a temporary name and renamed when complete and verified. Exporting into a folder that
 holds an earlier export replaces it: the earlier manifest's files that the new one does not list are
-deleted, so the folder holds exactly what its manifest describes.
+deleted, so the folder holds exactly what its manifest describes. Anything else in the way is left alone
+unless ``overwrite``: a ``manifest.json`` that is not an adn export's, or a file the export would write
+that the earlier manifest does not list (:mod:`adn.utils.outputs`; checked before anything is written).
 
 :func:`export_switchable` writes one file for every depth instead (``switchable.onnx`` or ``switchable.pt2``,
 :mod:`adn.runtime.switchable`), verified at each depth before it is kept, and the same kind of manifest
@@ -15,7 +17,6 @@ with ``"switchable": true``, the file's inputs and outputs, and each verified de
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..runtime.switchable import (
 )
 from ..utils import jsonout
 from ..utils.atomic import atomic_write
+from ..utils.outputs import OutputError, OutputKind, json_file, output_folder, output_path
 from ..vision.labels import class_names
 from ..vision.preprocess import Preprocessing
 
@@ -44,14 +46,16 @@ SWITCHABLE_FORMATS = ("onnx", "pt2")
 
 
 def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
-                       meta: dict | None = None) -> list[dict]:
+                       meta: dict | None = None, overwrite: bool = False) -> list[dict]:
     """Write each sub-network in ``configs`` and ``manifest.json``. With the checkpoint's ``meta``, the
-    manifest also says what the files take and give: ``preprocess`` and ``class_names``."""
+    manifest also says what the files take and give: ``preprocess`` and ``class_names``. ``overwrite``:
+    replace files in the way that no earlier adn export wrote (module docstring)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     configs = [SkipConfig(c, net.num_stages) for c in configs]  # validate every config before writing anything
     model_io = _model_io(meta)
-    output = _output_folder(output_dir)
+    names = [f"subnet_{config}.{fmt}" for config in configs]
+    output = _prepare(output_dir, names + [f"{name}.data" for name in names if fmt == "onnx"], overwrite)
     entries = []
     for config in configs:
         sub = net.subnet(config).eval()
@@ -93,7 +97,7 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
 
 
 def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
-                      meta: dict | None = None, depth_table: dict | None = None) -> dict:
+                      meta: dict | None = None, depth_table: dict | None = None, overwrite: bool = False) -> dict:
     """Write one file that runs every depth of ``net`` (``switchable.onnx``: inputs ``images`` and ``skip``; or
     ``switchable.pt2``: a ``torch.export`` program of both) and ``manifest.json``; return the manifest. The
     depths in ``configs`` are run from the file and compared with ``net`` before it is kept (ONNX: in ONNX
@@ -104,8 +108,8 @@ def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor,
                          f"not {fmt}; --format safetensors writes one file per depth (without --switchable)")
     configs = [SkipConfig(c, net.num_stages) for c in configs]
     model_io = _model_io(meta)
-    output = _output_folder(output_dir)
     name = f"switchable.{fmt}"
+    output = _prepare(output_dir, [name, f"{name}.data"], overwrite)
     entries = []  # measured before anything is written
     for config in configs:
         sub = net.subnet(config).eval()
@@ -155,15 +159,42 @@ def _model_io(meta: dict | None) -> dict:
             "class_names": class_names(meta)}
 
 
-def _output_folder(output_dir) -> Path:
-    output = Path(output_dir)
+def is_manifest(data) -> bool:
+    """Whether ``data`` (a manifest.json's JSON) is an adn export's manifest."""
+    return isinstance(data, dict) and isinstance(data.get("subnetworks"), list)
+
+
+MANIFEST = OutputKind("an adn export's manifest", "manifest.json", lambda path: json_file(path, is_manifest))
+
+
+def check_export_folder(output_dir, overwrite: bool = False) -> Path:
+    """Refuse an output folder adn must not export into (a file, not writable, or holding a
+    ``manifest.json`` that no adn export wrote, unless ``overwrite``), before anything is loaded or written."""
+    output = output_folder(output_dir)
+    if output.is_dir():
+        output_path(output / "manifest.json", MANIFEST, overwrite=overwrite, log=_say)
+    return output
+
+
+def _prepare(output_dir, names: list[str], overwrite: bool) -> Path:
+    """The output folder, created, once the manifest and every file the export will write (``names``)
+    are checked: each absent, listed by the earlier export's manifest, or (``overwrite``) a regular file."""
+    output = check_export_folder(output_dir, overwrite)
+    listed = _listed_files(output / "manifest.json")
+    earlier = OutputKind("a file of the earlier adn export in this folder (its manifest.json does not list it)",
+                         "export", lambda path: path.name in listed)
+    for name in names:
+        output_path(output / name, earlier, overwrite=overwrite, log=_say)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"cannot create output directory {output}: {error.strerror or error}") from error
-    if not os.access(output, os.W_OK):
-        raise ValueError(f"output directory {output} is not writable; choose another --output")
+        raise OutputError(f"cannot create output directory {output}: {error.strerror or error}; choose another "
+                          f"--output") from error
     return output
+
+
+def _say(message: str) -> None:
+    print(f"adn: {message}", file=sys.stderr)
 
 
 def _write_manifest(output: Path, manifest: dict) -> None:

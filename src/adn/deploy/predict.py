@@ -110,6 +110,19 @@ def depth_table_for(checkpoint: str | os.PathLike, table: str | os.PathLike | No
     return loaded
 
 
+def check_finite_outputs(logits: torch.Tensor, skip, images: list[str], source: str) -> None:
+    """Refuse NaN or infinite outputs (a checkpoint whose layers overflow at this depth) instead of showing
+    them as probabilities ("nan%"): name the depth and the images, and what to do."""
+    finite = torch.isfinite(logits).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = [images[i] for i in (~finite).nonzero().flatten().tolist()]
+    raise ValueError(f"{source} gave NaN or infinite outputs at depth {skip} for {len(bad)} of {len(images)} image(s) "
+                     f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): its weights overflow at this depth, "
+                     f"so no answer can be given. Try another depth (--skip), check which depths work with adn eval "
+                     f"--checkpoint {source}, or retrain it (a lower --lr)")
+
+
 def top_k(logits: torch.Tensor, names: list[str], k: int = 5) -> list[list[dict]]:
     """Per row of ``logits``, the ``k`` (at most the number of classes) most probable classes by softmax."""
     probabilities = torch.softmax(logits.float(), dim=1)

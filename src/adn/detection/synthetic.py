@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..utils.atomic import atomic_write
+from ..utils.outputs import OutputError, json_file, output_folder
 
 CLASSES = ("rectangle", "ellipse", "triangle")
 
@@ -40,8 +41,9 @@ class Style:
 
 def make_synthetic_coco(output: str | os.PathLike, train_images: int = 64, val_images: int = 16, size: int = 128,
                         max_objects: int = 3, seed: int = 0, object_size: tuple[float, float] = (0.2, 0.45),
-                        colour_by_class: bool = False) -> dict:
-    """Write the dataset under ``output``; returns a summary (paths, image and object counts)."""
+                        colour_by_class: bool = False, overwrite: bool = False) -> dict:
+    """Write the dataset under ``output``; returns a summary (paths, image and object counts). A folder
+    that holds anything but an earlier synthetic dataset is refused unless ``overwrite``."""
     if train_images < 1 or val_images < 0:
         raise ValueError(f"need at least 1 training image and >= 0 validation images, got {train_images} and {val_images}")
     if size < 32:
@@ -53,11 +55,31 @@ def make_synthetic_coco(output: str | os.PathLike, train_images: int = 64, val_i
                          f"got {tuple(object_size)}")
     style = Style(size, max_objects, (float(object_size[0]), float(object_size[1])), colour_by_class)
     root = Path(output)
+    check_output(root, overwrite)
     summary = {"root": str(root), "classes": list(CLASSES), "size": size}
     for split, count, split_seed in (("train", train_images, seed), ("val", val_images, seed + 10_007)):
         if count > 0:
             summary[split] = _write_split(root, split, count, style, np.random.default_rng(split_seed))
     return summary
+
+
+DESCRIPTION = "adn synthetic shapes (adn detect make-synthetic)"
+
+
+def check_output(root: Path, overwrite: bool = False) -> None:
+    """Refuse (:class:`~adn.utils.outputs.OutputError`) a folder adn cannot write, or one with contents
+    other than an earlier synthetic dataset's (recognised by its annotation files), unless ``overwrite``."""
+    folder = output_folder(root)
+    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    ours = any(json_file(folder / "annotations" / f"instances_{split}2017.json",
+                         lambda data: isinstance(data, dict) and isinstance(data.get("info"), dict)
+                         and data["info"].get("description") == DESCRIPTION)
+               for split in ("train", "val"))
+    if not ours:
+        raise OutputError(f"--output {root} is a folder that holds other files, not a synthetic dataset adn wrote; "
+                          f"choose a new or empty folder, or add --overwrite to write into it (files of the same "
+                          f"names are replaced)")
 
 
 def _write_split(root: Path, split: str, count: int, style: Style, rng: np.random.Generator) -> dict:
@@ -77,7 +99,7 @@ def _write_split(root: Path, split: str, count: int, style: Style, rng: np.rando
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                 "bbox": [round(v, 2) for v in box], "area": round(_polygon_area(xs, ys), 2),
                                 "iscrowd": 0, "segmentation": [[round(v, 2) for v in polygon]]})
-    data = {"info": {"description": "adn synthetic shapes (adn detect make-synthetic)"}, "licenses": [],
+    data = {"info": {"description": DESCRIPTION}, "licenses": [],
             "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]}
     path = root / "annotations" / f"instances_{split}2017.json"

@@ -9,10 +9,16 @@ prose with code examples and markup). ``scripts/get-lm-corpus.sh`` installs it. 
 Held-out text is chosen by document, not by position, so no document is half in training and half in
 evaluation: a document is held out when the CRC-32 of its path (relative to the corpus) falls in the
 held-out share, a choice that does not move when files are added. A single file is split by position
-instead (its last share).
+instead (its last share), and so are a few documents none of which (or all of which) the hash holds out:
+the last share of each is held out.
+
+Files are read as UTF-8 (a byte-order mark is allowed). A file that is not valid UTF-8, or is mostly
+control characters (binary data, or text in another encoding such as UTF-16), is refused by name:
+its perplexity would measure nothing.
 """
 from __future__ import annotations
 
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ import torch
 DEFAULT_CORPUS = Path("/usr/share/doc/python3.11/html/_sources")
 DEFAULT_CORPUS_PACKAGE = "python3.11-doc"
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+MAX_CONTROL_SHARE = 0.05  # of a file's characters; prose has next to none (tabs and line breaks do not count)
 
 
 class CorpusError(ValueError):
@@ -52,27 +59,47 @@ def corpus_files(path: str | Path | None) -> tuple[Path, list[Path]]:
     return root, files
 
 
+def read_text(path: Path) -> str:
+    """The text of a corpus file, refused (:class:`CorpusError`, naming the file) unless it is UTF-8 text."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"--text: {path} is not UTF-8 text (byte {error.start} is {data[error.start:error.start + 1]!r}"
+                          f"); it is binary, or text in another encoding. Convert it to UTF-8 (iconv -t UTF-8), or "
+                          f"leave it out of --text") from error
+    if text:
+        control = sum(1 for ch in text if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and not ch.isspace())
+        if control > MAX_CONTROL_SHARE * len(text):
+            raise CorpusError(f"--text: {path} is not text: {control / len(text):.0%} of its characters are control "
+                              f"characters (binary data, or text in another encoding such as UTF-16). Convert it to "
+                              f"UTF-8 text, or leave it out of --text")
+    return text
+
+
 def load_corpus(path: str | Path | None = None, heldout_share: float = 0.1) -> Corpus:
     if not 0.0 < heldout_share < 1.0:
         raise CorpusError(f"the held-out share must be between 0 and 1, got {heldout_share}")
     root, files = corpus_files(path)
-    texts = [(f.relative_to(root).as_posix(), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    texts = [(f.relative_to(root).as_posix(), read_text(f)) for f in files]
     size = sum(len(t) for _, t in texts)
     what = f"{DEFAULT_CORPUS_PACKAGE} ({root})" if path is None else str(Path(path).expanduser())
-    if len(texts) == 1:
-        name, text = texts[0]
-        cut = int(len(text) * (1.0 - heldout_share))
-        train, heldout = [text[:cut]], [text[cut:]]
-        description = f"{what}: one file, {size / 1e6:.1f} MB, the last {heldout_share:.0%} held out"
-    else:
-        threshold = int(heldout_share * 2 ** 32)
-        heldout = [t for name, t in texts if zlib.crc32(name.encode()) < threshold]
-        train = [t for name, t in texts if zlib.crc32(name.encode()) >= threshold]
+    threshold = int(heldout_share * 2 ** 32)
+    heldout = [t for name, t in texts if zlib.crc32(name.encode()) < threshold]
+    train = [t for name, t in texts if zlib.crc32(name.encode()) >= threshold]
+    if len(texts) > 1 and "".join(heldout).strip() and "".join(train).strip():
         description = (f"{what}: {len(texts)} documents, {size / 1e6:.1f} MB; {len(heldout)} held out "
                        f"(chosen by a hash of the path)")
+    else:  # one file, or too few documents for the hash to hold some out and keep some: split each by position
+        cuts = [int(len(text) * (1.0 - heldout_share)) for _, text in texts]
+        train = [text[:cut] for (_, text), cut in zip(texts, cuts)]
+        heldout = [text[cut:] for (_, text), cut in zip(texts, cuts)]
+        description = (f"{what}: one file, {size / 1e6:.1f} MB, the last {heldout_share:.0%} held out" if len(texts) == 1
+                       else f"{what}: {len(texts)} documents, {size / 1e6:.1f} MB, too few to hold whole documents "
+                            f"out: the last {heldout_share:.0%} of each held out")
     if not "".join(heldout).strip() or not "".join(train).strip():
-        raise CorpusError(f"{what}: too little text to hold {heldout_share:.0%} out and train on the rest; "
-                          f"give more text or another --heldout-share")
+        raise CorpusError(f"{what}: too little text ({size} characters) to hold {heldout_share:.0%} out and train on "
+                          f"the rest; give more text or another --heldout-share")
     return Corpus(description, train, heldout)
 
 

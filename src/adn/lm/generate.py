@@ -17,6 +17,7 @@ their shared layers compute different keys and values.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,9 +56,10 @@ class GreedyStats:
 
 @torch.no_grad()
 def greedy_generate(net, input_ids: torch.Tensor, max_new_tokens: int, skip="super", eos_token_id: int | None = None,
-                    return_stats: bool = False):
+                    return_stats: bool = False, on_token: Callable[[torch.Tensor], object] | None = None):
     """Greedy decoding at depth ``skip`` with a KV cache; returns the prompt followed by the new tokens
-    (and :class:`GreedyStats` with ``return_stats``). Stops early when every row has produced ``eos_token_id``."""
+    (and :class:`GreedyStats` with ``return_stats``). Stops early when every row has produced ``eos_token_id``.
+    ``on_token`` is called with each new token (``[batch, 1]``) as soon as it is chosen (streaming)."""
     input_ids = _check_prompt(input_ids)
     depth = SkipConfig(skip, num_stages=net.num_stages)
     cache = DepthCache(net)
@@ -69,6 +71,8 @@ def greedy_generate(net, input_ids: torch.Tensor, max_new_tokens: int, skip="sup
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
+        if on_token is not None:
+            on_token(token)
         if eos_token_id is not None:
             done |= token[:, 0] == eos_token_id
             if bool(done.all()):

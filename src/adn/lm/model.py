@@ -62,3 +62,18 @@ def describe(model: str | None, gguf_file: str | None = None) -> dict:
     folder, gguf = resolve(model, gguf_file)
     name = SMOLLM2 if model in (None, SMOLLM2) else str(folder)
     return {"model": name, "gguf_file": gguf}
+
+
+def model_shape(model: str | None, gguf_file: str | None = None) -> tuple[int | None, int | None]:
+    """``(decoder layers, context length in tokens)`` of a model, read from its configuration without
+    loading its weights, so that commands can check their arguments first; ``None`` for what the
+    configuration does not say or cannot be read cheaply. Raises :class:`ModelNotFound` as
+    :func:`load_causal_lm` would."""
+    folder, gguf = resolve(model, gguf_file)
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    except Exception:  # noqa: BLE001  (no transformers, no gguf reader, ...: the load itself will say)
+        return None, None
+    layers, context = getattr(config, "num_hidden_layers", None), getattr(config, "max_position_embeddings", None)
+    return (layers if isinstance(layers, int) else None), (context if isinstance(context, int) else None)

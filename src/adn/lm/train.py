@@ -35,8 +35,8 @@ from ..errors import CheckpointError
 from ..training.loop import Checkpoint, Period, Resumed, RunLoop, check_output_dir, say
 from ..training.precision import FLOAT32, Precision, native_bfloat16
 from ..utils import jsonout
-from ..utils.checkpoint_file import LATEST, load_checkpoint
-from .checkpoint import apply_trained_state, lm_checkpoint_payload
+from ..utils.checkpoint_file import LATEST
+from .checkpoint import apply_trained_state, lm_checkpoint_payload, read_lm_checkpoint
 from .config import LMTrainConfig
 from .corpus import load_corpus, token_stream, training_batch, windows
 from .evaluate import perplexity
@@ -97,7 +97,8 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     cfg.validate()
     out = Path(cfg.output_dir)
     check_output_dir(out)  # before the slow set-up; creates nothing
-    task = LMTask(cfg)
+    resume = read_lm_checkpoint(cfg.resume) if cfg.resume else None  # an image checkpoint fails before the load
+    task = LMTask(cfg, resume)
     RunLoop(task, out, resume=cfg.resume, overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
             progress=cfg.progress).run()
     summary = task.summary()
@@ -113,7 +114,7 @@ class LMTask:
     log_key = "step"
     advice = "try a lower --lr"
 
-    def __init__(self, cfg: LMTrainConfig):
+    def __init__(self, cfg: LMTrainConfig, resume: dict | None = None):
         self.cfg = cfg
         corpus = load_corpus(cfg.text, cfg.heldout_share)
         base = describe(cfg.model, cfg.gguf_file)
@@ -139,7 +140,9 @@ class LMTask:
         self.meta = {"base": base, "grouping": net.adn_info["grouping"], "skip_aware_norm": cfg.skip_aware_norm,
                      "train": cfg.train, "stages": net.adn_info["stages"], "corpus": corpus.description,
                      "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")}}
-        self.steps_done = _resume(cfg.resume, net, self.optimizer) if cfg.resume else 0
+        if cfg.resume and resume is None:
+            resume = read_lm_checkpoint(cfg.resume)
+        self.steps_done = _resume(resume, cfg.resume, net, self.optimizer) if cfg.resume else 0
         self.started = time.monotonic()
         self.deadline = self.started + cfg.time_limit * 60 if cfg.time_limit else None
         self.stopped, self.final, self.tick, self.tokens = "finished", {}, 0.0, 0
@@ -229,10 +232,7 @@ class LMTask:
                 **self.final, "checkpoint": str(Path(self.cfg.output_dir) / LATEST)}
 
 
-def _resume(path: str, net, optimizer) -> int:
-    data = load_checkpoint(path)
-    if data["meta"].get("task") != "causal-lm":
-        raise CheckpointError(f"{path} is not a checkpoint of adn train-lm")
+def _resume(data: dict, path: str, net, optimizer) -> int:
     apply_trained_state(net, data["model"], path)
     try:
         optimizer.load_state_dict(data["optimizer"])

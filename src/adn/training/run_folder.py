@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..utils.atomic import atomic_write
+from ..utils.atomic import remove_stale_temporaries as remove_temporaries
 from ..utils.checkpoint_file import LATEST, atomic_save, numbered_checkpoints, numbered_name
 
 LOCK_NAME = ".adn-train.lock"
@@ -223,10 +224,4 @@ def _publish(source: Path, target: Path) -> None:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete temporary files that a killed run left next to its checkpoints and log (they are hidden,
     named ``.<file>.<random>.tmp``; the files themselves are always whole)."""
-    removed = []
-    for path in Path(folder).glob(".*.tmp"):
-        name = path.name[1:]
-        if name.startswith(("checkpoint", "log.jsonl")):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    return remove_temporaries(folder, ("checkpoint", LOG_NAME))

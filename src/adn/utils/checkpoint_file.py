@@ -30,17 +30,37 @@ LATEST = "checkpoint.pt"
 NUMBERED = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
+def atomic_save(obj, path: str | os.PathLike, flag: str = "--output-dir") -> None:
     """``torch.save`` through :func:`adn.atomic.atomic_write`: a crash leaves either the old file or
-    the new one, never a truncated one. A failed write (a full disk: torch says "unexpected pos") is a
-    :class:`CheckpointError` that says the previous file is intact."""
+    the new one, never a truncated one. A failed write is a :class:`CheckpointError` that names its cause
+    (:func:`write_failure`) and says the previous file is intact; ``flag`` is the option that chose
+    ``path`` (``--output-dir`` for training runs, ``--output`` for import-weights and recalibrate)."""
     path = Path(path)
     try:
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as error:
         kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
-        raise CheckpointError(f"could not write checkpoint {path} ({type(error).__name__}: {first_line(error, 200)}); "
-                              f"{kept}. Is the disk full? Free space, or choose another --output-dir") from error
+        raise CheckpointError(f"could not write checkpoint {path}: {write_failure(error, flag)}; {kept}") from error
+
+
+def write_failure(error: BaseException, flag: str) -> str:
+    """Why a write failed, and what to do, from the error itself (a full disk is one cause among several)."""
+    import errno
+    number = getattr(error, "errno", None)
+    detail = f"{type(error).__name__}: {first_line(error, 200)}"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full or over its quota ({detail}). Free space, or choose another {flag}"
+    if number in (errno.EACCES, errno.EPERM):
+        return f"permission denied ({detail}). Choose a {flag} in a folder you can write to"
+    if number == errno.EROFS:
+        return f"the file system is read-only ({detail}). Choose a {flag} on a writable disk"
+    if number == errno.EISDIR:
+        return f"a folder is in the way ({detail}). Give {flag} the path of a file"
+    if number in (errno.ENOENT, errno.ENOTDIR):
+        return f"its folder is missing or a file is in the way ({detail}). Choose another {flag}"
+    if isinstance(error, RuntimeError):  # torch's own writer ("unexpected pos", "file write failed")
+        return f"torch could not write the data ({detail}): disk full, or a failing device. Free space, or choose another {flag}"
+    return f"{detail}. Choose another {flag}"
 
 
 def checkpoint_payload(net: nn.Module, meta: dict, **state) -> dict:
@@ -120,6 +140,37 @@ def check_finite(state_dict: dict, source: str) -> None:
                               f"run that wrote it diverged. Use an earlier checkpoint, or retrain with a lower --lr")
 
 
+def check_variances(state_dict: dict, source: str, fix: str) -> None:
+    """Refuse negative batch-norm variances (``*running_var``): a variance is never negative, and a norm
+    dividing by the square root of one gives NaN, or plausible-looking wrong accuracy at every depth."""
+    bad = [k for k, v in state_dict.items() if k.endswith("running_var") and isinstance(v, torch.Tensor)
+           and v.is_floating_point() and bool((v < 0).any())]
+    if bad:
+        raise CheckpointError(f"{source} holds negative batch-norm variances in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                              f"a variance is never negative, so the file was damaged or altered. {fix}")
+
+
+def check_dtypes(own: dict, state_dict: dict, source: str) -> list[str]:
+    """Refuse tensors that are not floating point (integer, bool, complex) where the model's are: loading
+    would silently turn them into other weights (a float weight cast to int is mostly zeros; complex loses
+    its imaginary part). Returns what is converted between float types, one line per pair of types, for
+    the caller to say (float16 -> float32 is exact; float64 -> float32 rounds as every loader does)."""
+    wrong = [k for k, v in state_dict.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if wrong:
+        shown = ", ".join(f"{k} ({str(state_dict[k].dtype).replace('torch.', '')})" for k in wrong[:3])
+        raise CheckpointError(f"{source} holds {len(wrong)} tensor(s) that are not floating point where the model's "
+                              f"are, e.g. {shown}: loading them would make wrong weights (an integer weight is "
+                              f"truncated, a complex one loses its imaginary part). Give a file with the original "
+                              f"floating-point weights")
+    pairs: dict[tuple[str, str], int] = {}
+    for k, v in state_dict.items():
+        if k in own and own[k].is_floating_point() and v.dtype != own[k].dtype:
+            pair = (str(v.dtype).replace("torch.", ""), str(own[k].dtype).replace("torch.", ""))
+            pairs[pair] = pairs.get(pair, 0) + 1
+    return [f"{count} tensor(s) converted from {a} to {b}" + (" (exact)" if a in ("float16", "bfloat16") else "")
+            for (a, b), count in pairs.items()]
+
+
 def numbered_name(epoch: int, step: int) -> str:
     """``checkpoint-e0003-s0000150.pt``: after ``step`` steps of epoch ``epoch`` (both counted from 1)."""
     return f"checkpoint-e{epoch:04d}-s{step:07d}.pt"
@@ -142,17 +193,34 @@ def load_weights_only(path: str | os.PathLike, what: str, fix: str) -> object:
     import pickle
 
     check_integrity(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a zip (torch.save) or a pickle (older torch)
+        raise CheckpointError(f"{what} is not a torch file: it starts with neither a zip header (torch.save) nor a "
+                              f"pickle ({'it is empty' if not head else f'its first bytes are {head!r}'}). Give a "
+                              f"file written by torch.save")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():  # a broken pickle stream, not a forbidden object
+            raise CheckpointError(f"{what}: cannot read it: it is truncated, corrupted or not a torch file "
+                                  f"({_unpickling_reason(error)})") from error
         raise CheckpointError(
-            f"{what} holds objects other than tensors, numbers, strings and containers ({first_line(error)}). adn "
+            f"{what} holds objects other than tensors, numbers, strings and containers ({_unpickling_reason(error)}). adn "
             f"reads weights only, so that opening a file cannot run code hidden in it. If you trust the file, {fix}"
         ) from error
     except Exception as error:  # noqa: BLE001  (a truncated or non-torch file: torch raises many kinds)
         raise CheckpointError(f"{what}: cannot read it: it is truncated, corrupted or not a torch file "
                               f"({type(error).__name__}: {first_line(error)})") from error
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """The line of torch's long weights-only message that says what failed ("Unsupported operand 84")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                              "Check the documentation", "In PyTorch"))]
+    return (useful[-1] if useful else first_line(error))[:200]
 
 
 def is_state_dict(data) -> bool:

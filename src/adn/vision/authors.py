@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -26,7 +27,8 @@ from torch import nn
 from ..convert import convert
 from ..errors import CheckpointError
 from ..models import build_model
-from ..utils.checkpoint_file import atomic_save, check_finite, checkpoint_payload, is_state_dict, load_weights_only
+from ..utils.checkpoint_file import (atomic_save, check_dtypes, check_finite, check_variances, checkpoint_payload,
+                                    is_state_dict, load_weights_only)
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 ARCHITECTURES = ("resnet50", "mobilenet_v2", "vit_b_16", "swin_t")
@@ -217,20 +219,25 @@ def authors_meta(model: str, source: str, entry: str) -> dict:
 
 
 def import_authors_weights(source, model: str, output: str | os.PathLike | None = None,
-                           which: str | None = None) -> nn.Module:
+                           which: str | None = None, output_flag: str = "output path") -> nn.Module:
     """Our converted ``model`` network with the authors' published weights from ``source`` (a path to
     their ``.pth`` file, or the dict ``torch.load`` returned), in eval mode. ``which``: in a training
     file, "model" (the default when present) or "model_ema". With ``output``, also write an ``adn``
     checkpoint there (atomically) that ``adn eval``, ``profile``, ``export``, ``analyze`` and
-    :func:`adn.load` read. Raises :class:`CheckpointError` naming the keys that do not fit."""
+    :func:`adn.load` read (``adn import-weights`` checks the path first: :mod:`adn.utils.outputs`;
+    ``output_flag`` names it in a write failure). Raises :class:`CheckpointError` naming the keys that
+    do not fit."""
     net = build_network(model)  # first: an unknown --model fails before the file is read
     state_dict, entry = read_authors_file(source, which)
     label = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
     renamed = rename_state_dict(state_dict, model)
     check_fits(net, renamed, model, label)
+    for conversion in check_dtypes(net.state_dict(), renamed, label):
+        print(f"adn: note: {label}: {conversion}, the model's type", file=sys.stderr)
     check_finite(renamed, label)
+    check_variances(renamed, label, "Import the file as the authors published it (download it again)")
     net.load_state_dict(renamed, strict=True)
     if output is not None:
         source_name = Path(source).name if isinstance(source, (str, os.PathLike)) else None
-        atomic_save(checkpoint_payload(net, authors_meta(model, source_name, entry)), output)
+        atomic_save(checkpoint_payload(net, authors_meta(model, source_name, entry)), output, output_flag)
     return net.eval()

@@ -37,6 +37,14 @@ def validate_meta(meta, source: str = "checkpoint") -> dict:
                               f"written by adn train or was altered. Use a checkpoint written by adn train")
     if not isinstance(meta, dict):
         bad("meta", "a dict")
+    task = meta.get("task")
+    if task == "causal-lm":
+        raise CheckpointError(f"{source} is a language model's checkpoint (written by adn train-lm), not an image "
+                              f"classifier's: use it with adn eval-lm --checkpoint {source} or adn generate "
+                              f"--checkpoint {source}")
+    if task == "detection":
+        raise CheckpointError(f"{source} is a detector's checkpoint (written by adn detect train), not an image "
+                              f"classifier's: use it with adn detect eval --checkpoint {source}")
     model = meta.get("model")
     if not isinstance(model, str) or not (model in SMALL_MODELS or model in TORCHVISION_MODELS or _TIMM_NAME.match(model)):
         bad("model", "the name of a model adn builds")

@@ -320,9 +320,26 @@ SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _warned_images: set[str] = set()  # files whose decoder warnings were already reported (once per file)
 
 
+class PixelRangeError(ValueError):
+    """A floating-point image whose values fit no range adn can convert without guessing."""
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """A 16-bit grayscale image as an 8-bit one ("L"), its 0..65535 range scaled to 0..255 (divided by
-    257, so that white stays white); other images unchanged."""
+    257, so that white stays white); a floating-point one ("F", e.g. a float TIFF) by its range: values
+    within [0, 1] are scaled by 255, values within [0, 255] rounded; other images unchanged. PIL's own
+    conversion clips, which turned a [0, 1] image all black. A float image with values outside [0, 255]
+    (or NaN) raises :class:`PixelRangeError`: it has no one meaning as pixels."""
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(pixels).all():
+            raise PixelRangeError("its floating-point pixels include NaN or infinite values")
+        low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            raise PixelRangeError(f"its floating-point pixels range from {low:g} to {high:g}, neither within [0, 1] "
+                                  f"nor within [0, 255]; save it as an 8- or 16-bit image, scaled as it should look")
+        scale = 255.0 if high <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8))
     if image.mode not in SIXTEEN_BIT_MODES:
         return image
     pixels = np.asarray(image).astype(np.float64) / 257
@@ -338,7 +355,10 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
         warnings.simplefilter("always")
         with Image.open(path) as image:
             image.load()  # decode now, inside the warning capture (PIL decodes lazily)
-            converted = to_8bit(image).convert(mode)
+            try:
+                converted = to_8bit(image).convert(mode)
+            except PixelRangeError as error:
+                raise PixelRangeError(f"image {path} cannot be used: {error}") from error
     _report_decoder_warnings(path, caught)
     return converted
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..utils.checkpoint_file import FORMAT, check_finite, is_state_dict, load_weights_only
+from ..utils.checkpoint_file import (FORMAT, check_dtypes, check_finite, check_variances, is_state_dict,
+                                    load_weights_only)
 from ..errors import CheckpointError, first_line
 from .checkpoint import validate_meta
 from ..core.layers import SkipAwareNorm
@@ -187,7 +188,9 @@ def init_from(net: nn.Module, path: str | os.PathLike, model: str, log: Callable
         if weights.meta.get("method") == "individual" and weights.meta.get("trained_skip"):
             state_dict = used_norms_of_individual(net, state_dict, weights.meta["trained_skip"])
     state_dict, replaced = fit_report(net, state_dict, str(path), model)
+    conversions = check_dtypes(net.state_dict(), state_dict, f"--init-from {path}")
     check_finite(state_dict, f"--init-from {path}")
+    check_variances(state_dict, f"--init-from {path}", "Start from the original file, or from another one")
     net.load_state_dict(state_dict, strict=False)  # (fit_report checked that only the twins or the head are left)
     twins_loaded = any(TWIN in k for k in state_dict)
     if not twins_loaded:  # as if converted after loading: each twin a copy of its (loaded) norm
@@ -196,6 +199,8 @@ def init_from(net: nn.Module, path: str | os.PathLike, model: str, log: Callable
                 module.sync_twin()
     twins = "loaded from the file" if twins_loaded else "copies of their norms"
     log(f"initialized from {path} ({weights.kind}): {len(state_dict)} tensors; skip-aware twins: {twins}")
+    for conversion in conversions:
+        log(f"--init-from {path}: {conversion}, the model's type")
     if replaced:
         log(f"replaced the classification head {replaced}: it starts from a fresh initialization")
     return {"kind": weights.kind, "tensors": len(state_dict), "replaced_head": replaced, "twins": twins}

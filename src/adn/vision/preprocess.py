@@ -8,7 +8,8 @@ normalization. ``adn train`` records it in the checkpoint (``meta["preprocess"]`
 
 and :meth:`Preprocessing.from_meta` rebuilds it (from ``image_size``, ``in_channels``, ``mean``, ``std`` for
 checkpoints written before). An image is decoded with PIL (16-bit grayscale scaled to 8 bits, not
-clipped), converted to the network's channels, its shorter side resized to ``resize_size``, center-cropped
+clipped; a floating-point image, such as a float TIFF, scaled by its range: [0, 1] or [0, 255]),
+converted to the network's channels, its shorter side resized to ``resize_size``, center-cropped
 to ``image_size``, scaled to [0, 1] and normalized.
 
 Only the formats of an allow-list are decoded (:data:`DEFAULT_IMAGE_FORMATS`; ``adn predict`` and ``adn serve``
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, to_8bit
+from .data import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, PixelRangeError, to_8bit
 
 # PIL modes for the channel counts an image can be converted to.
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -196,7 +197,10 @@ class Preprocessing:
             except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
                 raise ImageError(f"{name} is not an image that can be read ({error}); use a "
                                  f"{_format_list(tuple(formats))} file") from error
-            return to_8bit(image).convert(self.mode)
+            try:
+                return to_8bit(image).convert(self.mode)
+            except PixelRangeError as error:  # a float image whose values are not pixels
+                raise ImageError(f"{name} cannot be used: {error}") from error
 
     def check_size(self, size: tuple[int, int], name: str, max_pixels: int | None = None) -> None:
         """Raise :class:`ImageTooLarge` for an image of ``size`` (width, height) over ``max_pixels``,

@@ -1,0 +1,182 @@
+"""The language-model commands on input a careless or hostile user gives (issue 24, items 11-14): text that is
+not text, few documents, endless generation, Ctrl-C, and arguments that used to be checked only after the
+model was loaded. A tiny random Llama and a tiny BPE tokenizer: nothing is downloaded."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from adn.cli import main  # noqa: E402
+from adn.lm.corpus import CorpusError, load_corpus  # noqa: E402
+from tests.test_lm import tiny  # noqa: E402
+
+TEXT = str(Path(__file__).parents[1] / "docs" / "method.md")  # real English text shipped with the project
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama (8 layers: 2 stages with the default grouping; context 512) and a tiny BPE tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator([Path(TEXT).read_text()], trainers.BpeTrainer(vocab_size=200,
+                                                                          special_tokens=["<unk>", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
+    tiny(vocab=256).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading the model is an error: what is checked must be checked before it."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr("adn.lm.model.load_causal_lm", load)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("adn: error: ")]
+    assert lines, err[-2000:]
+    return lines[-1]
+
+
+# ----- item 11: text that is not text ---------------------------------------------------------------------------
+def test_binary_or_non_utf8_text_is_refused_by_name(tmp_path, model_dir, capsys):
+    import os
+    binary = tmp_path / "random.txt"
+    binary.write_bytes(os.urandom(20000))
+    assert main(["eval-lm", "--model", str(model_dir), "--text", str(binary), "--no-speed"]) == 2
+    message = _error(capsys)
+    assert f"{binary} is not UTF-8 text" in message and "iconv" in message
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text(Path(TEXT).read_text())
+    (folder / "wide.txt").write_bytes(Path(TEXT).read_text()[:4000].encode("utf-16-le"))  # valid UTF-8, half NULs
+    with pytest.raises(CorpusError, match=r"wide.txt is not text: 50% of its characters are control characters"):
+        load_corpus(folder)
+    (folder / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "caf\u00e9 au lait\n".encode() * 100)  # UTF-8, with a BOM
+    (folder / "wide.txt").unlink()
+    assert any(text.startswith("caf\u00e9") for text in load_corpus(folder).train + load_corpus(folder).heldout)
+
+
+def test_a_few_documents_none_of_which_the_hash_holds_out_still_make_a_corpus(tmp_path):
+    names = ["doc0.txt", "doc1.txt", "doc2.txt"]
+    assert all(zlib.crc32(name.encode()) >= 0.1 * 2 ** 32 for name in names)  # none falls into a 10% share
+    document = Path(TEXT).read_text()[:20000]
+    for name in names:
+        (tmp_path / name).write_text(document)
+    corpus = load_corpus(tmp_path, 0.1)
+    assert len(corpus.train) == len(corpus.heldout) == 3 and all(corpus.heldout)
+    assert "too few to hold whole documents out: the last 10% of each held out" in corpus.description
+    with pytest.raises(CorpusError, match="too little text"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (empty / "a.txt").write_text("\n")
+        load_corpus(empty)
+
+
+# ----- item 12: generation streams, is bounded, and stops on Ctrl-C ----------------------------------------------
+class _Recorder:
+    """stdout that records, for each write, how many forward passes had run."""
+
+    def __init__(self, passes):
+        self.passes, self.writes = passes, []
+
+    def write(self, text):
+        self.writes.append((self.passes[0], text))
+
+    def flush(self):
+        pass
+
+
+def _count_passes(monkeypatch, fail_at: int | None = None) -> list[int]:
+    import adn.lm.generate as generate
+    passes = [0]
+    real = generate._next_logits
+
+    def counted(*args, **kwargs):
+        passes[0] += 1
+        if fail_at is not None and passes[0] == fail_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(generate, "_next_logits", counted)
+    return passes
+
+
+def test_generate_streams_tokens_as_they_are_decoded(model_dir, monkeypatch, capsys):
+    passes = _count_passes(monkeypatch)
+    out = _Recorder(passes)
+    monkeypatch.setattr("sys.stdout", out)
+    assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens",
+                 "12"]) == 0
+    moments = {count for count, text in out.writes if text.strip()}
+    assert len(moments) >= 3, out.writes  # written during the generation, not once at its end
+    assert "".join(text for _, text in out.writes).endswith("\n")
+
+
+def test_ctrl_c_keeps_what_was_generated(model_dir, monkeypatch, capsys):
+    _count_passes(monkeypatch, fail_at=5)  # the prefill and three decoding passes, then Ctrl-C: 4 new tokens
+    assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens",
+                 "50"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.strip() and captured.out.endswith("\n")
+    assert "interrupted after 4 new token(s)" in captured.err
+    _count_passes(monkeypatch, fail_at=3)
+    assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth", "--json"]) == 130
+    import json
+    result = json.loads(capsys.readouterr().out)
+    assert result["interrupted"] is True and result["new_tokens"] == 2
+
+
+def test_max_new_tokens_is_bounded_by_the_context(model_dir, no_model_load, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "1000000000"]) == 2
+    message = _error(capsys)
+    assert "the model's context is 512 tokens" in message and "--max-new-tokens" in message
+
+
+def test_prompt_and_new_tokens_must_fit_the_context_together(model_dir, capsys):
+    prompt = " ".join(["adaptive depth networks"] * 200)
+    assert main(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "500"]) == 2
+    assert "the prompt takes" in _error(capsys)
+
+
+# ----- item 13: arguments checked before the model is loaded ------------------------------------------------------
+@pytest.mark.parametrize("extra, fragment", [
+    (["--skip", "TTTTT"], "--skip: invalid skip configuration 'TTTTT': it has 5 flags, expected 2"),
+    (["--skip", "XYZ"], "--skip: invalid skip configuration 'XYZ'"),
+    (["--speculative", "--draft", "TTTT"], "--draft: invalid skip configuration 'TTTT'"),
+    (["--speculative", "--draft", "bse"], "--draft: invalid skip configuration 'bse'"),
+])
+def test_generate_checks_depths_before_loading(model_dir, no_model_load, capsys, extra, fragment):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", *extra]) == 2
+    assert fragment in _error(capsys)
+
+
+def test_an_empty_prompt_is_refused_before_loading(model_dir, no_model_load, capsys):
+    for prompt in ("", "   "):
+        assert main(["generate", "--model", str(model_dir), "--prompt", prompt]) == 2
+        assert "--prompt is empty" in _error(capsys)
+
+
+def test_eval_lm_checks_skip_before_loading(model_dir, no_model_load, capsys):
+    assert main(["eval-lm", "--model", str(model_dir), "--text", TEXT, "--skip", "TTT"]) == 2
+    assert "it has 3 flags, expected 2" in _error(capsys)
+
+
+def test_train_lm_resume_from_an_image_checkpoint_fails_before_loading(model_dir, no_model_load, tmp_path, capsys):
+    import adn
+    from adn.utils.checkpoint_file import save_checkpoint
+    net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
+    save_checkpoint(tmp_path / "image.pt", net, {"model": "resnet20", "num_classes": 10, "in_channels": 1})
+    assert main(["train-lm", "--model", str(model_dir), "--text", TEXT, "--output-dir", str(tmp_path / "run"),
+                 "--resume", str(tmp_path / "image.pt"), "--no-progress"]) == 2
+    assert "is not a language-model checkpoint written by adn train-lm" in _error(capsys)
+    torch.manual_seed(0)
