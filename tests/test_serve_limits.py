@@ -371,7 +371,8 @@ def test_deeply_nested_json_as_a_depth_table_or_eval_file_is_a_clear_error(model
     deep.write_text("[" * 100_000 + "]" * 100_000)
     assert main(["pareto", "--table", str(deep), "--budget-ms", "5"]) == 2
     assert "nested too deeply" in capsys.readouterr().err
-    assert main(["depth-table", "--checkpoint", str(model_dir / "checkpoint.pt"), "--eval", str(deep)]) == 2
+    assert main(["depth-table", "--checkpoint", str(model_dir / "checkpoint.pt"), "--eval", str(deep),
+                 "--output", str(tmp_path / "table.json")]) == 2
     err = capsys.readouterr().err
     assert f"adn: error: {deep}: expected the JSON printed by `adn eval --json`" in err and "nested too deeply" in err
     assert main(["serve", "--checkpoint", str(model_dir / "checkpoint.pt"), "--budget-ms", "50", "--port", "0",
