@@ -9,7 +9,9 @@ that has them.
 
 How: :class:`SwitchableNetwork` runs the network with each stage's flag taken from the ``skip`` tensor. The
 skip machinery (:mod:`adn.layers`) sees tensor flags and chooses with ``torch.cond``, which the exporter
-turns into ONNX ``If``: a skipped block is not executed, as in a per-depth file. A network with per-depth
+turns into ONNX ``If``: a skipped block is not executed, as in a per-depth file.
+A rewrite of the exported graph lets ONNX Runtime optimize the branches as it does a per-depth file
+(:func:`branch_local_weights`); it changes no result. A network with per-depth
 batch-norm statistics reads the row of its depth with a gather indexed by the flags (row = sum of flag_i
 * 2^i, :attr:`adn.SkipConfig.index`).
 
@@ -99,10 +101,32 @@ def write_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.
     skip = torch.zeros(net.num_stages, dtype=torch.bool)
     batch = torch.export.Dim("batch", min=1)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
-        # external_data=False: the weights inside the file, so that the file alone is the model.
-        torch.onnx.export(switchable, (_traced_example(example), skip), str(path), dynamo=True,
-                          dynamic_shapes=({0: batch}, None), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                          verbose=False, external_data=False)
+        program = torch.onnx.export(switchable, (_traced_example(example), skip), dynamo=True,
+                                    dynamic_shapes=({0: batch}, None), input_names=INPUT_NAMES,
+                                    output_names=OUTPUT_NAMES, verbose=False)
+    branch_local_weights(program.model.graph)
+    # external_data=False: the weights inside the file, so that the file alone is the model.
+    program.save(str(path), external_data=False)
+
+
+def branch_local_weights(graph) -> int:
+    """Move each initializer of ``graph`` (an ``onnx_ir.Graph``) that only the nodes of one ``If`` branch read
+    into that branch, and return how many were moved. Same file, same weights, stored once; but ONNX Runtime
+    optimizes a convolution only when its weights belong to the graph the convolution is in: with the weights
+    of the skipped blocks in the outer graph, their convolutions in the branches ran unfused, in the plain
+    layout (ResNet-50 super-net: 1.19x the per-depth file's time, 1.12x with the weights moved)."""
+    moved = 0
+    for name, value in list(graph.initializers.items()):
+        readers = {id(use.node.graph): use.node.graph for use in value.uses()}
+        if len(readers) != 1 or value in graph.outputs:
+            continue
+        branch = next(iter(readers.values()))
+        if branch is None or branch is graph:
+            continue
+        graph.initializers.pop(name)
+        branch.register_initializer(value)
+        moved += 1
+    return moved
 
 
 class SwitchableExportError(ValueError):
