@@ -115,7 +115,7 @@ def test_skipped_blocks_are_conditionals_and_weights_are_stored_once(resnet20_fi
     export_onnx(net.subnet("FFF").eval(), torch.randn(1, 1, 28, 28), str(tmp_path / "super.onnx"))
     model = onnx.load(str(path))
     conditionals = [node for node in model.graph.node if node.op_type == "If"]
-    assert len(conditionals) == sum(len(stage.skippable) for stage in net.adn_stages)
+    assert len(conditionals) == net.num_stages  # one per stage (here: one skippable block each)
 
     def weight_bytes(graph):
         return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
@@ -127,6 +127,31 @@ def test_skipped_blocks_are_conditionals_and_weights_are_stored_once(resnet20_fi
     twins = sum(t.numel() * t.element_size() for m in net.modules() if isinstance(m, adn.SkipAwareNorm)
                 for t in m.twin.state_dict().values())
     assert weight_bytes(model.graph) <= weight_bytes(super_net.graph) * 1.02 + 2 * twins
+
+
+def test_one_conditional_per_stage_with_its_weights_inside(tmp_path):
+    """A stage's skippable blocks run in one ``If``; the weights only a branch reads are stored in that branch
+    (ONNX Runtime optimizes a convolution only when its weights are in its own graph), and the branch reads its
+    input through an identity pool (so that ONNX Runtime keeps the whole branch in its blocked layout)."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    net = _twins_differ(adn.convert(adn.build_model("resnet32", num_classes=10, in_channels=1, width=4)))
+    assert [len(stage.skippable) for stage in net.adn_stages] == [2, 2, 2]
+    export_switchable_onnx(net, torch.randn(1, 1, 28, 28), tmp_path / "net.onnx")
+    _check_every_depth(net, tmp_path / "net.onnx", 1, 28)
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    conditionals = [node for node in model.graph.node if node.op_type == "If"]
+    assert len(conditionals) == net.num_stages
+    outer = {tensor.name for tensor in model.graph.initializer}
+    for node in conditionals:
+        branch = max((attribute.g for attribute in node.attribute), key=lambda graph: len(graph.node))
+        assert sum(n.op_type == "Conv" for n in branch.node) == 2 * 2  # two blocks of two convolutions
+        convolutions = [n for n in branch.node if n.op_type == "Conv"]
+        local = {tensor.name for tensor in branch.initializer}
+        assert all(conv.input[1] in local and conv.input[1] not in outer for conv in convolutions)
+        entry = branch.node[0]
+        assert entry.op_type == "MaxPool" and [a.ints for a in entry.attribute if a.name == "kernel_shape"] == [[1, 1]]
+        assert convolutions[0].input[0] == entry.output[0]
 
 
 STANDALONE = """
