@@ -7,7 +7,10 @@ perturbed so that every norm differs from its twin, as after training) at 224x22
   fresh subprocess that imports only numpy and onnxruntime;
 - latency per depth at each batch size: the switchable session fed that depth's ``skip`` and the depth's own
   per-depth session, medians of alternating runs;
-- preparation: export (unverified) + session creation, switchable vs the super-net alone;
+- preparation: export (unverified) + session creation, switchable vs the super-net alone (``--prep-rounds``
+  alternating rounds, medians), with where the export's time goes (torch.export's tracing, its
+  decompositions, the rest of torch.onnx: translation, optimization, our branch rewrites and writing the
+  file) and, apart, what verifying costs (every depth of the switchable file; the super-net's file alone);
 - file sizes.
 
 Targets (issue 23): memory <= 1.15x, latency <= 1.05x per depth, preparation <= 1.5x.
@@ -15,6 +18,7 @@ Targets (issue 23): memory <= 1.15x, latency <= 1.05x per depth, preparation <= 
 Also MobileNetV2 and ViT-B/16 (``--model``), the same way.
 
     OMP_NUM_THREADS=1 python benchmarks/switchable_onnx.py [--model resnet50] [--depths FFFF TTTT] [--repeats 10 3]
+        [--prep-rounds 1] [--json results/switchable/resnet50.json]
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ import torch
 import torchvision
 
 import adn
-from adn.runtime.switchable import write_switchable_onnx
+from adn.runtime.graph_export import verify_onnx
+from adn.runtime.switchable import switchable_differences, write_switchable_onnx
 
 # Run in a fresh interpreter: loads a session and reports VmRSS deltas (kB). Only numpy + onnxruntime.
 MEMORY_PROBE = """
@@ -86,6 +91,48 @@ def trained_looking(net):
     return net.eval()
 
 
+@contextlib.contextmanager
+def export_phases():
+    """Times torch.export's tracing and its decompositions inside torch.onnx.export: yields a dict that holds
+    their seconds once the block ends."""
+    phases = {"torch_export": 0.0, "decompositions": 0.0}
+    originals = torch.export.export, torch.export.ExportedProgram.run_decompositions
+
+    def timed(name, function):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                phases[name] += time.perf_counter() - start
+        return run
+
+    torch.export.export = timed("torch_export", originals[0])
+    torch.export.ExportedProgram.run_decompositions = timed("decompositions", originals[1])
+    try:
+        yield phases
+    finally:
+        torch.export.export, torch.export.ExportedProgram.run_decompositions = originals
+
+
+def prepare(write, path, level) -> dict:
+    """Export with ``write(path)`` and open a session: seconds of each phase."""
+    with export_phases() as phases:
+        start = time.perf_counter()
+        write(path)
+        exported = time.perf_counter()
+    session(path, level)
+    phases.update(export=exported - start, session=time.perf_counter() - exported)
+    phases["onnx_rest"] = phases["export"] - phases["torch_export"] - phases["decompositions"]
+    phases["total"] = phases["export"] + phases["session"]
+    return phases
+
+
+def machine() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                "unknown")
+
+
 def memory(path, level) -> tuple[int, int]:
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), str(int(level))], check=True,
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
@@ -103,6 +150,8 @@ def main() -> None:
     parser.add_argument("--level", choices=["basic", "extended", "all"], default="all",
                         help="graph optimization level of the switchable session (per-depth ones: all)")
     parser.add_argument("--folder", help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--prep-rounds", type=int, default=1, help="alternating preparation rounds (medians)")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -114,36 +163,40 @@ def main() -> None:
     depths = [adn.SkipConfig(d, net.num_stages) for d in args.depths] if args.depths else net.sub_networks()
     example = torch.randn(2, 3, 224, 224)
     results: dict = {"settings": {"model": f"{args.model} 224x224, random weights", "threads": 1, "onnxruntime": ort.__version__,
-                                  "torch": torch.__version__, "switchable_level": args.level}}
+                                  "torch": torch.__version__, "switchable_level": args.level,
+                                  "machine": f"{machine()}, {os.cpu_count()} cores", "prep_rounds": args.prep_rounds,
+                                  "repeats": dict(zip(map(str, args.batch_sizes), args.repeats))}}
     with contextlib.ExitStack() as stack:
         folder = Path(args.folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="adn-switchable-")))
         folder.mkdir(parents=True, exist_ok=True)
         switchable = folder / "switchable.onnx"
 
-        # Preparation: export + session creation, the switchable file vs the super-net's file.
+        # Preparation: export + session creation, the switchable file vs the super-net's file, alternating.
+        super_path = folder / f"subnet_{super_net}.onnx"
+        rounds: dict = {"switchable": [], "super_net": []}
+        for _ in range(args.prep_rounds):
+            rounds["switchable"].append(prepare(lambda path: write_switchable_onnx(net, example, path), switchable, level))
+            rounds["super_net"].append(prepare(lambda path: export_subnet(net, super_net, example, path), super_path, best))
+        median = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
         start = time.perf_counter()
-        write_switchable_onnx(net, example, switchable)
-        exported = time.perf_counter()
-        switch_session = session(switchable, level)
-        prep_switch = (exported - start, time.perf_counter() - exported)
+        switchable_differences(switchable, net, example)
+        median["switchable"]["verify_every_depth"] = time.perf_counter() - start
         start = time.perf_counter()
-        export_subnet(net, super_net, example, folder / f"subnet_{super_net}.onnx")
-        exported = time.perf_counter()
-        session(folder / f"subnet_{super_net}.onnx", best)
-        prep_super = (exported - start, time.perf_counter() - exported)
-        results["preparation_s"] = {"switchable": {"export": prep_switch[0], "session": prep_switch[1]},
-                                    "super_net": {"export": prep_super[0], "session": prep_super[1]},
-                                    "ratio": sum(prep_switch) / sum(prep_super)}
+        verify_onnx(super_path, net.subnet(super_net).eval(), example)
+        median["super_net"]["verify"] = time.perf_counter() - start
+        results["preparation_s"] = {**median, "ratio": median["switchable"]["total"] / median["super_net"]["total"]}
+        print("preparation (s):", json.dumps(median), flush=True)
 
         # Memory, each in a fresh process.
-        mem_switch, mem_super = memory(switchable, level), memory(folder / f"subnet_{super_net}.onnx", best)
+        mem_switch, mem_super = memory(switchable, level), memory(super_path, best)
         results["memory_kB"] = {"switchable": {"loaded": mem_switch[0], "after_run": mem_switch[1]},
                                 "super_net": {"loaded": mem_super[0], "after_run": mem_super[1]},
                                 "ratio_loaded": mem_switch[0] / mem_super[0], "ratio_after_run": mem_switch[1] / mem_super[1]}
         results["file_bytes"] = {"switchable": switchable.stat().st_size,
-                                 "super_net": (folder / f"subnet_{super_net}.onnx").stat().st_size}
+                                 "super_net": super_path.stat().st_size}
 
         # Latency per depth, alternating the two sessions so that drift hits both alike.
+        switch_session = session(switchable, level)
         latency = {}
         for config in depths:
             path = folder / f"subnet_{config}.onnx"
@@ -178,6 +231,9 @@ def main() -> None:
     print(f"latency ratio per depth: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f} (target <= 1.05)")
     print(f"preparation ratio: {results['preparation_s']['ratio']:.2f} (target <= 1.5)")
     print(f"file size ratio: {results['file_bytes']['switchable'] / results['file_bytes']['super_net']:.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

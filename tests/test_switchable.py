@@ -115,7 +115,7 @@ def test_skipped_blocks_are_conditionals_and_weights_are_stored_once(resnet20_fi
     export_onnx(net.subnet("FFF").eval(), torch.randn(1, 1, 28, 28), str(tmp_path / "super.onnx"))
     model = onnx.load(str(path))
     conditionals = [node for node in model.graph.node if node.op_type == "If"]
-    assert len(conditionals) == sum(len(stage.skippable) for stage in net.adn_stages)
+    assert len(conditionals) == net.num_stages  # one per stage (here: one skippable block each)
 
     def weight_bytes(graph):
         return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
@@ -127,6 +127,43 @@ def test_skipped_blocks_are_conditionals_and_weights_are_stored_once(resnet20_fi
     twins = sum(t.numel() * t.element_size() for m in net.modules() if isinstance(m, adn.SkipAwareNorm)
                 for t in m.twin.state_dict().values())
     assert weight_bytes(model.graph) <= weight_bytes(super_net.graph) * 1.02 + 2 * twins
+
+
+def test_one_conditional_per_stage_with_its_weights_inside(tmp_path):
+    """A stage's skippable blocks run in one ``If``. The weights only a branch reads are stored in that branch
+    (ONNX Runtime optimizes a convolution only when its weights are in its own graph), for the branches with
+    the fewest weights, up to a fifth of all the weights (the session holds an optimized copy of them); such a
+    branch reads its input through an identity pool (so that ONNX Runtime keeps it in its blocked layout)."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    net = _twins_differ(adn.convert(adn.build_model("resnet32", num_classes=10, in_channels=1, width=4)))
+    assert [len(stage.skippable) for stage in net.adn_stages] == [2, 2, 2]
+    export_switchable_onnx(net, torch.randn(1, 1, 28, 28), tmp_path / "net.onnx")
+    _check_every_depth(net, tmp_path / "net.onnx", 1, 28)
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    conditionals = [node for node in model.graph.node if node.op_type == "If"]
+    assert len(conditionals) == net.num_stages
+
+    def size(tensors):
+        return sum(onnx.numpy_helper.to_array(t).nbytes for t in tensors)
+
+    outer = {tensor.name for tensor in model.graph.initializer}
+    branches = [max((a.g for a in node.attribute), key=lambda graph: len(graph.node)) for node in conditionals]
+    local = [branch for branch in branches if branch.initializer]
+    assert branches[0] in local  # the first stage's: the fewest weights
+    assert size(t for branch in local for t in branch.initializer) <= 0.2 * (
+        size(model.graph.initializer) + size(t for branch in local for t in branch.initializer))
+    for branch in branches:
+        convolutions = [n for n in branch.node if n.op_type == "Conv"]
+        assert len(convolutions) == 2 * 2  # two blocks of two convolutions
+        inside = {tensor.name for tensor in branch.initializer}
+        entry = branch.node[0]
+        if branch in local:
+            assert all(conv.input[1] in inside and conv.input[1] not in outer for conv in convolutions)
+            assert entry.op_type == "MaxPool" and [a.ints for a in entry.attribute if a.name == "kernel_shape"] == [[1, 1]]
+            assert convolutions[0].input[0] == entry.output[0]
+        else:
+            assert all(conv.input[1] in outer for conv in convolutions) and entry.op_type != "MaxPool"
 
 
 STANDALONE = """

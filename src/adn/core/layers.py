@@ -115,11 +115,56 @@ def _branch(forward, *args, **kwargs):
     return run
 
 
+class SkippedTogether:
+    """The traced flag of a run of skippable blocks that follow each other in one ``nn.Sequential`` (a stage's
+    skippable part, :func:`sequential_run`): the first block executes them all in one conditional, the others
+    then return their input. One ONNX ``If`` per stage instead of one per block: fewer branch boundaries for
+    the runtime to cross (ONNX Runtime converts layouts at each), less to trace."""
+
+    __slots__ = ("flag", "blocks")
+
+    def __init__(self, flag: torch.Tensor, blocks: Sequence[nn.Module]):
+        self.flag = flag
+        self.blocks = tuple(blocks)
+
+
+def sequential_run(blocks: Sequence[nn.Module], modules: Sequence[nn.Module]) -> bool:
+    """Whether ``blocks`` are consecutive children, in this order, of one plain ``nn.Sequential`` among
+    ``modules``: then the Sequential calls each with the output of the one before and nothing else, so the
+    first can run them all (:class:`SkippedTogether`)."""
+    if len(blocks) < 2:
+        return False
+    for parent in modules:
+        if type(parent).forward is not nn.Sequential.forward:
+            continue
+        children = list(parent.children())
+        for start, child in enumerate(children):
+            if child is blocks[0]:
+                run = children[start:start + len(blocks)]
+                return len(run) == len(blocks) and all(a is b for a, b in zip(run, blocks))
+    return False
+
+
+def _run_together(forward, blocks: Sequence[nn.Module]):
+    """A branch of torch.cond that runs ``forward`` (the first block's own forward) and then the original
+    forward of each block in ``blocks`` on the output of the one before."""
+    def run(x: torch.Tensor):
+        out = forward(x)
+        for block in blocks:
+            out = super(SkippableBlock, block).forward(out)
+        return x.clone() if out is x else out
+    return run
+
+
 def _identity_when_skipped(module: nn.Module, forward, x, *args, **kwargs):
     """The forward of a module that returns its input while skipped (:class:`SkippableBlock`,
     :class:`IdleWhenSkipped`): ``forward`` runs unless the module is skipped; a traced (tensor) flag makes
     the choice a conditional of the traced program."""
     flag = is_skipped(module)
+    if isinstance(flag, SkippedTogether):
+        if module is not flag.blocks[0]:
+            return x  # run by the first block's conditional
+        return _choose(flag.flag, _identity, _run_together(forward, flag.blocks[1:]), x)
     if isinstance(flag, torch.Tensor):
         return _choose(flag, _identity, _branch(forward, *args, **kwargs), x)
     if flag:
