@@ -379,6 +379,16 @@ def test_images_are_converted_to_what_the_network_takes(served, kind):
     check_against_network(service, [data], response.json())
 
 
+TRUNCATED_TYPE = "multipart/form-data; boundary=adnboundary"
+
+
+def truncated_upload(data: bytes) -> bytes:
+    """A multipart body with one image, cut off before its end (and its closing boundary)."""
+    body = (b"--adnboundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--adnboundary--\r\n")
+    return body[:len(body) // 3]
+
+
 def test_bad_input_gets_an_actionable_4xx_and_the_server_keeps_serving(served):
     service, client = served
     good = png(1)
@@ -389,6 +399,8 @@ def test_bad_input_gets_an_actionable_4xx_and_the_server_keeps_serving(served):
         (client.post("/v1/predict", files=[("skip", (None, "TTT"))]), 400, "no_image", "field 'file'"),
         (client.post("/v1/predict", files=[("file", (None, "TTT"))]), 400, "no_image", "text, not a file upload"),
         (client.post("/v1/predict", json={"image": "x"}), 415, "unsupported_media_type", "multipart/form-data"),
+        (client.post("/v1/predict", content=truncated_upload(good), headers={"Content-Type": TRUNCATED_TYPE}), 400,
+         "truncated_body", "cut short"),
         (client.post("/v1/predict", content=good, headers={"Content-Type": "image/png"}), 415,
          "unsupported_media_type", "curl -F"),
         (post(client, [good], skip="TTXF"), 400, "unknown_skip", "use only T and F"),

@@ -130,9 +130,14 @@ async def _predict(service: Service, request: Request, arrival: float) -> dict:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
         raise _too_large(int(length), settings.max_body_bytes)
-    limited = Request(request.scope, _limited_receive(request.receive, settings.max_body_bytes))
+    body = LimitedBody(request.receive, settings.max_body_bytes)
+    limited = Request(request.scope, body)
     try:
         async with limited.form(max_files=settings.max_batch, max_fields=len(FIELDS) + 8) as form:
+            if not body.complete(content_type):
+                raise ApiError(400, "truncated_body", f"the multipart body ends after {body.received} bytes, before "
+                                                      f"its closing boundary: the upload was cut short. Send the "
+                                                      f"whole request again, {CURL_HINT}")
             unknown = sorted(set(form.keys()) - set(FIELDS))
             if unknown:
                 raise ApiError(400, "unknown_field", f"unknown form field(s) {', '.join(map(repr, unknown))}; the "
@@ -187,20 +192,33 @@ def _option(form, request: Request, name: str) -> str | None:
     return field if field is not None else header
 
 
-def _limited_receive(receive, limit: int):
+class LimitedBody:
     """``receive`` that raises :class:`BodyTooLarge` once more than ``limit`` body bytes have arrived (a
-    chunked upload has no Content-Length to check up front)."""
-    received = 0
+    chunked upload has no Content-Length to check up front), and keeps the body's last bytes: the
+    multipart parser accepts a body cut off before its closing boundary, which would otherwise be
+    reported as a request without an image."""
+    TAIL = 512
 
-    async def limited():
-        nonlocal received
-        message = await receive()
+    def __init__(self, receive, limit: int):
+        self.receive, self.limit = receive, limit
+        self.received, self.tail = 0, b""
+
+    async def __call__(self):
+        message = await self.receive()
         if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
+            body = message.get("body", b"")
+            self.received += len(body)
+            if self.received > self.limit:
                 raise BodyTooLarge()
+            self.tail = (self.tail + body)[-self.TAIL:]
         return message
-    return limited
+
+    def complete(self, content_type: str) -> bool:
+        """Whether the body ended with the closing boundary that ``content_type`` names (True when it names
+        none: the parser has refused such a body already)."""
+        boundary = next((part.split("=", 1)[1].strip().strip('"') for part in content_type.split(";")[1:]
+                         if part.strip().lower().startswith("boundary=")), None)
+        return not boundary or f"--{boundary}--".encode("latin-1", "replace") in self.tail
 
 
 def _too_large(length: int | None, limit: int) -> ApiError:
