@@ -63,11 +63,37 @@ def test_stage_grouping():
                                                                                   (25, 27)]
     assert [(g[0], g[-1]) for g in stage_layer_groups(30, layers_per_stage=13)] == [(1, 13), (14, 27)]  # 1 left: joins
     assert [(g[0], g[-1]) for g in stage_layer_groups(8)] == [(1, 3), (4, 5)]
+    assert [(g[0], g[-1]) for g in stage_layer_groups(8, skippable=1)] == [(1, 3), (4, 5)]
     assert [(g[0], g[-1]) for g in stage_layer_groups(8, 2, keep_first=0, keep_last=0)] == [(0, 1), (2, 3), (4, 5), (6, 7)]
     with pytest.raises(ValueError, match="too few"):
         stage_layer_groups(4)
     with pytest.raises(ValueError, match="at least 3"):
         stage_layer_groups(30, layers_per_stage=2, skippable=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        stage_layer_groups(30, skippable=0)
+
+
+def _skipped_layers(net, config) -> list[int]:
+    layers = list(net.model.layers)
+    return sorted(layers.index(b) for s, flag in zip(net.adn_stages, config) if flag for b in s.skippable)
+
+
+def test_default_conversion_skips_half_of_each_stage_as_the_paper_does():
+    """SmolLM2's shape (30 layers): stages 1-7, 8-14, 15-21, 22-27, the last half of each skippable, so the
+    base-net runs 18 of 30 layers (<= 60%); skippable=1 keeps the earlier split (26 of 30)."""
+    from adn.lm.evaluate import layers_run
+    net = convert_decoder(tiny(layers=30))
+    assert [s["name"] for s in net.adn_info["stages"]] == ["layers.1-7", "layers.8-14", "layers.15-21", "layers.22-27"]
+    assert _skipped_layers(net, "TTTT") == [5, 6, 7, 12, 13, 14, 19, 20, 21, 25, 26, 27]
+    assert len(layers_run(net, "base")) == 18 and len(layers_run(net, "base")) <= 0.6 * 30
+    assert net.adn_info["grouping"]["skippable"] is None
+    one = convert_decoder(tiny(layers=30), skippable=1)
+    assert _skipped_layers(one, "TTTT") == [7, 14, 21, 27] and len(layers_run(one, "base")) == 26
+    two = convert_decoder(tiny(layers=30), skippable=2, layers_per_stage=9)
+    assert [s["name"] for s in two.adn_info["stages"]] == ["layers.1-9", "layers.10-18", "layers.19-27"]
+    assert _skipped_layers(two, "TTT") == [8, 9, 17, 18, 26, 27]
+    # The tiny 8-layer default: stages 1-3 and 4-5, layer 3 (a 3-layer stage rounds down) and 5 skippable.
+    assert _skipped_layers(convert_decoder(tiny()), "TT") == [3, 5]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
