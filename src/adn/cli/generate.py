@@ -9,6 +9,7 @@ import sys
 import torch
 
 from ..utils import jsonout
+from ..lm.precision import DTYPE_CHOICES
 from .common import positive_int
 from .lm_flags import add_model_flags, check_depth, network, planned_network
 
@@ -23,8 +24,17 @@ def add(sub) -> None:
                                                       "(instruction-tuned models such as SmolLM2-Instruct)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="tokens to generate after the prompt (the prompt and these must fit the model's context)")
-    p.add_argument("--skip", default="super", help="the depth that generates (TTFF, super, base); with --speculative, "
-                                                   "the depth that verifies")
+    p.add_argument("--skip", default=None, help="the depth that generates (TTFF, super, base; default super); with "
+                                                "--speculative, the depth that verifies")
+    p.add_argument("--tokens-per-s", type=positive_float, default=None, metavar="T",
+                   help="instead of --skip: the most accurate depth whose measured decoding speed in --depth-table is "
+                        "at least T tokens/s")
+    p.add_argument("--depth-table", default=None, metavar="FILE",
+                   help="with --tokens-per-s: the per-depth table adn eval-lm --save-json FILE (or --json > FILE) wrote "
+                        "for this model, on this machine, with the same --threads and --dtype")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="the weights' dtype while decoding (auto: bfloat16 where the CPU computes it natively, "
+                        "float32 elsewhere; bfloat16 halves the bytes read per token)")
     p.add_argument("--speculative", action="store_true",
                    help="draft with --draft, verify with --skip in one pass per round; also runs plain greedy decoding "
                         "at --skip to check the output is identical and to measure the speed-up")
@@ -35,6 +45,46 @@ def add(sub) -> None:
                    help="print the text and statistics as JSON on stdout at the end (without it, the text is printed "
                         "as it is generated; Ctrl-C stops and keeps what was generated)")
     p.set_defaults(run=run)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _chosen_depth(args, stages: int | None):
+    """``(skip text, table row or None)``: --skip, or the depth --tokens-per-s picks from --depth-table
+    (checked before the model load: the table, its depths against the network's stages, the speed)."""
+    from ..lm.depth_table import LMDepthTable
+    from ..lm.precision import decoding_dtype, dtype_name
+    if args.tokens_per_s is None:
+        if args.depth_table is not None:
+            raise ValueError("--depth-table is read only to choose a depth by --tokens-per-s T; give both, or neither")
+        return args.skip or "super", None
+    if args.depth_table is None:
+        raise ValueError("--tokens-per-s needs the measured speed of every depth: --depth-table FILE, written by "
+                         "adn eval-lm [--checkpoint C] --save-json FILE on this machine")
+    if args.skip is not None:
+        raise ValueError("give either --skip (a depth) or --tokens-per-s (the depth chosen by speed), not both")
+    if args.speculative:
+        raise ValueError("--tokens-per-s chooses the depth of plain greedy decoding; leave out --speculative "
+                         "(or give the verifying depth with --skip)")
+    table = LMDepthTable.load(args.depth_table)
+    if stages is not None and table.num_stages != stages:
+        raise ValueError(f"--depth-table {args.depth_table} describes a network of {table.num_stages} stages, this one "
+                         f"has {stages}: measure a table for this model and grouping (adn eval-lm --save-json FILE)")
+    dtype = table.meta.get("conditions", {}).get("dtype") if isinstance(table.meta.get("conditions"), dict) else None
+    here = dtype_name(decoding_dtype(args.dtype))
+    if dtype is not None and dtype != here:
+        print(f"adn: note: the table's speeds were measured with {dtype} weights, this run decodes in {here} "
+              f"(--dtype)", file=sys.stderr)
+    row = table.choose(args.tokens_per_s)
+    return row["skip"], row
 
 
 def _prompt_ids(tokenizer, args) -> torch.Tensor:
@@ -91,24 +141,32 @@ class TextStream:
 def run(args) -> int:
     from ..lm.checkpoint import read_lm_checkpoint
     from ..lm.generate import greedy_generate, speculative_generate
+    from ..lm.precision import cast_weights, decoding_dtype, dtype_name
 
     # Everything that can be checked before the (slow) model load is: the prompt, the depths, the length.
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; give the text to continue")
     data = read_lm_checkpoint(args.checkpoint) if args.checkpoint else None
     stages, context = planned_network(args, data["meta"] if data else None)
-    check_depth(args.skip, stages, "--skip")
+    skip, chosen = _chosen_depth(args, stages)
+    check_depth(skip, stages, "--skip")
     if args.speculative:
         check_depth(args.draft, stages, "--draft")
     _check_length(args.max_new_tokens, context)
 
     net, tokenizer, description = network(args, data)
-    depth = check_depth(args.skip, net.num_stages, "--skip")
+    cast_weights(net, decoding_dtype(args.dtype))
+    depth = check_depth(skip, net.num_stages, "--skip")
     draft = check_depth(args.draft, net.num_stages, "--draft") if args.speculative else None
     ids = _prompt_ids(tokenizer, args)
     _check_length(args.max_new_tokens, context or getattr(net.config, "max_position_embeddings", None), ids.shape[1])
     eos = tokenizer.eos_token_id
-    result = {"model": description, "skip": str(depth)}
+    result = {"model": description, "skip": str(depth), "dtype": dtype_name(next(net.parameters()).dtype)}
+    if chosen is not None:
+        result["chosen_by_speed"] = {"tokens_per_s_asked": args.tokens_per_s, "depth_table": args.depth_table,
+                                     "measured_tokens_per_s": chosen["tokens_per_s"], "ppl": chosen["ppl"]}
+        print(f"adn: --tokens-per-s {args.tokens_per_s:g}: depth {depth} (measured {chosen['tokens_per_s']:.1f} "
+              f"tokens/s, perplexity {chosen['ppl']:.3f} in {args.depth_table})", file=sys.stderr)
     stream = None if args.json else TextStream(tokenizer)
     collected: list[torch.Tensor] = []
 
@@ -142,7 +200,7 @@ def run(args) -> int:
         print(jsonout.dumps(result, indent=2))
     else:
         print(f"{description}; depth {depth}: {result['new_tokens']} tokens at {result['tokens_per_second']:.1f} tokens/s "
-              f"(greedy, KV cache, prefill included, {torch.get_num_threads()} threads)", file=sys.stderr)
+              f"(greedy, KV cache, prefill included, {result['dtype']} weights, {torch.get_num_threads()} threads)", file=sys.stderr)
         if args.speculative:
             s = result["speculative"]
             print(f"speculative: draft {s['draft']} (k={s['draft_tokens']}) -> verify {s['target']}: acceptance "
