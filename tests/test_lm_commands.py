@@ -282,3 +282,29 @@ def test_bfloat16_weights_for_decoding_keep_the_rotary_buffers_in_float32(model_
     assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive", "--max-new-tokens", "3",
                  "--dtype", "bfloat16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+
+
+def test_decode_benchmark_measures_bandwidth_and_both_dtypes(model_dir, tmp_path, capsys):
+    import importlib.util
+    import json
+    path = Path(__file__).parents[1] / "benchmarks" / "lm_decode.py"
+    spec = importlib.util.spec_from_file_location("lm_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--model", str(model_dir), "--threads", "1", "--bandwidth-mb", "8", "--new-tokens", "3",
+                           "--prompt-tokens", "8", "--repeats", "1", "--ppl-tokens", "64", "--text", TEXT,
+                           "--save-json", str(tmp_path / "decode.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["setting"]["bandwidth"]["read_gb_s"] > 0 and result["setting"]["threads"] == 1
+    assert [(r["skip"], r["dtype"]) for r in result["rows"]] == [("FF", "float32"), ("FF", "bfloat16"),
+                                                                 ("TT", "float32"), ("TT", "bfloat16")]
+    fp32, bf16 = result["rows"][:2]
+    assert bf16["weights_mb_per_token"] < 0.6 * fp32["weights_mb_per_token"]  # (the norms stay small either way)
+    assert all(r["tokens_per_s"] > 0 and r["bound_tokens_per_s"] > r["tokens_per_s"] and r["ppl"] > 1
+               for r in result["rows"])
+    assert abs(bf16["ppl_vs_float32"] - 1) < 0.05
+    assert "memory bandwidth" in capsys.readouterr().out
