@@ -229,6 +229,33 @@ def test_speculative_decoding_equals_greedy_super_net(k):
     assert stats.target_passes == 1 + math.ceil(24 / (k + 1))  # the prefill, then k + 1 tokens per pass
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_draft_head_restricted_to_frequent_tokens_keeps_the_output_exactly_greedy(k):
+    from adn.lm.generate import DraftHead, frequent_tokens
+    net = adn.convert(tiny(seed=3))
+    prompt = tokens(batch=1, length=5, seed=4)
+    want = greedy_generate(net, prompt, 25)
+    stream = torch.tensor([5, 5, 5, 9, 9, 2, 7, 7, 7, 7])
+    assert frequent_tokens(stream, 3, VOCAB).tolist() == [5, 7, 9]
+    assert frequent_tokens(stream, 5, VOCAB).tolist() == [0, 2, 5, 7, 9]  # ties (never seen: 0): the lower id
+    with pytest.raises(ValueError, match="between 1"):
+        frequent_tokens(stream, VOCAB + 1, VOCAB)
+    # The full vocabulary as a "restricted" head: the same drafts as the full head.
+    full_got, full = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k)
+    every, stats = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k,
+                                        draft_head=DraftHead(net, torch.arange(VOCAB)))
+    assert torch.equal(every, want) and stats.accepted == full.accepted and stats.draft_vocab == VOCAB
+    # A few tokens, the ones greedy decoding does produce among them: fewer accepted drafts, the same output.
+    produced = want[0, 5:].unique()
+    for ids in (produced[: max(1, produced.numel() // 2)], torch.tensor([0, 1, 2]), torch.arange(VOCAB // 4)):
+        got, stats = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k, draft_head=DraftHead(net, ids))
+        assert torch.equal(got, want), ids
+        assert stats.draft_vocab == ids.numel()
+    for bad in (torch.tensor([], dtype=torch.long), torch.tensor([VOCAB]), torch.tensor([3, 3])):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            DraftHead(net, bad)
+
+
 def test_speculative_decoding_stops_at_end_of_text_like_greedy():
     net = adn.convert(tiny(seed=3))
     prompt = tokens(batch=1, length=5, seed=4)
