@@ -308,3 +308,25 @@ def test_decode_benchmark_measures_bandwidth_and_both_dtypes(model_dir, tmp_path
                for r in result["rows"])
     assert abs(bf16["ppl_vs_float32"] - 1) < 0.05
     assert "memory bandwidth" in capsys.readouterr().out
+
+
+def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model_dir, tmp_path):
+    import importlib.util
+    import json
+    path = Path(__file__).parents[1] / "benchmarks" / "lm_speculative.py"
+    spec = importlib.util.spec_from_file_location("lm_speculative", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert abs(bench.break_even(0.5, 2, 1.0) - (5 ** 0.5 - 1) / 2) < 1e-6  # (1 + a + a^2) / 2 = 1
+    assert bench.break_even(1.0, 4, 1.2) is None  # a draft as costly as the target never pays
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--model", str(model_dir), "--text", TEXT, "--draft", "base", "--draft-tokens", "2",
+                           "--draft-vocab", "0,40", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6",
+                           "--threads", "1", "--save-json", str(tmp_path / "spec.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "spec.json").read_text())
+    assert result["identical"] is True
+    assert sorted(r["draft_vocab"] for r in result["rows"]) == [40, 256]
+    assert all(r["speed_up"] > 0 and r["draft_cost"] > 0 for r in result["rows"])
