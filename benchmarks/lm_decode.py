@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--model", default=None, help="without --checkpoint: converted (default grouping), not fine-tuned; "
                                                  "default smollm2")
+    p.add_argument("--skippable", default="half", help="without --checkpoint: skippable layers per stage, N or half")
     p.add_argument("--depths", default="super,base", help="comma-separated depths")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         what = args.checkpoint
     else:
         model, tokenizer = load_causal_lm(args.model, tokenizer=args.ppl_tokens > 0)
-        net, what = convert_decoder(model).eval(), f"{args.model or 'smollm2'} (converted, not fine-tuned)"
+        skippable = None if args.skippable == "half" else int(args.skippable)
+        net = convert_decoder(model, skippable=skippable).eval()
+        what = f"{args.model or 'smollm2'} (converted with skippable={args.skippable}, not fine-tuned)"
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     nets = {dtype: net if dtype == torch.float32 else cast_weights(copy.deepcopy(net), dtype) for dtype in dtypes}
     depths = [SkipConfig(d, num_stages=net.num_stages) for d in args.depths.split(",")]
