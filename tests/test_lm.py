@@ -371,6 +371,7 @@ def test_smollm2_converts_exactly():
         assert [s["name"] for s in net.adn_info["stages"]] == ["layers.1-7", "layers.8-14", "layers.15-21",
                                                                 "layers.22-27"]
         assert torch.equal(net(ids).logits, expected)
+        assert _skipped_layers(net, "TTTT") == [5, 6, 7, 12, 13, 14, 19, 20, 21, 25, 26, 27]  # base-net: 18 of 30
         base = greedy_generate(net, ids, 4, skip="base")
     assert base.shape[1] == ids.shape[1] + 4
 
