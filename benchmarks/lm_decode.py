@@ -38,6 +38,17 @@ from adn.lm.precision import cast_weights, dtype_name
 from adn.training.precision import native_bfloat16
 
 
+def git_commit() -> str | None:
+    """The commit of this checkout (what the measurement ran), or None outside a git checkout."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def bandwidth(megabytes: int, repeats: int = 5) -> dict:
     """Read bandwidth (sum of a float32 tensor) and copy bandwidth (bytes read + written), GB/s, best of
     ``repeats``."""
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                "threads": torch.get_num_threads(), "torch": torch.__version__, "new_tokens": args.new_tokens,
                "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
                "decoding": "greedy, KV cache, batch 1, prefill not counted, best of repeats (interleaved)",
-               "bandwidth": bw, "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+               "bandwidth": bw, "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "commit": git_commit()}
     result = {"setting": setting, "rows": rows}
     text = json.dumps(result, indent=2)
     if args.save_json:

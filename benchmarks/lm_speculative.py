@@ -31,11 +31,23 @@ import torch
 
 from adn.convert.llama import convert_decoder
 from adn.lm.checkpoint import load_lm
+from adn.lm.depth_table import cpu_name
 from adn.lm.corpus import load_corpus, token_stream
 from adn.lm.generate import DraftHead, frequent_tokens, greedy_generate, speculative_generate
 from adn.lm.cache import DepthCache
 from adn.lm.model import load_causal_lm
 from adn.core.skip import SkipConfig
+
+
+def git_commit() -> str | None:
+    """The commit of this checkout (what the measurement ran), or None outside a git checkout."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def break_even(cost: float, k: int, speed_up: float, v: float = 1.0) -> float | None:
@@ -139,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                      "acceptance_for_1.0x": break_even(c, k, 1.0), "acceptance_for_1.2x": break_even(c, k, 1.2)})
     header = (f"{what}: {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
               f"greedy, batch 1, {torch.get_num_threads()} threads; outputs identical to plain greedy: {identical}")
-    result = json.dumps({"setting": header, "identical": identical, "rows": rows}, indent=2)
+    result = json.dumps({"setting": header, "identical": identical, "commit": git_commit(), "threads": torch.get_num_threads(),
+                         "cpu": cpu_name(), "rows": rows}, indent=2)
     if args.save_json:
         Path(args.save_json).write_text(result + "\n")
     if args.json:
