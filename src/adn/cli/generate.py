@@ -78,11 +78,12 @@ def _chosen_depth(args, stages: int | None):
     if stages is not None and table.num_stages != stages:
         raise ValueError(f"--depth-table {args.depth_table} describes a network of {table.num_stages} stages, this one "
                          f"has {stages}: measure a table for this model and grouping (adn eval-lm --save-json FILE)")
-    dtype = table.meta.get("conditions", {}).get("dtype") if isinstance(table.meta.get("conditions"), dict) else None
-    here = dtype_name(decoding_dtype(args.dtype))
-    if dtype is not None and dtype != here:
-        print(f"adn: note: the table's speeds were measured with {dtype} weights, this run decodes in {here} "
-              f"(--dtype)", file=sys.stderr)
+    measured = table.meta.get("conditions") if isinstance(table.meta.get("conditions"), dict) else {}
+    here = {"dtype": dtype_name(decoding_dtype(args.dtype)), "threads": torch.get_num_threads()}
+    for key, flag in (("dtype", "--dtype"), ("threads", "--threads")):
+        if measured.get(key) is not None and measured[key] != here[key]:
+            print(f"adn: note: the table's speeds were measured with {key} {measured[key]}, this run decodes with "
+                  f"{here[key]} ({flag})", file=sys.stderr)
     row = table.choose(args.tokens_per_s)
     return row["skip"], row
 
