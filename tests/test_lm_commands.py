@@ -330,3 +330,22 @@ def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model
     assert result["identical"] is True
     assert sorted(r["draft_vocab"] for r in result["rows"]) == [40, 256]
     assert all(r["speed_up"] > 0 and r["draft_cost"] > 0 for r in result["rows"])
+
+
+def test_generate_speculative_with_a_restricted_draft_head_keeps_greedy_output(model_dir, capsys):
+    import json
+    common = ["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens", "10"]
+    assert main([*common, "--speculative", "--draft-tokens", "3", "--draft-vocab", "30", "--text", TEXT, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["speculative"]["identical_to_plain_greedy"] is True
+    assert result["speculative"]["draft_vocab"] == 30
+    assert main([*common, "--speculative", "--draft-vocab", "30", "--text", TEXT]) == 0
+    assert "head of 30 tokens" in capsys.readouterr().err
+
+
+def test_draft_vocab_is_checked_before_loading(model_dir, no_model_load, tmp_path, capsys):
+    common = ["generate", "--model", str(model_dir), "--prompt", "x", "--draft-vocab", "30"]
+    assert main([*common, "--text", TEXT]) == 2
+    assert "add --speculative" in _error(capsys)
+    assert main([*common, "--speculative", "--text", str(tmp_path / "nothing")]) == 2
+    assert "no such file or folder" in _error(capsys)

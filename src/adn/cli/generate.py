@@ -11,7 +11,7 @@ import torch
 from ..utils import jsonout
 from ..lm.precision import DTYPE_CHOICES
 from .common import positive_int
-from .lm_flags import add_model_flags, check_depth, network, planned_network
+from .lm_flags import add_model_flags, add_text_flags, check_depth, network, planned_network
 
 
 def add(sub) -> None:
@@ -19,6 +19,7 @@ def add(sub) -> None:
                                         "decoding (--speculative)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_flags(p)
+    add_text_flags(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template "
                                                       "(instruction-tuned models such as SmolLM2-Instruct)")
@@ -40,6 +41,11 @@ def add(sub) -> None:
                         "at --skip to check the output is identical and to measure the speed-up")
     p.add_argument("--draft", default="base", help="the depth that drafts")
     p.add_argument("--draft-tokens", type=positive_int, default=4, help="tokens drafted per round (k)")
+    p.add_argument("--draft-vocab", type=positive_int, default=None, metavar="K",
+                   help="with --speculative: the draft scores only the K most frequent tokens of --text's training "
+                        "documents (the verifier keeps the full head: the output does not change). Default: all")
+    p.add_argument("--vocab-tokens", type=positive_int, default=2_000_000,
+                   help="with --draft-vocab: training tokens the frequencies are counted on")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true",
                    help="print the text and statistics as JSON on stdout at the end (without it, the text is printed "
@@ -141,7 +147,8 @@ class TextStream:
 
 def run(args) -> int:
     from ..lm.checkpoint import read_lm_checkpoint
-    from ..lm.generate import greedy_generate, speculative_generate
+    from ..lm.corpus import load_corpus, token_stream
+    from ..lm.generate import DraftHead, frequent_tokens, greedy_generate, speculative_generate
     from ..lm.precision import cast_weights, decoding_dtype, dtype_name
 
     # Everything that can be checked before the (slow) model load is: the prompt, the depths, the length.
@@ -153,12 +160,21 @@ def run(args) -> int:
     check_depth(skip, stages, "--skip")
     if args.speculative:
         check_depth(args.draft, stages, "--draft")
+    if args.draft_vocab is not None and not args.speculative:
+        raise ValueError("--draft-vocab restricts the draft of --speculative decoding; add --speculative or leave it out")
+    corpus = load_corpus(args.text, args.heldout_share) if args.draft_vocab is not None else None  # before the load
     _check_length(args.max_new_tokens, context)
 
     net, tokenizer, description = network(args, data)
     cast_weights(net, decoding_dtype(args.dtype))
     depth = check_depth(skip, net.num_stages, "--skip")
     draft = check_depth(args.draft, net.num_stages, "--draft") if args.speculative else None
+    draft_head = None
+    if corpus is not None:
+        vocab = net.get_output_embeddings().weight.shape[0]
+        if args.draft_vocab < vocab:
+            stream = token_stream(tokenizer, corpus.train, args.vocab_tokens)
+            draft_head = DraftHead(net, frequent_tokens(stream, args.draft_vocab, vocab))
     ids = _prompt_ids(tokenizer, args)
     _check_length(args.max_new_tokens, context or getattr(net.config, "max_position_embeddings", None), ids.shape[1])
     eos = tokenizer.eos_token_id
@@ -188,7 +204,8 @@ def run(args) -> int:
     if args.speculative:
         try:
             output, stats = speculative_generate(net, ids, args.max_new_tokens, draft=draft, target=depth,
-                                                 draft_tokens=args.draft_tokens, eos_token_id=eos)
+                                                 draft_tokens=args.draft_tokens, eos_token_id=eos,
+                                                 draft_head=draft_head)
         except KeyboardInterrupt:
             print("adn: interrupted during the speculative run; the text above is plain greedy decoding's, complete",
                   file=sys.stderr)
@@ -204,7 +221,8 @@ def run(args) -> int:
               f"(greedy, KV cache, prefill included, {result['dtype']} weights, {torch.get_num_threads()} threads)", file=sys.stderr)
         if args.speculative:
             s = result["speculative"]
-            print(f"speculative: draft {s['draft']} (k={s['draft_tokens']}) -> verify {s['target']}: acceptance "
+            head = f", head of {s['draft_vocab']} tokens" if s.get("draft_vocab") else ""
+            print(f"speculative: draft {s['draft']} (k={s['draft_tokens']}{head}) -> verify {s['target']}: acceptance "
                   f"{s['acceptance_rate']:.1%}, {s['tokens_per_target_pass']:.2f} tokens per verifying pass, "
                   f"{s['tokens_per_second']:.1f} tokens/s = {s['speed_up']:.2f}x plain greedy; output identical to "
                   f"plain greedy: {s['identical_to_plain_greedy']}", file=sys.stderr)
