@@ -6,9 +6,18 @@ greedy decoding of ``--new-tokens`` tokens by the super-net alone, then speculat
 (drafts the super-net agreed with), tokens per verifying pass, tokens/s and speed-up (time of plain greedy /
 time of speculative, summed over prompts, prefill included), and checks every output equals plain greedy.
 
+``--draft-vocab K1,K2`` also drafts with the output head restricted to the K most frequent tokens of the
+corpus's training documents (:class:`adn.lm.generate.DraftHead`; 0 = the full head), the verifier keeping
+the full head. The break-even table: for each draft, its measured cost per pass relative to a decoding step
+of the target (``c``, from the tokens/s of drafting alone and of plain greedy decoding), and the acceptance
+rate each k needs for a speed-up of 1.0x and 1.2x under the usual model (independent acceptance ``a``;
+tokens per round ``(1 - a^(k+1)) / (1 - a)``; time per round ``k c + v`` target steps, where ``v``, the
+cost of one verifying pass over k + 1 tokens, is taken as 1 step: optimistic on a CPU), next to the
+acceptance measured.
+
     python benchmarks/lm_speculative.py [--checkpoint runs/lm/smollm2-adn/checkpoint.pt | --model smollm2]
-        [--draft base,TTFF] [--draft-tokens 2,4] [--prompts 8] [--new-tokens 64] [--threads 2] [--json]
-        [--save-json FILE]
+        [--draft base,TTFF] [--draft-tokens 2,4] [--draft-vocab 0,8192] [--prompts 8] [--new-tokens 64]
+        [--threads 2] [--text DIR] [--json] [--save-json FILE]
 """
 from __future__ import annotations
 
@@ -22,26 +31,72 @@ import torch
 
 from adn.convert.llama import convert_decoder
 from adn.lm.checkpoint import load_lm
+from adn.lm.depth_table import cpu_name
 from adn.lm.corpus import load_corpus, token_stream
-from adn.lm.generate import greedy_generate, speculative_generate
+from adn.lm.generate import DraftHead, frequent_tokens, greedy_generate, speculative_generate
+from adn.lm.cache import DepthCache
 from adn.lm.model import load_causal_lm
 from adn.core.skip import SkipConfig
 
 
-def main() -> int:
+def git_commit() -> str | None:
+    """The commit of this checkout (what the measurement ran), or None outside a git checkout."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def break_even(cost: float, k: int, speed_up: float, v: float = 1.0) -> float | None:
+    """The acceptance rate at which drafting k tokens at ``cost`` target steps each gives ``speed_up``
+    (model in the module docstring); None when no rate below 1 does."""
+    def gain(a: float) -> float:
+        tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+        return tokens / (k * cost + v)
+    if gain(1.0) < speed_up:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if gain(mid) < speed_up else (low, mid)
+    return high
+
+
+def draft_speed(net, prompt, new_tokens: int, depth: SkipConfig, head: DraftHead | None) -> float:
+    """Tokens/s of drafting alone (greedy at ``depth`` with ``head``), the prefill not counted."""
+    cache, pending = DepthCache(net), prompt
+    with torch.no_grad():
+        for step in range(new_tokens + 1):
+            if step == 1:
+                start = time.perf_counter()
+            if head is None:
+                pending = net(input_ids=pending, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                              skip=depth).logits[:, -1].argmax(-1, keepdim=True)
+            else:
+                pending = head.next_token(net, pending, cache, depth)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--model", default=None, help="without --checkpoint: converted, not fine-tuned (default smollm2)")
     p.add_argument("--text", default=None)
     p.add_argument("--draft", default="base", help="comma-separated draft depths")
     p.add_argument("--draft-tokens", default="2,4", help="comma-separated k values")
+    p.add_argument("--draft-vocab", default="0", help="comma-separated K: the draft's head restricted to the K most "
+                                                      "frequent training tokens (0: the full head)")
+    p.add_argument("--vocab-tokens", type=int, default=2_000_000, help="training tokens the frequencies are counted on")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON to FILE")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -56,8 +111,16 @@ def main() -> int:
     prompts = [stream[i * spacing: i * spacing + args.prompt_tokens][None] for i in range(args.prompts)]
     drafts = [SkipConfig(d, num_stages=net.num_stages) for d in args.draft.split(",")]
     ks = [int(k) for k in args.draft_tokens.split(",")]
+    vocab = net.config.vocab_size
+    heads = {}
+    for size in (int(v) for v in args.draft_vocab.split(",")):
+        if size and size < vocab:
+            ids = frequent_tokens(token_stream(tokenizer, corpus.train, args.vocab_tokens), size, vocab)
+            heads[size] = DraftHead(net, ids)
+        else:
+            heads[0] = None
     greedy_generate(net, prompts[0], 4)  # warm-up
-    plain_seconds, runs = 0.0, {(str(d), k): [] for d in drafts for k in ks}
+    plain_seconds, runs = 0.0, {(str(d), k, v): [] for d in drafts for k in ks for v in heads}
     identical = True
     for prompt in prompts:
         start = time.perf_counter()
@@ -65,30 +128,49 @@ def main() -> int:
         plain_seconds += time.perf_counter() - start
         for draft in drafts:
             for k in ks:
-                got, stats = speculative_generate(net, prompt, args.new_tokens, draft=draft, draft_tokens=k)
-                identical &= torch.equal(got, want)
-                runs[(str(draft), k)].append(stats)
+                for size, head in heads.items():
+                    got, stats = speculative_generate(net, prompt, args.new_tokens, draft=draft, draft_tokens=k,
+                                                      draft_head=head)
+                    identical &= torch.equal(got, want)
+                    runs[(str(draft), k, size)].append(stats)
+    # Cost of a draft pass relative to a target decoding step: tokens/s of each alone, on the first prompt.
+    # Interleaved, best of 3: a change of load touches the target and every draft alike.
+    super_net = SkipConfig.super_net(net.num_stages)
+    best = {}
+    for _ in range(3):
+        for key, depth, head in [("target", super_net, None), *(((str(d), size), d, head) for d in drafts
+                                                               for size, head in heads.items())]:
+            best[key] = max(best.get(key, 0.0), draft_speed(net, prompts[0], args.new_tokens, depth, head))
+    cost = {key: best["target"] / tps for key, tps in best.items() if key != "target"}
     tokens = args.prompts * args.new_tokens
     rows = []
-    for (draft, k), stats in runs.items():
+    for (draft, k, size), stats in runs.items():
         seconds = sum(s.seconds for s in stats)
-        rows.append({"draft": draft, "k": k, "acceptance_rate": sum(s.accepted for s in stats) / sum(s.drafted for s in stats),
+        c = cost[(draft, size)]
+        rows.append({"draft": draft, "k": k, "draft_vocab": size or vocab,
+                     "acceptance_rate": sum(s.accepted for s in stats) / sum(s.drafted for s in stats),
                      "tokens_per_target_pass": tokens / sum(s.target_passes for s in stats),
                      "tokens_per_s": tokens / seconds, "plain_tokens_per_s": tokens / plain_seconds,
-                     "speed_up": plain_seconds / seconds})
+                     "speed_up": plain_seconds / seconds, "draft_cost": c,
+                     "acceptance_for_1.0x": break_even(c, k, 1.0), "acceptance_for_1.2x": break_even(c, k, 1.2)})
     header = (f"{what}: {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
               f"greedy, batch 1, {torch.get_num_threads()} threads; outputs identical to plain greedy: {identical}")
-    result = json.dumps({"setting": header, "identical": identical, "rows": rows}, indent=2)
+    result = json.dumps({"setting": header, "identical": identical, "commit": git_commit(), "threads": torch.get_num_threads(),
+                         "cpu": cpu_name(), "rows": rows}, indent=2)
     if args.save_json:
         Path(args.save_json).write_text(result + "\n")
     if args.json:
         print(result)
     else:
         print(header)
-        print(f"{'draft':>8} {'k':>3} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} {'speed-up':>8}")
+        print(f"{'draft':>8} {'k':>3} {'vocab':>6} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
+              f"{'speed-up':>8} {'cost c':>6} {'a@1.0x':>6} {'a@1.2x':>6}")
+        shown = lambda a: "never" if a is None else f"{a:.0%}"  # noqa: E731
         for r in rows:
-            print(f"{r['draft']:>8} {r['k']:>3} {r['acceptance_rate']:>7.1%} {r['tokens_per_target_pass']:>8.2f} "
-                  f"{r['tokens_per_s']:>7.1f} {r['plain_tokens_per_s']:>7.1f} {r['speed_up']:>7.2f}x")
+            print(f"{r['draft']:>8} {r['k']:>3} {r['draft_vocab']:>6} {r['acceptance_rate']:>7.1%} "
+                  f"{r['tokens_per_target_pass']:>8.2f} {r['tokens_per_s']:>7.1f} {r['plain_tokens_per_s']:>7.1f} "
+                  f"{r['speed_up']:>7.2f}x {r['draft_cost']:>6.2f} {shown(r['acceptance_for_1.0x']):>6} "
+                  f"{shown(r['acceptance_for_1.2x']):>6}")
     sys.stdout.flush()
     return 0 if identical else 1
 

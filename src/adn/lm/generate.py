@@ -9,6 +9,11 @@ Self-speculative greedy decoding (batch of one prompt):
 3. drafts are accepted while they equal the target's choice; the first disagreement is replaced by the
    target's token (all accepted: the target's next token comes free). Both caches drop what was rejected.
 
+A draft may also use a restricted output head (:class:`DraftHead`, as FR-Spec does): the rows of the output
+projection for the ``K`` tokens most frequent in a corpus (:func:`frequent_tokens`), so a draft pass skips
+most of the 49,152 x 576 projection SmolLM2 runs at every depth. The draft can then only propose those
+tokens; the target keeps the full head, so the output does not change.
+
 Every emitted token is the target's greedy choice given the tokens before it, so the output equals plain
 greedy decoding at the target depth (up to float rounding between one-token and many-token passes, which
 can only matter where two logits tie). The two depths keep separate caches (:class:`adn.lm.cache.DepthCache`):
@@ -32,6 +37,44 @@ def _check_prompt(input_ids: torch.Tensor) -> torch.Tensor:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}")
     return input_ids
+
+
+class DraftHead:
+    """The output head restricted to ``token_ids`` (a 1-D tensor of distinct vocabulary ids): a draft pass
+    runs the decoder at its depth, then scores only those tokens. Holds a copy of the head's rows for them
+    (contiguous, in the head's dtype): K x hidden instead of vocabulary x hidden."""
+
+    def __init__(self, net, token_ids: torch.Tensor):
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        head = net.get_output_embeddings()
+        vocab = head.weight.shape[0]
+        if token_ids.numel() == 0 or int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
+            raise ValueError(f"draft vocabulary: give 1 to {vocab} token ids in [0, {vocab}), got {token_ids.numel()} ids")
+        if token_ids.unique().numel() != token_ids.numel():
+            raise ValueError("draft vocabulary: token ids must be distinct")
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("draft vocabulary: output heads with a bias are not supported")
+        self.token_ids = token_ids
+        self.weight = head.weight.detach()[token_ids].contiguous()
+
+    def __len__(self) -> int:
+        return self.token_ids.numel()
+
+    def next_token(self, net, tokens: torch.Tensor, cache: DepthCache, depth: SkipConfig) -> torch.Tensor:
+        """Feed ``tokens`` at ``depth``; the draft's greedy choice ([batch, 1]) among the head's tokens."""
+        with net.skipping(depth):
+            hidden = net.model(input_ids=tokens, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        scores = hidden.to(self.weight.dtype) @ self.weight.T
+        return self.token_ids[scores.argmax(-1)][:, None]
+
+
+def frequent_tokens(stream: torch.Tensor, count: int, vocab_size: int) -> torch.Tensor:
+    """The ``count`` most frequent token ids of a token stream (ties: the lower id), for :class:`DraftHead`."""
+    if not 1 <= count <= vocab_size:
+        raise ValueError(f"count must be between 1 and the vocabulary's {vocab_size}, got {count}")
+    counts = torch.bincount(stream.flatten().long(), minlength=vocab_size)[:vocab_size]
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))[:count]
+    return torch.tensor(sorted(order), dtype=torch.long)
 
 
 def _next_logits(net, tokens: torch.Tensor, cache: DepthCache, depth: SkipConfig, keep: int = 1) -> torch.Tensor:
@@ -97,6 +140,7 @@ class SpeculativeStats:
     target_passes: int       # forward passes of the target depth, the prefill included
     draft_passes: int
     seconds: float
+    draft_vocab: int | None = None  # tokens the draft's head scores (None: the full vocabulary)
 
     @property
     def acceptance_rate(self) -> float:
@@ -117,10 +161,11 @@ class SpeculativeStats:
 
 @torch.no_grad()
 def speculative_generate(net, input_ids: torch.Tensor, max_new_tokens: int, draft="base", target="super",
-                         draft_tokens: int = 4, eos_token_id: int | None = None):
-    """Greedy decoding at depth ``target`` with drafts from depth ``draft`` (module docstring). Returns
-    ``(tokens, SpeculativeStats)``; ``tokens`` is the prompt followed by the new tokens, as
-    :func:`greedy_generate` returns. One prompt at a time (batch 1)."""
+                         draft_tokens: int = 4, eos_token_id: int | None = None, draft_head: DraftHead | None = None):
+    """Greedy decoding at depth ``target`` with drafts from depth ``draft`` (module docstring), the drafts
+    scored by ``draft_head`` if given (the full head otherwise). Returns ``(tokens, SpeculativeStats)``;
+    ``tokens`` is the prompt followed by the new tokens, as :func:`greedy_generate` returns. One prompt at a
+    time (batch 1)."""
     input_ids = _check_prompt(input_ids)
     if input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one prompt at a time (batch 1), got a batch of {input_ids.shape[0]}")
@@ -129,7 +174,8 @@ def speculative_generate(net, input_ids: torch.Tensor, max_new_tokens: int, draf
     n = net.num_stages
     draft_depth, target_depth = SkipConfig(draft, num_stages=n), SkipConfig(target, num_stages=n)
     target_cache, draft_cache = DepthCache(net), DepthCache(net)
-    stats = SpeculativeStats(str(draft_depth), str(target_depth), draft_tokens, 0, 0, 0, 0, 0, 0.0)
+    stats = SpeculativeStats(str(draft_depth), str(target_depth), draft_tokens, 0, 0, 0, 0, 0, 0.0,
+                             len(draft_head) if draft_head is not None else None)
     start = time.perf_counter()
     sequence = input_ids
     first = _next_logits(net, sequence, target_cache, target_depth)[:, -1].argmax(-1, keepdim=True)
@@ -141,7 +187,10 @@ def speculative_generate(net, input_ids: torch.Tensor, max_new_tokens: int, draf
         drafts = []
         pending = sequence[:, draft_cache.get_seq_length():]  # tokens the draft has not seen (>= 1)
         for _ in range(k):
-            token = _next_logits(net, pending, draft_cache, draft_depth)[:, -1].argmax(-1, keepdim=True)
+            if draft_head is None:
+                token = _next_logits(net, pending, draft_cache, draft_depth)[:, -1].argmax(-1, keepdim=True)
+            else:
+                token = draft_head.next_token(net, pending, draft_cache, draft_depth)
             stats.draft_passes += 1
             drafts.append(token)
             pending = token

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert.llama import convert_decoder
+from ..convert.llama import convert_decoder, skippable_text
 from ..core.distill import SubPathDistillationLoss
 from ..core.skip import SkipConfig
 from ..errors import CheckpointError
@@ -149,7 +149,7 @@ class LMTask:
 
         n_trained = sum(p.numel() for p in self.trainable)
         say(f"training {base['model']} as an adaptive depth network: {net.num_stages} stages "
-            f"({', '.join(s['name'] for s in net.adn_info['stages'])}; the last {cfg.skippable} layer(s) of each "
+            f"({', '.join(s['name'] for s in net.adn_info['stages'])}; {skippable_text(cfg.skippable)} of each "
             f"skippable), {2 ** net.num_stages} sub-networks; --train {cfg.train}: {n_trained / 1e6:.2f}M of "
             f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters")
         say(f"corpus: {corpus.description}; {self.stream.numel()} training tokens, {self.heldout.numel()} held-out "

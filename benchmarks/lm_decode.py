@@ -1,0 +1,176 @@
+"""Greedy decoding speed of an adaptive depth language model per depth, float32 against bfloat16 weights, next
+to the memory bandwidth of this machine and the speed it bounds.
+
+Batch-1 decoding on a CPU reads every weight of the depth that runs once per token, so tokens/s is bounded by
+``bandwidth / bytes of weights per token``. The script measures the bandwidth in the same run (the best of a
+few passes of summing, and of copying, a tensor far larger than the caches, on the threads decoding uses),
+then, interleaved (repeat after repeat, every depth and dtype in turn, the best of ``--repeats`` kept), the
+decoding tokens/s of every ``--depths`` depth with float32 and with bfloat16 weights
+(:func:`adn.lm.precision.cast_weights`), and prints the ratios: bfloat16 over float32, each depth over the
+super-net, and each speed over its bandwidth bound. ``--ppl-tokens N`` also measures held-out perplexity
+(the default corpus or ``--text``) in both dtypes, for the "within 1% of float32" check.
+
+bfloat16 only pays where the CPU computes it natively (AVX512-BF16, AMX); the script says whether it does.
+
+    python benchmarks/lm_decode.py [--checkpoint C | --model smollm2] [--depths super,base] [--dtypes float32,bfloat16]
+        [--new-tokens 32] [--prompt-tokens 64] [--repeats 3] [--threads 1] [--bandwidth-mb 512] [--ppl-tokens 0]
+        [--json] [--save-json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adn.convert.llama import convert_decoder
+from adn.core.skip import SkipConfig
+from adn.lm.checkpoint import load_lm
+from adn.lm.depth_table import cpu_name
+from adn.lm.evaluate import decoding_speed, layers_run, perplexity
+from adn.lm.model import load_causal_lm
+from adn.lm.precision import cast_weights, dtype_name
+from adn.training.precision import native_bfloat16
+
+
+def git_commit() -> str | None:
+    """The commit of this checkout (what the measurement ran), or None outside a git checkout."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def bandwidth(megabytes: int, repeats: int = 5) -> dict:
+    """Read bandwidth (sum of a float32 tensor) and copy bandwidth (bytes read + written), GB/s, best of
+    ``repeats``."""
+    n = megabytes * 2**20 // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    src.sum()
+    dst.copy_(src)
+    best_sum = best_copy = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        src.sum()
+        best_sum = min(best_sum, time.perf_counter() - start)
+        start = time.perf_counter()
+        dst.copy_(src)
+        best_copy = min(best_copy, time.perf_counter() - start)
+    size = n * 4
+    return {"megabytes": megabytes, "read_gb_s": size / best_sum / 1e9, "copy_gb_s": 2 * size / best_copy / 1e9}
+
+
+def weight_bytes(net, depth: SkipConfig) -> int:
+    """Bytes of weights decoding one token at ``depth`` reads: the sub-network's parameters, less an input
+    embedding that is not tied to the output head (a token reads one of its rows)."""
+    sub = net.subnet(depth)
+    total = sum(p.numel() * p.element_size() for p in sub.parameters())
+    embed, head = sub.get_input_embeddings().weight, sub.get_output_embeddings().weight
+    if embed is not head:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--model", default=None, help="without --checkpoint: converted (default grouping), not fine-tuned; "
+                                                 "default smollm2")
+    p.add_argument("--skippable", default="half", help="without --checkpoint: skippable layers per stage, N or half")
+    p.add_argument("--depths", default="super,base", help="comma-separated depths")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="a fixed pseudo-random prompt (speed does not "
+                                                                 "depend on the text)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--bandwidth-mb", type=int, default=512, help="size of the tensor the bandwidth is measured on")
+    p.add_argument("--ppl-tokens", type=int, default=0, help="also held-out perplexity over N tokens per dtype")
+    p.add_argument("--text", default=None, help="with --ppl-tokens: the corpus (default: Python 3.11's docs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON to FILE")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        net, tokenizer, _ = load_lm(args.checkpoint)
+        what = args.checkpoint
+    else:
+        model, tokenizer = load_causal_lm(args.model, tokenizer=args.ppl_tokens > 0)
+        skippable = None if args.skippable == "half" else int(args.skippable)
+        net = convert_decoder(model, skippable=skippable).eval()
+        what = f"{args.model or 'smollm2'} (converted with skippable={args.skippable}, not fine-tuned)"
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    nets = {dtype: net if dtype == torch.float32 else cast_weights(copy.deepcopy(net), dtype) for dtype in dtypes}
+    depths = [SkipConfig(d, num_stages=net.num_stages) for d in args.depths.split(",")]
+    vocab = net.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    bw = bandwidth(args.bandwidth_mb)
+    speed = {(str(d), dt): 0.0 for d in depths for dt in dtypes}
+    for _ in range(args.repeats):  # interleaved: a change of load touches every depth and dtype alike
+        for depth in depths:
+            for dtype in dtypes:
+                key = (str(depth), dtype)
+                speed[key] = max(speed[key], decoding_speed(nets[dtype], prompt, args.new_tokens, depth))
+    ppl = {}
+    if args.ppl_tokens:
+        from adn.lm.corpus import load_corpus, token_stream, windows
+        stream = token_stream(tokenizer, load_corpus(args.text).heldout, args.ppl_tokens)
+        held = windows(stream, min(256, stream.numel()))
+        ppl = {(str(d), dt): perplexity(nets[dt], held, d) for d in depths for dt in dtypes}
+
+    total_layers = len(layers_run(net, "super"))
+    reference = speed.get((str(depths[0]), torch.float32)) or next(iter(speed.values()))
+    rows = []
+    for depth in depths:
+        for dtype in dtypes:
+            nbytes = weight_bytes(nets[dtype], depth)
+            bound = bw["read_gb_s"] * 1e9 / nbytes
+            tps = speed[(str(depth), dtype)]
+            row = {"skip": str(depth), "dtype": dtype_name(dtype), "layers": f"{len(layers_run(net, depth))}/{total_layers}",
+                   "weights_mb_per_token": nbytes / 1e6, "tokens_per_s": tps, "bound_tokens_per_s": bound,
+                   "share_of_bound": tps / bound, "speed_vs_first": tps / reference}
+            if torch.float32 in dtypes:
+                row["speed_vs_float32"] = tps / speed[(str(depth), torch.float32)]
+            if ppl:
+                row["ppl"] = ppl[(str(depth), dtype)]
+                if torch.float32 in dtypes:
+                    row["ppl_vs_float32"] = row["ppl"] / ppl[(str(depth), torch.float32)]
+            rows.append(row)
+    setting = {"model": what, "cpu": cpu_name() or platform.processor(), "native_bfloat16": native_bfloat16("cpu"),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "new_tokens": args.new_tokens,
+               "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+               "decoding": "greedy, KV cache, batch 1, prefill not counted, best of repeats (interleaved)",
+               "bandwidth": bw, "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "commit": git_commit()}
+    result = {"setting": setting, "rows": rows}
+    text = json.dumps(result, indent=2)
+    if args.save_json:
+        Path(args.save_json).write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(f"{what}; {setting['cpu']} (native bfloat16: {setting['native_bfloat16']}), {setting['threads']} "
+              f"thread(s); memory bandwidth: read {bw['read_gb_s']:.1f} GB/s, copy {bw['copy_gb_s']:.1f} GB/s "
+              f"({bw['megabytes']} MB tensor)")
+        print(f"{'skip':>6} {'dtype':>9} {'layers':>7} {'MB/token':>9} {'tok/s':>7} {'bound':>7} {'of bound':>8} "
+              f"{'vs fp32':>7} {'vs first':>8}" + (f" {'ppl':>8} {'ppl/fp32':>8}" if ppl else ""))
+        for r in rows:
+            print(f"{r['skip']:>6} {r['dtype']:>9} {r['layers']:>7} {r['weights_mb_per_token']:>9.1f} "
+                  f"{r['tokens_per_s']:>7.1f} {r['bound_tokens_per_s']:>7.1f} {r['share_of_bound']:>8.1%} "
+                  f"{r.get('speed_vs_float32', float('nan')):>6.2f}x {r['speed_vs_first']:>7.2f}x"
+                  + (f" {r['ppl']:>8.3f} {r.get('ppl_vs_float32', float('nan')):>8.4f}" if ppl else ""))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
