@@ -22,8 +22,9 @@ demo: venv data
 test: venv lint
 	$(BIN)/python -m pytest -q
 
-lint: venv  ## style and obvious bugs (configured in pyproject.toml)
+lint: venv  ## style and obvious bugs, and the formatting (configured in pyproject.toml; `ruff format` fixes the latter)
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 package-check: venv  ## build the wheel, install it in a fresh venv with the constraints, run `adn --help`
 	bash scripts/check-package.sh

@@ -11,6 +11,7 @@ When "running" is far below the other two, the weights are fine and the running 
 
     OMP_NUM_THREADS=1 python benchmarks/bn_statistics.py runs/x/checkpoint-e0001-s0000468.pt [...] [--batches 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,14 +62,22 @@ def main() -> None:
         data = load_dataset(meta["dataset"], meta.get("data_path"), augment=False)
         test = eval_loader(data.val, 500)
         trained = meta.get("trained_skip")
-        configs = [SkipConfig(trained, net.num_stages)] if trained else \
-            [SkipConfig.super_net(net.num_stages), SkipConfig.base_net(net.num_stages)]
+        configs = (
+            [SkipConfig(trained, net.num_stages)]
+            if trained
+            else [SkipConfig.super_net(net.num_stages), SkipConfig.base_net(net.num_stages)]
+        )
         calibration = calibration_loader(data.train, 256, args.batches)
-        row = {"checkpoint": path, "epoch": ckpt.get("epoch", -1) + 1,
-               "running": {k: v["acc1"] for k, v in evaluate_accuracy(net, test, configs).items()},
-               "recalibrated": {k: v["acc1"] for k, v in
-                                evaluate_accuracy(net, test, configs, recalibrate=(calibration, args.batches)).items()},
-               "batch": batch_statistics_accuracy(net, test, configs)}
+        row = {
+            "checkpoint": path,
+            "epoch": ckpt.get("epoch", -1) + 1,
+            "running": {k: v["acc1"] for k, v in evaluate_accuracy(net, test, configs).items()},
+            "recalibrated": {
+                k: v["acc1"]
+                for k, v in evaluate_accuracy(net, test, configs, recalibrate=(calibration, args.batches)).items()
+            },
+            "batch": batch_statistics_accuracy(net, test, configs),
+        }
         print(json.dumps(row), flush=True)
 
 

@@ -11,6 +11,7 @@
 
     python benchmarks/latency.py [--size 224 --repeats 7 --batches 1 16 --onnxruntime --threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def plain_resnet_without(config) -> torch.nn.Module:
     for index, skipped in enumerate(config):
         layer = getattr(model, f"layer{index + 1}")
         if skipped:
-            for name in list(layer._modules)[adn.split_point(len(layer)):]:
+            for name in list(layer._modules)[adn.split_point(len(layer)) :]:
                 del layer._modules[name]
     return model
 
@@ -64,8 +65,13 @@ def overhead(nets: dict, config, x, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, nargs="+", default=[7],
-                        help="timed rounds, one value for all batch sizes or one per batch size")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        nargs="+",
+        default=[7],
+        help="timed rounds, one value for all batch sizes or one per batch size",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--onnxruntime", action="store_true", help="also time every sub-network in ONNX Runtime")
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
@@ -83,8 +89,10 @@ def main() -> None:
         started = time.perf_counter()
         onnx = OnnxDepths(net, torch.randn(1, 3, args.size, args.size), configs)
         engines.append("onnxruntime")
-        print(f"exported {len(configs)} sub-networks to ONNX in {time.perf_counter() - started:.0f}s "
-              f"(ONNX Runtime threads: {onnx.threads})")
+        print(
+            f"exported {len(configs)} sub-networks to ONNX in {time.perf_counter() - started:.0f}s "
+            f"(ONNX Runtime threads: {onnx.threads})"
+        )
     with_statistics = copy.deepcopy(net)
     adn.record_depth_statistics(with_statistics, [torch.randn(4, 3, args.size, args.size)], num_batches=1)
     results = {"threads": torch.get_num_threads(), "size": args.size, "batches": {}}
@@ -95,10 +103,14 @@ def main() -> None:
             runners += [_numpy_runner(onnx.runner(c)) for c in configs]
         times = time_interleaved(runners, x, warmup=1, repeats=repeats[batch])
         medians = [statistics.median(t) for t in times]
-        per_engine = {engine: medians[i * len(configs):(i + 1) * len(configs)] for i, engine in enumerate(engines)}
-        print(f"\nResNet-50-ADN, batch {batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-              f"median of {repeats[batch]} interleaved rounds")
-        header = f"{'skip':>5} {'MACs/super':>11}" + "".join(f" {e[:4] + ' lat/super':>14} {e[:4] + ' ms':>10}" for e in engines)
+        per_engine = {engine: medians[i * len(configs) : (i + 1) * len(configs)] for i, engine in enumerate(engines)}
+        print(
+            f"\nResNet-50-ADN, batch {batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
+            f"median of {repeats[batch]} interleaved rounds"
+        )
+        header = f"{'skip':>5} {'MACs/super':>11}" + "".join(
+            f" {e[:4] + ' lat/super':>14} {e[:4] + ' ms':>10}" for e in engines
+        )
         print(header + (f" {'eager/ORT':>10}" if onnx else ""))
         table = []
         for i, config in enumerate(configs):
@@ -115,15 +127,23 @@ def main() -> None:
             print(line)
         if onnx:
             base = table[-1]
-            print(f"ORT base-net latency ratio {base['onnxruntime_ratio']:.3f} vs MAC ratio {base['mac_ratio']:.3f}: "
-                  f"off by {abs(base['onnxruntime_ratio'] - base['mac_ratio']):.3f} (target <= 0.05); "
-                  f"ORT speed-up over eager {min(r['ort_speedup'] for r in table):.2f}-"
-                  f"{max(r['ort_speedup'] for r in table):.2f}x (target >= 1.3)")
-        over = {c: overhead({"adn": net, "adn_depth_statistics": with_statistics}, adn.SkipConfig(c), x,
-                            repeats[batch]) for c in ("FFFF", "TTFF", "TTTT")}
-        print("ADN / plain torchvision with the same blocks removed: "
-              + ", ".join(f"{c} {v['adn']:.3f}" for c, v in over.items()) + "; with per-depth statistics: "
-              + ", ".join(f"{c} {v['adn_depth_statistics']:.3f}" for c, v in over.items()) + " (target <= 1.02)")
+            print(
+                f"ORT base-net latency ratio {base['onnxruntime_ratio']:.3f} vs MAC ratio {base['mac_ratio']:.3f}: "
+                f"off by {abs(base['onnxruntime_ratio'] - base['mac_ratio']):.3f} (target <= 0.05); "
+                f"ORT speed-up over eager {min(r['ort_speedup'] for r in table):.2f}-"
+                f"{max(r['ort_speedup'] for r in table):.2f}x (target >= 1.3)"
+            )
+        over = {
+            c: overhead({"adn": net, "adn_depth_statistics": with_statistics}, adn.SkipConfig(c), x, repeats[batch])
+            for c in ("FFFF", "TTFF", "TTTT")
+        }
+        print(
+            "ADN / plain torchvision with the same blocks removed: "
+            + ", ".join(f"{c} {v['adn']:.3f}" for c, v in over.items())
+            + "; with per-depth statistics: "
+            + ", ".join(f"{c} {v['adn_depth_statistics']:.3f}" for c, v in over.items())
+            + " (target <= 1.02)"
+        )
         results["batches"][batch] = {"rows": table, "overhead": over}
     print(json.dumps(results))
 

@@ -16,6 +16,7 @@ bfloat16 only pays where the CPU computes it natively (AVX512-BF16, AMX); the sc
         [--new-tokens 32] [--prompt-tokens 64] [--repeats 3] [--threads 1] [--bandwidth-mb 512] [--ppl-tokens 0]
         [--json] [--save-json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,15 @@ from adn.training.precision import native_bfloat16
 def git_commit() -> str | None:
     """The commit of this checkout (what the measurement ran), or None outside a git checkout."""
     import subprocess
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -82,14 +89,18 @@ def weight_bytes(net, depth: SkipConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--model", default=None, help="without --checkpoint: converted (default grouping), not fine-tuned; "
-                                                 "default smollm2")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="without --checkpoint: converted (default grouping), not fine-tuned; default smollm2",
+    )
     p.add_argument("--skippable", default="half", help="without --checkpoint: skippable layers per stage, N or half")
     p.add_argument("--depths", default="super,base", help="comma-separated depths")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=64, help="a fixed pseudo-random prompt (speed does not "
-                                                                 "depend on the text)")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=64, help="a fixed pseudo-random prompt (speed does not depend on the text)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bandwidth-mb", type=int, default=512, help="size of the tensor the bandwidth is measured on")
@@ -124,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl = {}
     if args.ppl_tokens:
         from adn.lm.corpus import load_corpus, token_stream, windows
+
         stream = token_stream(tokenizer, load_corpus(args.text).heldout, args.ppl_tokens)
         held = windows(stream, min(256, stream.numel()))
         ppl = {(str(d), dt): perplexity(nets[dt], held, d) for d in depths for dt in dtypes}
@@ -136,9 +148,16 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = weight_bytes(nets[dtype], depth)
             bound = bw["read_gb_s"] * 1e9 / nbytes
             tps = speed[(str(depth), dtype)]
-            row = {"skip": str(depth), "dtype": dtype_name(dtype), "layers": f"{len(layers_run(net, depth))}/{total_layers}",
-                   "weights_mb_per_token": nbytes / 1e6, "tokens_per_s": tps, "bound_tokens_per_s": bound,
-                   "share_of_bound": tps / bound, "speed_vs_first": tps / reference}
+            row = {
+                "skip": str(depth),
+                "dtype": dtype_name(dtype),
+                "layers": f"{len(layers_run(net, depth))}/{total_layers}",
+                "weights_mb_per_token": nbytes / 1e6,
+                "tokens_per_s": tps,
+                "bound_tokens_per_s": bound,
+                "share_of_bound": tps / bound,
+                "speed_vs_first": tps / reference,
+            }
             if torch.float32 in dtypes:
                 row["speed_vs_float32"] = tps / speed[(str(depth), torch.float32)]
             if ppl:
@@ -146,11 +165,20 @@ def main(argv: list[str] | None = None) -> int:
                 if torch.float32 in dtypes:
                     row["ppl_vs_float32"] = row["ppl"] / ppl[(str(depth), torch.float32)]
             rows.append(row)
-    setting = {"model": what, "cpu": cpu_name() or platform.processor(), "native_bfloat16": native_bfloat16("cpu"),
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "new_tokens": args.new_tokens,
-               "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-               "decoding": "greedy, KV cache, batch 1, prefill not counted, best of repeats (interleaved)",
-               "bandwidth": bw, "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "commit": git_commit()}
+    setting = {
+        "model": what,
+        "cpu": cpu_name() or platform.processor(),
+        "native_bfloat16": native_bfloat16("cpu"),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "repeats": args.repeats,
+        "decoding": "greedy, KV cache, batch 1, prefill not counted, best of repeats (interleaved)",
+        "bandwidth": bw,
+        "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "commit": git_commit(),
+    }
     result = {"setting": setting, "rows": rows}
     text = json.dumps(result, indent=2)
     if args.save_json:
@@ -158,16 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(text)
     else:
-        print(f"{what}; {setting['cpu']} (native bfloat16: {setting['native_bfloat16']}), {setting['threads']} "
-              f"thread(s); memory bandwidth: read {bw['read_gb_s']:.1f} GB/s, copy {bw['copy_gb_s']:.1f} GB/s "
-              f"({bw['megabytes']} MB tensor)")
-        print(f"{'skip':>6} {'dtype':>9} {'layers':>7} {'MB/token':>9} {'tok/s':>7} {'bound':>7} {'of bound':>8} "
-              f"{'vs fp32':>7} {'vs first':>8}" + (f" {'ppl':>8} {'ppl/fp32':>8}" if ppl else ""))
+        print(
+            f"{what}; {setting['cpu']} (native bfloat16: {setting['native_bfloat16']}), {setting['threads']} "
+            f"thread(s); memory bandwidth: read {bw['read_gb_s']:.1f} GB/s, copy {bw['copy_gb_s']:.1f} GB/s "
+            f"({bw['megabytes']} MB tensor)"
+        )
+        print(
+            f"{'skip':>6} {'dtype':>9} {'layers':>7} {'MB/token':>9} {'tok/s':>7} {'bound':>7} {'of bound':>8} "
+            f"{'vs fp32':>7} {'vs first':>8}" + (f" {'ppl':>8} {'ppl/fp32':>8}" if ppl else "")
+        )
         for r in rows:
-            print(f"{r['skip']:>6} {r['dtype']:>9} {r['layers']:>7} {r['weights_mb_per_token']:>9.1f} "
-                  f"{r['tokens_per_s']:>7.1f} {r['bound_tokens_per_s']:>7.1f} {r['share_of_bound']:>8.1%} "
-                  f"{r.get('speed_vs_float32', float('nan')):>6.2f}x {r['speed_vs_first']:>7.2f}x"
-                  + (f" {r['ppl']:>8.3f} {r.get('ppl_vs_float32', float('nan')):>8.4f}" if ppl else ""))
+            print(
+                f"{r['skip']:>6} {r['dtype']:>9} {r['layers']:>7} {r['weights_mb_per_token']:>9.1f} "
+                f"{r['tokens_per_s']:>7.1f} {r['bound_tokens_per_s']:>7.1f} {r['share_of_bound']:>8.1%} "
+                f"{r.get('speed_vs_float32', float('nan')):>6.2f}x {r['speed_vs_first']:>7.2f}x"
+                + (f" {r['ppl']:>8.3f} {r.get('ppl_vs_float32', float('nan')):>8.4f}" if ppl else "")
+            )
     sys.stdout.flush()
     return 0
 

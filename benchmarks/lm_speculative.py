@@ -19,6 +19,7 @@ acceptance measured.
         [--draft base,TTFF] [--draft-tokens 2,4] [--draft-vocab 0,8192] [--prompts 8] [--new-tokens 64]
         [--threads 2] [--text DIR] [--json] [--save-json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,15 @@ from adn.core.skip import SkipConfig
 def git_commit() -> str | None:
     """The commit of this checkout (what the measurement ran), or None outside a git checkout."""
     import subprocess
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -53,9 +60,11 @@ def git_commit() -> str | None:
 def break_even(cost: float, k: int, speed_up: float, v: float = 1.0) -> float | None:
     """The acceptance rate at which drafting k tokens at ``cost`` target steps each gives ``speed_up``
     (model in the module docstring); None when no rate below 1 does."""
+
     def gain(a: float) -> float:
         tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
         return tokens / (k * cost + v)
+
     if gain(1.0) < speed_up:
         return None
     low, high = 0.0, 1.0
@@ -73,8 +82,11 @@ def draft_speed(net, prompt, new_tokens: int, depth: SkipConfig, head: DraftHead
             if step == 1:
                 start = time.perf_counter()
             if head is None:
-                pending = net(input_ids=pending, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                              skip=depth).logits[:, -1].argmax(-1, keepdim=True)
+                pending = (
+                    net(input_ids=pending, past_key_values=cache, use_cache=True, logits_to_keep=1, skip=depth)
+                    .logits[:, -1]
+                    .argmax(-1, keepdim=True)
+                )
             else:
                 pending = head.next_token(net, pending, cache, depth)
     return new_tokens / (time.perf_counter() - start)
@@ -87,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", default=None)
     p.add_argument("--draft", default="base", help="comma-separated draft depths")
     p.add_argument("--draft-tokens", default="2,4", help="comma-separated k values")
-    p.add_argument("--draft-vocab", default="0", help="comma-separated K: the draft's head restricted to the K most "
-                                                      "frequent training tokens (0: the full head)")
+    p.add_argument(
+        "--draft-vocab",
+        default="0",
+        help="comma-separated K: the draft's head restricted to the K most frequent training tokens (0: the full head)",
+    )
     p.add_argument("--vocab-tokens", type=int, default=2_000_000, help="training tokens the frequencies are counted on")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(args.text)
     stream = token_stream(tokenizer, corpus.heldout)
     spacing = max(args.prompt_tokens, (stream.numel() - args.prompt_tokens) // args.prompts)
-    prompts = [stream[i * spacing: i * spacing + args.prompt_tokens][None] for i in range(args.prompts)]
+    prompts = [stream[i * spacing : i * spacing + args.prompt_tokens][None] for i in range(args.prompts)]
     drafts = [SkipConfig(d, num_stages=net.num_stages) for d in args.draft.split(",")]
     ks = [int(k) for k in args.draft_tokens.split(",")]
     vocab = net.config.vocab_size
@@ -129,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         for draft in drafts:
             for k in ks:
                 for size, head in heads.items():
-                    got, stats = speculative_generate(net, prompt, args.new_tokens, draft=draft, draft_tokens=k,
-                                                      draft_head=head)
+                    got, stats = speculative_generate(
+                        net, prompt, args.new_tokens, draft=draft, draft_tokens=k, draft_head=head
+                    )
                     identical &= torch.equal(got, want)
                     runs[(str(draft), k, size)].append(stats)
     # Cost of a draft pass relative to a target decoding step: tokens/s of each alone, on the first prompt.
@@ -138,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     super_net = SkipConfig.super_net(net.num_stages)
     best = {}
     for _ in range(3):
-        for key, depth, head in [("target", super_net, None), *(((str(d), size), d, head) for d in drafts
-                                                               for size, head in heads.items())]:
+        for key, depth, head in [
+            ("target", super_net, None),
+            *(((str(d), size), d, head) for d in drafts for size, head in heads.items()),
+        ]:
             best[key] = max(best.get(key, 0.0), draft_speed(net, prompts[0], args.new_tokens, depth, head))
     cost = {key: best["target"] / tps for key, tps in best.items() if key != "target"}
     tokens = args.prompts * args.new_tokens
@@ -147,30 +165,54 @@ def main(argv: list[str] | None = None) -> int:
     for (draft, k, size), stats in runs.items():
         seconds = sum(s.seconds for s in stats)
         c = cost[(draft, size)]
-        rows.append({"draft": draft, "k": k, "draft_vocab": size or vocab,
-                     "acceptance_rate": sum(s.accepted for s in stats) / sum(s.drafted for s in stats),
-                     "tokens_per_target_pass": tokens / sum(s.target_passes for s in stats),
-                     "tokens_per_s": tokens / seconds, "plain_tokens_per_s": tokens / plain_seconds,
-                     "speed_up": plain_seconds / seconds, "draft_cost": c,
-                     "acceptance_for_1.0x": break_even(c, k, 1.0), "acceptance_for_1.2x": break_even(c, k, 1.2)})
-    header = (f"{what}: {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
-              f"greedy, batch 1, {torch.get_num_threads()} threads; outputs identical to plain greedy: {identical}")
-    result = json.dumps({"setting": header, "identical": identical, "commit": git_commit(), "threads": torch.get_num_threads(),
-                         "cpu": cpu_name(), "rows": rows}, indent=2)
+        rows.append(
+            {
+                "draft": draft,
+                "k": k,
+                "draft_vocab": size or vocab,
+                "acceptance_rate": sum(s.accepted for s in stats) / sum(s.drafted for s in stats),
+                "tokens_per_target_pass": tokens / sum(s.target_passes for s in stats),
+                "tokens_per_s": tokens / seconds,
+                "plain_tokens_per_s": tokens / plain_seconds,
+                "speed_up": plain_seconds / seconds,
+                "draft_cost": c,
+                "acceptance_for_1.0x": break_even(c, k, 1.0),
+                "acceptance_for_1.2x": break_even(c, k, 1.2),
+            }
+        )
+    header = (
+        f"{what}: {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
+        f"greedy, batch 1, {torch.get_num_threads()} threads; outputs identical to plain greedy: {identical}"
+    )
+    result = json.dumps(
+        {
+            "setting": header,
+            "identical": identical,
+            "commit": git_commit(),
+            "threads": torch.get_num_threads(),
+            "cpu": cpu_name(),
+            "rows": rows,
+        },
+        indent=2,
+    )
     if args.save_json:
         Path(args.save_json).write_text(result + "\n")
     if args.json:
         print(result)
     else:
         print(header)
-        print(f"{'draft':>8} {'k':>3} {'vocab':>6} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
-              f"{'speed-up':>8} {'cost c':>6} {'a@1.0x':>6} {'a@1.2x':>6}")
+        print(
+            f"{'draft':>8} {'k':>3} {'vocab':>6} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
+            f"{'speed-up':>8} {'cost c':>6} {'a@1.0x':>6} {'a@1.2x':>6}"
+        )
         shown = lambda a: "never" if a is None else f"{a:.0%}"  # noqa: E731
         for r in rows:
-            print(f"{r['draft']:>8} {r['k']:>3} {r['draft_vocab']:>6} {r['acceptance_rate']:>7.1%} "
-                  f"{r['tokens_per_target_pass']:>8.2f} {r['tokens_per_s']:>7.1f} {r['plain_tokens_per_s']:>7.1f} "
-                  f"{r['speed_up']:>7.2f}x {r['draft_cost']:>6.2f} {shown(r['acceptance_for_1.0x']):>6} "
-                  f"{shown(r['acceptance_for_1.2x']):>6}")
+            print(
+                f"{r['draft']:>8} {r['k']:>3} {r['draft_vocab']:>6} {r['acceptance_rate']:>7.1%} "
+                f"{r['tokens_per_target_pass']:>8.2f} {r['tokens_per_s']:>7.1f} {r['plain_tokens_per_s']:>7.1f} "
+                f"{r['speed_up']:>7.2f}x {r['draft_cost']:>6.2f} {shown(r['acceptance_for_1.0x']):>6} "
+                f"{shown(r['acceptance_for_1.2x']):>6}"
+            )
     sys.stdout.flush()
     return 0 if identical else 1
 

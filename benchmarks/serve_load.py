@@ -20,6 +20,7 @@ Loopback only; trains nothing.
     python benchmarks/serve_load.py --checkpoint runs/demo/checkpoint.pt --budget-ms 5 \
         [--table depth_table.json] [--eval eval.json] [--rate 200] [--seconds 20] [--output serve_load]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ from PIL import Image
 ARMS = {"governor": None, "super": "super", "base": "base"}
 
 
-def schedule(rate: float, seconds: float, burst_at: float, burst_size: int, burst_ms: float, max_requests: int,
-             seed: int) -> list[float]:
+def schedule(
+    rate: float, seconds: float, burst_at: float, burst_size: int, burst_ms: float, max_requests: int, seed: int
+) -> list[float]:
     """Send times (s from the start): Poisson arrivals plus a burst, sorted, at most max_requests."""
     rng, t, times = random.Random(seed), 0.0, []
     while True:
@@ -58,6 +60,7 @@ def schedule(rate: float, seconds: float, burst_at: float, burst_size: int, burs
 def sample_images(meta: dict, count: int = 16) -> list[bytes]:
     """Random PNGs of the network's size and channels (the content does not change the time)."""
     from adn.vision.preprocess import Preprocessing
+
     prep = Preprocessing.from_meta(meta)
     rng = np.random.default_rng(0)
     shape = (prep.image_size, prep.image_size) + ((prep.channels,) if prep.channels > 1 else ())
@@ -70,7 +73,7 @@ def sample_images(meta: dict, count: int = 16) -> list[bytes]:
 
 
 def parse_cpus(text: str | None) -> set[int] | None:
-    """"0" or "0,1" or "2-5": CPU numbers for os.sched_setaffinity; None or "" for no pinning."""
+    """ "0" or "0,1" or "2-5": CPU numbers for os.sched_setaffinity; None or "" for no pinning."""
     if not text:
         return None
     cpus: set[int] = set()
@@ -84,9 +87,28 @@ class Server:
     """`adn serve` in a subprocess on a free loopback port."""
 
     def __init__(self, args, batch_wait: str = "adaptive"):
-        command = [sys.executable, "-m", "adn", "serve", "--checkpoint", args.checkpoint, "--budget-ms",
-                   str(args.budget_ms), "--host", "127.0.0.1", "--port", "0", "--max-batch", str(args.max_batch),
-                   "--max-wait-ms", str(args.max_wait_ms), "--batch-wait", batch_wait, "--backend", args.backend]
+        command = [
+            sys.executable,
+            "-m",
+            "adn",
+            "serve",
+            "--checkpoint",
+            args.checkpoint,
+            "--budget-ms",
+            str(args.budget_ms),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-batch",
+            str(args.max_batch),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--batch-wait",
+            batch_wait,
+            "--backend",
+            args.backend,
+        ]
         if args.table:
             command += ["--table", args.table]
         if args.no_headroom:
@@ -96,8 +118,12 @@ class Server:
         cpus = parse_cpus(args.server_cpus)
         # Pinned, the server does not share its cores with the load generator (whose HTTP work would
         # otherwise be counted as the server's latency).
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                                        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        self.process = subprocess.Popen(
+            command,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
         self.url = None
         for line in self.process.stderr:
             if "listening on " in line:
@@ -127,18 +153,24 @@ async def run_arm(url: str, times: list[float], images: list[bytes], skip: str |
     headers = {"X-ADN-Skip": skip} if skip else {}
     records: list[dict] = [{} for _ in times]
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=grace_s + 5) as client:
+
         async def send(i: int, due: float) -> None:
             files = {"file": (f"{i}.png", images[i % len(images)], "image/png")}
             try:
                 response = await client.post("/v1/predict", files=files, headers=headers)
                 body = response.json()
-                records[i] = {"sent": due - start, "latency_ms": (time.perf_counter() - due) * 1e3,
-                              "status": response.status_code, "skip": body.get("skip"),
-                              "server_ms": body.get("time_ms", {}).get("total"),
-                              "queue_ms": body.get("time_ms", {}).get("queue"),
-                              "batch_images": body.get("batch", {}).get("images")}
+                records[i] = {
+                    "sent": due - start,
+                    "latency_ms": (time.perf_counter() - due) * 1e3,
+                    "status": response.status_code,
+                    "skip": body.get("skip"),
+                    "server_ms": body.get("time_ms", {}).get("total"),
+                    "queue_ms": body.get("time_ms", {}).get("queue"),
+                    "batch_images": body.get("batch", {}).get("images"),
+                }
             except (httpx.HTTPError, ValueError) as error:
                 records[i] = {"sent": due - start, "latency_ms": None, "status": type(error).__name__}
+
         start = time.perf_counter() + 0.2
         tasks = []
         for i, t in enumerate(times):
@@ -163,13 +195,16 @@ def summarize(records: list[dict], budget_ms: float, accuracy: dict[str, float])
     for r in ok:
         depths[r["skip"]] = depths.get(r["skip"], 0) + 1
     return {
-        "sent": len(records), "answered": len(ok),
+        "sent": len(records),
+        "answered": len(ok),
         "errors": {str(s): sum(r["status"] == s for r in records) for s in {r["status"] for r in records} if s != 200},
-        "p50_ms": _quantile(latencies, 0.5), "p99_ms": _quantile(latencies, 0.99),
+        "p50_ms": _quantile(latencies, 0.5),
+        "p99_ms": _quantile(latencies, 0.99),
         "within_budget": len(within) / len(records) if records else None,
         "throughput_per_s": len(ok) / span if span > 0 else None,
         "effective_acc1": None if missing else sum(accuracy[r["skip"]] for r in within) / len(records),
-        "accuracy_unknown_for": missing, "depths": depths,
+        "accuracy_unknown_for": missing,
+        "depths": depths,
         "server_queue_p50_ms": _quantile(sorted(r["queue_ms"] for r in ok if r.get("queue_ms") is not None), 0.5),
         "batch_images_mean": float(np.mean([r["batch_images"] for r in ok])) if ok else None,
     }
@@ -184,6 +219,7 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
 def accuracies(table: dict, eval_json: str | None, num_stages: int) -> dict[str, float]:
     """top-1 accuracy per depth ("TTF"): the table's, completed by `adn eval --json` rows."""
     import adn
+
     found = {}
     if eval_json:
         for row in json.loads(Path(eval_json).read_text()):
@@ -194,14 +230,22 @@ def accuracies(table: dict, eval_json: str | None, num_stages: int) -> dict[str,
 
 def plot(results: dict, budget_ms: float, table: dict, burst: tuple[float, float], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     colors = {"governor": "tab:blue", "super": "tab:red", "base": "tab:green"}
     for arm, records in results.items():
         ok = [r for r in records if r["status"] == 200]
-        top.scatter([r["sent"] for r in ok], [r["latency_ms"] for r in ok], s=4, alpha=0.5, color=colors.get(arm),
-                    label=f"{arm}")
+        top.scatter(
+            [r["sent"] for r in ok],
+            [r["latency_ms"] for r in ok],
+            s=4,
+            alpha=0.5,
+            color=colors.get(arm),
+            label=f"{arm}",
+        )
     top.axhline(budget_ms, color="black", linestyle="--", linewidth=1, label=f"budget {budget_ms:g} ms")
     top.set_yscale("log")
     top.set_ylabel("latency (ms, client side)")
@@ -237,9 +281,12 @@ def main() -> None:
     parser.add_argument("--arms", default="governor,super,base", help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
-    parser.add_argument("--batch-wait", default="adaptive",
-                        help="adn serve's batching rule(s), comma-separated: adaptive, fixed, or both (each arm "
-                             "runs under each, side by side)")
+    parser.add_argument(
+        "--batch-wait",
+        default="adaptive",
+        help="adn serve's batching rule(s), comma-separated: adaptive, fixed, or both (each arm "
+        "runs under each, side by side)",
+    )
     parser.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"))
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
     parser.add_argument("--no-headroom", action="store_true", help="pass --no-headroom to adn serve")
@@ -260,14 +307,18 @@ def main() -> None:
         parser.error(f"--batch-wait {args.batch_wait}: give adaptive, fixed or adaptive,fixed")
 
     from adn.utils.checkpoint_file import load_checkpoint
+
     meta = load_checkpoint(args.checkpoint)["meta"]
     images = sample_images(meta)
-    times = schedule(args.rate, args.seconds, args.burst_at, args.burst_size, args.burst_ms, args.max_requests,
-                     args.seed)
+    times = schedule(
+        args.rate, args.seconds, args.burst_at, args.burst_size, args.burst_ms, args.max_requests, args.seed
+    )
     burst = (args.burst_at * args.seconds, args.burst_at * args.seconds + args.burst_ms / 1e3)
-    print(f"{len(times)} requests per arm: Poisson {args.rate:g}/s for {args.seconds:g} s + a burst of "
-          f"{args.burst_size} within {args.burst_ms:g} ms at {burst[0]:.1f} s; budget {args.budget_ms:g} ms",
-          file=sys.stderr)
+    print(
+        f"{len(times)} requests per arm: Poisson {args.rate:g}/s for {args.seconds:g} s + a burst of "
+        f"{args.burst_size} within {args.burst_ms:g} ms at {burst[0]:.1f} s; budget {args.budget_ms:g} ms",
+        file=sys.stderr,
+    )
     results, summaries, table = {}, {}, None
     for arm, rule in [(arm, rule) for arm in arms for rule in rules]:
         name = arm if len(rules) == 1 else f"{arm} ({rule})"
@@ -276,8 +327,9 @@ def main() -> None:
             table = httpx.get(f"{server.url}/v1/depths", timeout=10).json()["table"]
             num_stages = len(table["depths"][0]["skip"])
             for i in range(20):  # warm up (first requests pay for lazy set-up); not counted
-                httpx.post(f"{server.url}/v1/predict", files={"file": ("warm.png", images[i % len(images)])},
-                           timeout=30)
+                httpx.post(
+                    f"{server.url}/v1/predict", files={"file": ("warm.png", images[i % len(images)])}, timeout=30
+                )
             print(f"{name}: sending to {server.url}", file=sys.stderr)
             results[name] = asyncio.run(run_arm(server.url, times, images, ARMS[arm], args.grace_s))
         finally:
@@ -286,24 +338,41 @@ def main() -> None:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    conditions = {"checkpoint": os.path.abspath(args.checkpoint), "budget_ms": args.budget_ms, "rate": args.rate,
-                  "seconds": args.seconds, "burst_size": args.burst_size, "burst_ms": args.burst_ms,
-                  "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "batch_wait": rules,
-                  "backend": args.backend,
-                  "server_threads": args.server_threads, "cpus": os.cpu_count(), "server_cpus": args.server_cpus,
-                  "client_cpus": args.client_cpus, "headroom": not args.no_headroom, "seed": args.seed}
-    (output / "results.json").write_text(json.dumps({"conditions": conditions, "arms": summaries,
-                                                     "requests": results}, indent=1))
+    conditions = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "budget_ms": args.budget_ms,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "burst_size": args.burst_size,
+        "burst_ms": args.burst_ms,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "batch_wait": rules,
+        "backend": args.backend,
+        "server_threads": args.server_threads,
+        "cpus": os.cpu_count(),
+        "server_cpus": args.server_cpus,
+        "client_cpus": args.client_cpus,
+        "headroom": not args.no_headroom,
+        "seed": args.seed,
+    }
+    (output / "results.json").write_text(
+        json.dumps({"conditions": conditions, "arms": summaries, "requests": results}, indent=1)
+    )
     plot(results, args.budget_ms, table, burst, output / "serve_load.png")
     width = max(9, *map(len, summaries))
-    print(f"{'arm':>{width}}  {'sent':>6}  {'answered':>8}  {'p50 ms':>8}  {'p99 ms':>8}  {'in budget':>9}  "
-          f"{'answers/s':>9}  {'eff. acc@1':>10}  {'queue p50':>9}  {'img/batch':>9}  depths")
+    print(
+        f"{'arm':>{width}}  {'sent':>6}  {'answered':>8}  {'p50 ms':>8}  {'p99 ms':>8}  {'in budget':>9}  "
+        f"{'answers/s':>9}  {'eff. acc@1':>10}  {'queue p50':>9}  {'img/batch':>9}  depths"
+    )
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for arm, s in summaries.items():
-        print(f"{arm:>{width}}  {s['sent']:>6}  {s['answered']:>8}  {fmt(s['p50_ms'], '8.2f'):>8}  "
-              f"{fmt(s['p99_ms'], '8.2f'):>8}  {fmt(s['within_budget'] and 100 * s['within_budget'], '8.1f'):>8}%  "
-              f"{fmt(s['throughput_per_s'], '9.1f'):>9}  {fmt(s['effective_acc1'], '10.2f'):>10}  "
-              f"{fmt(s['server_queue_p50_ms'], '9.2f'):>9}  {fmt(s['batch_images_mean'], '9.2f'):>9}  {s['depths']}")
+        print(
+            f"{arm:>{width}}  {s['sent']:>6}  {s['answered']:>8}  {fmt(s['p50_ms'], '8.2f'):>8}  "
+            f"{fmt(s['p99_ms'], '8.2f'):>8}  {fmt(s['within_budget'] and 100 * s['within_budget'], '8.1f'):>8}%  "
+            f"{fmt(s['throughput_per_s'], '9.1f'):>9}  {fmt(s['effective_acc1'], '10.2f'):>10}  "
+            f"{fmt(s['server_queue_p50_ms'], '9.2f'):>9}  {fmt(s['batch_images_mean'], '9.2f'):>9}  {s['depths']}"
+        )
         if s["accuracy_unknown_for"]:
             print(f"           (accuracy of {', '.join(s['accuracy_unknown_for'])} unknown: pass --eval eval.json)")
     print(f"results: {output / 'results.json'}   plot: {output / 'serve_load.png'}", file=sys.stderr)

@@ -19,6 +19,7 @@ Then, as printed at the end:
     python benchmarks/serve_load.py --checkpoint OUT/checkpoint.pt --server-threads 1 --server-cpus 0 \
         --client-cpus 1 --budget-ms 1000 --rate 10 ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,16 +52,24 @@ def main() -> None:
     for skip, acc1 in PAPER_TOP1.items():
         with net.skipping(skip):
             macs = count_macs(net, example)
-        rows.append({"skip": skip, "acc1": acc1, "macs": macs,
-                     "source": "paper, Table 1/2 (ImageNet top-1 of the authors' ResNet50-ADN)"})
+        rows.append(
+            {
+                "skip": skip,
+                "acc1": acc1,
+                "macs": macs,
+                "source": "paper, Table 1/2 (ImageNet top-1 of the authors' ResNet50-ADN)",
+            }
+        )
     (out / "eval.json").write_text(json.dumps(rows, indent=1) + "\n")
     for row in rows:
         print(f"{row['skip']}: top-1 {row['acc1']} % (paper), {row['macs'] / 1e9:.2f} GMACs")
-    print(f"wrote {out / 'checkpoint.pt'} and {out / 'eval.json'}; next:\n"
-          f"  adn depth-table --checkpoint {out / 'checkpoint.pt'} --eval {out / 'eval.json'} "
-          f"--batch-sizes 1,2,4,8 --repeats 20 --threads 1\n"
-          f"  python benchmarks/serve_load.py --checkpoint {out / 'checkpoint.pt'} --eval {out / 'eval.json'} "
-          f"--server-threads 1 --server-cpus 0 --client-cpus 1 --budget-ms 1000 --rate 10 --seconds 60")
+    print(
+        f"wrote {out / 'checkpoint.pt'} and {out / 'eval.json'}; next:\n"
+        f"  adn depth-table --checkpoint {out / 'checkpoint.pt'} --eval {out / 'eval.json'} "
+        f"--batch-sizes 1,2,4,8 --repeats 20 --threads 1\n"
+        f"  python benchmarks/serve_load.py --checkpoint {out / 'checkpoint.pt'} --eval {out / 'eval.json'} "
+        f"--server-threads 1 --server-cpus 0 --client-cpus 1 --budget-ms 1000 --rate 10 --seconds 60"
+    )
 
 
 if __name__ == "__main__":

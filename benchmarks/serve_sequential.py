@@ -11,6 +11,7 @@ compute + 1 ms.
     python benchmarks/serve_sequential.py --checkpoint runs/demo/checkpoint.pt --budget-ms 20 \
         --requests 100 --server-threads 1 --server-cpus 0 --client-cpus 1 [--output serve_sequential]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,7 @@ def main() -> None:
     rules = [r.strip() for r in args.rules.split(",")]
 
     from adn.utils.checkpoint_file import load_checkpoint
+
     images = sample_images(load_checkpoint(args.checkpoint)["meta"])
     servers = {}
     try:
@@ -76,23 +78,32 @@ def main() -> None:
         for server in servers.values():
             server.stop()
 
-    summary = {rule: {part: float(np.median([r[part] for r in rows])) for part in ("client", *PARTS)}
-               for rule, rows in records.items()}
-    print(f"{args.requests} sequential requests per rule, budget {args.budget_ms:g} ms, max wait "
-          f"{args.max_wait_ms:g} ms, {args.server_threads} server thread(s); medians, ms")
-    print(f"{'rule':>9}  {'client':>7}  {'decode':>7}  {'queue':>7}  {'compute':>7}  {'total':>7}  "
-          f"{'queue <= 0.5':>12}  {'total <= decode + compute + 1':>29}")
+    summary = {
+        rule: {part: float(np.median([r[part] for r in rows])) for part in ("client", *PARTS)}
+        for rule, rows in records.items()
+    }
+    print(
+        f"{args.requests} sequential requests per rule, budget {args.budget_ms:g} ms, max wait "
+        f"{args.max_wait_ms:g} ms, {args.server_threads} server thread(s); medians, ms"
+    )
+    print(
+        f"{'rule':>9}  {'client':>7}  {'decode':>7}  {'queue':>7}  {'compute':>7}  {'total':>7}  "
+        f"{'queue <= 0.5':>12}  {'total <= decode + compute + 1':>29}"
+    )
     for rule, s in summary.items():
         queue_ok = "met" if s["queue"] <= 0.5 else "missed"
         total_ok = "met" if s["total"] <= s["decode"] + s["compute"] + 1 else "missed"
-        print(f"{rule:>9}  {s['client']:7.2f}  {s['decode']:7.2f}  {s['queue']:7.2f}  {s['compute']:7.2f}  "
-              f"{s['total']:7.2f}  {queue_ok:>12}  {total_ok:>29}")
+        print(
+            f"{rule:>9}  {s['client']:7.2f}  {s['decode']:7.2f}  {s['queue']:7.2f}  {s['compute']:7.2f}  "
+            f"{s['total']:7.2f}  {queue_ok:>12}  {total_ok:>29}"
+        )
     if args.output:
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         conditions = {k: v for k, v in vars(args).items() if k != "output"}
-        (output / "results.json").write_text(json.dumps({"conditions": conditions, "medians_ms": summary,
-                                                         "requests": records}, indent=1))
+        (output / "results.json").write_text(
+            json.dumps({"conditions": conditions, "medians_ms": summary, "requests": records}, indent=1)
+        )
         print(f"results: {output / 'results.json'}", file=sys.stderr)
 
 

@@ -20,6 +20,7 @@ Also MobileNetV2 and ViT-B/16 (``--model``), the same way.
     OMP_NUM_THREADS=1 python benchmarks/switchable_onnx.py [--model resnet50] [--depths FFFF TTTT] [--repeats 10 3]
         [--prep-rounds 1] [--json results/switchable/resnet50.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,7 @@ print(loaded - before, rss() - before)
 
 def session(path, level):
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -74,8 +76,17 @@ def export_subnet(net, config, example, path) -> None:
     """The per-depth file as adn export writes it (same exporter settings), unverified."""
     batch = torch.export.Dim("batch", min=1)
     with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(net.subnet(config).eval(), (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
-                          input_names=["images"], output_names=["logits"], verbose=False, external_data=False)
+        torch.onnx.export(
+            net.subnet(config).eval(),
+            (example,),
+            str(path),
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            input_names=["images"],
+            output_names=["logits"],
+            verbose=False,
+            external_data=False,
+        )
 
 
 def trained_looking(net):
@@ -105,6 +116,7 @@ def export_phases():
                 return function(*args, **kwargs)
             finally:
                 phases[name] += time.perf_counter() - start
+
         return run
 
     torch.export.export = timed("torch_export", originals[0])
@@ -129,43 +141,69 @@ def prepare(write, path, level) -> dict:
 
 
 def machine() -> str:
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                "unknown")
+    return next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown"
+    )
 
 
 def memory(path, level) -> tuple[int, int]:
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), str(int(level))], check=True,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(path), str(int(level))],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    ).stdout.split()
     return int(out[0]), int(out[1])
 
 
 def main() -> None:
     import onnxruntime as ort
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50", choices=["resnet50", "mobilenet_v2", "vit_b_16"],
-                        help="torchvision model, random weights, 224x224")
+    parser.add_argument(
+        "--model",
+        default="resnet50",
+        choices=["resnet50", "mobilenet_v2", "vit_b_16"],
+        help="torchvision model, random weights, 224x224",
+    )
     parser.add_argument("--depths", nargs="*", help="depths to time (default: all 2^N)")
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 16])
     parser.add_argument("--repeats", nargs="*", type=int, default=[10, 3], help="timed runs per batch size")
-    parser.add_argument("--level", choices=["basic", "extended", "all"], default="all",
-                        help="graph optimization level of the switchable session (per-depth ones: all)")
+    parser.add_argument(
+        "--level",
+        choices=["basic", "extended", "all"],
+        default="all",
+        help="graph optimization level of the switchable session (per-depth ones: all)",
+    )
     parser.add_argument("--folder", help="keep the files here (default: a temporary folder)")
     parser.add_argument("--prep-rounds", type=int, default=1, help="alternating preparation rounds (medians)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
     level, best = levels[args.level], ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     torch.manual_seed(0)
     net = trained_looking(adn.convert(getattr(torchvision.models, args.model)()))
     super_net = str(adn.SkipConfig.super_net(net.num_stages))
     depths = [adn.SkipConfig(d, net.num_stages) for d in args.depths] if args.depths else net.sub_networks()
     example = torch.randn(2, 3, 224, 224)
-    results: dict = {"settings": {"model": f"{args.model} 224x224, random weights", "threads": 1, "onnxruntime": ort.__version__,
-                                  "torch": torch.__version__, "switchable_level": args.level,
-                                  "machine": f"{machine()}, {os.cpu_count()} cores", "prep_rounds": args.prep_rounds,
-                                  "repeats": dict(zip(map(str, args.batch_sizes), args.repeats))}}
+    results: dict = {
+        "settings": {
+            "model": f"{args.model} 224x224, random weights",
+            "threads": 1,
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "switchable_level": args.level,
+            "machine": f"{machine()}, {os.cpu_count()} cores",
+            "prep_rounds": args.prep_rounds,
+            "repeats": dict(zip(map(str, args.batch_sizes), args.repeats)),
+        }
+    }
     with contextlib.ExitStack() as stack:
         folder = Path(args.folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="adn-switchable-")))
         folder.mkdir(parents=True, exist_ok=True)
@@ -175,9 +213,15 @@ def main() -> None:
         super_path = folder / f"subnet_{super_net}.onnx"
         rounds: dict = {"switchable": [], "super_net": []}
         for _ in range(args.prep_rounds):
-            rounds["switchable"].append(prepare(lambda path: write_switchable_onnx(net, example, path), switchable, level))
-            rounds["super_net"].append(prepare(lambda path: export_subnet(net, super_net, example, path), super_path, best))
-        median = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
+            rounds["switchable"].append(
+                prepare(lambda path: write_switchable_onnx(net, example, path), switchable, level)
+            )
+            rounds["super_net"].append(
+                prepare(lambda path: export_subnet(net, super_net, example, path), super_path, best)
+            )
+        median = {
+            name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()
+        }
         start = time.perf_counter()
         switchable_differences(switchable, net, example)
         median["switchable"]["verify_every_depth"] = time.perf_counter() - start
@@ -189,11 +233,13 @@ def main() -> None:
 
         # Memory, each in a fresh process.
         mem_switch, mem_super = memory(switchable, level), memory(super_path, best)
-        results["memory_kB"] = {"switchable": {"loaded": mem_switch[0], "after_run": mem_switch[1]},
-                                "super_net": {"loaded": mem_super[0], "after_run": mem_super[1]},
-                                "ratio_loaded": mem_switch[0] / mem_super[0], "ratio_after_run": mem_switch[1] / mem_super[1]}
-        results["file_bytes"] = {"switchable": switchable.stat().st_size,
-                                 "super_net": super_path.stat().st_size}
+        results["memory_kB"] = {
+            "switchable": {"loaded": mem_switch[0], "after_run": mem_switch[1]},
+            "super_net": {"loaded": mem_super[0], "after_run": mem_super[1]},
+            "ratio_loaded": mem_switch[0] / mem_super[0],
+            "ratio_after_run": mem_switch[1] / mem_super[1],
+        }
+        results["file_bytes"] = {"switchable": switchable.stat().st_size, "super_net": super_path.stat().st_size}
 
         # Latency per depth, alternating the two sessions so that drift hits both alike.
         switch_session = session(switchable, level)
@@ -207,8 +253,10 @@ def main() -> None:
             for batch, repeats in zip(args.batch_sizes, args.repeats):
                 images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
                 switch_feed, depth_feed = {"images": images, "skip": flags}, {"images": images}
-                runs = {"switchable": lambda feed=switch_feed: switch_session.run(None, feed)[0],
-                        "per_depth": lambda session=per_depth, feed=depth_feed: session.run(None, feed)[0]}
+                runs = {
+                    "switchable": lambda feed=switch_feed: switch_session.run(None, feed)[0],
+                    "per_depth": lambda session=per_depth, feed=depth_feed: session.run(None, feed)[0],
+                }
                 outputs = {name: run() for name, run in runs.items()}  # warm-up, and the outputs must agree
                 times: dict = {name: [] for name in runs}
                 for _ in range(repeats):
@@ -218,16 +266,23 @@ def main() -> None:
                         times[name].append(time.perf_counter() - start)
                 median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
                 latency[f"{config} b{batch}"] = {
-                    "switchable_ms": median["switchable"], "per_depth_ms": median["per_depth"],
+                    "switchable_ms": median["switchable"],
+                    "per_depth_ms": median["per_depth"],
                     "ratio": median["switchable"] / median["per_depth"],
-                    "max_difference": float(np.abs(outputs["switchable"] - outputs["per_depth"]).max())}
-                print(f"{config} batch {batch:2d}: switchable {median['switchable']:8.1f} ms  per-depth "
-                      f"{median['per_depth']:8.1f} ms  ratio {latency[f'{config} b{batch}']['ratio']:.3f}", flush=True)
+                    "max_difference": float(np.abs(outputs["switchable"] - outputs["per_depth"]).max()),
+                }
+                print(
+                    f"{config} batch {batch:2d}: switchable {median['switchable']:8.1f} ms  per-depth "
+                    f"{median['per_depth']:8.1f} ms  ratio {latency[f'{config} b{batch}']['ratio']:.3f}",
+                    flush=True,
+                )
         results["latency"] = latency
     ratios = [entry["ratio"] for entry in latency.values()]
     print(json.dumps(results, indent=1))
-    print(f"memory ratio (loaded / after a run): {results['memory_kB']['ratio_loaded']:.2f} / "
-          f"{results['memory_kB']['ratio_after_run']:.2f} (target <= 1.15)")
+    print(
+        f"memory ratio (loaded / after a run): {results['memory_kB']['ratio_loaded']:.2f} / "
+        f"{results['memory_kB']['ratio_after_run']:.2f} (target <= 1.15)"
+    )
     print(f"latency ratio per depth: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f} (target <= 1.05)")
     print(f"preparation ratio: {results['preparation_s']['ratio']:.2f} (target <= 1.5)")
     print(f"file size ratio: {results['file_bytes']['switchable'] / results['file_bytes']['super_net']:.3f}")

@@ -14,6 +14,7 @@ memory ratio <= 1.15.
 
     python benchmarks/train_step.py [--model resnet50 --size 112 --batch 16 --steps 10 --device cpu|cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ from torch import nn
 
 def build(model_name: str, size: int, batch: int):
     import adn
+
     torch.manual_seed(0)
     net = adn.convert(adn.build_model(model_name, num_classes=1000)).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -44,6 +46,7 @@ def plain_step(net, optimizer, x, y, criterion=None):
 def adn_step(net, optimizer, x, y, loss=None):
     from adn.core.distill import SubPathDistillationLoss
     from adn.training.methods import adn_step as step
+
     optimizer.zero_grad(set_to_none=True)
     step(net, x, y, loss or SubPathDistillationLoss(feature_kd="spatial"))
     optimizer.step()
@@ -98,30 +101,43 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
 
     from adn.runtime.profile import count_macs
+
     with net.skipping("super"):
         super_macs = count_macs(net, x[:1])
     with net.skipping("base"):
         base_macs = count_macs(net, x[:1])
     result = {
-        "model": args.model, "input": args.size, "batch": args.batch, "device": str(device),
+        "model": args.model,
+        "input": args.size,
+        "batch": args.batch,
+        "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(), "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
         **{f"{name}_step_s": value for name, value in median.items()},
         "time_ratio": median["adn"] / median["plain"],
         "mac_ratio_super_plus_base": (super_macs + base_macs) / super_macs,
     }
     where = result["gpu"] or f"CPU, {result['threads']} threads"
     print(f"{args.model} {args.size}x{args.size}, batch {args.batch}, {where}, median of {args.steps} steps each")
-    print(f"  plain step {median['plain'] * 1e3:.1f} ms, base-net-only step {median['base'] * 1e3:.1f} ms, "
-          f"ADN step {median['adn'] * 1e3:.1f} ms")
-    print(f"  time ratio ADN / plain {result['time_ratio']:.3f} (target <= 1.65; MAC ratio "
-          f"{result['mac_ratio_super_plus_base']:.3f})")
+    print(
+        f"  plain step {median['plain'] * 1e3:.1f} ms, base-net-only step {median['base'] * 1e3:.1f} ms, "
+        f"ADN step {median['adn'] * 1e3:.1f} ms"
+    )
+    print(
+        f"  time ratio ADN / plain {result['time_ratio']:.3f} (target <= 1.65; MAC ratio "
+        f"{result['mac_ratio_super_plus_base']:.3f})"
+    )
     if device.type == "cuda":
         plain_peak = peak_memory(plain_step, net, optimizer, x, y)
         adn_peak = peak_memory(adn_step, net, optimizer, x, y)
-        result.update(peak_plain_mib=plain_peak / 2**20, peak_adn_mib=adn_peak / 2**20, memory_ratio=adn_peak / plain_peak)
-        print(f"  peak memory plain {plain_peak / 2**20:.0f} MiB, ADN {adn_peak / 2**20:.0f} MiB: ratio "
-              f"{result['memory_ratio']:.3f} (target <= 1.15)")
+        result.update(
+            peak_plain_mib=plain_peak / 2**20, peak_adn_mib=adn_peak / 2**20, memory_ratio=adn_peak / plain_peak
+        )
+        print(
+            f"  peak memory plain {plain_peak / 2**20:.0f} MiB, ADN {adn_peak / 2**20:.0f} MiB: ratio "
+            f"{result['memory_ratio']:.3f} (target <= 1.15)"
+        )
     print(json.dumps(result))
 
 

@@ -12,6 +12,7 @@
 
 Ratios are what to compare across machines; absolute times only with the machine they came from.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,19 @@ def time_data_paths(batch: int) -> dict[str, float]:
     data = load_dataset("fashion-mnist")
     per_image = load_dataset("fashion-mnist")
     # The per-image path of earlier versions: PIL crop/flip/ToTensor/Normalize for each image.
-    per_image.train.transform = T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(),
-                                           T.Normalize(data.mean, data.std)])
+    per_image.train.transform = T.Compose(
+        [T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(data.mean, data.std)]
+    )
     times = {}
     started = time.perf_counter()
     for _ in training_batches(data.train, EpochBatches(len(data.train), batch, seed=0, epoch=0)):
         pass
     times["in-memory batches"] = time.perf_counter() - started
-    loader = DataLoader(SeededSamples(per_image.train, 0), batch_sampler=EpochBatches(len(data.train), batch, 0, 0),
-                        collate_fn=collate_readable)
+    loader = DataLoader(
+        SeededSamples(per_image.train, 0),
+        batch_sampler=EpochBatches(len(data.train), batch, 0, 0),
+        collate_fn=collate_readable,
+    )
     started = time.perf_counter()
     for _ in loader:
         pass
@@ -55,8 +60,11 @@ def time_steps(batch: int, steps: int) -> dict[str, dict[str, float]]:
     from adn.training.precision import Precision
     from adn.training.methods import adn_step, individual_step
 
-    settings = {"float32 NCHW": (False, False), "float32 channels-last": (False, True),
-                "bfloat16 + channels-last": (True, True)}
+    settings = {
+        "float32 NCHW": (False, False),
+        "float32 channels-last": (False, True),
+        "bfloat16 + channels-last": (True, True),
+    }
     setups = {}
     for name, (amp, channels_last) in settings.items():
         torch.manual_seed(0)
@@ -83,8 +91,10 @@ def time_steps(batch: int, steps: int) -> dict[str, dict[str, float]]:
             step(method, *setups[name])
             if round_index >= 2:
                 times.append(time.perf_counter() - started)
-    return {method: {name: statistics.median(samples[(method, name)]) for name in settings}
-            for method in ("adn", "individual")}
+    return {
+        method: {name: statistics.median(samples[(method, name)]) for name in settings}
+        for method in ("adn", "individual")
+    }
 
 
 def main() -> None:
@@ -105,8 +115,10 @@ def main() -> None:
         reference = times["float32 NCHW"]
         print(f"\n{method} step (median of {args.steps}):")
         for name, seconds in times.items():
-            print(f"  {name:24s} {seconds * 1000:7.1f} ms  {reference / seconds:5.2f}x   "
-                  f"{args.batch / seconds:6.0f} images/s")
+            print(
+                f"  {name:24s} {seconds * 1000:7.1f} ms  {reference / seconds:5.2f}x   "
+                f"{args.batch / seconds:6.0f} images/s"
+            )
 
 
 if __name__ == "__main__":

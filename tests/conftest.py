@@ -1,4 +1,5 @@
 """Shared fixtures: tiny learnable datasets the tests write themselves (no downloads)."""
+
 from __future__ import annotations
 
 import gzip
@@ -27,7 +28,7 @@ def synthetic_images(n: int, seed: int, size: int = 28, classes: int = 10) -> tu
     for i, label in enumerate(labels):
         side = 4 + 2 * int(label)
         start = (size - side) // 2
-        images[i, start:start + side, start:start + side] = 100 + 15 * int(label)
+        images[i, start : start + side, start : start + side] = 100 + 15 * int(label)
     return images, labels
 
 
@@ -56,6 +57,7 @@ def fashion_dir(tmp_path_factory) -> Path:
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40) -> Path:
     from PIL import Image
+
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in range(classes):

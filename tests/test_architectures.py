@@ -1,4 +1,5 @@
 """MobileNetV2, ViT and Swin go through the same conversion machinery as ResNets."""
+
 import pytest
 import torch
 import torchvision
@@ -13,18 +14,23 @@ from adn.training.methods import adn_step
 
 
 def small_vit():
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=6, num_heads=2, hidden_dim=32, mlp_dim=64,
-                             num_classes=10)
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=6, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
 
 
 def small_swin():
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 4, 2], num_heads=[1, 2, 2, 4],
-                           window_size=[4, 4], num_classes=10)
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2, 4, 2], num_heads=[1, 2, 2, 4], window_size=[4, 4], num_classes=10
+    )
 
 
 SMALL = {  # builder, input size, expected (shared, skippable) per stage
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 64,
-                     [(1, 1), (2, 1), (2, 2), (2, 1), (2, 1)]),
+    "mobilenet_v2": (
+        lambda: torchvision.models.mobilenet_v2(num_classes=10),
+        64,
+        [(1, 1), (2, 1), (2, 2), (2, 1), (2, 1)],
+    ),
     "vit": (small_vit, 32, [(2, 1), (2, 1)]),
     "swin": (small_swin, 64, [(1, 1), (1, 1), (2, 2), (1, 1)]),
 }
@@ -73,15 +79,18 @@ def test_every_subnetwork_runs_equals_its_subnet_and_costs_less(arch):
     for config, value in macs.items():
         for i, flag in enumerate(config):
             if flag == "F":
-                assert macs[config[:i] + "T" + config[i + 1:]] < value
+                assert macs[config[:i] + "T" + config[i + 1 :]] < value
 
 
 def test_skipped_blocks_are_not_executed(arch):
     name, _, net, x, *_ = arch
     ran = []
     # A block's first sub-module runs only when the block itself is executed.
-    handles = [next(iter(block.children())).register_forward_hook(lambda m, i, o, b=block: ran.append(b))
-               for stage in net.adn_stages for block in stage.skippable]
+    handles = [
+        next(iter(block.children())).register_forward_hook(lambda m, i, o, b=block: ran.append(b))
+        for stage in net.adn_stages
+        for block in stage.skippable
+    ]
     with torch.no_grad():
         net(x, skip="base")
         assert ran == []
@@ -105,7 +114,7 @@ def test_train_step_with_feature_distillation_and_checkpoint_round_trip(arch, tm
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     net.eval()
     with torch.no_grad():
-        for config in adn.SkipConfig.all(net.num_stages)[:: 3]:
+        for config in adn.SkipConfig.all(net.num_stages)[::3]:
             assert torch.allclose(again(x, skip=config), net(x, skip=config), atol=1e-6)
 
 

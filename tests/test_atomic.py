@@ -1,4 +1,5 @@
 """Files adn writes appear whole or not at all, with ordinary permissions."""
+
 import os
 import stat
 
@@ -14,6 +15,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     def fail(tmp):
         open(tmp, "w").write("half")
         raise RuntimeError("disk full")
+
     with pytest.raises(RuntimeError):
         atomic_write(target, fail)
     assert target.read_text() == "old"

@@ -5,6 +5,7 @@ the authors' models next to ours. State dicts in their layout are built from tho
 of the listed shapes) and imported; every tensor must land where the list says. ResNet-50 and
 MobileNetV2 are imported for real and every sub-network is run; ViT-B/16 and Swin-T (86M and 28M
 parameters) are checked on the meta device: names and shapes, no memory."""
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,11 @@ def authors_state_dict(arch: str, device: str = "cpu") -> dict:
     state = {}
     for theirs, shape, _, _ in key_list(arch):
         if device == "meta" or theirs.endswith("relative_position_index"):
-            state[theirs] = torch.zeros(shape, dtype=torch.long, device=device) if theirs.endswith(
-                ("num_batches_tracked", "relative_position_index")) else torch.empty(shape, device=device)
+            state[theirs] = (
+                torch.zeros(shape, dtype=torch.long, device=device)
+                if theirs.endswith(("num_batches_tracked", "relative_position_index"))
+                else torch.empty(shape, device=device)
+            )
         elif theirs.endswith("num_batches_tracked"):
             state[theirs] = torch.tensor(7)
         elif theirs.endswith("running_var"):
@@ -74,7 +78,9 @@ def mobilenet_state():
 def test_every_listed_key_is_renamed_as_the_list_says(arch):
     rows = key_list(arch)
     assert rows, f"empty key list for {arch}"
-    wrong = [(theirs, rename_key(theirs, arch), ours) for theirs, _, ours, _ in rows if rename_key(theirs, arch) != ours]
+    wrong = [
+        (theirs, rename_key(theirs, arch), ours) for theirs, _, ours, _ in rows if rename_key(theirs, arch) != ours
+    ]
     assert not wrong, f"{len(wrong)} keys renamed wrongly, e.g. {wrong[:3]}"
     assert len({ours for _, _, ours, _ in rows}) == len(rows)  # one-to-one
 
@@ -192,16 +198,21 @@ def test_a_file_that_would_run_code_is_refused_without_running_it(tmp_path):
 
 def test_training_file_with_args_namespace_and_checkpoint_that_adn_reads(mobilenet_state, tmp_path):
     source, output = tmp_path / "checkpoint.pth", tmp_path / "mv2-adn.pt"
-    torch.save({"model": mobilenet_state, "args": argparse.Namespace(lr=0.1, model="mobilenet_v2"), "epoch": 149},
-               source)
+    torch.save(
+        {"model": mobilenet_state, "args": argparse.Namespace(lr=0.1, model="mobilenet_v2"), "epoch": 149}, source
+    )
     net = import_authors_weights(source, "mobilenet_v2", output=output)
     loaded = adn.load(output)
     for key, value in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     _, checkpoint = load_network(output)  # what adn eval, export and analyze call
     meta = validate_meta(checkpoint["meta"])
-    assert (meta["model"], meta["num_classes"], meta["dataset"], meta["method"]) == ("mobilenet_v2", 1000,
-                                                                                      "imagefolder", "adn")
+    assert (meta["model"], meta["num_classes"], meta["dataset"], meta["method"]) == (
+        "mobilenet_v2",
+        1000,
+        "imagefolder",
+        "adn",
+    )
     assert meta["config"]["entry"] == "model" and meta["config"]["source"] == "checkpoint.pth"
 
 
@@ -209,11 +220,15 @@ def test_cli_import_then_profile(mobilenet_state, tmp_path, capsys):
     source, output = tmp_path / "mobilenet_v2.pth", tmp_path / "out" / "mv2.pt"
     output.parent.mkdir()
     torch.save(mobilenet_state, source)
-    assert main(["import-weights", "--from", "authors", "--model", "mobilenet_v2", str(source),
-                 "--output", str(output)]) == 0
+    assert (
+        main(["import-weights", "--from", "authors", "--model", "mobilenet_v2", str(source), "--output", str(output)])
+        == 0
+    )
     assert "adn eval --checkpoint" in capsys.readouterr().err
-    assert main(["profile", "--checkpoint", str(output), "--skip", "super,base", "--no-latency",
-                 "--input-size", "64"]) == 0
+    assert (
+        main(["profile", "--checkpoint", str(output), "--skip", "super,base", "--no-latency", "--input-size", "64"])
+        == 0
+    )
     stages = adn.load(output).num_stages
     assert "T" * stages in capsys.readouterr().out
     broken = {k: v for k, v in mobilenet_state.items() if k != "classifier.1.bias"}

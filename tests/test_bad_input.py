@@ -1,6 +1,7 @@
 """Inputs users get wrong, fed to every command and to the public functions: each gets one clear
 ``adn: error: ...`` line (exit status 2) or a ValueError-family exception that says what was wrong and
 what to do, and whatever was already on disk stays as it was."""
+
 import hashlib
 import json
 import pickle
@@ -23,9 +24,33 @@ from tests.conftest import write_idx, write_image_folder
 def finished_run(tmp_path_factory, fashion_dir) -> Path:
     """An output folder holding a finished run, which failed commands must leave untouched."""
     out = tmp_path_factory.mktemp("finished")
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data-path", str(fashion_dir), "--epochs", "1",
-                 "-b", "32", "--max-steps-per-epoch", "1", "--val-subset", "32", "--output-dir", str(out),
-                 "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "32",
+                "--max-steps-per-epoch",
+                "1",
+                "--val-subset",
+                "32",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -44,27 +69,50 @@ def _fails(capsys, argv: list[str], *fragments: str) -> str:
 
 
 def _train(fashion_dir, out, *extra) -> list[str]:
-    return ["train", "--model", "resnet20", "--width", "4", "--data-path", str(fashion_dir), "--epochs", "1",
-            "-b", "32", "--max-steps-per-epoch", "1", "--val-subset", "32", "--output-dir", str(out), "--no-progress",
-            "--device", "cpu", *extra]
+    return [
+        "train",
+        "--model",
+        "resnet20",
+        "--width",
+        "4",
+        "--data-path",
+        str(fashion_dir),
+        "--epochs",
+        "1",
+        "-b",
+        "32",
+        "--max-steps-per-epoch",
+        "1",
+        "--val-subset",
+        "32",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("extra, fragments", [
-    (["--epochs", "0"], ["--epochs must be at least 1, got 0"]),
-    (["--epochs", "-2"], ["--epochs must be at least 1, got -2"]),
-    (["-b", "0"], ["--batch-size must be at least 1, got 0"]),
-    (["-b", "-8"], ["--batch-size must be at least 1, got -8"]),
-    (["--workers", "-1"], ["--workers must be >= 0"]),
-    (["--lr", "-0.1"], ["--lr must be positive"]),
-    (["--save-every-steps", "0"], ["--save-every-steps must be at least 1"]),
-    (["--keep-last", "-1"], ["--keep-checkpoints (--keep-last) must be >= 0"]),
-    (["--train-subset", "0"], ["--train-subset must be a positive number of images"]),
-    (["--model", "resnet5O"], ["unknown model 'resnet5O'", "Did you mean", "resnet50"]),
-    (["--model", "resnt20"], ["Did you mean resnet20"]),
-    (["--method", "individual", "--skip", "TTFF"], ["'TTFF'", "3 stages"]),
-    (["--method", "individual", "--skip", "TXF"], ["unexpected character(s) 'X'", "3 stages"]),
-    (["--device", "tpu9"], ["--device 'tpu9' is not a device"]),
-])
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--epochs", "0"], ["--epochs must be at least 1, got 0"]),
+        (["--epochs", "-2"], ["--epochs must be at least 1, got -2"]),
+        (["-b", "0"], ["--batch-size must be at least 1, got 0"]),
+        (["-b", "-8"], ["--batch-size must be at least 1, got -8"]),
+        (["--workers", "-1"], ["--workers must be >= 0"]),
+        (["--lr", "-0.1"], ["--lr must be positive"]),
+        (["--save-every-steps", "0"], ["--save-every-steps must be at least 1"]),
+        (["--keep-last", "-1"], ["--keep-checkpoints (--keep-last) must be >= 0"]),
+        (["--train-subset", "0"], ["--train-subset must be a positive number of images"]),
+        (["--model", "resnet5O"], ["unknown model 'resnet5O'", "Did you mean", "resnet50"]),
+        (["--model", "resnt20"], ["Did you mean resnet20"]),
+        (["--method", "individual", "--skip", "TTFF"], ["'TTFF'", "3 stages"]),
+        (["--method", "individual", "--skip", "TXF"], ["unexpected character(s) 'X'", "3 stages"]),
+        (["--device", "tpu9"], ["--device 'tpu9' is not a device"]),
+    ],
+)
 def test_train_settings_users_get_wrong(capsys, fashion_dir, finished_run, extra, fragments):
     before = _fingerprint(finished_run)
     _fails(capsys, _train(fashion_dir, finished_run, *extra), *fragments)
@@ -89,8 +137,9 @@ def test_fashion_mnist_folders_that_are_missing_empty_or_truncated(capsys, tmp_p
     before = _fingerprint(finished_run)
     _fails(capsys, _train(tmp_path / "missing", finished_run), "does not exist")
     (tmp_path / "empty").mkdir()
-    _fails(capsys, _train(tmp_path / "empty", finished_run), "holds no Fashion-MNIST IDX files",
-           "train-images-idx3-ubyte")
+    _fails(
+        capsys, _train(tmp_path / "empty", finished_run), "holds no Fashion-MNIST IDX files", "train-images-idx3-ubyte"
+    )
     broken = write_idx(tmp_path / "broken", compress=False, n_train=64, n_test=32)
     images = broken / "train-images-idx3-ubyte"
     whole = images.read_bytes()
@@ -102,13 +151,27 @@ def test_fashion_mnist_folders_that_are_missing_empty_or_truncated(capsys, tmp_p
 
 
 def test_image_folders_that_are_missing_empty_or_mislaid(capsys, tmp_path):
-    run = ["train", "--model", "resnet18", "--data", "imagefolder", "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    run = [
+        "train",
+        "--model",
+        "resnet18",
+        "--data",
+        "imagefolder",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     _fails(capsys, run, "--data imagefolder needs --data-path")
     (tmp_path / "flat").mkdir()
     _fails(capsys, [*run, "--data-path", str(tmp_path / "flat")], "train is not a folder", "train/ and val/")
     for split in ("train", "val"):
         (tmp_path / "hollow" / split / "cats").mkdir(parents=True)
-    _fails(capsys, [*run, "--data-path", str(tmp_path / "hollow")], "Found no valid file", "one sub-folder of images per class")
+    _fails(
+        capsys,
+        [*run, "--data-path", str(tmp_path / "hollow")],
+        "Found no valid file",
+        "one sub-folder of images per class",
+    )
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -122,8 +185,26 @@ def folder_with_a_corrupt_image(tmp_path) -> tuple[Path, Path]:
 
 def test_a_corrupt_image_is_named_or_skipped_and_counted(capsys, tmp_path, folder_with_a_corrupt_image):
     root, bad = folder_with_a_corrupt_image
-    run = ["train", "--model", "resnet18", "--data", "imagefolder", "--data-path", str(root), "--train-crop-size", "32",
-           "--epochs", "1", "-b", "4", "--output-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+    run = [
+        "train",
+        "--model",
+        "resnet18",
+        "--data",
+        "imagefolder",
+        "--data-path",
+        str(root),
+        "--train-crop-size",
+        "32",
+        "--epochs",
+        "1",
+        "-b",
+        "4",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     _fails(capsys, run, f"cannot read image {bad}", "--skip-bad-images")
     assert main([*run, "--skip-bad-images"]) == 0
     assert f"skipping unreadable image {bad}" in capsys.readouterr().err
@@ -136,6 +217,7 @@ def _jpeg_bytes(size: int = 16) -> bytes:
 
     import numpy as np
     from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3)).astype(np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
@@ -150,6 +232,7 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     from PIL import Image
 
     from adn.cli.analyze import load_images
+
     root = write_image_folder(tmp_path / "images", classes=2, per_class=1, size=16)
     ramp8 = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every gray level once
     wide, narrow = root / "val" / "class0" / "0.png", tmp_path / "8bit.png"
@@ -163,12 +246,15 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     meta = {"image_size": 16, "in_channels": 1, "mean": [0.0], "std": [1.0]}
     assert torch.equal(load_images([str(wide)], meta), load_images([str(narrow)], meta))
     meta["in_channels"] = 3
-    assert torch.equal(load_images([str(wide)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}),
-                       load_images([str(narrow)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}))
+    assert torch.equal(
+        load_images([str(wide)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}),
+        load_images([str(narrow)], {**meta, "mean": [0.0] * 3, "std": [1.0] * 3}),
+    )
 
 
 def test_decoder_warnings_are_reported_once_per_file_and_truncated_jpegs_are_unreadable(capsys, tmp_path):
     import struct
+
     root = write_image_folder(tmp_path / "images", classes=2, per_class=2, size=16)
     jpeg = _jpeg_bytes()
     # A JPEG that still decodes, but whose header is damaged (a malformed MPO segment): PIL warns.
@@ -176,7 +262,7 @@ def test_decoder_warnings_are_reported_once_per_file_and_truncated_jpegs_are_unr
     warned = root / "val" / "class0" / "warned.jpg"
     warned.write_bytes(jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:])
     truncated = root / "val" / "class1" / "truncated.jpg"
-    truncated.write_bytes(jpeg[:len(jpeg) // 2])
+    truncated.write_bytes(jpeg[: len(jpeg) // 2])
     data = load_dataset("imagefolder", root, image_size=16, augment=False)
     capsys.readouterr()
     for _ in range(3):
@@ -184,7 +270,9 @@ def test_decoder_warnings_are_reported_once_per_file_and_truncated_jpegs_are_unr
     err = capsys.readouterr().err
     assert err.count(f"adn: warning: image {warned} may be damaged") == 1, err
     assert "malformed MPO" in err
-    with pytest.raises(DataError, match=r"cannot read image .*truncated\.jpg \(OSError: .*[Tt]runcated.*--skip-bad-images"):
+    with pytest.raises(
+        DataError, match=r"cannot read image .*truncated\.jpg \(OSError: .*[Tt]runcated.*--skip-bad-images"
+    ):
         data.val[_index(data.val, truncated)]
     skipping = load_dataset("imagefolder", root, image_size=16, augment=False, skip_bad_images=True)
     assert skipping.val[_index(skipping.val, truncated)] is None
@@ -193,13 +281,48 @@ def test_decoder_warnings_are_reported_once_per_file_and_truncated_jpegs_are_unr
 
 def test_eval_skips_and_counts_unreadable_images_when_asked(capsys, tmp_path):
     root = write_image_folder(tmp_path / "images", classes=3, per_class=4, size=20)
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "imagefolder", "--data-path", str(root),
-                 "--train-crop-size", "16", "--epochs", "1", "-b", "4", "--max-steps-per-epoch", "1",
-                 "--recalibrate-bn", "0", "--output-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data",
+                "imagefolder",
+                "--data-path",
+                str(root),
+                "--train-crop-size",
+                "16",
+                "--epochs",
+                "1",
+                "-b",
+                "4",
+                "--max-steps-per-epoch",
+                "1",
+                "--recalibrate-bn",
+                "0",
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     bad = root / "val" / "class1" / "2.png"
     bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG
-    evaluate = ["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--no-plot", "--no-latency",
-                "--skip", "super,base"]
+    evaluate = [
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "run" / "checkpoint.pt"),
+        "--no-plot",
+        "--no-latency",
+        "--skip",
+        "super,base",
+    ]
     _fails(capsys, evaluate, f"cannot read image {bad}", "--skip-bad-images")
     assert main([*evaluate, "--skip-bad-images", "--json"]) == 0
     out, err = capsys.readouterr()
@@ -216,13 +339,31 @@ def test_eval_skips_and_counts_unreadable_images_when_asked(capsys, tmp_path):
 
 
 def test_images_of_the_wrong_size_or_channel_count(capsys, tmp_path, fashion_dir, finished_run):
-    _fails(capsys, ["train", "--model", "vit_b_16", "--data", "fake", "--output-dir", str(tmp_path / "run")],
-           "vit_b_16 cannot process images of shape (3, 32, 32)", "--train-crop-size")
+    _fails(
+        capsys,
+        ["train", "--model", "vit_b_16", "--data", "fake", "--output-dir", str(tmp_path / "run")],
+        "vit_b_16 cannot process images of shape (3, 32, 32)",
+        "--train-crop-size",
+    )
     colour = write_image_folder(tmp_path / "colour", classes=10, per_class=1, size=28)
     before = _fingerprint(finished_run)
-    _fails(capsys, ["eval", "--checkpoint", str(finished_run / "checkpoint.pt"), "--data", "imagefolder", "--data-path",
-                    str(colour), "--no-plot", "--no-latency"],
-           "cannot process images of shape (3, 224, 224)", "to have 1 channels", "same channels and size")
+    _fails(
+        capsys,
+        [
+            "eval",
+            "--checkpoint",
+            str(finished_run / "checkpoint.pt"),
+            "--data",
+            "imagefolder",
+            "--data-path",
+            str(colour),
+            "--no-plot",
+            "--no-latency",
+        ],
+        "cannot process images of shape (3, 224, 224)",
+        "to have 1 channels",
+        "same channels and size",
+    )
     assert _fingerprint(finished_run) == before
 
 
@@ -231,11 +372,18 @@ def test_outputs_where_a_file_blocks_the_folder(capsys, tmp_path, fashion_dir, f
     blocker.write_text("keep me")
     checkpoint = str(finished_run / "checkpoint.pt")
     _fails(capsys, _train(fashion_dir, blocker / "run"), "cannot write to output directory")
-    _fails(capsys, ["export", "--checkpoint", checkpoint, "--skip", "base", "--output", str(blocker / "export")],
-           str(blocker))
+    _fails(
+        capsys,
+        ["export", "--checkpoint", checkpoint, "--skip", "base", "--output", str(blocker / "export")],
+        str(blocker),
+    )
     # The evaluation's results are printed first; a plot that cannot be written is a warning (issue 12, item 10).
-    assert main(["eval", "--checkpoint", checkpoint, "--plot", str(blocker / "plot.png"), "--no-latency", "--skip",
-                 "base"]) == 0
+    assert (
+        main(
+            ["eval", "--checkpoint", checkpoint, "--plot", str(blocker / "plot.png"), "--no-latency", "--skip", "base"]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "TTT" in out and f"adn: warning: could not write the plot {blocker / 'plot.png'}" in err
     assert blocker.read_text() == "keep me"
@@ -265,6 +413,7 @@ def test_public_functions_name_what_is_wrong(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     from adn.vision.evaluate import evaluate_accuracy
+
     colour = DataLoader(TensorDataset(torch.randn(4, 3, 28, 28), torch.zeros(4, dtype=torch.long)), batch_size=2)
     with pytest.raises(ValueError, match=r"cannot process images of shape \(3, 28, 28\)"):
         evaluate_accuracy(net, colour, ["super"])

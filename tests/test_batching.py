@@ -2,6 +2,7 @@
 low-load case: waiting for company that is not coming was two thirds of the server's time); requests that
 arrive together, or while the worker is busy, still go out as one batch (up to max_batch); a batch waits
 for the next request, at most --max-wait-ms, only while requests come faster than batching them saves."""
+
 from __future__ import annotations
 
 import queue
@@ -19,11 +20,17 @@ from .test_serve import SIM_ACC, SIM_P50, sim_table
 
 def table_with(batch_of_8: float) -> dict:
     """sim_table's times at batch 1, a batch of 8 costing ``batch_of_8`` times as much (p99: 1.2x p50)."""
+
     def cell(ms: float) -> dict:
         return {"p50": ms, "p99": 1.2 * ms}
-    return {"batch_sizes": [1, 8], "depths": [
-        {"skip": s, "acc1": SIM_ACC[s], "macs": 1, "latency_ms": {"1": cell(one), "8": cell(batch_of_8 * one)}}
-        for s, (one, _) in SIM_P50.items()]}
+
+    return {
+        "batch_sizes": [1, 8],
+        "depths": [
+            {"skip": s, "acc1": SIM_ACC[s], "macs": 1, "latency_ms": {"1": cell(one), "8": cell(batch_of_8 * one)}}
+            for s, (one, _) in SIM_P50.items()
+        ],
+    }
 
 
 def gpu_table() -> dict:
@@ -116,6 +123,7 @@ class StillClock:
 def make_batcher(policy: BatchPolicy, execute) -> Batcher:
     def fail(requests, error):
         raise AssertionError(f"a batch failed: {error!r}")
+
     batcher = Batcher(policy, execute, fail, max_queue=64, clock=StillClock())
     batcher.start()
     return batcher
@@ -145,6 +153,7 @@ def test_requests_that_arrive_while_the_worker_is_busy_go_out_together():
             busy.set()
             assert release.wait(10)
         ran.put(plan)
+
     batcher = make_batcher(BatchPolicy(adn.Governor(sim_table(), 50), 4, 0.005), execute)
     try:
         first = request(1.0)

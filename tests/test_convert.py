@@ -48,11 +48,18 @@ def test_convert_is_in_place_and_keeps_the_original_class():
         adn.convert(net)
 
 
-@pytest.mark.parametrize("name, blocks", [
-    ("resnet18", [2, 2, 2, 2]), ("resnet34", [3, 4, 6, 3]), ("resnet50", [3, 4, 6, 3]),
-    ("resnet101", [3, 4, 23, 3]), ("resnet152", [3, 8, 36, 3]), ("wide_resnet50_2", [3, 4, 6, 3]),
-    ("resnext50_32x4d", [3, 4, 6, 3]),
-])
+@pytest.mark.parametrize(
+    "name, blocks",
+    [
+        ("resnet18", [2, 2, 2, 2]),
+        ("resnet34", [3, 4, 6, 3]),
+        ("resnet50", [3, 4, 6, 3]),
+        ("resnet101", [3, 4, 23, 3]),
+        ("resnet152", [3, 8, 36, 3]),
+        ("wide_resnet50_2", [3, 4, 6, 3]),
+        ("resnext50_32x4d", [3, 4, 6, 3]),
+    ],
+)
 def test_split_rule_for_the_torchvision_family(name, blocks):
     with torch.device("meta"):  # structure only: no time spent initialising weights
         net = adn.convert(torchvision.models.get_model(name))
@@ -79,7 +86,9 @@ def test_skipped_blocks_are_never_called():
     calls = {}
     for stage in net.adn_stages:
         for block in stage.shared + stage.skippable:
-            block.conv1.register_forward_hook(lambda m, i, o, b=block: calls.__setitem__(id(b), calls.get(id(b), 0) + 1))
+            block.conv1.register_forward_hook(
+                lambda m, i, o, b=block: calls.__setitem__(id(b), calls.get(id(b), 0) + 1)
+            )
     x = torch.randn(1, 3, 64, 64)
     for config in adn.SkipConfig.all(4):
         calls.clear()
@@ -107,8 +116,12 @@ def test_twins_are_used_exactly_when_their_stage_skips():
                 # The wrapper's hook fires either way; the twin's only when the stage skips.
                 assert (f"{name}.twin" in used) == skipped
         twins_used = {n for n in used if n.endswith(".twin")}
-        expected = {next(n for n, m in net.named_modules() if m is norm) + ".twin"
-                    for stage, skipped in zip(net.adn_stages, config) if skipped for norm in stage.norms}
+        expected = {
+            next(n for n, m in net.named_modules() if m is norm) + ".twin"
+            for stage, skipped in zip(net.adn_stages, config)
+            if skipped
+            for norm in stage.norms
+        }
         assert twins_used == expected
 
 
@@ -123,8 +136,13 @@ def test_twins_cover_the_shared_residual_branches_but_not_the_shortcut():
             assert isinstance(block, SkippableBlock)
             assert not any(isinstance(m, SkipAwareNorm) for m in block.modules())
     n_twin_params = sum(p.numel() for n, p in net.named_parameters() if ".twin." in n)
-    twinned = sum(p.numel() for s in net.adn_stages for norm in s.norms for n, p in norm.named_parameters()
-                  if not n.startswith("twin."))
+    twinned = sum(
+        p.numel()
+        for s in net.adn_stages
+        for norm in s.norms
+        for n, p in norm.named_parameters()
+        if not n.startswith("twin.")
+    )
     assert n_twin_params == twinned
 
 
@@ -205,13 +223,16 @@ def test_a_converted_model_saved_whole_loads_in_a_fresh_process(tmp_path):
     can load it, and it computes the same at every depth."""
     import subprocess
     import sys
+
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).eval()
     adn.record_depth_statistics(net, [torch.randn(8, 1, 28, 28)], num_batches=1)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.save({"net": net, "x": x, "y": {c: net(x, skip=c) for c in ("FFF", "TFT")}}, tmp_path / "whole.pt")
-    code = ("import torch; d = torch.load(r'%s', weights_only=False); net = d['net']; "
-            "assert type(net).__name__ == 'AdaptiveSmallResNet', type(net); "
-            "assert all(torch.equal(net(d['x'], skip=c), y) for c, y in d['y'].items()); print('ok')") % (tmp_path / "whole.pt")
+    code = (
+        "import torch; d = torch.load(r'%s', weights_only=False); net = d['net']; "
+        "assert type(net).__name__ == 'AdaptiveSmallResNet', type(net); "
+        "assert all(torch.equal(net(d['x'], skip=c), y) for c, y in d['y'].items()); print('ok')"
+    ) % (tmp_path / "whole.pt")
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -39,12 +39,15 @@ def test_image_folders_in_imagenet_layout(tmp_path):
     assert data.train[0][0].shape == (3, 32, 32) and data.val[0][0].shape == (3, 32, 32)
 
 
-@pytest.mark.parametrize("name, path, message", [
-    ("fashion-mnist", "/nonexistent/fm", "does not exist"),
-    ("imagefolder", None, "needs --data-path"),
-    ("imagefolder", "/nonexistent/imagenet", "train"),
-    ("mnist-digits", None, "unknown dataset"),
-])
+@pytest.mark.parametrize(
+    "name, path, message",
+    [
+        ("fashion-mnist", "/nonexistent/fm", "does not exist"),
+        ("imagefolder", None, "needs --data-path"),
+        ("imagefolder", "/nonexistent/imagenet", "train"),
+        ("mnist-digits", None, "unknown dataset"),
+    ],
+)
 def test_missing_or_malformed_paths_give_clear_errors(name, path, message):
     with pytest.raises(DataError, match=message):
         load_dataset(name, path)

@@ -1,6 +1,7 @@
 """`adn train` without a method flag trains the best recipe we measured (joint, skip-aware norms) and stores
 each depth's batch-norm statistics itself, so that `adn eval` needs no second command; the paper's
 Algorithm 1 stays one flag away (`--method adn`), unchanged."""
+
 import json
 import shutil
 
@@ -17,10 +18,35 @@ EVAL = ["eval", "--no-latency", "--no-plot", "--json", "--skip", "all"]
 
 
 def _train(folder, fashion_dir, *extra):
-    return main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
-                 str(fashion_dir), "--epochs", "1", "-b", "32", "--lr", "0.5", "--max-steps-per-epoch", "3",
-                 "--output-dir", str(folder), "--no-progress", "--recalibrate-bn", "0",
-                 "--depth-statistics-batches", "1", *extra])
+    return main(
+        [
+            "train",
+            "--model",
+            "resnet20",
+            "--width",
+            "4",
+            "--data",
+            "fashion-mnist",
+            "--data-path",
+            str(fashion_dir),
+            "--epochs",
+            "1",
+            "-b",
+            "32",
+            "--lr",
+            "0.5",
+            "--max-steps-per-epoch",
+            "3",
+            "--output-dir",
+            str(folder),
+            "--no-progress",
+            "--recalibrate-bn",
+            "0",
+            "--depth-statistics-batches",
+            "1",
+            *extra,
+        ]
+    )
 
 
 def _eval(checkpoint, capsys) -> list[dict]:
@@ -55,7 +81,9 @@ def test_eval_reads_the_same_numbers_as_after_adn_recalibrate(default_run, tmp_p
         assert torch.equal(table["mean"], theirs["norms"][name]["mean"]), name
         assert torch.equal(table["var"], theirs["norms"][name]["var"]), name
     rows, recalibrated = _eval(default_run, capsys), _eval(again, capsys)
-    assert [(r["skip"], r["acc1"], r["acc5"]) for r in rows] == [(r["skip"], r["acc1"], r["acc5"]) for r in recalibrated]
+    assert [(r["skip"], r["acc1"], r["acc5"]) for r in rows] == [
+        (r["skip"], r["acc1"], r["acc5"]) for r in recalibrated
+    ]
     assert {r["bn_statistics"] for r in rows} == {"per depth (256 training images each, adn train)"}
     assert {r["bn_statistics"] for r in recalibrated} == {"per depth (256 training images each, adn recalibrate)"}
 
@@ -112,12 +140,12 @@ def test_resuming_a_checkpoint_of_another_method_names_the_flag(tmp_path, fashio
     assert "add --method adn" in capsys.readouterr().err
 
 
-def test_a_failed_measurement_is_a_warning_and_leaves_the_checkpoint_whole(tmp_path, fashion_dir, capsys,
-                                                                           monkeypatch):
+def test_a_failed_measurement_is_a_warning_and_leaves_the_checkpoint_whole(tmp_path, fashion_dir, capsys, monkeypatch):
     import adn.vision.stored_statistics as stored_statistics
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
+
     monkeypatch.setattr(stored_statistics, "record_depth_statistics", broken)
     folder = tmp_path / "broken"
     capsys.readouterr()

@@ -1,4 +1,5 @@
 """`adn reproduce --protocol demo`: the recipes a user chooses between, at make demo's schedule."""
+
 import json
 from pathlib import Path
 
@@ -35,8 +36,15 @@ def fake_results(protocol):
         for seed in protocol.seeds:
             value = 90.0 + seed * 0.1 + (1.0 if arm == "joint" else 0.0)
             depths = {"FFF": value, "TTT": value - 0.5, "TFT": value - 1.0}
-            runs.append({"arm": arm, "seed": seed, "train_s": 60.0, "accuracy": depths,
-                         "accuracy_recalibrated": {k: v + 0.2 for k, v in depths.items()}})
+            runs.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "train_s": 60.0,
+                    "accuracy": depths,
+                    "accuracy_recalibrated": {k: v + 0.2 for k, v in depths.items()},
+                }
+            )
         results[arm] = runs
     return results
 
@@ -46,11 +54,19 @@ def test_the_demo_report_compares_every_recipe_with_the_individual_networks(tmp_
     path = write_demo_report(protocol, fake_results(protocol), tmp_path / "demo.md", tmp_path, tmp_path, tmp_path)
     text = path.read_text()
     assert "15 of 15 runs" in text
-    assert "| joint training (`--method joint`, adn train's default) | per depth | 91.30 ± 0.10 | 90.80 ± 0.10 | 90.30–91.30 |" in text
+    assert (
+        "| joint training (`--method joint`, adn train's default) | per depth | 91.30 ± 0.10 | 90.80 ± 0.10 | 90.30–91.30 |"
+        in text
+    )
     # joint is a point above the individual networks everywhere, far beyond a spread of 0.1
-    assert "joint training (`--method joint`, adn train's default): super-net above the individual network: **holds**" in text
-    assert "Algorithm 1 (the paper: `--method adn --base-ce 0`): super-net above the individual network: " \
-           "**within noise**" in text
+    assert (
+        "joint training (`--method joint`, adn train's default): super-net above the individual network: **holds**"
+        in text
+    )
+    assert (
+        "Algorithm 1 (the paper: `--method adn --base-ce 0`): super-net above the individual network: "
+        "**within noise**" in text
+    )
 
 
 def test_a_partial_demo_study_says_how_many_runs_each_cell_has(tmp_path):
@@ -61,10 +77,10 @@ def test_a_partial_demo_study_says_how_many_runs_each_cell_has(tmp_path):
     assert "(n=1)" in text and "**pending**" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--quick"], "--quick"),
-    (["--arms", "adn-pooled", "--train-only"], "not an arm of --protocol demo"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--quick"], "--quick"), (["--arms", "adn-pooled", "--train-only"], "not an arm of --protocol demo")],
+)
 def test_demo_protocol_flags_that_do_not_apply_are_refused(tmp_path, capsys, args, message):
     code = main(["reproduce", "--protocol", "demo", "--runs", str(tmp_path), "--docs", str(tmp_path / "d.md"), *args])
     assert code != 0

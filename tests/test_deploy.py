@@ -1,6 +1,7 @@
 """Deployment round trips: every sub-network of ResNet-18 and of the small models exported to ONNX
 (run in ONNX Runtime) and to safetensors gives the adaptive network's outputs; compiled depths
 switch without compiling; `adn profile --backend` times each engine."""
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,10 @@ MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32)),
     "resnet20": (lambda: adn.build_model("resnet20", num_classes=10, in_channels=1, width=4), (1, 28)),
     "mobilenet_v2_small": (lambda: adn.build_model("mobilenet_v2_small", num_classes=10, in_channels=1), (1, 28)),
-    "vit_small_images": (lambda: adn.build_model("vit_small_images", num_classes=10, in_channels=1, image_size=28), (1, 28)),
+    "vit_small_images": (
+        lambda: adn.build_model("vit_small_images", num_classes=10, in_channels=1, image_size=28),
+        (1, 28),
+    ),
 }
 
 
@@ -55,7 +59,9 @@ def test_every_subnetwork_round_trips_through_onnx_runtime_and_safetensors(name,
     entries = export_subnetworks(net, onnx_configs, tmp_path / "onnx", "onnx", example)
     assert [e["skip"] for e in entries] == [str(c) for c in onnx_configs]
     for config in onnx_configs:
-        session = ort.InferenceSession(str(tmp_path / "onnx" / f"subnet_{config}.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(tmp_path / "onnx" / f"subnet_{config}.onnx"), providers=["CPUExecutionProvider"]
+        )
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         with torch.no_grad():
             assert torch.allclose(got, net(x, skip=config), atol=1e-4), config
@@ -91,6 +97,7 @@ def fast_compile(monkeypatch):
 
 def test_compiled_depths_switch_without_compiling(fast_compile):
     from torch._dynamo.utils import counters
+
     net = _trained_looking(adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)))
     x = torch.randn(2, 1, 28, 28)
     fast = adn.compile_depths(net, x, ["FFF", "TFT", "TTT"])
@@ -109,8 +116,31 @@ def test_compiled_depths_switch_without_compiling(fast_compile):
 def test_profile_times_each_backend(backend, fast_compile, capsys):
     if backend.startswith("onnxruntime"):
         pytest.importorskip("onnxruntime")
-    assert main(["profile", "--model", "resnet20", "--width", "4", "--in-channels", "1", "--input-size", "28",
-                 "--num-classes", "10", "--skip", "FFF,TTT", "--backend", backend, "--repeats", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--in-channels",
+                "1",
+                "--input-size",
+                "28",
+                "--num-classes",
+                "10",
+                "--skip",
+                "FFF,TTT",
+                "--backend",
+                backend,
+                "--repeats",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [r["skip"] for r in rows] == ["FFF", "TTT"]
     assert all(r["backend"] == backend and r["latency_ms"] > 0 for r in rows)

@@ -1,6 +1,7 @@
 """Code written against the old flat layout keeps working for one release: every old module path still
 imports, gives the very objects of its new home, and warns with a DeprecationWarning that names the new path.
 The public API (``adn.__all__``) and the imports the docs show are unchanged."""
+
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,7 @@ import pytest
 import adn
 
 SOURCE = Path(adn.__file__).parent
-OLD_MODULES = sorted(path.stem for path in SOURCE.glob("*.py")
-                     if "utils.deprecated import" in path.read_text())
+OLD_MODULES = sorted(path.stem for path in SOURCE.glob("*.py") if "utils.deprecated import" in path.read_text())
 
 
 def _fresh_import(name: str):
@@ -35,7 +35,9 @@ def test_an_old_module_path_still_works_and_says_where_it_moved(old):
     module, caught = _fresh_import(f"adn.{old}")
     if hasattr(module, "__getattr__") and module.__name__ == f"adn.{old}":  # split: names read from new homes
         text = (SOURCE / f"{old}.py").read_text()
-        names = [line.split('"')[1] for line in text.splitlines() if line.strip().startswith('"') and '": "adn.' in line]
+        names = [
+            line.split('"')[1] for line in text.splitlines() if line.strip().startswith('"') and '": "adn.' in line
+        ]
         assert names, f"adn.{old} lists no moved names"
         for name in names:
             with warnings.catch_warnings(record=True) as got:
@@ -59,6 +61,7 @@ def test_the_imports_the_docs_show_keep_working():
         from adn.train import adn_step
         from adn.training.methods import adn_step as new_adn_step
     from adn.core.distill import SubPathDistillationLoss as new_loss
+
     assert adn_step is new_adn_step and SubPathDistillationLoss is new_loss
     importlib.import_module("adn.lm.model")
 

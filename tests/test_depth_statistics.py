@@ -1,6 +1,7 @@
 """Per-depth batch-norm statistics: every depth normalizes with statistics measured at that depth, wherever
 it is run (per call, default depth, threads, standalone sub-networks, checkpoints), and training is
 untouched by them."""
+
 import copy
 import json
 import threading
@@ -105,8 +106,10 @@ def test_dropping_them_restores_the_running_statistics():
         adn.record_depth_statistics(net, _batches(), num_batches=2)
         adn.drop_depth_statistics(net)
         assert torch.equal(net(x, skip="TFT"), before)
-    assert all(type(m) is not adn.core.layers.DepthStatisticsNorm and "depth_running" not in dict(m.named_buffers())
-               for m in net.modules())
+    assert all(
+        type(m) is not adn.core.layers.DepthStatisticsNorm and "depth_running" not in dict(m.named_buffers())
+        for m in net.modules()
+    )
 
 
 def test_a_failed_measurement_leaves_the_network_as_it_was():
@@ -150,8 +153,9 @@ def test_recalibrating_one_depth_updates_its_row():
     x = torch.randn(4, 1, 28, 28)
     adn.recalibrate_norms(net, _batches(2, seed=7), num_batches=2, skip="TFT")
     with torch.no_grad():
-        assert torch.allclose(net(x, skip="TFT"), _reference(net, "TFT", _batches(2, seed=7), 2)(x, skip="TFT"),
-                              atol=1e-5)
+        assert torch.allclose(
+            net(x, skip="TFT"), _reference(net, "TFT", _batches(2, seed=7), 2)(x, skip="TFT"), atol=1e-5
+        )
 
 
 def test_norms_that_do_more_than_normalize_keep_doing_it():
@@ -162,8 +166,9 @@ def test_norms_that_do_more_than_normalize_keep_doing_it():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         for config in ("super", "base"):
-            assert torch.allclose(net(x, skip=config), _reference(net, config, batches, 2)(x, skip=config),
-                                  atol=1e-4), config
+            assert torch.allclose(
+                net(x, skip=config), _reference(net, config, batches, 2)(x, skip=config), atol=1e-4
+            ), config
 
 
 def test_networks_without_batch_norm_have_nothing_to_record():
@@ -174,17 +179,60 @@ def test_networks_without_batch_norm_have_nothing_to_record():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, fashion_dir):
     out = tmp_path_factory.mktemp("depthstats") / "run"
-    assert main(["train", "--model", "resnet20", "--width", "8", "--data", "fashion-mnist", "--data-path",
-                 str(fashion_dir), "--epochs", "1", "-b", "32", "--lr", "0.5", "--max-steps-per-epoch", "6",
-                 "--method", "adn", "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "8",
+                "--data",
+                "fashion-mnist",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "32",
+                "--lr",
+                "0.5",
+                "--max-steps-per-epoch",
+                "6",
+                "--method",
+                "adn",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--recalibrate-bn",
+                "0",
+            ]
+        )
+        == 0
+    )
     return out / "checkpoint.pt"  # (Algorithm 1: no per-depth statistics until adn recalibrate stores them)
 
 
 def test_recalibrate_command_stores_them_and_every_command_reads_them(trained, tmp_path, capsys):
     target = tmp_path / "recalibrated.pt"
     original = trained.read_bytes()
-    assert main(["recalibrate", "--checkpoint", str(trained), "--output", str(target), "--batches", "2",
-                 "-b", "64", "--json"]) == 0
+    assert (
+        main(
+            [
+                "recalibrate",
+                "--checkpoint",
+                str(trained),
+                "--output",
+                str(target),
+                "--batches",
+                "2",
+                "-b",
+                "64",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["depths"] == 8 and summary["images_per_depth"] == 128
     assert trained.read_bytes() == original  # --output: the input is not touched
@@ -236,9 +284,36 @@ def test_damaged_stored_statistics_are_refused_and_the_fix_works(trained, tmp_pa
 
 def test_a_joint_network_without_them_gets_a_note_naming_the_fix(tmp_path, fashion_dir, capsys):
     out = tmp_path / "joint"  # (told not to store them: adn train stores them itself by default)
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
-                 str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "2", "--method", "joint",
-                 "--no-depth-statistics", "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data",
+                "fashion-mnist",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "32",
+                "--max-steps-per-epoch",
+                "2",
+                "--method",
+                "joint",
+                "--no-depth-statistics",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--recalibrate-bn",
+                "0",
+            ]
+        )
+        == 0
+    )
     checkpoint = str(out / "checkpoint.pt")
     assert f"next: adn recalibrate --checkpoint {checkpoint}" in capsys.readouterr().err
     eval_args = ["eval", "--checkpoint", checkpoint, "--no-latency", "--no-plot", "--skip", "TFT", "--json"]
@@ -254,10 +329,41 @@ def test_a_joint_network_without_twins_needs_no_note(tmp_path, fashion_dir, caps
     # without skip-aware twins the running statistics serve every depth (docs/reproduction.md), so neither
     # train nor eval should send the user to adn recalibrate
     out = tmp_path / "joint-no-san"
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
-                 str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "2", "--method", "joint",
-                 "--no-skip-aware-norm", "--output-dir", str(out), "--no-progress", "--recalibrate-bn", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data",
+                "fashion-mnist",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "32",
+                "--max-steps-per-epoch",
+                "2",
+                "--method",
+                "joint",
+                "--no-skip-aware-norm",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--recalibrate-bn",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "adn recalibrate" not in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-latency", "--no-plot", "--skip", "TFT",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-latency", "--no-plot", "--skip", "TFT", "--json"]
+        )
+        == 0
+    )
     assert "adn recalibrate" not in capsys.readouterr().err

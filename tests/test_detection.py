@@ -1,6 +1,7 @@
 """Adaptive depth backbones in Faster R-CNN / Mask R-CNN: conversion keeps torchvision's outputs, depth
 switching reaches the modules that run, frozen norms stay frozen, training raises AP at both depths,
 COCO evaluation scores what it should, and bad annotation files fail with messages a user can act on."""
+
 import copy
 import json
 from pathlib import Path
@@ -25,16 +26,43 @@ from adn.detection.train import adn_step, individual_step, joint_step
 from adn.core.layers import SkipAwareNorm
 from adn.runtime.profile import count_macs
 
-SMALL = dict(min_size=64, max_size=64, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=100,
-             rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32, box_detections_per_img=10)
+SMALL = dict(
+    min_size=64,
+    max_size=64,
+    rpn_pre_nms_top_n_train=100,
+    rpn_post_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=50,
+    rpn_post_nms_top_n_test=50,
+    box_batch_size_per_image=32,
+    box_detections_per_img=10,
+)
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     """72 training and 24 validation images of 64x64 pixels, classes coloured (learnable in a short run)."""
     root = tmp_path_factory.mktemp("shapes")
-    assert main(["detect", "make-synthetic", "--output", str(root), "--images", "72", "--val-images", "24", "--size",
-                 "64", "--colour-by-class", "--seed", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "make-synthetic",
+                "--output",
+                str(root),
+                "--images",
+                "72",
+                "--val-images",
+                "24",
+                "--size",
+                "64",
+                "--colour-by-class",
+                "--seed",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -43,8 +71,12 @@ def _randomize_norms(model: nn.Module) -> None:
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)):
-            for name, low, high in (("weight", 0.5, 1.5), ("bias", -0.2, 0.2), ("running_mean", -0.2, 0.2),
-                                    ("running_var", 0.5, 2.0)):
+            for name, low, high in (
+                ("weight", 0.5, 1.5),
+                ("bias", -0.2, 0.2),
+                ("running_mean", -0.2, 0.2),
+                ("running_var", 0.5, 2.0),
+            ):
                 tensor = getattr(module, name)
                 with torch.no_grad():
                     tensor.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
@@ -58,8 +90,12 @@ def _images():
 # ----- backbone ----------------------------------------------------------------------------------------------------
 def test_conversion_keeps_torchvision_detector_outputs_in_super_net_mode():
     torch.manual_seed(0)
-    reference = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),
-                           num_classes=4, min_size=64, max_size=64).eval()
+    reference = FasterRCNN(
+        resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),
+        num_classes=4,
+        min_size=64,
+        max_size=64,
+    ).eval()
     _randomize_norms(reference)
     images = _images()
     with torch.no_grad():
@@ -85,8 +121,10 @@ def test_conversion_keeps_torchvision_detector_outputs_in_super_net_mode():
     assert not torch.equal(base[0]["scores"], expected[0]["scores"])  # skipping changes the computation
 
 
-@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn",
-                                  "maskrcnn_resnet50_fpn_v2"])
+@pytest.mark.parametrize(
+    "name",
+    ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"],
+)
 def test_builders_match_torchvision_module_for_module(name):
     with torch.device("meta"):  # shapes and names only: no memory, no initialisation cost
         reference = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5)
@@ -107,8 +145,10 @@ def test_depth_switching_acts_on_the_modules_that_run():
     # A skipped block is still called (it returns its input), so count the convolutions inside it.
     convs = [b.conv1 for b in skippable]
     calls = {}
-    handles = [m.register_forward_hook(lambda mod, i, o: calls.__setitem__(id(mod), calls.get(id(mod), 0) + 1))
-               for m in convs + twins]
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: calls.__setitem__(id(mod), calls.get(id(mod), 0) + 1))
+        for m in convs + twins
+    ]
     images = _images()[:1]
     with torch.no_grad():
         detector(images)  # super-net: every block, no twin
@@ -154,8 +194,9 @@ def test_frozen_batch_norm_twins_follow_torchvision_recipe(tmp_path):
     assert all(p.requires_grad for p in body.layer2.parameters())
 
     # Trainable norms (the v2 recipe): a twin is frozen exactly when its norm is.
-    detector = build_detector("fasterrcnn_resnet18_fpn", 3, backbone_weights=resnet, frozen_bn=False,
-                              trainable_layers=2)
+    detector = build_detector(
+        "fasterrcnn_resnet18_fpn", 3, backbone_weights=resnet, frozen_bn=False, trainable_layers=2
+    )
     skip_aware = [m for m in detector.modules() if isinstance(m, SkipAwareNorm)]
     assert skip_aware and all(isinstance(m, nn.BatchNorm2d) for m in skip_aware)
     for norm in skip_aware:
@@ -185,8 +226,9 @@ def test_backbone_from_an_adn_train_checkpoint(tmp_path):
 
 # ----- training steps ----------------------------------------------------------------------------------------------
 def test_training_steps_train_what_each_method_should(shapes):
-    dataset = CocoDetection(shapes / "train2017", shapes / "annotations/instances_train2017.json", train_transforms(),
-                            masks=True)
+    dataset = CocoDetection(
+        shapes / "train2017", shapes / "annotations/instances_train2017.json", train_transforms(), masks=True
+    )
     images, targets = zip(*[dataset[i] for i in range(2)])
     torch.manual_seed(0)
     detector = build_detector("maskrcnn_resnet18_fpn", 4, fpn_channels=32, **SMALL).train()
@@ -216,14 +258,20 @@ def test_coco_evaluation_of_a_tiny_set(shapes):
     ids = annotations.image_ids[:4]
     perfect, shifted = [], []
     from pycocotools import mask as mask_utils
+
     for image_id in ids:
         info = annotations.images[image_id]
         for ann in annotations.per_image[image_id]:
             mask = decode_mask(ann["segmentation"], info["height"], info["width"]).numpy()
             rle = mask_utils.encode(np.asfortranarray(mask))
             rle["counts"] = rle["counts"].decode()
-            entry = {"image_id": image_id, "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 0.9,
-                     "segmentation": rle}
+            entry = {
+                "image_id": image_id,
+                "category_id": ann["category_id"],
+                "bbox": ann["bbox"],
+                "score": 0.9,
+                "segmentation": rle,
+            }
             perfect.append(entry)
             x, y, w, h = ann["bbox"]
             shifted.append(dict(entry, bbox=[x + w / 3, y + h / 3, w, h]))
@@ -242,11 +290,43 @@ def test_short_training_raises_ap_of_super_and_base_net_and_every_subnetwork_eva
     for a second): AP of both the super-net and the base-net rises from about 0 to well above. Over 8
     seeds of data and initialisation, the lowest box AP50 seen after this run was 11.9 (super-net) and
     13.3 (base-net), the lowest mask AP50 11.1 and box AP 3.2; an untrained detector scores below 1."""
-    flags = ["detect", "train", "--model", "maskrcnn_resnet18_fpn", "--data-path", str(shapes), "-b", "2", "-j", "0",
-             "--opt", "adamw", "--lr", "1e-3", "--lr-scheduler", "constant", "--lr-warmup-iters", "20",
-             "--fpn-channels", "64", "--min-size", "64", "--max-size", "64", "--rpn-proposals-train", "200",
-             "--rpn-proposals-test", "100", "--box-batch-size-per-image", "64", "--detections-per-image", "20",
-             "--output-dir", str(tmp_path), "--no-progress"]
+    flags = [
+        "detect",
+        "train",
+        "--model",
+        "maskrcnn_resnet18_fpn",
+        "--data-path",
+        str(shapes),
+        "-b",
+        "2",
+        "-j",
+        "0",
+        "--opt",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+        "--lr-warmup-iters",
+        "20",
+        "--fpn-channels",
+        "64",
+        "--min-size",
+        "64",
+        "--max-size",
+        "64",
+        "--rpn-proposals-train",
+        "200",
+        "--rpn-proposals-test",
+        "100",
+        "--box-batch-size-per-image",
+        "64",
+        "--detections-per-image",
+        "20",
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(flags + ["--epochs", "1"]) == 0
     assert main(flags + ["--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt")]) == 0
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -254,8 +334,16 @@ def test_short_training_raises_ap_of_super_and_base_net_and_every_subnetwork_eva
 
     # The untrained detector (same initialisation) on the same images.
     torch.manual_seed(0)
-    untrained = build_detector("maskrcnn_resnet18_fpn", 4, fpn_channels=64, min_size=64, max_size=64,
-                               rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100, box_detections_per_img=20)
+    untrained = build_detector(
+        "maskrcnn_resnet18_fpn",
+        4,
+        fpn_channels=64,
+        min_size=64,
+        max_size=64,
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=100,
+        box_detections_per_img=20,
+    )
     annotations = load_annotations(shapes / "annotations/instances_val2017.json")
     val = CocoDetection(shapes / "val2017", annotations, eval_transforms())
     before = score(annotations, predict(untrained, val, ["super", "base"], annotations), masks=True)
@@ -266,8 +354,23 @@ def test_short_training_raises_ap_of_super_and_base_net_and_every_subnetwork_eva
         assert log[-1][f"val_mask_ap50_{label}"] > 6.0, log[-1]
 
     capsys.readouterr()
-    assert main(["detect", "eval", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--skip", "all", "--subset", "4",
-                 "--json", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "checkpoint.pt"),
+                "--skip",
+                "all",
+                "--subset",
+                "4",
+                "--json",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [r["skip"] for r in rows] == [str(c) for c in adn.SkipConfig.all(4)]
     assert all(r["box_ap"] is not None and r["mask_ap"] is not None for r in rows)
@@ -276,10 +379,13 @@ def test_short_training_raises_ap_of_super_and_base_net_and_every_subnetwork_eva
 
 # ----- bad input -------------------------------------------------------------------------------------------------------
 def _valid() -> dict:
-    return {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
-            "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 12],
-                             "segmentation": [[2, 3, 12, 3, 12, 15]]}],
-            "categories": [{"id": 1, "name": "thing"}]}
+    return {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 12], "segmentation": [[2, 3, 12, 3, 12, 15]]}
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
 
 
 def _without(key):
@@ -289,9 +395,14 @@ def _without(key):
 BAD_FILES = {
     "no annotations list": (_without("annotations"), "lacks the 'annotations' list"),
     "annotation without bbox": (lambda d: d["annotations"][0].pop("bbox"), "annotation 7 lacks 'bbox'"),
-    "box outside the image": (lambda d: d["annotations"][0].update(bbox=[35, 3, 10, 12]),
-                              r"annotation 7: bbox \[35, 3, 10, 12\] reaches outside image 1 \(a.png, 40x30"),
-    "corner coordinates": (lambda d: d["annotations"][0].update(bbox=[20, 10, 38, 29]), "looks like \\[x1, y1, x2, y2\\]"),
+    "box outside the image": (
+        lambda d: d["annotations"][0].update(bbox=[35, 3, 10, 12]),
+        r"annotation 7: bbox \[35, 3, 10, 12\] reaches outside image 1 \(a.png, 40x30",
+    ),
+    "corner coordinates": (
+        lambda d: d["annotations"][0].update(bbox=[20, 10, 38, 29]),
+        "looks like \\[x1, y1, x2, y2\\]",
+    ),
     "negative width": (lambda d: d["annotations"][0].update(bbox=[20, 10, -3, 5]), "negative width"),
     "unknown category": (lambda d: d["annotations"][0].update(category_id=9), "category_id 9, which is not in"),
     "unknown image": (lambda d: d["annotations"][0].update(image_id=2), "image_id 2, which is not in 'images'"),
@@ -328,6 +439,7 @@ def test_annotation_errors_reach_the_command_line(tmp_path, capsys):
 
 def test_image_that_disagrees_with_its_annotation_is_named(tmp_path):
     from PIL import Image
+
     (tmp_path / "images").mkdir()
     Image.new("RGB", (41, 30)).save(tmp_path / "images/a.png")
     (tmp_path / "instances.json").write_text(json.dumps(_valid()))

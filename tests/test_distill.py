@@ -61,6 +61,7 @@ def test_two_pass_gradients_equal_the_single_loss_gradients():
     net.load_state_dict(state)
     net.zero_grad(set_to_none=True)
     from adn.training.methods import adn_step
+
     result = adn_step(net, x, y, loss_fn)
     two_pass = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     assert single.keys() == two_pass.keys()
@@ -81,6 +82,7 @@ def test_loss_rejects_bad_settings():
 
 def test_an_optional_label_loss_for_the_base_net_adds_its_cross_entropy():
     import torch.nn.functional as F
+
     torch.manual_seed(0)
     super_logits, base_logits = torch.randn(4, 10), torch.randn(4, 10, requires_grad=True)
     target = torch.randint(0, 10, (4,))

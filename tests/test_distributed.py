@@ -1,6 +1,7 @@
 """Data-parallel training: the batches each process gets, synchronised batch norm and gradient averaging
 (exact, in float64, two Gloo processes), and a real two-process torchrun run of ``adn train`` that ends
 where a one-process run with the same global batch ends."""
+
 import json
 import os
 import socket
@@ -58,6 +59,7 @@ def _exactness_worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     world = Distributed(rank, 2)
     try:
+
         def network():
             torch.manual_seed(0)
             return adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).double().train()
@@ -85,8 +87,9 @@ def _exactness_worker(rank: int, port: int) -> None:
         data = TensorDataset(x[:7], y[:7])
         whole = evaluate_accuracy(reference, DataLoader(data, batch_size=3), ["super", "base"])
         shard = Subset(data, range(rank, 7, 2))
-        sharded = evaluate_accuracy(reference, DataLoader(shard, batch_size=3), ["super", "base"],
-                                    sum_over_processes=world.sum_tensor)
+        sharded = evaluate_accuracy(
+            reference, DataLoader(shard, batch_size=3), ["super", "base"], sum_over_processes=world.sum_tensor
+        )
         assert sharded == whole
     finally:
         dist.destroy_process_group()
@@ -103,23 +106,74 @@ def test_torchrun_two_processes_end_where_one_process_ends(tmp_path, fashion_dir
     from adn.vision.train_config import TrainConfig
     from adn.vision.train import train
 
-    common = ["--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path", str(fashion_dir),
-              "--epochs", "1", "--max-steps-per-epoch", "3", "--lr", "0.01", "--val-subset", "255", "--device", "cpu",
-              "--no-progress", "--no-amp"]  # float32: the comparison below is at float32 rounding
+    common = [
+        "--model",
+        "resnet20",
+        "--width",
+        "4",
+        "--data",
+        "fashion-mnist",
+        "--data-path",
+        str(fashion_dir),
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "3",
+        "--lr",
+        "0.01",
+        "--val-subset",
+        "255",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-amp",
+    ]  # float32: the comparison below is at float32 rounding
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "adn",
-               "train", *common, "-b", "16", "--sync-bn", "--save-every-steps", "2", "--keep-last", "2",
-               "--output-dir", str(tmp_path / "ddp")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "adn",
+        "train",
+        *common,
+        "-b",
+        "16",
+        "--sync-bn",
+        "--save-every-steps",
+        "2",
+        "--keep-last",
+        "2",
+        "--output-dir",
+        str(tmp_path / "ddp"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes x batch 16 (sync-bn)" in result.stderr
     assert result.stderr.count("epoch 1:") == 1, "only rank 0 logs"
 
-    single = TrainConfig(model="resnet20", width=4, data="fashion-mnist", data_path=str(fashion_dir), epochs=1,
-                         max_steps_per_epoch=3, lr=0.01, val_subset=255, device="cpu", progress=False, batch_size=32,
-                         output_dir=str(tmp_path / "single"), amp=False)
+    single = TrainConfig(
+        model="resnet20",
+        width=4,
+        data="fashion-mnist",
+        data_path=str(fashion_dir),
+        epochs=1,
+        max_steps_per_epoch=3,
+        lr=0.01,
+        val_subset=255,
+        device="cpu",
+        progress=False,
+        batch_size=32,
+        output_dir=str(tmp_path / "single"),
+        amp=False,
+    )
     train(single)
-    ddp, one = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt"), load_checkpoint(tmp_path / "single" / "checkpoint.pt")
+    ddp, one = (
+        load_checkpoint(tmp_path / "ddp" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "single" / "checkpoint.pt"),
+    )
     # float32 rounding differs (batch statistics are summed in another order); per-process batch
     # statistics without --sync-bn differ from these by ~4e-3.
     for key, value in one["model"].items():

@@ -1,4 +1,5 @@
 """`adn reproduce-finetune --quick`: teachers, fine-tuning runs from them, caching, and the report."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,23 @@ from adn.studies.finetune_study import arm_name
 
 
 def _argv(tmp_path, fashion_dir, *extra) -> list[str]:
-    return ["reproduce-finetune", "--quick", "--runs", str(tmp_path / "ft"), "--docs", str(tmp_path / "docs" / "finetune.md"),
-            "--reproduce-runs", str(tmp_path / "rep"), "--reproduce-record", str(tmp_path / "rep-record"),
-            "--data-path", str(fashion_dir), "--seeds", "0", *extra]
+    return [
+        "reproduce-finetune",
+        "--quick",
+        "--runs",
+        str(tmp_path / "ft"),
+        "--docs",
+        str(tmp_path / "docs" / "finetune.md"),
+        "--reproduce-runs",
+        str(tmp_path / "rep"),
+        "--reproduce-record",
+        str(tmp_path / "rep-record"),
+        "--data-path",
+        str(fashion_dir),
+        "--seeds",
+        "0",
+        *extra,
+    ]
 
 
 def test_quick_study_fine_tunes_the_teachers_caches_and_reports(tmp_path, fashion_dir, capsys):

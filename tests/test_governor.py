@@ -1,5 +1,6 @@
 """adn.Governor and the depth table: synthetic tables on a simulated clock, then a real table from a
 tiny trained checkpoint through the command line."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,15 @@ ACC = {"TTT": 70.0, "TTF": 75.0, "FFF": 80.0}
 
 
 def table_dict(**changes) -> dict:
-    depths = [{"skip": s, "acc1": ACC[s], "macs": int(P50[s] * 1e6),
-               "latency_ms": {"1": {"p50": P50[s], "p99": 1.5 * P50[s]},
-                              "8": {"p50": 4 * P50[s], "p99": 6 * P50[s]}}} for s in ("FFF", "TTT", "TTF")]
+    depths = [
+        {
+            "skip": s,
+            "acc1": ACC[s],
+            "macs": int(P50[s] * 1e6),
+            "latency_ms": {"1": {"p50": P50[s], "p99": 1.5 * P50[s]}, "8": {"p50": 4 * P50[s], "p99": 6 * P50[s]}},
+        }
+        for s in ("FFF", "TTT", "TTF")
+    ]
     return {"format": "adn-depth-table", "version": 1, "batch_sizes": [1, 8], "depths": depths, **changes}
 
 
@@ -89,6 +96,7 @@ def test_no_flapping_when_times_jitter_around_a_boundary():
     def switches(gov) -> int:
         chosen = simulate(gov, 400, jitter=0.10, seed=3)
         return sum(a != b for a, b in zip(chosen, chosen[1:]))
+
     # FFF's p99 (12 ms) is exactly the budget: +-10% noise puts it on either side of the line.
     assert switches(adn.Governor(table_dict(), budget_ms=12)) <= 2
     assert switches(adn.Governor(table_dict(), budget_ms=12, up_margin=0, min_dwell=0)) > 10  # what it prevents
@@ -105,6 +113,7 @@ def test_thread_safe_under_concurrent_select_and_observe():
                 gov.observe(decision.skip, 1, P50[str(decision.skip)] / 1e3)
         except Exception as error:  # noqa: BLE001 - any failure in a thread must fail the test
             errors.append(error)
+
     threads = [threading.Thread(target=work) for _ in range(4)]
     for thread in threads:
         thread.start()
@@ -123,12 +132,15 @@ def test_select_costs_microseconds():
     assert per_call_us < 100, per_call_us  # ~2-4 us on a 2-core EPYC; lenient for a loaded machine
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"depths": []}, "'depths' must be a non-empty list"),
-    ({"batch_sizes": [8, 1]}, "increasing list of positive integers"),
-    ({"batch_sizes": [1, 8, 32]}, "no latency for batch size 32"),
-    ({"format": "something-else"}, "this adn reads 'adn-depth-table'"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"depths": []}, "'depths' must be a non-empty list"),
+        ({"batch_sizes": [8, 1]}, "increasing list of positive integers"),
+        ({"batch_sizes": [1, 8, 32]}, "no latency for batch size 32"),
+        ({"format": "something-else"}, "this adn reads 'adn-depth-table'"),
+    ],
+)
 def test_malformed_tables_are_named(change, expected):
     with pytest.raises(DepthTableError, match=expected):
         DepthTable.from_dict(table_dict(**change))
@@ -141,6 +153,7 @@ def test_malformed_rows_are_named(tmp_path):
         with pytest.raises(DepthTableError) as error:
             DepthTable.from_dict(data, source="t.json")
         return str(error.value)
+
     assert "depths[0]: no 'acc1'" in broken(lambda row: row.pop("acc1"))
     assert "invalid skip configuration 'FXF'" in broken(lambda row: row.update(skip="FXF"))
     assert "p99 (1.0) is below p50" in broken(lambda row: row["latency_ms"]["1"].update(p99=1.0))
@@ -158,25 +171,76 @@ def test_malformed_rows_are_named(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("gov-run")
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fake", "--epochs", "1",
-                 "--max-steps-per-epoch", "2", "-b", "16", "--output-dir", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data",
+                "fake",
+                "--epochs",
+                "1",
+                "--max-steps-per-epoch",
+                "2",
+                "-b",
+                "16",
+                "--output-dir",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def test_depth_table_from_a_trained_checkpoint_answers_budgets(trained, capsys):
-    assert main(["eval", "--checkpoint", str(trained / "checkpoint.pt"), "--json", "--no-latency", "--no-plot",
-                 "--val-subset", "32"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(trained / "checkpoint.pt"),
+                "--json",
+                "--no-latency",
+                "--no-plot",
+                "--val-subset",
+                "32",
+            ]
+        )
+        == 0
+    )
     (trained / "eval.json").write_text(capsys.readouterr().out)
-    assert main(["depth-table", "--checkpoint", str(trained / "checkpoint.pt"), "--eval", str(trained / "eval.json"),
-                 "--batch-sizes", "1,4", "--repeats", "5", "--warmup", "1"]) == 0
+    assert (
+        main(
+            [
+                "depth-table",
+                "--checkpoint",
+                str(trained / "checkpoint.pt"),
+                "--eval",
+                str(trained / "eval.json"),
+                "--batch-sizes",
+                "1,4",
+                "--repeats",
+                "5",
+                "--warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "depths on the Pareto front" in capsys.readouterr().out
     path = trained / "depth_table.json"
     data = json.loads(path.read_text())
     assert data["batch_sizes"] == [1, 4] and data["conditions"]["backend"] == "eager"
     assert {"device", "threads", "torch", "date", "repeats"} <= set(data["conditions"])
     table = DepthTable.load(path)
-    assert all(row["macs"] > 0 and row["latency_ms"]["4"]["p99"] >= row["latency_ms"]["4"]["p50"]
-               for row in table.depths)
+    assert all(
+        row["macs"] > 0 and row["latency_ms"]["4"]["p99"] >= row["latency_ms"]["4"]["p50"] for row in table.depths
+    )
 
     assert main(["pareto", "--table", str(path), "--budget-ms", "1000", "--batch-size", "4", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)

@@ -1,6 +1,7 @@
 """The package's architecture, checked from its source: every module imports only from its own layer or the
 layers below it, no import circle exists (counting imports inside functions too), no module reaches into
 another module's ``_private`` names, and no module grows past 600 lines. A newcomer can trust the folder tree."""
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,19 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "adn"
 # Bottom to top. A package may import from itself and from the packages listed before it; packages in
 # one tuple are siblings that must not import each other (detection and language models share nothing).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",), ("utils",), ("core",), ("models",), ("convert",), ("runtime",), ("training",), ("vision",),
-    ("detection", "lm"), ("deploy",), ("serve",), ("studies",), ("cli",),
+    ("errors",),
+    ("utils",),
+    ("core",),
+    ("models",),
+    ("convert",),
+    ("runtime",),
+    ("training",),
+    ("vision",),
+    ("detection", "lm"),
+    ("deploy",),
+    ("serve",),
+    ("studies",),
+    ("cli",),
 ]
 RANK = {package: rank for rank, group in enumerate(LAYERS) for package in group}
 MAX_LINES = 600
@@ -60,8 +72,13 @@ LAYERED = {name: path for name, path in MODULES.items() if _package(name) in RAN
 def test_every_module_of_the_package_is_in_a_layer():
     # Top-level modules are the public facade (adn/__init__.py, __main__) and the deprecated aliases of
     # moved modules; everything else lives in a layered package.
-    loose = [name for name, path in MODULES.items() if _package(name) not in RANK
-             and name not in ("adn", "adn.__main__") and "utils.deprecated import" not in path.read_text()]
+    loose = [
+        name
+        for name, path in MODULES.items()
+        if _package(name) not in RANK
+        and name not in ("adn", "adn.__main__")
+        and "utils.deprecated import" not in path.read_text()
+    ]
     assert not loose, f"modules outside every layer (add them to a package or to LAYERS): {loose}"
 
 
@@ -74,11 +91,15 @@ def test_modules_import_only_from_their_layer_or_below():
             if other is None or other == own:
                 continue
             if other not in RANK:
-                wrong.append(f"{path.relative_to(SOURCE.parent)}:{line} imports {target}, outside the layers "
-                             f"(a deprecated alias or the package facade)")
+                wrong.append(
+                    f"{path.relative_to(SOURCE.parent)}:{line} imports {target}, outside the layers "
+                    f"(a deprecated alias or the package facade)"
+                )
             elif RANK[other] >= RANK[own]:
-                wrong.append(f"{path.relative_to(SOURCE.parent)}:{line}: {own} imports {target} "
-                             f"({other} is {'beside' if RANK[other] == RANK[own] else 'above'} it)")
+                wrong.append(
+                    f"{path.relative_to(SOURCE.parent)}:{line}: {own} imports {target} "
+                    f"({other} is {'beside' if RANK[other] == RANK[own] else 'above'} it)"
+                )
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
@@ -106,7 +127,7 @@ def test_no_import_circles_even_inside_functions():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (circle := visit(nxt)):
                 return circle
         stack.pop()
@@ -119,14 +140,21 @@ def test_no_import_circles_even_inside_functions():
 
 
 def test_no_private_names_are_imported_across_modules():
-    reached = [f"{path.relative_to(SOURCE.parent)}:{line} takes {name} from {target}"
-               for path in MODULES.values() for target, names, line in _imports(path)
-               if _package(target) is not None for name in names
-               if name.startswith("_") and not name.startswith("__")]
+    reached = [
+        f"{path.relative_to(SOURCE.parent)}:{line} takes {name} from {target}"
+        for path in MODULES.values()
+        for target, names, line in _imports(path)
+        if _package(target) is not None
+        for name in names
+        if name.startswith("_") and not name.startswith("__")
+    ]
     assert not reached, "private names used from another module:\n" + "\n".join(reached)
 
 
 def test_no_module_is_over_600_lines():
-    long = {str(path.relative_to(SOURCE.parent)): n for path in MODULES.values()
-            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(path.relative_to(SOURCE.parent)): n
+        for path in MODULES.values()
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"

@@ -1,4 +1,5 @@
 """``adn train --init-from FILE``: the four kinds of file, the head swap, errors, and the starting point."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,22 @@ from adn.vision.train_config import TrainConfig
 
 
 def _config(tmp_path, name="run", **overrides) -> TrainConfig:
-    values = dict(model="resnet20", width=8, data="fake", output_dir=str(tmp_path / name), epochs=1, batch_size=16,
-                  max_steps_per_epoch=1, val_subset=16, recalibrate_bn=0, lr=0.05, progress=False, device="cpu",
-                  amp=False, channels_last=False)
+    values = dict(
+        model="resnet20",
+        width=8,
+        data="fake",
+        output_dir=str(tmp_path / name),
+        epochs=1,
+        batch_size=16,
+        max_steps_per_epoch=1,
+        val_subset=16,
+        recalibrate_bn=0,
+        lr=0.05,
+        progress=False,
+        device="cpu",
+        amp=False,
+        channels_last=False,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -72,6 +86,7 @@ def test_torchvision_style_state_dict_is_the_starting_point(tmp_path):
 
 def test_safetensors_file(tmp_path):
     from safetensors.torch import save_file
+
     plain = _plain(width=8)
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
@@ -84,8 +99,15 @@ def test_timm_checkpoint_with_training_arguments(tmp_path):
     torch.manual_seed(3)
     model = timm.create_model("resnet18", num_classes=10)
     path = tmp_path / "model_best.pth.tar"  # what timm's train.py writes: weights under state_dict, args a Namespace
-    torch.save({"epoch": 7, "arch": "resnet18", "state_dict": model.state_dict(),
-                "args": argparse.Namespace(lr=0.1, model="resnet18")}, path)
+    torch.save(
+        {
+            "epoch": 7,
+            "arch": "resnet18",
+            "state_dict": model.state_dict(),
+            "args": argparse.Namespace(lr=0.1, model="resnet18"),
+        },
+        path,
+    )
     assert read_init_file(path).kind == "checkpoint ('state_dict' entry)"
     net = _starting_network(_config(tmp_path, model="timm/resnet18", width=None, init_from=str(path)))
     _assert_plain_weights_with_twin_copies(net, model.state_dict())
@@ -140,7 +162,9 @@ def test_file_that_does_not_fit_names_keys_and_shapes(tmp_path, capsys):
     assert "--width" in err  # how to fix it
     other = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, other)
-    with pytest.raises(CheckpointError, match=r"missing from the file, first \['conv1.weight'.*lacks, first \['encoder.weight'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"missing from the file, first \['conv1.weight'.*lacks, first \['encoder.weight'\]"
+    ):
         init_from(adn.convert(_plain(width=8)), other, "resnet20", log=lambda _: None)
 
 
@@ -163,9 +187,30 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path, capsys):
 
 
 def _cli_args(tmp_path) -> list[str]:
-    return ["--model", "resnet20", "--width", "8", "--data", "fake", "--epochs", "1", "-b", "16",
-            "--max-steps-per-epoch", "1", "--val-subset", "16", "--recalibrate-bn", "0", "--device", "cpu",
-            "--no-progress", "--no-amp", "--output-dir", str(tmp_path / "cli-run")]
+    return [
+        "--model",
+        "resnet20",
+        "--width",
+        "8",
+        "--data",
+        "fake",
+        "--epochs",
+        "1",
+        "-b",
+        "16",
+        "--max-steps-per-epoch",
+        "1",
+        "--val-subset",
+        "16",
+        "--recalibrate-bn",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-amp",
+        "--output-dir",
+        str(tmp_path / "cli-run"),
+    ]
 
 
 def test_exclusive_with_weights_and_missing_file(tmp_path):
@@ -180,8 +225,15 @@ def test_one_step_starts_from_the_loaded_weights_and_body_trains_slower(tmp_path
     plain = _plain(num_classes=7, width=8)
     path = tmp_path / "seven.pth"
     torch.save(plain.state_dict(), path)
-    cfg = _config(tmp_path, init_from=str(path), opt="sgd", momentum=0.0, weight_decay=0.0, body_lr_scale=0.1,
-                  lr_scheduler="constant")
+    cfg = _config(
+        tmp_path,
+        init_from=str(path),
+        opt="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        body_lr_scale=0.1,
+        lr_scheduler="constant",
+    )
     world, device = setup_distributed(cfg.device)
     trainer = Trainer(cfg, world, device)
     try:
@@ -200,8 +252,17 @@ def test_one_step_starts_from_the_loaded_weights_and_body_trains_slower(tmp_path
         world.close()
     assert "initialized from" in capsys.readouterr().err
     # resuming keeps the body's lower learning rate
-    resumed = _config(tmp_path, init_from=str(path), body_lr_scale=0.1, lr_scheduler="constant", opt="sgd",
-                      momentum=0.0, weight_decay=0.0, epochs=2, resume=str(Path(cfg.output_dir) / "checkpoint.pt"))
+    resumed = _config(
+        tmp_path,
+        init_from=str(path),
+        body_lr_scale=0.1,
+        lr_scheduler="constant",
+        opt="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        epochs=2,
+        resume=str(Path(cfg.output_dir) / "checkpoint.pt"),
+    )
     world, device = setup_distributed(resumed.device)
     trainer = Trainer(resumed, world, device)
     try:

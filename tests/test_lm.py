@@ -1,6 +1,7 @@
 """Adaptive depth for decoder-only language models: conversion, every sub-network, the KV cache at any depth,
 Algorithm 1's step on tokens, self-speculative decoding, checkpoints and the three commands. Tiny random
 Llama models (hidden 32, 8 layers, vocab 128/256): nothing is downloaded."""
+
 from __future__ import annotations
 
 import copy
@@ -26,14 +27,34 @@ VOCAB = 128
 
 
 def tiny(layers: int = 8, family: str = "llama", seed: int = 0, vocab: int = VOCAB):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }
     config_class, model_class = classes[family]
     torch.manual_seed(seed)
-    config = config_class(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    config = config_class(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     model = model_class(config).eval()
     # Random RMSNorm weights: with the default ones, a twin and its norm could not be told apart by their outputs.
     with torch.no_grad():
@@ -59,12 +80,22 @@ def without_layers(model, dropped: set[int]):
 # ----- conversion ------------------------------------------------------------------------------------------
 def test_stage_grouping():
     assert [(g[0], g[-1]) for g in stage_layer_groups(30)] == [(1, 7), (8, 14), (15, 21), (22, 27)]
-    assert [(g[0], g[-1]) for g in stage_layer_groups(30, layers_per_stage=6)] == [(1, 6), (7, 12), (13, 18), (19, 24),
-                                                                                  (25, 27)]
+    assert [(g[0], g[-1]) for g in stage_layer_groups(30, layers_per_stage=6)] == [
+        (1, 6),
+        (7, 12),
+        (13, 18),
+        (19, 24),
+        (25, 27),
+    ]
     assert [(g[0], g[-1]) for g in stage_layer_groups(30, layers_per_stage=13)] == [(1, 13), (14, 27)]  # 1 left: joins
     assert [(g[0], g[-1]) for g in stage_layer_groups(8)] == [(1, 3), (4, 5)]
     assert [(g[0], g[-1]) for g in stage_layer_groups(8, skippable=1)] == [(1, 3), (4, 5)]
-    assert [(g[0], g[-1]) for g in stage_layer_groups(8, 2, keep_first=0, keep_last=0)] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert [(g[0], g[-1]) for g in stage_layer_groups(8, 2, keep_first=0, keep_last=0)] == [
+        (0, 1),
+        (2, 3),
+        (4, 5),
+        (6, 7),
+    ]
     with pytest.raises(ValueError, match="too few"):
         stage_layer_groups(4)
     with pytest.raises(ValueError, match="at least 3"):
@@ -82,6 +113,7 @@ def test_default_conversion_skips_half_of_each_stage_as_the_paper_does():
     """SmolLM2's shape (30 layers): stages 1-7, 8-14, 15-21, 22-27, the last half of each skippable, so the
     base-net runs 18 of 30 layers (<= 60%); skippable=1 keeps the earlier split (26 of 30)."""
     from adn.lm.evaluate import layers_run
+
     net = convert_decoder(tiny(layers=30))
     assert [s["name"] for s in net.adn_info["stages"]] == ["layers.1-7", "layers.8-14", "layers.15-21", "layers.22-27"]
     assert _skipped_layers(net, "TTTT") == [5, 6, 7, 12, 13, 14, 19, 20, 21, 25, 26, 27]
@@ -111,9 +143,9 @@ def test_convert_keeps_the_model_and_twins_the_right_norms(family):
         assert torch.equal(net(input_ids=ids).logits, expected)  # keyword inputs, as generate() passes them
     layers = net.model.layers
     twinned = lambda module: isinstance(module, SkipAwareNorm)  # noqa: E731
-    assert not twinned(layers[0].input_layernorm)                         # sees only embeddings
+    assert not twinned(layers[0].input_layernorm)  # sees only embeddings
     assert twinned(layers[1].input_layernorm) and twinned(layers[2].post_attention_layernorm)  # shared, stage 1
-    assert not twinned(layers[3].input_layernorm)                         # skippable
+    assert not twinned(layers[3].input_layernorm)  # skippable
     assert twinned(layers[6].input_layernorm) and twinned(net.model.norm)  # read the last stage's output
     assert net.adn_stages[1].norms[-1] is net.model.norm
 
@@ -144,12 +176,15 @@ def test_every_subnetwork_is_the_model_with_those_layers_removed_and_skips_them(
     with torch.no_grad():
         net.model.layers[1].input_layernorm.twin.weight.mul_(2.0)
         assert torch.equal(net(ids, skip="FFF").logits, original(ids).logits)
-        assert not torch.allclose(net(ids, skip="TFF").logits, without_layers(original, {2})(ids, use_cache=False).logits)
+        assert not torch.allclose(
+            net(ids, skip="TFF").logits, without_layers(original, {2})(ids, use_cache=False).logits
+        )
 
 
 # ----- the KV cache at any depth ---------------------------------------------------------------------------
 def test_cache_of_skipped_layers_stays_empty_and_belongs_to_one_depth():
     from transformers import DynamicCache
+
     net = adn.convert(tiny())  # skippable layers 3 and 5
     ids = tokens(batch=1)
     with torch.no_grad():
@@ -174,9 +209,9 @@ def test_cached_decoding_at_every_depth_matches_full_forward_and_generate():
         out = greedy_generate(net, prompt, 10, skip=config)
         with torch.no_grad(), net.skipping(config):
             reference = net.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-            full = net(out).logits[0, prompt.shape[1] - 1:-1].argmax(-1)  # no cache: every position at once
+            full = net(out).logits[0, prompt.shape[1] - 1 : -1].argmax(-1)  # no cache: every position at once
         assert torch.equal(out, reference), config
-        assert torch.equal(out[0, prompt.shape[1]:], full), config
+        assert torch.equal(out[0, prompt.shape[1] :], full), config
 
 
 # ----- training ----------------------------------------------------------------------------------------------
@@ -201,8 +236,10 @@ def test_one_training_step_trains_the_selected_parameters_with_the_papers_gradie
         s_features = list(outputs)
         b = net(input_ids=ids, skip="TT").logits
         b_features = list(outputs)
-    loss = criterion.teacher_loss(s[:, :-1].flatten(0, 1), ids[:, 1:].flatten())[0] + criterion.student_loss(
-        b.flatten(0, 1), b_features, s.flatten(0, 1), s_features)[0]
+    loss = (
+        criterion.teacher_loss(s[:, :-1].flatten(0, 1), ids[:, 1:].flatten())[0]
+        + criterion.student_loss(b.flatten(0, 1), b_features, s.flatten(0, 1), s_features)[0]
+    )
     loss.backward()
     for name, grad in two_pass.items():
         torch.testing.assert_close(grad, net.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
@@ -232,6 +269,7 @@ def test_speculative_decoding_equals_greedy_super_net(k):
 @pytest.mark.parametrize("k", [1, 4])
 def test_a_draft_head_restricted_to_frequent_tokens_keeps_the_output_exactly_greedy(k):
     from adn.lm.generate import DraftHead, frequent_tokens
+
     net = adn.convert(tiny(seed=3))
     prompt = tokens(batch=1, length=5, seed=4)
     want = greedy_generate(net, prompt, 25)
@@ -242,8 +280,9 @@ def test_a_draft_head_restricted_to_frequent_tokens_keeps_the_output_exactly_gre
         frequent_tokens(stream, VOCAB + 1, VOCAB)
     # The full vocabulary as a "restricted" head: the same drafts as the full head.
     full_got, full = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k)
-    every, stats = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k,
-                                        draft_head=DraftHead(net, torch.arange(VOCAB)))
+    every, stats = speculative_generate(
+        net, prompt, 25, draft="base", draft_tokens=k, draft_head=DraftHead(net, torch.arange(VOCAB))
+    )
     assert torch.equal(every, want) and stats.accepted == full.accepted and stats.draft_vocab == VOCAB
     # A few tokens, the ones greedy decoding does produce among them: fewer accepted drafts, the same output.
     produced = want[0, 5:].unique()
@@ -293,6 +332,7 @@ def model_dir(tmp_path_factory):
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     folder = tmp_path_factory.mktemp("tiny-llama")
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -307,12 +347,34 @@ def test_train_eval_generate_commands_and_resume(model_dir, tmp_path, capsys):
     from pathlib import Path
 
     from adn.lm.checkpoint import load_lm
+
     text = str(Path(__file__).parents[1] / "docs" / "method.md")  # real English text shipped with the project
     out = tmp_path / "run"
     common = ["--model", str(model_dir), "--text", text]
-    args = ["train-lm", *common, "--output-dir", str(out), "--steps", "2", "-b", "2", "--seq-len", "32",
-            "--eval-tokens", "64", "--eval-every", "1", "--lr", "1e-3", "--warmup-steps", "1", "--no-progress",
-            "--train", "all", "--json"]
+    args = [
+        "train-lm",
+        *common,
+        "--output-dir",
+        str(out),
+        "--steps",
+        "2",
+        "-b",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-tokens",
+        "64",
+        "--eval-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "1",
+        "--no-progress",
+        "--train",
+        "all",
+        "--json",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["ppl_super"] > 1
@@ -324,15 +386,48 @@ def test_train_eval_generate_commands_and_resume(model_dir, tmp_path, capsys):
     fresh = tiny(vocab=256).model.layers[2].mlp.up_proj.weight
     assert not torch.equal(trained, fresh)  # the checkpoint holds the trained weights
 
-    assert main(["train-lm", *args[1:-4], "--steps", "3", "--resume", str(out / "checkpoint.pt"), "--no-progress",
-                 "--train", "all"]) == 0
+    assert (
+        main(
+            [
+                "train-lm",
+                *args[1:-4],
+                "--steps",
+                "3",
+                "--resume",
+                str(out / "checkpoint.pt"),
+                "--no-progress",
+                "--train",
+                "all",
+            ]
+        )
+        == 0
+    )
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
     capsys.readouterr()
     assert main(["train-lm", *args[1:]]) == 2  # the folder holds a run: refused without --overwrite or --resume
     assert "--overwrite" in capsys.readouterr().err
 
-    assert main(["eval-lm", "--checkpoint", str(out / "checkpoint.pt"), "--text", text, "--eval-tokens", "128",
-                 "--seq-len", "32", "--new-tokens", "4", "--json", "--save-json", str(tmp_path / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "eval-lm",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--text",
+                text,
+                "--eval-tokens",
+                "128",
+                "--seq-len",
+                "32",
+                "--new-tokens",
+                "4",
+                "--json",
+                "--save-json",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "eval.json").read_text())["rows"] == rows
     assert [r["skip"] for r in rows] == ["FF", "TF", "FT", "TT"]
@@ -340,8 +435,24 @@ def test_train_eval_generate_commands_and_resume(model_dir, tmp_path, capsys):
     assert all(r["ppl"] > 1 and r["naive_ppl"] > 1 and r["tokens_per_s"] > 0 for r in rows)
     assert rows[0]["ppl"] != rows[0]["naive_ppl"]  # fine-tuned vs the base model
 
-    assert main(["generate", "--checkpoint", str(out / "checkpoint.pt"), "--prompt", "adaptive depth networks",
-                 "--max-new-tokens", "12", "--speculative", "--draft-tokens", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--prompt",
+                "adaptive depth networks",
+                "--max-new-tokens",
+                "12",
+                "--speculative",
+                "--draft-tokens",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["speculative"]["identical_to_plain_greedy"] is True and result["new_tokens"] <= 12
 
@@ -360,6 +471,7 @@ def test_commands_say_what_is_missing(model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_converts_exactly():
     from adn.lm.model import ModelNotFound, load_causal_lm
+
     try:
         model, _ = load_causal_lm("smollm2", tokenizer=False)  # (loading its tokenizer from the GGUF file is slow)
     except ModelNotFound:
@@ -368,8 +480,12 @@ def test_smollm2_converts_exactly():
     with torch.no_grad():
         expected = model(ids).logits
         net = adn.convert(model)
-        assert [s["name"] for s in net.adn_info["stages"]] == ["layers.1-7", "layers.8-14", "layers.15-21",
-                                                                "layers.22-27"]
+        assert [s["name"] for s in net.adn_info["stages"]] == [
+            "layers.1-7",
+            "layers.8-14",
+            "layers.15-21",
+            "layers.22-27",
+        ]
         assert torch.equal(net(ids).logits, expected)
         assert _skipped_layers(net, "TTTT") == [5, 6, 7, 12, 13, 14, 19, 20, 21, 25, 26, 27]  # base-net: 18 of 30
         base = greedy_generate(net, ids, 4, skip="base")

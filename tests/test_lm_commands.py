@@ -1,6 +1,7 @@
 """The language-model commands on input a careless or hostile user gives (issue 24, items 11-14): text that is
 not text, few documents, endless generation, Ctrl-C, and arguments that used to be checked only after the
 model was loaded. A tiny random Llama and a tiny BPE tokenizer: nothing is downloaded."""
+
 from __future__ import annotations
 
 import zlib
@@ -23,11 +24,13 @@ def model_dir(tmp_path_factory):
     """A tiny Llama (8 layers: 2 stages with the default grouping; context 512) and a tiny BPE tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     folder = tmp_path_factory.mktemp("tiny-llama")
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator([Path(TEXT).read_text()], trainers.BpeTrainer(vocab_size=200,
-                                                                          special_tokens=["<unk>", "<eos>"]))
+    bpe.train_from_iterator(
+        [Path(TEXT).read_text()], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<eos>"])
+    )
     PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
     tiny(vocab=256).save_pretrained(folder)
     return folder
@@ -36,8 +39,10 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Loading the model is an error: what is checked must be checked before it."""
+
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
+
     monkeypatch.setattr("adn.lm.model.load_causal_lm", load)
 
 
@@ -51,6 +56,7 @@ def _error(capsys) -> str:
 # ----- item 11: text that is not text ---------------------------------------------------------------------------
 def test_binary_or_non_utf8_text_is_refused_by_name(tmp_path, model_dir, capsys):
     import os
+
     binary = tmp_path / "random.txt"
     binary.write_bytes(os.urandom(20000))
     assert main(["eval-lm", "--model", str(model_dir), "--text", str(binary), "--no-speed"]) == 2
@@ -69,7 +75,7 @@ def test_binary_or_non_utf8_text_is_refused_by_name(tmp_path, model_dir, capsys)
 
 def test_a_few_documents_none_of_which_the_hash_holds_out_still_make_a_corpus(tmp_path):
     names = ["doc0.txt", "doc1.txt", "doc2.txt"]
-    assert all(zlib.crc32(name.encode()) >= 0.1 * 2 ** 32 for name in names)  # none falls into a 10% share
+    assert all(zlib.crc32(name.encode()) >= 0.1 * 2**32 for name in names)  # none falls into a 10% share
     document = Path(TEXT).read_text()[:20000]
     for name in names:
         (tmp_path / name).write_text(document)
@@ -99,6 +105,7 @@ class _Recorder:
 
 def _count_passes(monkeypatch, fail_at: int | None = None) -> list[int]:
     import adn.lm.generate as generate
+
     passes = [0]
     real = generate._next_logits
 
@@ -107,6 +114,7 @@ def _count_passes(monkeypatch, fail_at: int | None = None) -> list[int]:
         if fail_at is not None and passes[0] == fail_at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
+
     monkeypatch.setattr(generate, "_next_logits", counted)
     return passes
 
@@ -115,8 +123,10 @@ def test_generate_streams_tokens_as_they_are_decoded(model_dir, monkeypatch, cap
     passes = _count_passes(monkeypatch)
     out = _Recorder(passes)
     monkeypatch.setattr("sys.stdout", out)
-    assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens",
-                 "12"]) == 0
+    assert (
+        main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens", "12"])
+        == 0
+    )
     moments = {count for count, text in out.writes if text.strip()}
     assert len(moments) >= 3, out.writes  # written during the generation, not once at its end
     assert "".join(text for _, text in out.writes).endswith("\n")
@@ -124,14 +134,17 @@ def test_generate_streams_tokens_as_they_are_decoded(model_dir, monkeypatch, cap
 
 def test_ctrl_c_keeps_what_was_generated(model_dir, monkeypatch, capsys):
     _count_passes(monkeypatch, fail_at=5)  # the prefill and three decoding passes, then Ctrl-C: 4 new tokens
-    assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens",
-                 "50"]) == 130
+    assert (
+        main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens", "50"])
+        == 130
+    )
     captured = capsys.readouterr()
     assert captured.out.strip() and captured.out.endswith("\n")
     assert "interrupted after 4 new token(s)" in captured.err
     _count_passes(monkeypatch, fail_at=3)
     assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive depth", "--json"]) == 130
     import json
+
     result = json.loads(capsys.readouterr().out)
     assert result["interrupted"] is True and result["new_tokens"] == 2
 
@@ -149,12 +162,15 @@ def test_prompt_and_new_tokens_must_fit_the_context_together(model_dir, capsys):
 
 
 # ----- item 13: arguments checked before the model is loaded ------------------------------------------------------
-@pytest.mark.parametrize("extra, fragment", [
-    (["--skip", "TTTTT"], "--skip: invalid skip configuration 'TTTTT': it has 5 flags, expected 2"),
-    (["--skip", "XYZ"], "--skip: invalid skip configuration 'XYZ'"),
-    (["--speculative", "--draft", "TTTT"], "--draft: invalid skip configuration 'TTTT'"),
-    (["--speculative", "--draft", "bse"], "--draft: invalid skip configuration 'bse'"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--skip", "TTTTT"], "--skip: invalid skip configuration 'TTTTT': it has 5 flags, expected 2"),
+        (["--skip", "XYZ"], "--skip: invalid skip configuration 'XYZ'"),
+        (["--speculative", "--draft", "TTTT"], "--draft: invalid skip configuration 'TTTT'"),
+        (["--speculative", "--draft", "bse"], "--draft: invalid skip configuration 'bse'"),
+    ],
+)
 def test_generate_checks_depths_before_loading(model_dir, no_model_load, capsys, extra, fragment):
     assert main(["generate", "--model", str(model_dir), "--prompt", "x", *extra]) == 2
     assert fragment in _error(capsys)
@@ -174,10 +190,26 @@ def test_eval_lm_checks_skip_before_loading(model_dir, no_model_load, capsys):
 def test_train_lm_resume_from_an_image_checkpoint_fails_before_loading(model_dir, no_model_load, tmp_path, capsys):
     import adn
     from adn.utils.checkpoint_file import save_checkpoint
+
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
     save_checkpoint(tmp_path / "image.pt", net, {"model": "resnet20", "num_classes": 10, "in_channels": 1})
-    assert main(["train-lm", "--model", str(model_dir), "--text", TEXT, "--output-dir", str(tmp_path / "run"),
-                 "--resume", str(tmp_path / "image.pt"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train-lm",
+                "--model",
+                str(model_dir),
+                "--text",
+                TEXT,
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--resume",
+                str(tmp_path / "image.pt"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "is not a language-model checkpoint written by adn train-lm" in _error(capsys)
     torch.manual_seed(0)
 
@@ -185,8 +217,13 @@ def test_train_lm_resume_from_an_image_checkpoint_fails_before_loading(model_dir
 # ----- issue 26: choosing the depth by decoding speed; the weights' dtype -------------------------------------------
 def test_lm_depth_table_chooses_the_most_accurate_depth_that_is_fast_enough():
     from adn.lm.depth_table import LMDepthTable, LMDepthTableError
-    rows = [{"skip": "FF", "ppl": 10.0, "tokens_per_s": 20.0}, {"skip": "TF", "ppl": 12.0, "tokens_per_s": 24.0},
-            {"skip": "FT", "ppl": 14.0, "tokens_per_s": 23.0}, {"skip": "TT", "ppl": 15.0, "tokens_per_s": 30.0}]
+
+    rows = [
+        {"skip": "FF", "ppl": 10.0, "tokens_per_s": 20.0},
+        {"skip": "TF", "ppl": 12.0, "tokens_per_s": 24.0},
+        {"skip": "FT", "ppl": 14.0, "tokens_per_s": 23.0},
+        {"skip": "TT", "ppl": 15.0, "tokens_per_s": 30.0},
+    ]
     for data in (rows, {"format": "adn-lm-depth-table", "version": 1, "setting": "x", "rows": rows}):
         table = LMDepthTable.from_dict(data)
         assert table.choose(5)["skip"] == "FF" and table.choose(20)["skip"] == "FF"
@@ -195,20 +232,46 @@ def test_lm_depth_table_chooses_the_most_accurate_depth_that_is_fast_enough():
         assert [r["skip"] for r in table.front()] == ["TT", "TF", "FF"]  # FT: slower and worse than TF
         with pytest.raises(LMDepthTableError, match="the fastest measured is TT at 30.0 tokens/s"):
             table.choose(31)
-    for bad, fragment in [([], "non-empty list"), ([{"skip": "FF", "ppl": 3.0}], "written with --no-speed"),
-                          ([{"skip": "FQ", "ppl": 3.0, "tokens_per_s": 1.0}], "'skip' must be a depth"),
-                          (rows + [{"skip": "FFF", "ppl": 1.0, "tokens_per_s": 1.0}], "different lengths"),
-                          (rows + rows[:1], "appears twice"), ({"format": "adn-depth-table", "rows": rows}, "image"),
-                          ([{"skip": "FF", "ppl": float("nan"), "tokens_per_s": 1.0}], "positive number")]:
+    for bad, fragment in [
+        ([], "non-empty list"),
+        ([{"skip": "FF", "ppl": 3.0}], "written with --no-speed"),
+        ([{"skip": "FQ", "ppl": 3.0, "tokens_per_s": 1.0}], "'skip' must be a depth"),
+        (rows + [{"skip": "FFF", "ppl": 1.0, "tokens_per_s": 1.0}], "different lengths"),
+        (rows + rows[:1], "appears twice"),
+        ({"format": "adn-depth-table", "rows": rows}, "image"),
+        ([{"skip": "FF", "ppl": float("nan"), "tokens_per_s": 1.0}], "positive number"),
+    ]:
         with pytest.raises(LMDepthTableError, match=fragment):
             LMDepthTable.from_dict(bad)
 
 
 def test_eval_lm_writes_a_depth_table_and_generate_picks_a_depth_by_speed(model_dir, tmp_path, capsys):
     import json
+
     table = tmp_path / "depths.json"
-    assert main(["eval-lm", "--model", str(model_dir), "--text", TEXT, "--eval-tokens", "128", "--seq-len", "32",
-                 "--new-tokens", "4", "--threads", "1", "--json", "--save-json", str(table)]) == 0
+    assert (
+        main(
+            [
+                "eval-lm",
+                "--model",
+                str(model_dir),
+                "--text",
+                TEXT,
+                "--eval-tokens",
+                "128",
+                "--seq-len",
+                "32",
+                "--new-tokens",
+                "4",
+                "--threads",
+                "1",
+                "--json",
+                "--save-json",
+                str(table),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     saved = json.loads(table.read_text())
     assert saved["format"] == "adn-lm-depth-table" and saved["rows"] == rows
@@ -234,18 +297,23 @@ def test_eval_lm_writes_a_depth_table_and_generate_picks_a_depth_by_speed(model_
     assert json.loads(capsys.readouterr().out)["skip"] == "TT"
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--tokens-per-s", "50"], "the fastest measured is TT at 20.0 tokens/s"),
-    (["--tokens-per-s", "5"], None),  # no --depth-table: named below
-    (["--depth-table", "TABLE"], "--depth-table is read only to choose a depth by --tokens-per-s"),
-    (["--depth-table", "TABLE", "--tokens-per-s", "5", "--skip", "TT"], "either --skip"),
-    (["--depth-table", "TABLE", "--tokens-per-s", "5", "--speculative"], "leave out --speculative"),
-    (["--depth-table", "THREE", "--tokens-per-s", "5"], "describes a network of 3 stages, this one has 2"),
-    (["--depth-table", "NOWHERE", "--tokens-per-s", "5"], "cannot be read"),
-])
-def test_generate_by_speed_says_what_is_wrong_before_loading(model_dir, no_model_load, tmp_path, capsys, extra,
-                                                              fragment):
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--tokens-per-s", "50"], "the fastest measured is TT at 20.0 tokens/s"),
+        (["--tokens-per-s", "5"], None),  # no --depth-table: named below
+        (["--depth-table", "TABLE"], "--depth-table is read only to choose a depth by --tokens-per-s"),
+        (["--depth-table", "TABLE", "--tokens-per-s", "5", "--skip", "TT"], "either --skip"),
+        (["--depth-table", "TABLE", "--tokens-per-s", "5", "--speculative"], "leave out --speculative"),
+        (["--depth-table", "THREE", "--tokens-per-s", "5"], "describes a network of 3 stages, this one has 2"),
+        (["--depth-table", "NOWHERE", "--tokens-per-s", "5"], "cannot be read"),
+    ],
+)
+def test_generate_by_speed_says_what_is_wrong_before_loading(
+    model_dir, no_model_load, tmp_path, capsys, extra, fragment
+):
     import json
+
     rows = [{"skip": s, "ppl": p, "tokens_per_s": t} for s, p, t in [("FF", 9.0, 10.0), ("TT", 12.0, 20.0)]]
     (tmp_path / "t.json").write_text(json.dumps(rows))
     (tmp_path / "3.json").write_text(json.dumps([{"skip": "FFF", "ppl": 9.0, "tokens_per_s": 10.0}]))
@@ -266,6 +334,7 @@ def test_bfloat16_weights_for_decoding_keep_the_rotary_buffers_in_float32(model_
     from adn.lm.generate import greedy_generate
     from adn.lm.precision import cast_weights, decoding_dtype
     from adn.training.precision import native_bfloat16
+
     assert decoding_dtype("auto") == (torch.bfloat16 if native_bfloat16("cpu") else torch.float32)
     assert decoding_dtype("float32") == torch.float32
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -279,33 +348,76 @@ def test_bfloat16_weights_for_decoding_keep_the_rotary_buffers_in_float32(model_
         with torch.no_grad():
             full = net(out, skip=config).logits[0, 3:-1].float().argmax(-1)
         assert out.shape == (1, 10) and torch.equal(out[0, 4:], full)
-    assert main(["generate", "--model", str(model_dir), "--prompt", "adaptive", "--max-new-tokens", "3",
-                 "--dtype", "bfloat16", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--prompt",
+                "adaptive",
+                "--max-new-tokens",
+                "3",
+                "--dtype",
+                "bfloat16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
 
 
 def test_decode_benchmark_measures_bandwidth_and_both_dtypes(model_dir, tmp_path, capsys):
     import importlib.util
     import json
+
     path = Path(__file__).parents[1] / "benchmarks" / "lm_decode.py"
     spec = importlib.util.spec_from_file_location("lm_decode", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--model", str(model_dir), "--threads", "1", "--bandwidth-mb", "8", "--new-tokens", "3",
-                           "--prompt-tokens", "8", "--repeats", "1", "--ppl-tokens", "64", "--text", TEXT,
-                           "--save-json", str(tmp_path / "decode.json")]) == 0
+        assert (
+            bench.main(
+                [
+                    "--model",
+                    str(model_dir),
+                    "--threads",
+                    "1",
+                    "--bandwidth-mb",
+                    "8",
+                    "--new-tokens",
+                    "3",
+                    "--prompt-tokens",
+                    "8",
+                    "--repeats",
+                    "1",
+                    "--ppl-tokens",
+                    "64",
+                    "--text",
+                    TEXT,
+                    "--save-json",
+                    str(tmp_path / "decode.json"),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "decode.json").read_text())
     assert result["setting"]["bandwidth"]["read_gb_s"] > 0 and result["setting"]["threads"] == 1
-    assert [(r["skip"], r["dtype"]) for r in result["rows"]] == [("FF", "float32"), ("FF", "bfloat16"),
-                                                                 ("TT", "float32"), ("TT", "bfloat16")]
+    assert [(r["skip"], r["dtype"]) for r in result["rows"]] == [
+        ("FF", "float32"),
+        ("FF", "bfloat16"),
+        ("TT", "float32"),
+        ("TT", "bfloat16"),
+    ]
     fp32, bf16 = result["rows"][:2]
     assert bf16["weights_mb_per_token"] < 0.6 * fp32["weights_mb_per_token"]  # (the norms stay small either way)
-    assert all(r["tokens_per_s"] > 0 and r["bound_tokens_per_s"] > r["tokens_per_s"] and r["ppl"] > 1
-               for r in result["rows"])
+    assert all(
+        r["tokens_per_s"] > 0 and r["bound_tokens_per_s"] > r["tokens_per_s"] and r["ppl"] > 1 for r in result["rows"]
+    )
     assert abs(bf16["ppl_vs_float32"] - 1) < 0.05
     assert "memory bandwidth" in capsys.readouterr().out
 
@@ -313,17 +425,42 @@ def test_decode_benchmark_measures_bandwidth_and_both_dtypes(model_dir, tmp_path
 def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model_dir, tmp_path):
     import importlib.util
     import json
+
     path = Path(__file__).parents[1] / "benchmarks" / "lm_speculative.py"
     spec = importlib.util.spec_from_file_location("lm_speculative", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert abs(bench.break_even(0.5, 2, 1.0) - (5 ** 0.5 - 1) / 2) < 1e-6  # (1 + a + a^2) / 2 = 1
+    assert abs(bench.break_even(0.5, 2, 1.0) - (5**0.5 - 1) / 2) < 1e-6  # (1 + a + a^2) / 2 = 1
     assert bench.break_even(1.0, 4, 1.2) is None  # a draft as costly as the target never pays
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--model", str(model_dir), "--text", TEXT, "--draft", "base", "--draft-tokens", "2",
-                           "--draft-vocab", "0,40", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6",
-                           "--threads", "1", "--save-json", str(tmp_path / "spec.json")]) == 0
+        assert (
+            bench.main(
+                [
+                    "--model",
+                    str(model_dir),
+                    "--text",
+                    TEXT,
+                    "--draft",
+                    "base",
+                    "--draft-tokens",
+                    "2",
+                    "--draft-vocab",
+                    "0,40",
+                    "--prompts",
+                    "2",
+                    "--prompt-tokens",
+                    "8",
+                    "--new-tokens",
+                    "6",
+                    "--threads",
+                    "1",
+                    "--save-json",
+                    str(tmp_path / "spec.json"),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "spec.json").read_text())
@@ -334,6 +471,7 @@ def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model
 
 def test_generate_speculative_with_a_restricted_draft_head_keeps_greedy_output(model_dir, capsys):
     import json
+
     common = ["generate", "--model", str(model_dir), "--prompt", "adaptive depth networks", "--max-new-tokens", "10"]
     assert main([*common, "--speculative", "--draft-tokens", "3", "--draft-vocab", "30", "--text", TEXT, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

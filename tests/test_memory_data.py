@@ -1,4 +1,5 @@
 """In-memory image sets: whole-batch crop and flip, the held-out validation split, the training loop on them."""
+
 import torch
 from torch.nn import functional as F
 
@@ -20,8 +21,13 @@ def test_each_augmented_image_is_a_padded_crop_of_its_source_possibly_flipped():
     padded = F.pad(images.float() / 255, (2, 2, 2, 2))
     shifts, flips = set(), set()
     for i in range(16):
-        matches = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (False, True)
-                   if torch.allclose(out[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        matches = [
+            (dy, dx, flip)
+            for dy in range(5)
+            for dx in range(5)
+            for flip in (False, True)
+            if torch.allclose(out[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, dy : dy + 8, dx : dx + 8]))
+        ]
         assert matches, f"image {i} is not a crop of its padded source"
         shifts.add(matches[0][:2]), flips.add(matches[0][2])
     assert len(shifts) > 3 and flips == {False, True}  # the batch is not augmented all alike
@@ -50,6 +56,7 @@ def test_training_batches_follow_the_epoch_order_and_resume_mid_epoch():
 def test_fashion_mnist_is_held_in_memory_and_matches_torchvision_transforms(fashion_dir):
     from PIL import Image
     from torchvision import transforms as T
+
     data = load_dataset("fashion-mnist", fashion_dir, augment=False)
     assert isinstance(data.train, TensorImages) and isinstance(data.val, TensorImages)
     image, label = data.val[3]

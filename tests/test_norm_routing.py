@@ -15,6 +15,7 @@ must match the routing the rules give. The rules:
 Inputs are tiny (32 pixels: the routing does not depend on the image size) so the 16 or 32 sub-networks
 of each full-size model run in seconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,7 @@ def mobilenet_routing(model: nn.Module, block_names: list[list[str]], before: li
     for row in block_names:
         if len(row) < 2:
             continue
-        for block in row[:shared_count(len(row))]:
+        for block in row[: shared_count(len(row))]:
             routing.update({name: stage for name in norms_under(model, block)})
         stage += 1
     for prefix in before:
@@ -90,8 +91,12 @@ def timm_mobilenet_routing(model: nn.Module) -> dict[str, int]:
 
 def vit_routing(model: nn.Module, blocks: str) -> dict[str, int]:
     layers = list(model.get_submodule(blocks).named_children())
-    return {name: index // 3 for index, (child, _) in enumerate(layers) if index % 3 != 2
-            for name in norms_under(model, f"{blocks}.{child}")}
+    return {
+        name: index // 3
+        for index, (child, _) in enumerate(layers)
+        if index % 3 != 2
+        for name in norms_under(model, f"{blocks}.{child}")
+    }
 
 
 def swin_routing(model: nn.Module) -> dict[str, int]:
@@ -136,8 +141,12 @@ ARCHITECTURES = {  # builder, input size, rule, stages
     "timm/resnet18": (_timm("resnet18"), 32, resnet_routing, 4),
     "timm/convnext_atto": (_timm("convnext_atto"), 32, convnext_routing, 4),
     "timm/mobilenetv2_050": (_timm("mobilenetv2_050"), 32, timm_mobilenet_routing, 5),
-    "timm/deit_tiny": (_timm("deit_tiny_patch16_224", img_size=32, patch_size=8), 32,
-                       lambda m: vit_routing(m, "blocks"), 4),
+    "timm/deit_tiny": (
+        _timm("deit_tiny_patch16_224", img_size=32, patch_size=8),
+        32,
+        lambda m: vit_routing(m, "blocks"),
+        4,
+    ),
 }
 
 
@@ -159,6 +168,7 @@ class Recorder:
         def forward(layer, x):
             recorder.drop_paths_run.add(recorder.names.get(layer, "?"))
             return original(layer, x)
+
         monkeypatch.setattr(StochasticDepth, "forward", forward)
 
     def run(self, net: nn.Module, x: torch.Tensor, config) -> tuple[set[str], set[str]]:
@@ -193,22 +203,29 @@ def test_every_sub_network_uses_the_norms_the_rules_give(arch, monkeypatch):
     model = builder().eval()
     routing = rule(model)
     # Swin's stochastic-depth layers, each with its stage (features.1/3/5/7 -> 0/1/2/3)
-    drop_path_stage = {name: int(re.match(r"features\.(\d+)\.", name)[1]) // 2
-                       for name, m in model.named_modules() if isinstance(m, StochasticDepth)}
+    drop_path_stage = {
+        name: int(re.match(r"features\.(\d+)\.", name)[1]) // 2
+        for name, m in model.named_modules()
+        if isinstance(m, StochasticDepth)
+    }
 
     net = adn.convert(model).eval()
     assert net.num_stages == stages
     twinned = {name for name, m in net.named_modules() if isinstance(m, SkipAwareNorm)}
-    assert twinned == set(routing), (f"norms with a twin that the rules do not give: {sorted(twinned - set(routing))[:5]}; "
-                                     f"norms the rules give a twin that have none: {sorted(set(routing) - twinned)[:5]}")
+    assert twinned == set(routing), (
+        f"norms with a twin that the rules do not give: {sorted(twinned - set(routing))[:5]}; "
+        f"norms the rules give a twin that have none: {sorted(set(routing) - twinned)[:5]}"
+    )
     recorder = Recorder(net, monkeypatch)
     x = torch.randn(1, 3, size, size)
     for config in adn.SkipConfig.all(stages):
         expected = {name for name, stage in routing.items() if config[stage]}
         twins, drop_paths = recorder.run(net, x, config)
         # norms in skipped blocks do not run: compare where they can
-        assert twins == expected, (f"{arch} {config}: twins used where the rules say no: {sorted(twins - expected)[:4]}; "
-                                   f"norms used where the rules say twin: {sorted(expected - twins)[:4]}")
+        assert twins == expected, (
+            f"{arch} {config}: twins used where the rules say no: {sorted(twins - expected)[:4]}; "
+            f"norms used where the rules say twin: {sorted(expected - twins)[:4]}"
+        )
         sub = net.subnet(config)
         assert subnet_routing(net, sub, routing) == expected, f"{arch} {config}: subnet() resolved other norms"
         # Swin: stochastic depth runs in the stages that do not skip; a skipping stage's shared blocks drop no paths

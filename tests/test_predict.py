@@ -1,5 +1,6 @@
 """What a trained checkpoint knows about its inputs and outputs (class names, preprocessing), the one
 image preprocessing, and adn predict."""
+
 from __future__ import annotations
 
 import io
@@ -23,9 +24,31 @@ from tests.conftest import write_image_folder
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("predict-run")
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fake", "--epochs", "1",
-                 "--max-steps-per-epoch", "2", "-b", "16", "--output-dir", str(run), "--no-progress",
-                 "--recalibrate-bn", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data",
+                "fake",
+                "--epochs",
+                "1",
+                "--max-steps-per-epoch",
+                "2",
+                "-b",
+                "16",
+                "--output-dir",
+                str(run),
+                "--no-progress",
+                "--recalibrate-bn",
+                "0",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -44,14 +67,21 @@ def test_a_trained_checkpoint_records_class_names_and_preprocessing(trained):
     meta = load_checkpoint(trained / "checkpoint.pt")["meta"]
     assert meta["class_names"] == [f"class{i}" for i in range(10)]
     # Fake data is fed as ToTensor gives it: no normalization, native size.
-    assert meta["preprocess"] == {"image_size": 32, "resize_size": 32, "channels": 3, "mean": [0.0] * 3,
-                                  "std": [1.0] * 3, "interpolation": "bilinear"}
+    assert meta["preprocess"] == {
+        "image_size": 32,
+        "resize_size": 32,
+        "channels": 3,
+        "mean": [0.0] * 3,
+        "std": [1.0] * 3,
+        "interpolation": "bilinear",
+    }
     predictor = Predictor.from_checkpoint(trained / "checkpoint.pt")
     assert predictor.class_names == meta["class_names"] and predictor.preprocessing.input_shape == (3, 32, 32)
 
 
 def test_class_names_of_each_data_set(tmp_path):
     from torchvision.datasets import FashionMNIST
+
     assert list(FASHION_MNIST) == FashionMNIST.classes
     assert len(CIFAR10) == 10 and len(CIFAR100) == 100 and list(CIFAR100) == sorted(CIFAR100)
     assert dataset_class_names("cifar10", None, 10)[3] == "cat"
@@ -73,12 +103,19 @@ def test_older_checkpoints_load_with_index_names_and_their_preprocessing(trained
     assert predictor.preprocessing == Predictor.from_checkpoint(trained / "checkpoint.pt").preprocessing
     with pytest.raises(ValueError, match="class_names = .*expected 10 non-empty strings"):
         class_names({**data["meta"], "class_names": ["a", "b"]}, source="x.pt")
-    older = {"in_channels": 3, "image_size": 224, "dataset": "imagefolder", "mean": [0.4] * 3, "std": [0.2] * 3,
-             "config": {"val_resize_size": None, "interpolation": "bicubic"}}
+    older = {
+        "in_channels": 3,
+        "image_size": 224,
+        "dataset": "imagefolder",
+        "mean": [0.4] * 3,
+        "std": [0.2] * 3,
+        "config": {"val_resize_size": None, "interpolation": "bicubic"},
+    }
     assert Preprocessing.from_meta(older) == Preprocessing(224, 256, 3, (0.4,) * 3, (0.2,) * 3, "bicubic")
     with pytest.raises(ValueError, match="invalid preprocessing metadata .*channels = 2"):
-        Preprocessing.from_meta({"preprocess": {"image_size": 8, "resize_size": 8, "channels": 2, "mean": [0, 0],
-                                                "std": [1, 1]}})
+        Preprocessing.from_meta(
+            {"preprocess": {"image_size": 8, "resize_size": 8, "channels": 2, "mean": [0, 0], "std": [1, 1]}}
+        )
 
 
 # ----- preprocessing -----------------------------------------------------------------------------------------
@@ -139,9 +176,13 @@ def test_predict_at_a_budget_reads_the_depth_table(trained, tmp_path, capsys):
     assert main(["predict", "--checkpoint", checkpoint, *files, "--budget-ms", "5"]) == 2
     err = capsys.readouterr().err
     assert "needs a depth table" in err and f"adn depth-table --checkpoint {checkpoint}" in err
-    table = {"batch_sizes": [1, 8], "depths": [
-        {"skip": s, "acc1": acc, "latency_ms": {"1": {"p50": ms, "p99": ms}, "8": {"p50": 8 * ms, "p99": 8 * ms}}}
-        for s, acc, ms in (("TTT", 50.0, 1.0), ("TFF", 60.0, 2.0), ("FFF", 70.0, 4.0))]}
+    table = {
+        "batch_sizes": [1, 8],
+        "depths": [
+            {"skip": s, "acc1": acc, "latency_ms": {"1": {"p50": ms, "p99": ms}, "8": {"p50": 8 * ms, "p99": 8 * ms}}}
+            for s, acc, ms in (("TTT", 50.0, 1.0), ("TFF", 60.0, 2.0), ("FFF", 70.0, 4.0))
+        ],
+    }
     (tmp_path / "t.json").write_text(json.dumps(table))
     run = ["predict", "--checkpoint", checkpoint, *files, "--table", str(tmp_path / "t.json"), "--json"]
     # Batch of 2: TTT 2 ms, TFF 4 ms, FFF 8 ms (interpolated between batch 1 and 8).
@@ -153,8 +194,12 @@ def test_predict_at_a_budget_reads_the_depth_table(trained, tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["skip"] == "TTT" and "no depth of the table fits 0.5 ms" in captured.err
     (tmp_path / "t4.json").write_text(json.dumps({**table, "depths": [{**table["depths"][0], "skip": "TTTT"}]}))
-    assert main(["predict", "--checkpoint", checkpoint, files[0], "--table", str(tmp_path / "t4.json"),
-                 "--budget-ms", "5"]) == 2
+    assert (
+        main(
+            ["predict", "--checkpoint", checkpoint, files[0], "--table", str(tmp_path / "t4.json"), "--budget-ms", "5"]
+        )
+        == 2
+    )
     assert "not for this checkpoint's network (3 stages)" in capsys.readouterr().err
 
 
@@ -174,6 +219,7 @@ def test_predict_decodes_only_the_formats_allowed(trained, tmp_path, capsys, mon
     """EPS goes to Ghostscript, other formats to rarely audited decoders: adn predict reads PNG, JPEG, WebP, BMP and
     TIFF unless --image-formats says otherwise, and recognises the others by their first bytes, never decoding."""
     from PIL import EpsImagePlugin
+
     opened = []
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
     eps = tmp_path / "drawing.eps"
@@ -194,6 +240,7 @@ def test_predict_decodes_only_the_formats_allowed(trained, tmp_path, capsys, mon
 
 def test_export_manifest_says_what_the_files_take_and_give(trained, tmp_path):
     from adn.deploy.export import export_subnetworks
+
     net = adn.load(trained / "checkpoint.pt")
     meta = load_checkpoint(trained / "checkpoint.pt")["meta"]
     export_subnetworks(net, ["TTT"], tmp_path / "out", "safetensors", torch.randn(1, 3, 32, 32), meta=meta)
@@ -203,10 +250,12 @@ def test_export_manifest_says_what_the_files_take_and_give(trained, tmp_path):
 
 def test_analyze_reads_images_through_the_same_preprocessing(trained, tmp_path):
     from adn.cli.analyze import load_images
+
     files = images(tmp_path)
     meta = load_checkpoint(trained / "checkpoint.pt")["meta"]
-    assert torch.equal(load_images(files, meta), Predictor.from_checkpoint(trained / "checkpoint.pt")
-                       .preprocessing.load_files(files))
+    assert torch.equal(
+        load_images(files, meta), Predictor.from_checkpoint(trained / "checkpoint.pt").preprocessing.load_files(files)
+    )
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="--gradcam: .*bad.png is not an image"):
         load_images([str(tmp_path / "bad.png")], meta)

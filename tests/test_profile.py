@@ -27,14 +27,14 @@ def test_macs_drop_strictly_with_each_skipped_stage(resnet50_rows):
     for config, value in macs.items():
         for i, flag in enumerate(config):
             if flag == "F":
-                deeper_skip = config[:i] + "T" + config[i + 1:]
+                deeper_skip = config[:i] + "T" + config[i + 1 :]
                 assert macs[deeper_skip] < value
 
 
 def test_flop_counter_agrees_with_an_independent_count_from_layer_shapes(resnet50_rows):
     net, rows = resnet50_rows
     x = torch.randn(1, 3, 224, 224)
-    for row in rows[:: 5]:
+    for row in rows[::5]:
         assert row["macs"] == count_macs_by_hooks(net.subnet(row["skip"]), x)
 
 

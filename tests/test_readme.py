@@ -1,4 +1,5 @@
 """The README's Python example must run verbatim."""
+
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def test_readme_shell_commands_are_accepted_by_the_cli():
     import shlex
 
     from adn.cli import build_parser
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     commands = []
     for block in re.findall(r"^```[a-z]*\n(.*?)^```", readme, re.S | re.M):
@@ -54,11 +56,12 @@ def test_every_page_states_the_real_default_method():
     """The default of `adn train --method` as `--help` prints it is the one README, docs and the demo state."""
     from adn.cli import build_parser
     from adn.vision.train_config import TrainConfig
+
     parser = build_parser()
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]
     text = train.format_help()
-    option = text[text.index("\n  --method {"):]
-    option = option[:option.index("\n  --", 1)]  # --method's entry alone, up to the next option
+    option = text[text.index("\n  --method {") :]
+    option = option[: option.index("\n  --", 1)]  # --method's entry alone, up to the next option
     default = re.search(r"\(default: (\w+)\)", option).group(1)
     assert default == TrainConfig().method == "joint"
     assert "the paper's Algorithm 1" in " ".join(option.split())  # one flag away, named so a reader finds it

@@ -1,4 +1,5 @@
 """Norm recalibration: each sub-network's batch-norm statistics recomputed from training batches."""
+
 import json
 
 import pytest
@@ -25,8 +26,9 @@ def _trained_net(steps=3):
 
 def _batches(n=3, seed=1):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(32, 1, 28, 28, generator=generator) * 2 + 1, torch.zeros(32, dtype=torch.long))
-            for _ in range(n)]
+    return [
+        (torch.randn(32, 1, 28, 28, generator=generator) * 2 + 1, torch.zeros(32, dtype=torch.long)) for _ in range(n)
+    ]
 
 
 def test_statistics_become_the_exact_average_over_the_calibration_batches():
@@ -83,9 +85,33 @@ def test_bad_arguments_are_refused():
 
 def test_eval_command_recalibrates_and_counts_each_depth_once(tmp_path, fashion_dir, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", "resnet20", "--width", "8", "--data", "fashion-mnist", "--data-path",
-                 str(fashion_dir), "--epochs", "1", "-b", "32", "--lr", "0.5", "--max-steps-per-epoch", "6",
-                 "--output-dir", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "8",
+                "--data",
+                "fashion-mnist",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "32",
+                "--lr",
+                "0.5",
+                "--max-steps-per-epoch",
+                "6",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     args = ["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-latency", "--no-plot", "--json"]
     assert main(args + ["--skip", "TTF,TTF,super,FFF"]) == 0

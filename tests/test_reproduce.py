@@ -1,5 +1,6 @@
 """`adn reproduce --quick` runs every arm of the reproduction and writes the report; `adn analyze`
 looks inside a checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,35 @@ def test_verdict_needs_a_difference_beyond_the_spread():
 def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashion_dir, capsys):
     runs, docs = tmp_path / "runs", tmp_path / "docs" / "reproduction.md"
     record = docs.parent / "reproduction" / "runs"
-    argv = ["reproduce", "--quick", "--runs", str(runs), "--docs", str(docs), "--data-path", str(fashion_dir),
-            "--jobs", "2"]
+    argv = [
+        "reproduce",
+        "--quick",
+        "--runs",
+        str(runs),
+        "--docs",
+        str(docs),
+        "--data-path",
+        str(fashion_dir),
+        "--jobs",
+        "2",
+    ]
     assert main(argv) == 0
     report = docs.read_text()
-    for heading in ("Table 1 counterpart", "Table 3 counterpart", "Figure 3a", "Figure 3b", "Figure 4",
-                    "Feature distillation", "QUICK MODE", "plateaued", "14 of 14 runs", "recalibrated BN",
-                    "sub-path specialization matters", "Our recommendation for training from scratch",
-                    "The simpler alternative, `--method joint --no-skip-aware-norm`"):
+    for heading in (
+        "Table 1 counterpart",
+        "Table 3 counterpart",
+        "Figure 3a",
+        "Figure 3b",
+        "Figure 4",
+        "Feature distillation",
+        "QUICK MODE",
+        "plateaued",
+        "14 of 14 runs",
+        "recalibrated BN",
+        "sub-path specialization matters",
+        "Our recommendation for training from scratch",
+        "The simpler alternative, `--method joint --no-skip-aware-norm`",
+    ):
         assert heading in report
     for figure in ("fig3a_subnetworks.png", "fig3b_norm_distances.png", "fig4_gradcam.png", "learning_curves.png"):
         assert (docs.parent / "reproduction" / figure).stat().st_size > 10_000
@@ -54,6 +76,7 @@ def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashi
 
     # On a fresh machine (checkpoints gone), the record alone rebuilds the report and nothing retrains.
     import shutil
+
     shutil.rmtree(runs)
     assert main(argv[:-2] + ["--report-only"]) == 0
     assert not runs.exists() or not any(runs.rglob("checkpoint.pt"))
@@ -62,6 +85,7 @@ def test_quick_reproduction_writes_every_section_and_caches_runs(tmp_path, fashi
 
 def test_training_cpu_time_is_unknown_for_logs_that_did_not_record_it(tmp_path):
     from adn.studies.reproduce import training_cpu_seconds
+
     log = tmp_path / "log.jsonl"
     log.write_text('{"epoch": 1, "epoch_time_s": 9.0}\n{"epoch": 2, "epoch_time_s": 9.0, "epoch_cpu_s": 8.0}\n')
     assert training_cpu_seconds(log) is None  # an epoch from before CPU time was measured
@@ -72,12 +96,21 @@ def test_training_cpu_time_is_unknown_for_logs_that_did_not_record_it(tmp_path):
 
 def test_a_partial_protocol_reports_what_has_finished(tmp_path, fashion_dir):
     from adn.studies.reproduce import Protocol, reproduce, run_arm
+
     runs, docs = tmp_path / "runs", tmp_path / "reproduction.md"
     protocol = Protocol.quick()
     protocol.data_path = str(fashion_dir)
     report = reproduce(protocol, runs, docs, report_only=True).read_text()  # nothing has run yet
     assert "0 of 14 runs" in report and "Pending: no finished run" in report
-    run_arm(protocol, "individual-super", 0, runs, tmp_path / "reproduction" / "runs", log=lambda message: None, run_command=main)
+    run_arm(
+        protocol,
+        "individual-super",
+        0,
+        runs,
+        tmp_path / "reproduction" / "runs",
+        log=lambda message: None,
+        run_command=main,
+    )
     report = reproduce(protocol, runs, docs, report_only=True).read_text()  # no ADN run yet
     assert "1 of 14 runs" in report and "Pending: no finished ADN run" in report
     run_arm(protocol, "adn", 0, runs, tmp_path / "reproduction" / "runs", log=lambda message: None, run_command=main)
@@ -87,15 +120,50 @@ def test_a_partial_protocol_reports_what_has_finished(tmp_path, fashion_dir):
 
 def test_analyze_writes_norm_distance_and_gradcam(tmp_path, fashion_dir, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data-path", str(fashion_dir), "--epochs", "1",
-                 "-b", "32", "--max-steps-per-epoch", "3", "--output-dir", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "32",
+                "--max-steps-per-epoch",
+                "3",
+                "--output-dir",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
+
     picture = tmp_path / "shirt.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(picture)
     out = tmp_path / "analysis"
     capsys.readouterr()
-    assert main(["analyze", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(out), "--norm-distance",
-                 "--gradcam", str(picture)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--output",
+                str(out),
+                "--norm-distance",
+                "--gradcam",
+                str(picture),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert set(summary) >= {"norm_distance", "gradcam"}
     rows = json.loads((out / "norm_distance.json").read_text())
@@ -106,8 +174,20 @@ def test_analyze_writes_norm_distance_and_gradcam(tmp_path, fashion_dir, capsys)
 
     assert main(["analyze", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(out)]) == 2
     assert "nothing to do" in capsys.readouterr().err
-    assert main(["analyze", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(out),
-                 "--gradcam", str(tmp_path / "missing.png")]) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--output",
+                str(out),
+                "--gradcam",
+                str(tmp_path / "missing.png"),
+            ]
+        )
+        == 2
+    )
     assert "missing.png" in capsys.readouterr().err
 
 
@@ -135,19 +215,24 @@ def test_the_reproduction_record_is_versioned_not_ignored():
     import shutil
     import subprocess
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
     if shutil.which("git") is None or not (root / ".git").exists():
         pytest.skip("not a git checkout")
     for path in ("results/reproduction/runs/adn/seed0/result.json", "results/reproduction/runs/adn/seed0/log.jsonl"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
         assert not ignored, f"{path} is git-ignored: fix .gitignore"
-    assert subprocess.run(["git", "check-ignore", "-q", "runs/reproduce/adn/seed0/checkpoint.pt"], cwd=root).returncode == 0
+    assert (
+        subprocess.run(["git", "check-ignore", "-q", "runs/reproduce/adn/seed0/checkpoint.pt"], cwd=root).returncode
+        == 0
+    )
 
 
 def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(tmp_path, fashion_dir):
     """A session that stops in the middle of a run loses none of its finished epochs: the next
     `adn reproduce` resumes it (`adn train --resume`), and the result equals an uninterrupted run's."""
     from adn.studies.reproduce import PENDING, Protocol, cache_key, run_arm
+
     protocol = Protocol.quick()
     protocol.data_path = str(fashion_dir)
     quiet = dict(log=lambda message: None)
@@ -165,8 +250,14 @@ def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(t
     first = json.loads((folder / "log.jsonl").read_text())
     (folder / "log.jsonl").write_text(json.dumps({**first, "epoch_time_s": 1000.0}) + "\n")
     seen = []
-    result = run_arm(protocol, "individual-super", 0, tmp_path / "cut", **quiet,
-                     run_command=lambda args: seen.append(args) or main(args))
+    result = run_arm(
+        protocol,
+        "individual-super",
+        0,
+        tmp_path / "cut",
+        **quiet,
+        run_command=lambda args: seen.append(args) or main(args),
+    )
     assert "--resume" in seen[0] and result["resumed"]
     assert result["accuracy"] == whole["accuracy"]
     assert result["train_s"] > 1000 and 0 < result["eval_s"] < 1000
@@ -181,7 +272,14 @@ def test_an_interrupted_run_continues_from_its_checkpoint_with_the_same_result(t
     (folder / "result.json").unlink()
     (folder / PENDING).write_text(json.dumps({"key": ["adn train --epochs 99"]}))
     seen.clear()
-    run_arm(protocol, "individual-super", 0, tmp_path / "cut", **quiet, run_command=lambda args: seen.append(args) or main(args))
+    run_arm(
+        protocol,
+        "individual-super",
+        0,
+        tmp_path / "cut",
+        **quiet,
+        run_command=lambda args: seen.append(args) or main(args),
+    )
     assert "--resume" not in seen[0]
 
 
@@ -190,6 +288,7 @@ def test_records_go_to_results_only_for_the_projects_own_report(tmp_path):
     # it: it must never mix quick or foreign runs into the project's committed records.
     from adn.cli.common import record_folder
     from adn.cli.reproduce import DEFAULT_DOCS, DEFAULT_RECORD
+
     assert record_folder(None, DEFAULT_DOCS, DEFAULT_DOCS, DEFAULT_RECORD) == Path("results/reproduction/runs")
     elsewhere = tmp_path / "report.md"
     assert record_folder(None, str(elsewhere), DEFAULT_DOCS, DEFAULT_RECORD) == tmp_path / "report" / "runs"

@@ -1,6 +1,7 @@
 """Checkpoints that survive: a run killed with SIGKILL mid-epoch resumes to the very weights and metrics
 of an uninterrupted run; mid-epoch checkpoints restore everything (EMA, MixUp's RNG, position in the
 epoch); --keep-last rotates; a damaged checkpoint is named and leaves the earlier ones usable."""
+
 import json
 import multiprocessing
 import os
@@ -52,14 +53,38 @@ def _train_in_child(argv: list[str]) -> None:
 
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, one_thread):
     data = write_idx(tmp_path / "data", n_train=640, n_test=64)  # 40 steps: time to kill it mid-epoch
-    args = ["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path", str(data),
-            "--epochs", "1", "-b", "16", "--lr", "0.05", "--seed", "3", "--device", "cpu", "--no-progress",
-            "--save-every-steps", "3", "--keep-last", "100"]
+    args = [
+        "train",
+        "--model",
+        "resnet20",
+        "--width",
+        "4",
+        "--data",
+        "fashion-mnist",
+        "--data-path",
+        str(data),
+        "--epochs",
+        "1",
+        "-b",
+        "16",
+        "--lr",
+        "0.05",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--save-every-steps",
+        "3",
+        "--keep-last",
+        "100",
+    ]
     killed = tmp_path / "killed"
     # A child process runs `adn train` as `python -m adn train` would. Spawned, not forked: forking a
     # process whose earlier tests started OpenMP/ONNX Runtime thread pools can deadlock the child.
-    child = multiprocessing.get_context("spawn").Process(target=_train_in_child,
-                                                        args=([*args, "--output-dir", str(killed)],))
+    child = multiprocessing.get_context("spawn").Process(
+        target=_train_in_child, args=([*args, "--output-dir", str(killed)],)
+    )
     child.start()
     try:
         deadline = time.monotonic() + 180
@@ -88,10 +113,24 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, on
 
 
 def _config(tmp_path, fashion_dir, **overrides) -> TrainConfig:
-    values = dict(model="resnet20", width=4, data="fashion-mnist", data_path=str(fashion_dir), epochs=2,
-                  batch_size=32, lr=0.05, progress=False, seed=1, device="cpu", max_steps_per_epoch=6,
-                  mixup_alpha=0.2, model_ema=True, model_ema_steps=1, val_subset=64,
-                  output_dir=str(tmp_path / "straight"))
+    values = dict(
+        model="resnet20",
+        width=4,
+        data="fashion-mnist",
+        data_path=str(fashion_dir),
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        progress=False,
+        seed=1,
+        device="cpu",
+        max_steps_per_epoch=6,
+        mixup_alpha=0.2,
+        model_ema=True,
+        model_ema_steps=1,
+        val_subset=64,
+        output_dir=str(tmp_path / "straight"),
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -109,8 +148,9 @@ def test_mid_epoch_checkpoints_restore_everything_and_rotate(tmp_path, fashion_d
     assert (middle["epoch"], middle["step_in_epoch"], middle["global_step"]) == (1, 2, 8)
     assert {"model_ema", "rng", "progress", "optimizer"} <= set(middle)
 
-    resumed = _config(tmp_path, fashion_dir, output_dir=str(tmp_path / "resumed"),
-                      resume=str(Path(saved.output_dir) / names[0]))
+    resumed = _config(
+        tmp_path, fashion_dir, output_dir=str(tmp_path / "resumed"), resume=str(Path(saved.output_dir) / names[0])
+    )
     train(resumed)
     _same_weights(Path(resumed.output_dir) / "checkpoint.pt", Path(straight.output_dir) / "checkpoint.pt")
     ema = [load_checkpoint(Path(c.output_dir) / "checkpoint.pt")["model_ema"] for c in (resumed, straight)]
@@ -118,26 +158,51 @@ def test_mid_epoch_checkpoints_restore_everything_and_rotate(tmp_path, fashion_d
     # The resumed epoch's metrics cover all its steps, those before the checkpoint included.
     assert _without_time(_log(resumed.output_dir)) == _without_time(_log(straight.output_dir)[1:])
 
-    other_batch = _config(tmp_path, fashion_dir, output_dir=str(tmp_path / "other"), batch_size=16,
-                          resume=str(Path(saved.output_dir) / names[0]))
+    other_batch = _config(
+        tmp_path,
+        fashion_dir,
+        output_dir=str(tmp_path / "other"),
+        batch_size=16,
+        resume=str(Path(saved.output_dir) / names[0]),
+    )
     with pytest.raises(CheckpointError, match="32 images per step"):
         train(other_batch)
 
 
 def test_a_damaged_checkpoint_is_named_and_earlier_ones_still_resume(tmp_path, fashion_dir):
-    cfg = _config(tmp_path, fashion_dir, epochs=1, max_steps_per_epoch=4, mixup_alpha=0.0, model_ema=False,
-                  save_every_steps=2, keep_checkpoints=5)
+    cfg = _config(
+        tmp_path,
+        fashion_dir,
+        epochs=1,
+        max_steps_per_epoch=4,
+        mixup_alpha=0.0,
+        model_ema=False,
+        save_every_steps=2,
+        keep_checkpoints=5,
+    )
     train(cfg)
     folder = Path(cfg.output_dir)
     latest = folder / "checkpoint.pt"
     with open(latest, "r+b") as handle:  # damaged in place (disk trouble): the file and its hard link
         handle.truncate(latest.stat().st_size // 2)
-    with pytest.raises(CheckpointError, match="truncated, corrupted.*earlier checkpoints in .*checkpoint-e0001-s0000002.pt"):
+    with pytest.raises(
+        CheckpointError, match="truncated, corrupted.*earlier checkpoints in .*checkpoint-e0001-s0000002.pt"
+    ):
         load_checkpoint(latest)
     earlier = folder / "checkpoint-e0001-s0000002.pt"
     assert load_checkpoint(earlier)["step_in_epoch"] == 2
-    train(_config(tmp_path, fashion_dir, epochs=1, max_steps_per_epoch=4, mixup_alpha=0.0, model_ema=False,
-                  resume=str(earlier), output_dir=str(tmp_path / "again")))
+    train(
+        _config(
+            tmp_path,
+            fashion_dir,
+            epochs=1,
+            max_steps_per_epoch=4,
+            mixup_alpha=0.0,
+            model_ema=False,
+            resume=str(earlier),
+            output_dir=str(tmp_path / "again"),
+        )
+    )
     assert load_checkpoint(tmp_path / "again" / "checkpoint.pt")["step_in_epoch"] is None
 
 
@@ -145,6 +210,7 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
     import random
 
     import numpy as np
+
     rng.seed_all(5)
     state = rng.capture()
     torch.save(state, tmp_path / "rng.pt")
@@ -162,6 +228,7 @@ def test_a_run_killed_before_publishing_its_first_checkpoint_names_the_numbered_
     import adn
     from adn.utils.checkpoint_file import checkpoint_payload
     from adn.training.run_folder import save_rotating
+
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
     save_rotating(tmp_path, checkpoint_payload(net, {}), epoch=1, step=3, keep_last=2)
     (tmp_path / "checkpoint.pt").unlink()

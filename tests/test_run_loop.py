@@ -2,6 +2,7 @@
 ``adn detect train`` and ``adn train-lm`` alike refuse a folder another live run holds (changing nothing in
 it), keep the steps done on Ctrl-C/SIGTERM in a checkpoint that ``--resume`` continues from, and stop on a
 non-finite loss with a message, writing no non-finite checkpoint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,26 @@ TASKS = ("train", "detect", "lm")
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
-    assert main(["detect", "make-synthetic", "--output", str(root), "--images", "8", "--val-images", "2", "--size",
-                 "64", "--seed", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "make-synthetic",
+                "--output",
+                str(root),
+                "--images",
+                "8",
+                "--val-images",
+                "2",
+                "--size",
+                "64",
+                "--seed",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -42,6 +61,7 @@ def lm_dir(tmp_path_factory) -> Path:
     """A tiny Llama with a tiny BPE tokenizer trained on the README (as in test_lm)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     folder = tmp_path_factory.mktemp("tiny-llama")
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -57,28 +77,111 @@ def command(request, fashion_dir, tmp_path):
     """``argv(out, steps, *extra)`` of a tiny run of one of the three commands, and the task's class."""
     task = request.param
     if task == "train":
+
         def argv(out, steps, *extra):
-            return ["train", "--model", "resnet20", "--width", "4", "--data-path", str(fashion_dir), "--epochs", "1",
-                    "-b", "16", "--max-steps-per-epoch", str(steps), "--val-subset", "16", "--recalibrate-bn", "0",
-                    "--output-dir", str(out), "--no-progress", "--device", "cpu", *extra]
+            return [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "16",
+                "--max-steps-per-epoch",
+                str(steps),
+                "--val-subset",
+                "16",
+                "--recalibrate-bn",
+                "0",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+
         return task, argv
     if task == "detect":
         root = request.getfixturevalue("shapes")
 
         def argv(out, steps, *extra):
-            return ["detect", "train", "--model", "fasterrcnn_resnet18_fpn", "--data-path", str(root), "-b", "2",
-                    "-j", "0", "--epochs", "1", "--max-steps-per-epoch", str(steps), "--fpn-channels", "16",
-                    "--min-size", "64", "--max-size", "64", "--rpn-proposals-train", "50", "--rpn-proposals-test", "20",
-                    "--box-batch-size-per-image", "16", "--detections-per-image", "5", "--val-subset", "2",
-                    "--output-dir", str(out), "--no-progress", "--device", "cpu", *extra]
+            return [
+                "detect",
+                "train",
+                "--model",
+                "fasterrcnn_resnet18_fpn",
+                "--data-path",
+                str(root),
+                "-b",
+                "2",
+                "-j",
+                "0",
+                "--epochs",
+                "1",
+                "--max-steps-per-epoch",
+                str(steps),
+                "--fpn-channels",
+                "16",
+                "--min-size",
+                "64",
+                "--max-size",
+                "64",
+                "--rpn-proposals-train",
+                "50",
+                "--rpn-proposals-test",
+                "20",
+                "--box-batch-size-per-image",
+                "16",
+                "--detections-per-image",
+                "5",
+                "--val-subset",
+                "2",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+
         return task, argv
     model = request.getfixturevalue("lm_dir")
     text = str(Path(__file__).parents[1] / "docs" / "method.md")
 
     def argv(out, steps, *extra):
-        return ["train-lm", "--model", str(model), "--text", text, "--output-dir", str(out), "--steps", str(steps),
-                "-b", "2", "--seq-len", "16", "--eval-tokens", "32", "--eval-every", "100", "--lr", "1e-3",
-                "--warmup-steps", "1", "--no-progress", "--train", "twins", *extra]
+        return [
+            "train-lm",
+            "--model",
+            str(model),
+            "--text",
+            text,
+            "--output-dir",
+            str(out),
+            "--steps",
+            str(steps),
+            "-b",
+            "2",
+            "--seq-len",
+            "16",
+            "--eval-tokens",
+            "32",
+            "--eval-every",
+            "100",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+            "--no-progress",
+            "--train",
+            "twins",
+            *extra,
+        ]
+
     return task, argv
 
 
@@ -104,6 +207,7 @@ def _after_steps(monkeypatch, task: str, steps: int, action) -> None:
         if len(done) == steps:
             action(self)
         return result
+
     monkeypatch.setattr(cls, name, hooked)
 
 
@@ -126,8 +230,11 @@ def test_a_folder_another_live_run_holds_is_refused_and_left_as_it_was(command, 
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("command, signum", [("train", signal.SIGINT), ("detect", signal.SIGINT),
-                                             ("detect", signal.SIGTERM), ("lm", signal.SIGTERM)], indirect=["command"])
+@pytest.mark.parametrize(
+    "command, signum",
+    [("train", signal.SIGINT), ("detect", signal.SIGINT), ("detect", signal.SIGTERM), ("lm", signal.SIGTERM)],
+    indirect=["command"],
+)
 def test_a_stop_signal_saves_a_checkpoint_that_resume_continues(command, signum, capsys, monkeypatch, tmp_path):
     """Ctrl-C (SIGINT) or kill (SIGTERM) after 2 of 3 steps (adn train's own tests cover both signals)."""
     task, argv = command
@@ -168,6 +275,7 @@ def _nan_loss(monkeypatch, task: str) -> None:
         terms = original(self, batch)
         calls.append(1)
         return {**terms, "loss": math.nan} if len(calls) == 2 else terms
+
     monkeypatch.setattr(cls, "step", step)
 
 
@@ -201,6 +309,7 @@ def test_weights_that_became_nan_are_never_saved(command, capsys, monkeypatch, t
     def poison(obj):  # after the last step: no loss sees the NaN weights, only the save could
         with torch.no_grad():
             next(p for p in obj.module.parameters() if p.requires_grad).fill_(math.nan)
+
     _after_steps(monkeypatch, task, 2 if task == "detect" else 1, poison)
     assert main([*first, *more, "--resume", str(folder / "checkpoint.pt")]) == 2
     message = _error(capsys)
@@ -211,6 +320,7 @@ def test_weights_that_became_nan_are_never_saved(command, capsys, monkeypatch, t
 
 class Counting:
     """A task of a few lines: one period of steps with the given losses."""
+
     module, log_key, advice = torch.nn.Linear(2, 2), "step", "try something else"
 
     def __init__(self, losses):
@@ -255,8 +365,11 @@ def test_the_loop_knows_no_task(tmp_path):
     assert torch.load(tmp_path / "ok" / "checkpoint.pt")["step"] == 2
     assert not (tmp_path / "ok" / LOCK_NAME).exists()
     task = Counting([1.0, math.inf])
-    with pytest.raises(TrainingDiverged, match=r"loss is not finite at step 2: loss=inf. No checkpoint was written yet; "
-                                               r"try something else"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"loss is not finite at step 2: loss=inf. No checkpoint was written yet; "
+        r"try something else",
+    ):
         RunLoop(task, tmp_path / "bad", progress=False).run()
     assert task.done == 1 and not (tmp_path / "bad" / LOCK_NAME).exists()
 
@@ -280,6 +393,7 @@ class OtherProcessStops(Distributed):
 
 class Agreeing(Counting):
     """A task that sums its loss over the processes every step and folds the stop request into that sum."""
+
     loop: RunLoop
     world: Distributed
 

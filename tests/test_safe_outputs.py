@@ -2,6 +2,7 @@
 holds the command's own earlier output or with --overwrite, never the command's input, never anything but a
 regular file; writes are atomic, and the temporaries a killed write left are removed by the next one. Write
 failures name their real cause and a flag that exists."""
+
 from __future__ import annotations
 
 import errno
@@ -23,8 +24,17 @@ from adn.utils.atomic import atomic_write, remove_stale_temporaries
 from adn.utils.checkpoint_file import load_checkpoint, save_checkpoint, write_failure
 from adn.utils.outputs import CHECKPOINT, OutputError, output_path
 
-META = {"model": "resnet20", "model_kwargs": {"width": 4}, "num_classes": 10, "in_channels": 3, "image_size": 32,
-        "skip_aware_norm": True, "method": "adn", "dataset": "fake", "config": {"seed": 0}}
+META = {
+    "model": "resnet20",
+    "model_kwargs": {"width": 4},
+    "num_classes": 10,
+    "in_channels": 3,
+    "image_size": 32,
+    "skip_aware_norm": True,
+    "method": "adn",
+    "dataset": "fake",
+    "config": {"seed": 0},
+}
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -104,9 +114,13 @@ def test_import_weights_never_replaces_a_users_file_its_input_or_a_special_file(
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     base = ["import-weights", "--model", "mobilenet_v2", str(source)]
-    for output, fragment in ((notes, "exists and is not an adn checkpoint"), (source, "is this command's input"),
-                             (fifo, "is a named pipe, not a regular file"), (tmp_path, "is a folder"),
-                             ("", "--output is empty")):
+    for output, fragment in (
+        (notes, "exists and is not an adn checkpoint"),
+        (source, "is this command's input"),
+        (fifo, "is a named pipe, not a regular file"),
+        (tmp_path, "is a folder"),
+        ("", "--output is empty"),
+    ):
         assert main([*base, "--output", str(output)]) == 2
         message = _error(capsys)
         assert fragment in message and "--output-dir" not in message and "disk" not in message, message
@@ -146,8 +160,19 @@ def _eval_rows(path: Path) -> Path:
 def test_depth_table_output_rule(tmp_path, checkpoint, capsys):
     rows = _eval_rows(tmp_path / "eval.json")
     before = _digest(rows)
-    base = ["depth-table", "--checkpoint", str(checkpoint), "--eval", str(rows), "--batch-sizes", "1", "--warmup", "0",
-            "--repeats", "1"]
+    base = [
+        "depth-table",
+        "--checkpoint",
+        str(checkpoint),
+        "--eval",
+        str(rows),
+        "--batch-sizes",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+    ]
     assert main([*base, "--output", str(rows), "--overwrite"]) == 2  # its own input, even with --overwrite
     assert "is this command's input (--eval" in _error(capsys) and _digest(rows) == before
     notes = tmp_path / "notes.txt"
@@ -182,6 +207,7 @@ def test_plots_and_saved_rows_follow_the_rule(tmp_path, capsys):
     rows = _eval_rows(tmp_path / "eval.json")
     photo = tmp_path / "photo.png"
     from PIL import Image
+
     Image.new("RGB", (4, 4), "red").save(photo)
     before = _digest(photo)
     # A plot is not the result: the rows are printed, the plot is refused with a warning, the file kept.
@@ -197,8 +223,9 @@ def test_plots_and_saved_rows_follow_the_rule(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     # eval-lm --save-json is checked before anything is read (the model here does not even exist)
-    assert main(["eval-lm", "--model", str(tmp_path / "no-model"), "--text", str(notes), "--save-json",
-                 str(notes)]) == 2
+    assert (
+        main(["eval-lm", "--model", str(tmp_path / "no-model"), "--text", str(notes), "--save-json", str(notes)]) == 2
+    )
     assert "is this command's input (--text" in _error(capsys) and notes.read_text() == "my notes\n"
 
 
@@ -208,20 +235,53 @@ def test_analyze_and_make_synthetic_leave_other_files_alone(tmp_path, checkpoint
     (out / "summary.json").write_text('{"my": "summary"}')
     assert main(["analyze", "--checkpoint", str(checkpoint), "--output", str(out), "--norm-distance"]) == 2
     assert "summary.json exists and is not a summary adn analyze wrote" in _error(capsys)
-    assert main(["analyze", "--checkpoint", str(checkpoint), "--output", str(out), "--norm-distance",
-                 "--overwrite"]) == 0
+    assert (
+        main(["analyze", "--checkpoint", str(checkpoint), "--output", str(out), "--norm-distance", "--overwrite"]) == 0
+    )
     capsys.readouterr()
     assert main(["analyze", "--checkpoint", str(checkpoint), "--output", str(out), "--norm-distance"]) == 0
     data = tmp_path / "photos"
     data.mkdir()
     (data / "holiday.jpg").write_bytes(b"jpeg")
-    assert main(["detect", "make-synthetic", "--output", str(data), "--images", "1", "--val-images", "0",
-                 "--size", "32"]) == 2
+    assert (
+        main(["detect", "make-synthetic", "--output", str(data), "--images", "1", "--val-images", "0", "--size", "32"])
+        == 2
+    )
     assert "holds other files" in _error(capsys)
-    assert main(["detect", "make-synthetic", "--output", str(tmp_path / "coco"), "--images", "1", "--val-images", "0",
-                 "--size", "32"]) == 0
-    assert main(["detect", "make-synthetic", "--output", str(tmp_path / "coco"), "--images", "1", "--val-images", "0",
-                 "--size", "32"]) == 0  # its own earlier dataset: written again
+    assert (
+        main(
+            [
+                "detect",
+                "make-synthetic",
+                "--output",
+                str(tmp_path / "coco"),
+                "--images",
+                "1",
+                "--val-images",
+                "0",
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "detect",
+                "make-synthetic",
+                "--output",
+                str(tmp_path / "coco"),
+                "--images",
+                "1",
+                "--val-images",
+                "0",
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )  # its own earlier dataset: written again
 
 
 # ----- item 7: temporaries a killed write left -------------------------------------------------------------------
@@ -274,19 +334,27 @@ def test_commands_that_write_checkpoints_remove_stale_temporaries(tmp_path, chec
     assert "removed 1 temporary file(s)" in capsys.readouterr().err
     stale.write_bytes(b"\0")
     (tmp_path / "weights.pth").write_bytes(b"not read: the output is checked first")
-    assert main(["import-weights", "--model", "mobilenet_v2", str(tmp_path / "weights.pth"), "--output",
-                 str(output)]) == 2
+    assert (
+        main(["import-weights", "--model", "mobilenet_v2", str(tmp_path / "weights.pth"), "--output", str(output)]) == 2
+    )
     assert not stale.exists()
 
 
 # ----- item 14: write failures say what happened, with a flag that exists ---------------------------------------
-@pytest.mark.parametrize("error, flag, fragment", [
-    (OSError(errno.ENOSPC, "No space left on device"), "--output", "the disk is full"),
-    (PermissionError(errno.EACCES, "Permission denied"), "--output", "permission denied"),
-    (OSError(errno.EROFS, "Read-only file system"), "--output", "read-only"),
-    (IsADirectoryError(errno.EISDIR, "Is a directory"), "--output", "a folder is in the way"),
-    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), "--output-dir", "disk full"),
-])
+@pytest.mark.parametrize(
+    "error, flag, fragment",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "--output", "the disk is full"),
+        (PermissionError(errno.EACCES, "Permission denied"), "--output", "permission denied"),
+        (OSError(errno.EROFS, "Read-only file system"), "--output", "read-only"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), "--output", "a folder is in the way"),
+        (
+            RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+            "--output-dir",
+            "disk full",
+        ),
+    ],
+)
 def test_write_failures_name_their_cause(error, flag, fragment):
     message = write_failure(error, flag)
     assert fragment in message and flag in message
@@ -300,6 +368,7 @@ def test_a_failed_checkpoint_write_names_the_flag_it_was_given(tmp_path, monkeyp
 
     def denied(path, write, suffix=".tmp"):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
     monkeypatch.setattr(checkpoint_file, "atomic_write", denied)
     with pytest.raises(CheckpointError) as caught:
         checkpoint_file.atomic_save({"x": 1}, tmp_path / "m.pt", "--output")

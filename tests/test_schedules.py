@@ -1,5 +1,6 @@
 """Learning-rate schedules of `adn train`: the multi-step schedule of He et al. (2016) that the
 reproduction uses, and the errors a user gets for milestones that cannot work."""
+
 import pytest
 import torch
 
@@ -27,8 +28,7 @@ def test_multistep_drops_tenfold_at_each_milestone():
 
 
 def test_multistep_milestones_count_after_warmup():
-    lrs = lrs_per_epoch(TrainConfig(epochs=10, lr=0.1, lr_scheduler="multisteplr", lr_steps=(4,),
-                                    lr_warmup_epochs=2))
+    lrs = lrs_per_epoch(TrainConfig(epochs=10, lr=0.1, lr_scheduler="multisteplr", lr_steps=(4,), lr_warmup_epochs=2))
     assert lrs[0] < 0.1 and lrs[2:6] == pytest.approx([0.1] * 4) and lrs[6:] == pytest.approx([0.01] * 4)
 
 
@@ -38,12 +38,10 @@ def test_cli_reads_milestones_into_the_config():
     assert TrainConfig(lr_steps=args.lr_steps).lr_steps == (15, 23)
 
 
-@pytest.mark.parametrize("steps, message", [
-    ((), "needs its milestones"),
-    ((23, 15), "increasing"),
-    ((15, 15), "increasing"),
-    ((0, 15), "positive"),
-])
+@pytest.mark.parametrize(
+    "steps, message",
+    [((), "needs its milestones"), ((23, 15), "increasing"), ((15, 15), "increasing"), ((0, 15), "positive")],
+)
 def test_bad_milestones_are_refused_with_the_fix(steps, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(epochs=30, lr_scheduler="multisteplr", lr_steps=steps).validate()

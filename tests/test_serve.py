@@ -1,6 +1,7 @@
 """adn serve: the batching and governor policy on a simulated clock, then the real server (uvicorn on a
 free loopback port) with a tiny network: answers against the network itself, depths never mixed, bad
 input, failures, metrics, and a graceful SIGTERM that answers what is queued."""
+
 from __future__ import annotations
 
 import io
@@ -39,14 +40,27 @@ SIM_ACC = {"TTT": 80.0, "TTF": 85.0, "FFF": 90.0}
 
 
 def sim_table() -> dict:
-    return {"batch_sizes": [1, 8], "depths": [
-        {"skip": s, "acc1": SIM_ACC[s], "macs": 1, "latency_ms": {"1": {"p50": one, "p99": 1.5 * one},
-                                                                  "8": {"p50": eight, "p99": 1.5 * eight}}}
-        for s, (one, eight) in SIM_P50.items()]}
+    return {
+        "batch_sizes": [1, 8],
+        "depths": [
+            {
+                "skip": s,
+                "acc1": SIM_ACC[s],
+                "macs": 1,
+                "latency_ms": {"1": {"p50": one, "p99": 1.5 * one}, "8": {"p50": eight, "p99": 1.5 * eight}},
+            }
+            for s, (one, eight) in SIM_P50.items()
+        ],
+    }
 
 
-def simulate(policy: BatchPolicy, requests: list[Pending], slowdown=lambda t: 1.0,
-             table: dict | None = None, starts: dict | None = None) -> list[tuple[Pending, Plan, float]]:
+def simulate(
+    policy: BatchPolicy,
+    requests: list[Pending],
+    slowdown=lambda t: 1.0,
+    table: dict | None = None,
+    starts: dict | None = None,
+) -> list[tuple[Pending, Plan, float]]:
     """One worker on a simulated clock: (request, the plan it ran in, when it was answered) per request.
     The machine takes the p50 of ``table`` (default: sim_table()) times the slowdown. ``starts``, if
     given, gets when each plan started (by id)."""
@@ -114,6 +128,7 @@ def test_a_slowdown_moves_to_shallower_depths_and_it_recovers_after():
     def late_share(answers, start, end):
         window = [(r, done) for r, _, done in answers if start <= r.arrival < end]
         return sum(done > r.deadline for r, done in window) / len(window)
+
     # The governor runs shallower depths while the machine is 3x slower and keeps (almost) every deadline;
     # the super-net alone cannot keep up and misses most of them.
     assert late_share(governed, 1.0, 2.0) < 0.1
@@ -164,11 +179,13 @@ def test_headroom_for_the_requests_about_to_arrive_keeps_bursts_on_time():
             arrivals = [r.arrival for r in poisson(400, 2.0, 20, seed=seed)]
             arrivals += [burst / 10 + rng.uniform(0, 0.002) for burst in range(1, 20) for _ in range(32)]
             requests = [Pending(1, None, t, t + 0.020, t) for t in sorted(arrivals)]
-            answered = simulate(BatchPolicy(adn.Governor(tight, 20), 8, 0.005, headroom=headroom), requests,
-                                table=tight)
+            answered = simulate(
+                BatchPolicy(adn.Governor(tight, 20), 8, 0.005, headroom=headroom), requests, table=tight
+            )
             late += sum(done > r.deadline for r, _, done in answered) / len(answered) / 3
             effective += sum(SIM_ACC[p.skip] for r, p, done in answered if done <= r.deadline) / len(answered) / 3
         return late, effective
+
     (late_without, accuracy_without), (late_with, accuracy_with) = run(False), run(True)
     assert late_without > 0.02 and late_with < 0.6 * late_without, (late_without, late_with)
     assert accuracy_with > accuracy_without + 1, (accuracy_without, accuracy_with)
@@ -204,8 +221,10 @@ def test_fixed_depths_are_never_batched_with_another_depth():
 def test_a_waiting_batch_never_waits_past_max_wait_or_what_its_deadline_allows():
     """On the fixed rule (--batch-wait fixed), which waits whenever a batch is not full; the adaptive rule
     waits within the same bounds (tests/test_batching.py)."""
+
     def fixed(budget_ms: float) -> BatchPolicy:
         return BatchPolicy(adn.Governor(sim_table(), budget_ms), 8, 0.005, adaptive=False)
+
     lone = Pending(1, None, 0.0, 1.0, 0.0)
     assert fixed(1000).next([lone], 0.0) == pytest.approx(0.005)  # max wait
     tight = Pending(1, None, 0.0, 0.008, 0.0)  # FFF's p99 at batch 1 is 6 ms: leave by 2 ms
@@ -226,24 +245,49 @@ def model_dir(tmp_path_factory):
     """A tiny ResNet-20 checkpoint (1 channel, 28 pixels, class names) and a depth table that lets the
     governor run the super-net at a generous budget."""
     from adn.utils.checkpoint_file import save_checkpoint
+
     folder = tmp_path_factory.mktemp("serve-model")
     torch.manual_seed(0)
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
-    meta = {"model": "resnet20", "model_kwargs": {"width": 4}, "num_classes": 10, "in_channels": 1, "image_size": 28,
-            "skip_aware_norm": True, "mean": [MEAN], "std": [STD], "class_names": CLASSES,
-            "preprocess": {"image_size": 28, "resize_size": 28, "channels": 1, "mean": [MEAN], "std": [STD]}}
+    meta = {
+        "model": "resnet20",
+        "model_kwargs": {"width": 4},
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 28,
+        "skip_aware_norm": True,
+        "mean": [MEAN],
+        "std": [STD],
+        "class_names": CLASSES,
+        "preprocess": {"image_size": 28, "resize_size": 28, "channels": 1, "mean": [MEAN], "std": [STD]},
+    }
     save_checkpoint(folder / "checkpoint.pt", net, meta)
     rows = [("TTT", 80.0, 0.05), ("TFF", 85.0, 0.1), ("FFF", 90.0, 0.2)]
-    table = {"batch_sizes": [1, 8], "depths": [
-        {"skip": s, "acc1": acc, "macs": 1, "latency_ms": {"1": {"p50": ms, "p99": 2 * ms}, "8": {"p50": 4 * ms, "p99": 8 * ms}}}
-        for s, acc, ms in rows]}
+    table = {
+        "batch_sizes": [1, 8],
+        "depths": [
+            {
+                "skip": s,
+                "acc1": acc,
+                "macs": 1,
+                "latency_ms": {"1": {"p50": ms, "p99": 2 * ms}, "8": {"p50": 4 * ms, "p99": 8 * ms}},
+            }
+            for s, acc, ms in rows
+        ],
+    }
     (folder / "depth_table.json").write_text(json.dumps(table))
     return folder
 
 
 def make_service(model_dir, **changes) -> Service:
-    settings = {"budget_ms": 10_000, "max_batch": 8, "max_wait_ms": 40, "max_body_bytes": 256 * 1024,
-                "max_image_pixels": 1_000_000, **changes}
+    settings = {
+        "budget_ms": 10_000,
+        "max_batch": 8,
+        "max_wait_ms": 40,
+        "max_body_bytes": 256 * 1024,
+        "max_image_pixels": 1_000_000,
+        **changes,
+    }
     return Service.from_checkpoint(model_dir / "checkpoint.pt", ServeSettings(**settings))
 
 
@@ -340,6 +384,7 @@ def test_concurrent_requests_at_different_depths_are_never_mixed(served, monkeyp
     def slow(batch, skip):  # requests pile up while a batch runs, so that they are batched
         time.sleep(0.02)
         return real(batch, skip)
+
     monkeypatch.setattr(service, "engine", Replaced(real, slow))
     asked = [None, "TTT", "FFF", "TFT", "base", None]
     jobs = [(asked[i % len(asked)], png(100 + i)) for i in range(24)]
@@ -347,6 +392,7 @@ def test_concurrent_requests_at_different_depths_are_never_mixed(served, monkeyp
     def send(job):
         skip, image = job
         return post(client, [image], **({"skip": skip} if skip else {}))
+
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(send, jobs))
     answers = [r.json() for r in responses]
@@ -384,9 +430,11 @@ TRUNCATED_TYPE = "multipart/form-data; boundary=adnboundary"
 
 def truncated_upload(data: bytes) -> bytes:
     """A multipart body with one image, cut off before its end (and its closing boundary)."""
-    body = (b"--adnboundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--adnboundary--\r\n")
-    return body[:len(body) // 3]
+    body = (
+        b'--adnboundary\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--adnboundary--\r\n"
+    )
+    return body[: len(body) // 3]
 
 
 def test_bad_input_gets_an_actionable_4xx_and_the_server_keeps_serving(served):
@@ -399,10 +447,18 @@ def test_bad_input_gets_an_actionable_4xx_and_the_server_keeps_serving(served):
         (client.post("/v1/predict", files=[("skip", (None, "TTT"))]), 400, "no_image", "field 'file'"),
         (client.post("/v1/predict", files=[("file", (None, "TTT"))]), 400, "no_image", "text, not a file upload"),
         (client.post("/v1/predict", json={"image": "x"}), 415, "unsupported_media_type", "multipart/form-data"),
-        (client.post("/v1/predict", content=truncated_upload(good), headers={"Content-Type": TRUNCATED_TYPE}), 400,
-         "truncated_body", "cut short"),
-        (client.post("/v1/predict", content=good, headers={"Content-Type": "image/png"}), 415,
-         "unsupported_media_type", "curl -F"),
+        (
+            client.post("/v1/predict", content=truncated_upload(good), headers={"Content-Type": TRUNCATED_TYPE}),
+            400,
+            "truncated_body",
+            "cut short",
+        ),
+        (
+            client.post("/v1/predict", content=good, headers={"Content-Type": "image/png"}),
+            415,
+            "unsupported_media_type",
+            "curl -F",
+        ),
         (post(client, [good], skip="TTXF"), 400, "unknown_skip", "use only T and F"),
         (post(client, [good], skip="FFFF"), 400, "unknown_skip", "3 stages"),
         (post(client, [good], budget_ms="fast"), 400, "bad_budget", "positive number of milliseconds"),
@@ -442,6 +498,7 @@ def test_a_failing_batch_answers_500_to_each_of_its_requests_and_serving_goes_on
 
     def broken(batch, skip):
         raise RuntimeError("simulated kernel failure")
+
     monkeypatch.setattr(service, "engine", Replaced(real, broken))
     with ThreadPoolExecutor(3) as pool:
         responses = list(pool.map(lambda seed: post(client, [png(seed)], skip="TTT"), range(3)))
@@ -462,6 +519,7 @@ def test_a_full_queue_answers_503_with_retry_after(served, monkeypatch):
         started.set()
         time.sleep(0.5)
         return real(batch, skip)
+
     monkeypatch.setattr(service, "engine", Replaced(real, slow))
     monkeypatch.setattr(service.batcher, "max_queue", 1)
     with ThreadPoolExecutor(2) as pool:
@@ -481,8 +539,11 @@ def test_a_full_queue_answers_503_with_retry_after(served, monkeypatch):
 def metric_samples(client) -> dict:
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
 
 def test_metrics_are_prometheus_text_and_count_what_happened(served):
@@ -498,6 +559,7 @@ def test_metrics_are_prometheus_text_and_count_what_happened(served):
     def grew(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
+
     assert grew("adn_requests_total", status="200") == 3 and grew("adn_requests_total", status="400") == 1
     assert grew("adn_batches_total", skip="TFT", chosen_by="request") == 1
     assert grew("adn_batches_total", skip="FFF", chosen_by="governor") == 1
@@ -544,9 +606,24 @@ def test_serve_without_a_depth_table_says_how_to_make_one(model_dir, tmp_path, c
 def test_sigterm_answers_queued_requests_then_exits(model_dir):
     """adn serve in its own process; three requests wait for a fuller batch (up to 20 s, on the fixed rule);
     SIGTERM makes the server run them at once, answer them, and exit cleanly."""
-    command = [sys.executable, "-m", "adn", "serve", "--checkpoint", str(model_dir / "checkpoint.pt"),
-               "--budget-ms", "60000", "--max-wait-ms", "20000", "--batch-wait", "fixed", "--port", "0",
-               "--threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "adn",
+        "serve",
+        "--checkpoint",
+        str(model_dir / "checkpoint.pt"),
+        "--budget-ms",
+        "60000",
+        "--max-wait-ms",
+        "20000",
+        "--batch-wait",
+        "fixed",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         url = None
@@ -582,12 +659,14 @@ def test_onnx_runtime_sessions_are_made_once_and_depth_switches_reuse_them(model
     pytest.importorskip("onnxscript")
     onnxruntime = pytest.importorskip("onnxruntime")
     from adn.serve.engine import Engine
+
     made = []
 
     class Counted(onnxruntime.InferenceSession):
         def __init__(self, *args, **kwargs):
             made.append(args[0])
             super().__init__(*args, **kwargs)
+
     monkeypatch.setattr(onnxruntime, "InferenceSession", Counted)
     net = adn.load(model_dir / "checkpoint.pt")
     engine = Engine(net, torch.zeros(1, 1, 28, 28), ["FFF", "TTT"], backend=backend)

@@ -2,6 +2,7 @@
 connections, formats outside the allow-list, images that cost much to decode, repeated headers, flags that are not
 finite numbers, a shutdown that outlasts its timeout, and logs that stay one line per kind of failure. Every
 limit is set low, so that each test takes about a second (the open-file test starts its own server: a few)."""
+
 from __future__ import annotations
 
 import errno
@@ -104,8 +105,10 @@ def test_a_request_not_received_in_full_in_time_gets_408_and_idle_connections_ar
         assert time.monotonic() - start < 3
         # A body shorter than its Content-Length: the same.
         short = connect(port)
-        short.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                      b"Content-Length: 1000\r\n\r\n--b\r\n")
+        short.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1000\r\n\r\n--b\r\n"
+        )
         status, _, body = answer(short)
         assert status == 408 and body["error"]["code"] == "request_timeout"
         # A connection that sends nothing is closed (silently) at the deadline; an idle one after keep-alive.
@@ -119,8 +122,10 @@ def test_a_request_not_received_in_full_in_time_gets_408_and_idle_connections_ar
         # Answered before its body was read (413 from Content-Length): the rest of the body is read and dropped,
         # then the connection is idle (keep-alive closes it), not answered a second time with a 408.
         early, start = connect(port), time.monotonic()
-        early.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                      b"Content-Length: 300000\r\n\r\n" + b"x" * 300_000)
+        early.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 300000\r\n\r\n" + b"x" * 300_000
+        )
         data = until_closed(early)
         assert data.count(b"HTTP/1.1 ") == 1 and parse(data)[0] == 413 and time.monotonic() - start < 3
         assert client.get("/healthz").status_code == 200  # serving goes on
@@ -192,6 +197,7 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_a_json_503(model_d
         started.set()
         release.wait(10)
         return real(batch, skip)
+
     monkeypatch.setattr(service, "engine", Replaced(real, held))
     with serving(service) as (server, port, client), ThreadPoolExecutor(2) as pool:
         running = [pool.submit(post, client, [png(seed)], skip="FFF") for seed in range(2)]
@@ -215,8 +221,10 @@ def test_event_loop_errors_are_one_throttled_line_without_traceback():
     lines, now = [], [0.0]
     throttle = Throttle(interval_s=10, write=lines.append, clock=lambda: now[0])
     handle = loop_exception_handler(throttle, "lower --max-connections")
-    context = {"message": "socket.accept() out of system resource",
-               "exception": OSError(errno.EMFILE, "Too many open files")}
+    context = {
+        "message": "socket.accept() out of system resource",
+        "exception": OSError(errno.EMFILE, "Too many open files"),
+    }
     for _ in range(5000):
         handle(None, context)
     handle(None, {"message": "another failure", "exception": RuntimeError("boom")})
@@ -231,11 +239,29 @@ def test_with_a_low_open_file_limit_idle_connections_neither_block_requests_nor_
     """The issue's case: open-file limit lowered, more idle connections than it allows. The cap is fitted to the
     limit (with a warning); normal requests are answered; stderr stays a few lines."""
     resource = pytest.importorskip("resource")
-    command = [sys.executable, "-m", "adn", "serve", "--checkpoint", str(model_dir / "checkpoint.pt"),
-               "--budget-ms", "60000", "--port", "0", "--threads", "1", "--decode-threads", "1"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)))
+    command = [
+        sys.executable,
+        "-m",
+        "adn",
+        "serve",
+        "--checkpoint",
+        str(model_dir / "checkpoint.pt"),
+        "--budget-ms",
+        "60000",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--decode-threads",
+        "1",
+    ]
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)),
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     idle: list[socket.socket] = []
@@ -275,6 +301,7 @@ def image_bytes(image_format: str) -> bytes:
 def test_formats_off_the_allow_list_get_415_without_being_decoded(served, model_dir, monkeypatch):
     service, client = served
     from PIL import EpsImagePlugin
+
     opened = []
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
     for data, name in ((EPS, "EPS"), (image_bytes("GIF"), "GIF"), (image_bytes("ICO"), "ICO")):
@@ -310,6 +337,7 @@ def test_decoded_pixels_per_request_are_bounded_and_decoding_runs_in_its_own_bou
         with lock:
             active[0] -= 1
         return real_load(*args, **kwargs)
+
     monkeypatch.setattr(type(service.predictor.preprocessing), "load", lambda self, *a, **k: load(*a, **k))
     with serving(service) as (server, port, client):
         big = flat_png((1000, 1000))  # 1 Mpixel, a few KB: two of them are over the request's 1.5 Mpixels
@@ -330,9 +358,11 @@ def test_decoded_pixels_per_request_are_bounded_and_decoding_runs_in_its_own_bou
 # ----- 4. a repeated header is refused, as a repeated form field is ---------------------------------------------------
 def test_repeated_skip_or_budget_headers_are_refused(served):
     service, client = served
-    for header, code, values in (("X-ADN-Skip", "bad_skip", ("TTT", "FFF")),
-                                 ("X-ADN-Budget-Ms", "bad_budget", ("5", "50")),
-                                 ("X-ADN-Skip", "bad_skip", ("TTT", "TTT"))):
+    for header, code, values in (
+        ("X-ADN-Skip", "bad_skip", ("TTT", "FFF")),
+        ("X-ADN-Budget-Ms", "bad_budget", ("5", "50")),
+        ("X-ADN-Skip", "bad_skip", ("TTT", "TTT")),
+    ):
         response = post(client, [png(0)], headers=[(header, value) for value in values])
         error = response.json()["error"]
         assert (response.status_code, error["code"]) == (400, code), error
@@ -341,24 +371,31 @@ def test_repeated_skip_or_budget_headers_are_refused(served):
 
 
 # ----- 5. one-line errors, never a traceback -----------------------------------------------------------------------
-@pytest.mark.parametrize("flag, value, message", [
-    ("--max-body-mb", "inf", "--max-body-mb inf: expected a number of megabytes"),
-    ("--max-body-mb", "nan", "--max-body-mb nan: expected a number of megabytes"),
-    ("--max-body-mb", "-1", "--max-body-mb -1.0: expected a number of megabytes"),
-    ("--max-image-mpixels", "inf", "--max-image-mpixels inf: expected a number of megapixels"),
-    ("--max-request-mpixels", "1", "--max-request-mpixels 1.0: expected a number of megapixels from "
-                                   "--max-image-mpixels (40)"),
-    ("--graceful-timeout-s", "-1", "--graceful-timeout-s -1.0: expected zero or more seconds"),
-    ("--graceful-timeout-s", "nan", "--graceful-timeout-s nan: expected zero or more seconds"),
-    ("--request-timeout-s", "0", "--request-timeout-s 0.0: expected a positive number of seconds"),
-    ("--keep-alive-s", "inf", "--keep-alive-s inf: expected zero or more seconds"),
-    ("--max-wait-ms", "nan", "--max-wait-ms nan: expected zero or more milliseconds"),
-    ("--budget-ms", "inf", "--budget-ms inf: expected a positive number of milliseconds"),
-    ("--image-formats", "png,eps2", "--image-formats 'png,eps2': unknown format(s) EPS2"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-body-mb", "inf", "--max-body-mb inf: expected a number of megabytes"),
+        ("--max-body-mb", "nan", "--max-body-mb nan: expected a number of megabytes"),
+        ("--max-body-mb", "-1", "--max-body-mb -1.0: expected a number of megabytes"),
+        ("--max-image-mpixels", "inf", "--max-image-mpixels inf: expected a number of megapixels"),
+        (
+            "--max-request-mpixels",
+            "1",
+            "--max-request-mpixels 1.0: expected a number of megapixels from --max-image-mpixels (40)",
+        ),
+        ("--graceful-timeout-s", "-1", "--graceful-timeout-s -1.0: expected zero or more seconds"),
+        ("--graceful-timeout-s", "nan", "--graceful-timeout-s nan: expected zero or more seconds"),
+        ("--request-timeout-s", "0", "--request-timeout-s 0.0: expected a positive number of seconds"),
+        ("--keep-alive-s", "inf", "--keep-alive-s inf: expected zero or more seconds"),
+        ("--max-wait-ms", "nan", "--max-wait-ms nan: expected zero or more milliseconds"),
+        ("--budget-ms", "inf", "--budget-ms inf: expected a positive number of milliseconds"),
+        ("--image-formats", "png,eps2", "--image-formats 'png,eps2': unknown format(s) EPS2"),
+    ],
+)
 def test_serve_flags_out_of_range_are_one_line_naming_the_flag(model_dir, capsys, monkeypatch, flag, value, message):
     def started(*args, **kwargs):
         raise AssertionError(f"adn serve started with {flag} {value}")
+
     monkeypatch.setattr(adn_server, "run", started)
     argv = ["serve", "--checkpoint", str(model_dir / "checkpoint.pt"), "--budget-ms", "50", "--port", "0"]
     assert main([*argv, flag, value]) == 2
@@ -371,12 +408,38 @@ def test_deeply_nested_json_as_a_depth_table_or_eval_file_is_a_clear_error(model
     deep.write_text("[" * 100_000 + "]" * 100_000)
     assert main(["pareto", "--table", str(deep), "--budget-ms", "5"]) == 2
     assert "nested too deeply" in capsys.readouterr().err
-    assert main(["depth-table", "--checkpoint", str(model_dir / "checkpoint.pt"), "--eval", str(deep),
-                 "--output", str(tmp_path / "table.json")]) == 2
+    assert (
+        main(
+            [
+                "depth-table",
+                "--checkpoint",
+                str(model_dir / "checkpoint.pt"),
+                "--eval",
+                str(deep),
+                "--output",
+                str(tmp_path / "table.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"adn: error: {deep}: expected the JSON printed by `adn eval --json`" in err and "nested too deeply" in err
-    assert main(["serve", "--checkpoint", str(model_dir / "checkpoint.pt"), "--budget-ms", "50", "--port", "0",
-                 "--table", str(deep)]) == 2
+    assert (
+        main(
+            [
+                "serve",
+                "--checkpoint",
+                str(model_dir / "checkpoint.pt"),
+                "--budget-ms",
+                "50",
+                "--port",
+                "0",
+                "--table",
+                str(deep),
+            ]
+        )
+        == 2
+    )
     assert "nested too deeply" in capsys.readouterr().err
 
 
@@ -388,6 +451,7 @@ def test_a_request_still_running_when_the_graceful_shutdown_times_out_gets_a_jso
         started.set()
         time.sleep(1.0)
         return real(batch, skip)
+
     monkeypatch.setattr(service, "engine", Replaced(real, slow))
     with serving(service) as (server, port, client), ThreadPoolExecutor(1) as pool:
         future = pool.submit(post, client, [png(0)], skip="FFF")

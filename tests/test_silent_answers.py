@@ -1,5 +1,6 @@
 """No wrong answer shown as if it were right: NaN outputs, negative variances and non-float tensors in weights
 files, float images, and messages that blame the wrong cause (issue 24, items 8-10 and 14)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,17 @@ from adn.utils.checkpoint_file import atomic_save, save_checkpoint
 from adn.vision.init_from import init_from
 from adn.vision.preprocess import ImageError, Preprocessing
 
-META = {"model": "resnet20", "model_kwargs": {"width": 4}, "num_classes": 10, "in_channels": 3, "image_size": 32,
-        "skip_aware_norm": True, "method": "adn", "dataset": "fake", "config": {"seed": 0}}
+META = {
+    "model": "resnet20",
+    "model_kwargs": {"width": 4},
+    "num_classes": 10,
+    "in_channels": 3,
+    "image_size": 32,
+    "skip_aware_norm": True,
+    "method": "adn",
+    "dataset": "fake",
+    "config": {"seed": 0},
+}
 
 
 def _net():
@@ -55,13 +65,16 @@ def test_init_from_refuses_negative_variances(tmp_path):
     state = _plain_state()
     state["bn1.running_var"][0] = -0.5
     torch.save(state, tmp_path / "negative.pth")
-    with pytest.raises(CheckpointError, match=r"negative batch-norm variances in 1 tensor\(s\), e.g. \['bn1.running_var'"):
+    with pytest.raises(
+        CheckpointError, match=r"negative batch-norm variances in 1 tensor\(s\), e.g. \['bn1.running_var'"
+    ):
         init_from(_net(), tmp_path / "negative.pth", "resnet20", log=lambda message: None)
 
 
 def test_import_weights_refuses_negative_variances():
     from tests.test_authors_weights import authors_state_dict
     from adn.vision.authors import import_authors_weights
+
     state = authors_state_dict("mobilenet_v2")
     key = next(k for k in state if k.endswith("running_var"))
     state[key] = -state[key]
@@ -104,7 +117,9 @@ def test_a_float_tiff_in_0_1_is_the_image_it_shows(tmp_path):
     Image.fromarray(pixels * 255, mode="F").save(tmp_path / "float255.tif")  # a [0, 255] float image: as it is
     assert torch.allclose(preprocessing.load(tmp_path / "float255.tif"), from_float, atol=1 / 255 + 1e-6)
     Image.fromarray(pixels * 1000 - 10, mode="F").save(tmp_path / "wide.tif")
-    with pytest.raises(ImageError, match="range from -9.8[0-9]* to .* neither within \\[0, 1\\] nor within \\[0, 255\\]"):
+    with pytest.raises(
+        ImageError, match="range from -9.8[0-9]* to .* neither within \\[0, 1\\] nor within \\[0, 255\\]"
+    ):
         preprocessing.load(tmp_path / "wide.tif")
 
 
@@ -124,12 +139,24 @@ def test_random_bytes_are_not_called_objects_other_than_tensors(tmp_path):
 
 def test_a_language_model_checkpoint_given_to_an_image_command_is_named_as_such(tmp_path, capsys):
     path = tmp_path / "lm.pt"
-    atomic_save({"format": "adn-checkpoint", "version": 1, "model": {},
-                 "meta": {"task": "causal-lm", "base": {"model": "smollm2", "gguf_file": None},
-                          "grouping": {"layers_per_stage": None, "skippable": 1, "keep_first": 1, "keep_last": 2}}},
-                path)
-    for argv in (["eval", "--checkpoint", str(path)], ["profile", "--checkpoint", str(path), "--no-latency"],
-                 ["predict", "--checkpoint", str(path), "x.png"]):
+    atomic_save(
+        {
+            "format": "adn-checkpoint",
+            "version": 1,
+            "model": {},
+            "meta": {
+                "task": "causal-lm",
+                "base": {"model": "smollm2", "gguf_file": None},
+                "grouping": {"layers_per_stage": None, "skippable": 1, "keep_first": 1, "keep_last": 2},
+            },
+        },
+        path,
+    )
+    for argv in (
+        ["eval", "--checkpoint", str(path)],
+        ["profile", "--checkpoint", str(path), "--no-latency"],
+        ["predict", "--checkpoint", str(path), "x.png"],
+    ):
         assert main(argv) == 2
         message = _error(capsys)
         assert "language model's checkpoint (written by adn train-lm)" in message and "adn eval-lm" in message, message

@@ -1,6 +1,7 @@
 """Errors that used to pass silently (issue 12): threads running one network at different depths got
 each other's depth, a NaN ONNX model passed verification, a damaged checkpoint loaded, and an exported
 ONNX file needed a data file the manifest did not list."""
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,13 @@ def test_skipping_blocks_are_per_thread_and_default_depth_is_shared(resnet):
 # ----- 2 and 4: ONNX files ---------------------------------------------------------------------------------
 def _tiny(fill: float | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).eval()
     if fill is not None:
         torch.nn.init.constant_(model[-1].bias, fill)
     return model
@@ -106,14 +112,21 @@ def _tiny(fill: float | None = None) -> torch.nn.Module:
 def test_onnx_verification_fails_on_nan_outputs(tmp_path):
     pytest.importorskip("onnxruntime")
     from adn.runtime.graph_export import export_onnx, verify_onnx
+
     example = torch.randn(1, 1, 8, 8)
     finite, nan = tmp_path / "finite.onnx", tmp_path / "nan.onnx"
     export_onnx(_tiny(), example, str(finite))
     with pytest.raises(ValueError, match=r"PyTorch network gives NaN or infinite outputs.*not writing .*nan\.onnx"):
         export_onnx(_tiny(float("nan")), example, str(nan))  # all outputs NaN: used to verify with difference 0.0
     # An ONNX file whose outputs are NaN where PyTorch's are finite (written without verification).
-    torch.onnx.export(_tiny(float("nan")), (example.expand(2, 1, 8, 8),), str(nan), dynamo=True, external_data=False,
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.onnx.export(
+        _tiny(float("nan")),
+        (example.expand(2, 1, 8, 8),),
+        str(nan),
+        dynamo=True,
+        external_data=False,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+    )
     finite_in_torch = r"ONNX Runtime gives NaN or infinite outputs for .*nan\.onnx .* where PyTorch's are finite"
     with pytest.raises(ValueError, match=finite_in_torch):
         verify_onnx(nan, _tiny(), example)
@@ -125,6 +138,7 @@ def test_onnx_verification_fails_on_nan_outputs(tmp_path):
 def _run_alone(onnx_file, folder, x):
     """Copy ``onnx_file`` to ``folder`` and run it there in ONNX Runtime."""
     import onnxruntime
+
     folder.mkdir(exist_ok=True)
     copy = shutil.copy(onnx_file, folder)
     session = onnxruntime.InferenceSession(str(copy), providers=["CPUExecutionProvider"])
@@ -134,6 +148,7 @@ def _run_alone(onnx_file, folder, x):
 def test_exported_onnx_files_hold_their_weights(tmp_path):
     pytest.importorskip("onnxruntime")
     from adn.deploy.export import export_subnetworks
+
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).eval()
     x = torch.randn(2, 1, 28, 28)
     entries = export_subnetworks(net, ["FFF", "TTT"], tmp_path / "out", "onnx", torch.randn(1, 1, 28, 28))
@@ -151,6 +166,7 @@ def test_onnx_weights_over_the_one_file_limit_go_to_a_data_file_the_manifest_lis
     pytest.importorskip("onnxruntime")
     import torch.onnx._internal.exporter._onnx_program as onnx_program
     from adn.deploy.export import export_subnetworks
+
     monkeypatch.setattr(onnx_program, "_LARGE_MODEL_THRESHOLD", 0)  # as if the weights were over 1.5 GB
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).eval()
     export_subnetworks(net, ["TFT"], tmp_path / "out", "onnx", torch.randn(1, 1, 28, 28))
@@ -184,6 +200,7 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_and_earlier_ones_named(tmp_
     from adn.errors import CheckpointError
     from adn.utils.checkpoint_file import checkpoint_payload, load_checkpoint
     from adn.training.run_folder import save_rotating
+
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))
     meta = {"model": "resnet20", "num_classes": 10, "in_channels": 1, "model_kwargs": {"width": 4}}
     for epoch in (1, 2):
@@ -191,8 +208,11 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_and_earlier_ones_named(tmp_
     latest = tmp_path / "checkpoint.pt"
     _flip_byte_inside_largest_tensor(latest)  # and its hard link, checkpoint-e0002-s0000010.pt
     assert torch.load(latest, weights_only=True)["epoch"] == 2  # torch.load itself notices nothing
-    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt is damaged: .*CRC.*earlier checkpoints "
-                                              r"in .*: checkpoint-e0001-s0000010.pt$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint .*checkpoint.pt is damaged: .*CRC.*earlier checkpoints "
+        r"in .*: checkpoint-e0001-s0000010.pt$",
+    ):
         load_checkpoint(latest)
     intact = load_checkpoint(tmp_path / "checkpoint-e0001-s0000010.pt")
     assert intact["epoch"] == 1 and all(torch.equal(v, net.state_dict()[k]) for k, v in intact["model"].items())

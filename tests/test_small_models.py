@@ -1,4 +1,5 @@
 """The small MobileNetV2 and ViT for 28/32-pixel images: selectable by name, trainable by every method."""
+
 import pytest
 import torch
 
@@ -8,9 +9,10 @@ from adn.vision.train_config import TrainConfig
 from adn.vision.train import train
 
 
-@pytest.mark.parametrize("name, stages, channels, size", [
-    ("mobilenet_v2_small", 5, 1, 28), ("vit_small_images", 2, 1, 28), ("vit_small_images", 2, 3, 32),
-])
+@pytest.mark.parametrize(
+    "name, stages, channels, size",
+    [("mobilenet_v2_small", 5, 1, 28), ("vit_small_images", 2, 1, 28), ("vit_small_images", 2, 3, 32)],
+)
 def test_small_models_convert_with_their_family_adapter(name, stages, channels, size):
     kwargs = {"image_size": size} if name.startswith("vit") else {}
     model = adn.build_model(name, num_classes=10, in_channels=channels, **kwargs).eval()
@@ -26,9 +28,20 @@ def test_small_models_convert_with_their_family_adapter(name, stages, channels, 
 @pytest.mark.parametrize("name", ["mobilenet_v2_small", "vit_small_images"])
 @pytest.mark.parametrize("method", ["adn", "joint", "individual"])
 def test_small_models_train_with_every_method(tmp_path, fashion_dir, name, method):
-    cfg = TrainConfig(model=name, data="fashion-mnist", data_path=str(fashion_dir), output_dir=str(tmp_path / "run"),
-                      method=method, skip="base", epochs=1, batch_size=16, max_steps_per_epoch=3, lr=0.01,
-                      opt="adamw" if name.startswith("vit") else "sgd", progress=False)
+    cfg = TrainConfig(
+        model=name,
+        data="fashion-mnist",
+        data_path=str(fashion_dir),
+        output_dir=str(tmp_path / "run"),
+        method=method,
+        skip="base",
+        epochs=1,
+        batch_size=16,
+        max_steps_per_epoch=3,
+        lr=0.01,
+        opt="adamw" if name.startswith("vit") else "sgd",
+        progress=False,
+    )
     record = train(cfg)
     assert record["steps"] == 3 and record["train_loss"] == record["train_loss"]  # ran, finite
     net, ckpt = load_network(tmp_path / "run" / "checkpoint.pt")

@@ -1,5 +1,6 @@
 """--amp, --channels-last and --compile train on CPU and compute what a plain run computes (within the
 precision each one changes)."""
+
 import json
 
 import pytest
@@ -12,9 +13,23 @@ from adn.vision.train import train
 
 
 def _run(tmp_path, fashion_dir, name, **overrides):
-    values = dict(model="resnet20", width=8, data="fashion-mnist", data_path=str(fashion_dir), epochs=1,
-                  batch_size=32, lr=0.01, max_steps_per_epoch=2, val_subset=64, progress=False, seed=0, device="cpu",
-                  output_dir=str(tmp_path / name), amp=False, channels_last=False)  # plain float32 unless overridden
+    values = dict(
+        model="resnet20",
+        width=8,
+        data="fashion-mnist",
+        data_path=str(fashion_dir),
+        epochs=1,
+        batch_size=32,
+        lr=0.01,
+        max_steps_per_epoch=2,
+        val_subset=64,
+        progress=False,
+        seed=0,
+        device="cpu",
+        output_dir=str(tmp_path / name),
+        amp=False,
+        channels_last=False,
+    )  # plain float32 unless overridden
     values.update(overrides)
     record = train(TrainConfig(**values))
     return record, load_checkpoint(tmp_path / name / "checkpoint.pt")
@@ -26,8 +41,11 @@ def plain(tmp_path_factory, fashion_dir):
 
 
 def _max_difference(a: dict, b: dict) -> float:
-    return max((a["model"][k].double() - b["model"][k].double()).abs().max().item() for k in a["model"]
-               if "running" not in k and "num_batches" not in k)
+    return max(
+        (a["model"][k].double() - b["model"][k].double()).abs().max().item()
+        for k in a["model"]
+        if "running" not in k and "num_batches" not in k
+    )
 
 
 @pytest.mark.parametrize("dtype, scaler", [("bfloat16", False), ("float16", True)])
@@ -67,6 +85,7 @@ def test_channels_last_refuses_the_layer_torch_crashes_on(tmp_path, fashion_dir)
 
 def test_compile_traces_one_graph_per_depth_and_trains_the_same(tmp_path, fashion_dir, plain):
     import torch._dynamo
+
     torch._dynamo.reset()
     # The "eager" backend runs dynamo's tracing and guards (what --compile changes for adn: the depth
     # switches, the stage hooks) without inductor's minutes of C++ compilation on a CPU.
@@ -80,9 +99,11 @@ def test_compile_traces_one_graph_per_depth_and_trains_the_same(tmp_path, fashio
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_precision_and_layout_default_to_the_fastest_the_hardware_supports(tmp_path, fashion_dir, monkeypatch, native,
-                                                                           capsys):
+def test_precision_and_layout_default_to_the_fastest_the_hardware_supports(
+    tmp_path, fashion_dir, monkeypatch, native, capsys
+):
     import adn.vision.train_setup
+
     monkeypatch.setattr(adn.vision.train_setup, "native_bfloat16", lambda device: native)
     _run(tmp_path, fashion_dir, "auto", amp=None, channels_last=None)
     ckpt = load_checkpoint(tmp_path / "auto" / "checkpoint.pt")
@@ -92,14 +113,19 @@ def test_precision_and_layout_default_to_the_fastest_the_hardware_supports(tmp_p
     assert "chosen automatically" in err and "--no-amp" in err
     # explicit flags win over the automatic choice
     _run(tmp_path, fashion_dir, "explicit", amp=False, channels_last=None)
-    assert load_checkpoint(tmp_path / "explicit" / "checkpoint.pt")["meta"]["speed"] == {"amp": False,
-                                                                                        "channels_last": False}
+    assert load_checkpoint(tmp_path / "explicit" / "checkpoint.pt")["meta"]["speed"] == {
+        "amp": False,
+        "channels_last": False,
+    }
 
 
 def test_automatic_channels_last_avoids_the_layer_torch_crashes_on(tmp_path, fashion_dir, monkeypatch, capsys):
     import adn.vision.train_setup
+
     monkeypatch.setattr(adn.vision.train_setup, "native_bfloat16", lambda device: True)
     _run(tmp_path, fashion_dir, "auto4", width=4, amp=None, channels_last=None)  # would crash in channels-last
-    assert load_checkpoint(tmp_path / "auto4" / "checkpoint.pt")["meta"]["speed"] == {"amp": True,
-                                                                                     "channels_last": False}
+    assert load_checkpoint(tmp_path / "auto4" / "checkpoint.pt")["meta"]["speed"] == {
+        "amp": True,
+        "channels_last": False,
+    }
     assert "channels-last off: layer2.0.downsample.0" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_subnet_state_dict_loads_into_a_plain_network_with_those_blocks_removed(
         plain = resnet20(in_channels=1, width=4).eval()
         for layer, skipped in zip((plain.layer1, plain.layer2, plain.layer3), config):
             if skipped:
-                for name in list(layer._modules)[adn.split_point(3):]:
+                for name in list(layer._modules)[adn.split_point(3) :]:
                     del layer._modules[name]
         plain.load_state_dict(sub.state_dict())
         with torch.no_grad():
@@ -53,8 +53,11 @@ def test_subnet_parameters_count_only_what_runs():
 
 def test_fold_bn_gives_the_same_outputs_with_no_batch_norm_left():
     from adn.core.fold import count_batch_norms
-    for builder, x in ((lambda: torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 48, 48)),
-                       (lambda: adn.build_model("mobilenet_v2_small", num_classes=10), torch.randn(2, 3, 28, 28))):
+
+    for builder, x in (
+        (lambda: torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 48, 48)),
+        (lambda: adn.build_model("mobilenet_v2_small", num_classes=10), torch.randn(2, 3, 28, 28)),
+    ):
         net = adn.convert(builder())
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -1,5 +1,6 @@
 """One switchable ONNX file for every depth: ``skip`` is an input, a skipped part is an ONNX ``If`` branch not
 taken, and every depth gives what the adaptive network gives in PyTorch."""
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,11 @@ def _small(name):
     torch.manual_seed(0)
     if name == "resnet20":
         return _twins_differ(adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4))), (1, 28)
-    builder, size = {"mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25), 32),
-                     "vit": (small_vit, 32), "swin": (small_swin, 64)}[name]
+    builder, size = {
+        "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25), 32),
+        "vit": (small_vit, 32),
+        "swin": (small_swin, 64),
+    }[name]
     model = builder().eval()
     _randomize_norms(model)
     for layer in model.modules():  # torchvision's ViT head starts at zero: every depth would give zeros
@@ -92,7 +96,7 @@ def test_every_depth_of_a_resnet_matches_the_network(resnet20_file):
 def test_every_depth_of_the_switchable_file_matches_the_network(name, tmp_path):
     net, (channels, size) = _small(name)
     report = export_switchable_onnx(net, torch.randn(1, channels, size, size), tmp_path / "net.onnx")
-    assert report["depths"] == 2 ** net.num_stages and report["max_difference"] <= 1e-4
+    assert report["depths"] == 2**net.num_stages and report["max_difference"] <= 1e-4
     _check_every_depth(net, tmp_path / "net.onnx", channels, size)
 
 
@@ -124,8 +128,12 @@ def test_skipped_blocks_are_conditionals_and_weights_are_stored_once(resnet20_fi
     # them once, plus the skip-aware norms' twins and selection. (Whole file sizes are not compared: in a model
     # this small the exporter's per-node metadata outweighs the weights; ResNet-50's file is 1.01 super-nets.)
     super_net = onnx.load(str(tmp_path / "super.onnx"))
-    twins = sum(t.numel() * t.element_size() for m in net.modules() if isinstance(m, adn.SkipAwareNorm)
-                for t in m.twin.state_dict().values())
+    twins = sum(
+        t.numel() * t.element_size()
+        for m in net.modules()
+        if isinstance(m, adn.SkipAwareNorm)
+        for t in m.twin.state_dict().values()
+    )
     assert weight_bytes(model.graph) <= weight_bytes(super_net.graph) * 1.02 + 2 * twins
 
 
@@ -152,7 +160,8 @@ def test_one_conditional_per_stage_with_its_weights_inside(tmp_path):
     local = [branch for branch in branches if branch.initializer]
     assert branches[0] in local  # the first stage's: the fewest weights
     assert size(t for branch in local for t in branch.initializer) <= 0.2 * (
-        size(model.graph.initializer) + size(t for branch in local for t in branch.initializer))
+        size(model.graph.initializer) + size(t for branch in local for t in branch.initializer)
+    )
     for branch in branches:
         convolutions = [n for n in branch.node if n.op_type == "Conv"]
         assert len(convolutions) == 2 * 2  # two blocks of two convolutions
@@ -160,7 +169,9 @@ def test_one_conditional_per_stage_with_its_weights_inside(tmp_path):
         entry = branch.node[0]
         if branch in local:
             assert all(conv.input[1] in inside and conv.input[1] not in outer for conv in convolutions)
-            assert entry.op_type == "MaxPool" and [a.ints for a in entry.attribute if a.name == "kernel_shape"] == [[1, 1]]
+            assert entry.op_type == "MaxPool" and [a.ints for a in entry.attribute if a.name == "kernel_shape"] == [
+                [1, 1]
+            ]
             assert convolutions[0].input[0] == entry.output[0]
         else:
             assert all(conv.input[1] in outer for conv in convolutions) and entry.op_type != "MaxPool"
@@ -182,8 +193,13 @@ print("adn" in sys.modules)
 
 def test_the_file_runs_with_numpy_and_onnxruntime_alone(resnet20_file):
     _, path, _ = resnet20_file
-    out = subprocess.run([sys.executable, "-c", STANDALONE, str(path)], capture_output=True,
-                         text=True, check=True, env={"PATH": "", "OMP_NUM_THREADS": "1"}).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "", "OMP_NUM_THREADS": "1"},
+    ).stdout.split("\n")
     assert out[:4] == ["(3, 10) True"] * 3 + ["False"]
 
 
@@ -215,9 +231,12 @@ def test_the_traced_depth_runs_in_pytorch_too():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="torch 2.14: a tensor constant that torch.export leaves inside a torch.cond "
-                   "branch (torchvision's shifted-window attention mask) fails the decompositions the ONNX exporter "
-                   "runs ('Attempting to use FunctionalTensor on its own'). Strict: passes once torch fixes it")
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch 2.14: a tensor constant that torch.export leaves inside a torch.cond "
+    "branch (torchvision's shifted-window attention mask) fails the decompositions the ONNX exporter "
+    "runs ('Attempting to use FunctionalTensor on its own'). Strict: passes once torch fixes it",
+)
 def test_swin(tmp_path):
     net, (channels, size) = _small("swin")
     export_switchable_onnx(net, torch.randn(1, channels, size, size), tmp_path / "net.onnx")

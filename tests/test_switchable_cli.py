@@ -1,5 +1,6 @@
 """adn export --switchable (one ONNX file or torch.export program for every depth, its manifest, what is refused),
 the standalone ONNX Runtime snippet of docs/evaluation.md, and adn profile / depth-table on one switchable session."""
+
 from __future__ import annotations
 
 import io
@@ -28,15 +29,47 @@ ROOT = Path(__file__).resolve().parents[1]
 def checkpoint(tmp_path_factory, fashion_dir) -> Path:
     """ResNet-20 (width 4, 1x28x28 images) trained for one step, with per-depth statistics (adn recalibrate)."""
     run = tmp_path_factory.mktemp("switchable-run")
-    assert main(["train", "--model", "resnet20", "--width", "4", "--data", "fashion-mnist", "--data-path",
-                 str(fashion_dir), "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "1", "--recalibrate-bn", "0",
-                 "--output-dir", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "resnet20",
+                "--width",
+                "4",
+                "--data",
+                "fashion-mnist",
+                "--data-path",
+                str(fashion_dir),
+                "--epochs",
+                "1",
+                "-b",
+                "32",
+                "--max-steps-per-epoch",
+                "1",
+                "--recalibrate-bn",
+                "0",
+                "--output-dir",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["recalibrate", "--checkpoint", str(run / "checkpoint.pt"), "--batches", "2", "-b", "32"]) == 0
     # A depth table next to it (the governor's; any latencies do here): adn export --switchable takes it along.
-    table = {"batch_sizes": [1, 8], "depths": [
-        {"skip": s, "acc1": acc, "macs": 1, "latency_ms": {"1": {"p50": ms, "p99": 2 * ms},
-                                                          "8": {"p50": 4 * ms, "p99": 8 * ms}}}
-        for s, acc, ms in (("TTT", 80.0, 0.05), ("TFF", 85.0, 0.1), ("FFF", 90.0, 0.2))]}
+    table = {
+        "batch_sizes": [1, 8],
+        "depths": [
+            {
+                "skip": s,
+                "acc1": acc,
+                "macs": 1,
+                "latency_ms": {"1": {"p50": ms, "p99": 2 * ms}, "8": {"p50": 4 * ms, "p99": 8 * ms}},
+            }
+            for s, acc, ms in (("TTT", 80.0, 0.05), ("TFF", 85.0, 0.1), ("FFF", 90.0, 0.2))
+        ],
+    }
     (run / "depth_table.json").write_text(json.dumps(table))
     return run / "checkpoint.pt"
 
@@ -44,8 +77,9 @@ def checkpoint(tmp_path_factory, fashion_dir) -> Path:
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("switchable-export") / "export"
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--switchable", "--output",
-                 str(out)]) == 0
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--switchable", "--output", str(out)]) == 0
+    )
     return out
 
 
@@ -58,8 +92,11 @@ def test_one_file_and_a_manifest_that_says_what_it_takes_and_carries(exported, c
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["switchable"] is True and manifest["format"] == "onnx" and manifest["file"] == "switchable.onnx"
     assert manifest["inputs"][0] == {"name": "images", "shape": ["batch", 1, 28, 28], "dtype": "float32"}
-    assert {k: manifest["inputs"][1][k] for k in ("name", "shape", "dtype")} == {"name": "skip", "shape": [3],
-                                                                                  "dtype": "bool"}
+    assert {k: manifest["inputs"][1][k] for k in ("name", "shape", "dtype")} == {
+        "name": "skip",
+        "shape": [3],
+        "dtype": "bool",
+    }
     assert manifest["outputs"] == [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}]
     assert isinstance(manifest["opset"], int) and manifest["opset"] >= 18
     assert manifest["per_depth_statistics"] is True and manifest["batch_norm_statistics"].startswith("per depth")
@@ -67,12 +104,17 @@ def test_one_file_and_a_manifest_that_says_what_it_takes_and_carries(exported, c
     assert check["verified"] and check["engine"] == "onnxruntime" and check["depths"] == 8
     assert check["tolerance"] == 1e-4 and 0 <= check["max_difference"] <= 1e-4
     assert [e["skip"] for e in manifest["subnetworks"]] == [str(c) for c in adn.SkipConfig.all(3)]
-    assert all(e["file"] == "switchable.onnx" and e["max_difference"] <= 1e-4 and e["macs"] > 0
-               for e in manifest["subnetworks"])
+    assert all(
+        e["file"] == "switchable.onnx" and e["max_difference"] <= 1e-4 and e["macs"] > 0
+        for e in manifest["subnetworks"]
+    )
     assert manifest["bytes"] == (exported / "switchable.onnx").stat().st_size
     assert manifest["preprocess"]["channels"] == 1 and len(manifest["class_names"]) == 10
     assert manifest["model"] == "resnet20" and [r["skip"] for r in manifest["depth_table"]["depths"]] == [
-        "TTT", "TFF", "FFF"]
+        "TTT",
+        "TFF",
+        "FFF",
+    ]
 
     # The file itself, at every depth, against the checkpoint's network with its per-depth statistics.
     net, _ = load_network(checkpoint)
@@ -98,8 +140,14 @@ def test_the_documented_snippet_runs_the_file_with_numpy_and_onnxruntime_alone(e
     assert "adn" not in re.findall(r"^\s*(?:import|from)\s+(\w+)", code, re.MULTILINE)
     code = code.replace("export/switchable.onnx", str(exported / "switchable.onnx"))
     code += "\nimport sys\nprint('adn loaded:', 'adn' in sys.modules)\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=exported,
-                            env={"PATH": "", "OMP_NUM_THREADS": "1"}, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=exported,
+        env={"PATH": "", "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "adn loaded: False"
@@ -115,8 +163,23 @@ def test_the_documented_snippet_runs_the_file_with_numpy_and_onnxruntime_alone(e
 
 def test_pt2_switchable_is_one_program_for_every_depth(checkpoint, tmp_path):
     out = tmp_path / "pt2"
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--switchable", "--skip", "FFF,TFT",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--format",
+                "pt2",
+                "--switchable",
+                "--skip",
+                "FFF,TFT",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["switchable"] and manifest["file"] == "switchable.pt2" and manifest["verification"]["verified"]
     assert [e["skip"] for e in manifest["subnetworks"]] == ["FFF", "TFT"]
@@ -130,11 +193,14 @@ def test_pt2_switchable_is_one_program_for_every_depth(checkpoint, tmp_path):
             assert torch.allclose(got, net(images, skip=skip), atol=1e-4)
 
 
-def test_bad_input_leaves_nothing_behind_and_reexport_replaces_the_folder(checkpoint, tmp_path, capsys,
-                                                                          monkeypatch):
+def test_bad_input_leaves_nothing_behind_and_reexport_replaces_the_folder(checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "safetensors", "--switchable",
-                 "--output", str(out)]) == 2
+    assert (
+        main(
+            ["export", "--checkpoint", str(checkpoint), "--format", "safetensors", "--switchable", "--output", str(out)]
+        )
+        == 2
+    )
     assert "--switchable writes onnx or pt2" in capsys.readouterr().err and not out.exists()
 
     # An exporter failure (as torch 2.14's on Swin) is one clear line, and nothing is written.
@@ -142,9 +208,11 @@ def test_bad_input_leaves_nothing_behind_and_reexport_replaces_the_folder(checkp
 
     def fails(*args, **kwargs):
         raise RuntimeError("Attempting to use FunctionalTensor on its own")
+
     monkeypatch.setattr(switchable, "export_switchable_program", fails)
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--switchable",
-                 "--output", str(out)]) == 2
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--switchable", "--output", str(out)]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("adn: error: torch.export cannot export") and "FunctionalTensor" in err
     assert "--format onnx --switchable" in err and "without --switchable" in err
@@ -154,21 +222,80 @@ def test_bad_input_leaves_nothing_behind_and_reexport_replaces_the_folder(checkp
     # Broken weights: refused, no file, no temporary file.
     net, ckpt = load_network(checkpoint)
     from adn.utils.checkpoint_file import save_checkpoint
+
     with torch.no_grad():
         net.fc.weight.fill_(float("nan"))
     save_checkpoint(tmp_path / "nan.pt", net, ckpt["meta"])
-    assert main(["export", "--checkpoint", str(tmp_path / "nan.pt"), "--format", "onnx", "--switchable",
-                 "--skip", "FFF", "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "nan.pt"),
+                "--format",
+                "onnx",
+                "--switchable",
+                "--skip",
+                "FFF",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "NaN" in capsys.readouterr().err and list(out.iterdir()) == []
 
     # Per-depth files, then the switchable file into the same folder: the per-depth files go, and back.
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "safetensors", "--skip", "FFF,TTT",
-                 "--output", str(out)]) == 0
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "pt2", "--switchable", "--skip", "FFF",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--format",
+                "safetensors",
+                "--skip",
+                "FFF,TTT",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--format",
+                "pt2",
+                "--switchable",
+                "--skip",
+                "FFF",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "switchable.pt2"]
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "safetensors", "--skip", "TTT",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--format",
+                "safetensors",
+                "--skip",
+                "TTT",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "subnet_TTT.safetensors"]
 
 
@@ -188,13 +315,29 @@ def sessions(monkeypatch) -> list[str]:
         def __init__(self, path, *args, **kwargs):
             made.append(Path(path).name)
             super().__init__(path, *args, **kwargs)
+
     monkeypatch.setattr(ort, "InferenceSession", Counted)
     return made
 
 
 def test_profile_uses_one_switchable_session(checkpoint, sessions, capsys):
-    assert main(["profile", "--checkpoint", str(checkpoint), "--backend", "onnxruntime", "--json", "--repeats", "2",
-                 "--warmup", "1"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--checkpoint",
+                str(checkpoint),
+                "--backend",
+                "onnxruntime",
+                "--json",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 8 and all(r["backend"] == "onnxruntime" and r["latency_ms"] > 0 for r in rows)
     # One session for the eight depths (plus the export's own check of the file), none per depth.
@@ -202,11 +345,33 @@ def test_profile_uses_one_switchable_session(checkpoint, sessions, capsys):
 
 
 def test_depth_table_uses_one_switchable_session(checkpoint, sessions, tmp_path):
-    (tmp_path / "eval.json").write_text(json.dumps([{"skip": str(c), "acc1": 50.0 + i, "macs": 1e6 * (8 - i)}
-                                                    for i, c in enumerate(adn.SkipConfig.all(3))]))
-    assert main(["depth-table", "--checkpoint", str(checkpoint), "--eval", str(tmp_path / "eval.json"),
-                 "--backend", "onnxruntime", "--batch-sizes", "1,2", "--repeats", "2", "--warmup", "0",
-                 "--output", str(tmp_path / "table.json")]) == 0
+    (tmp_path / "eval.json").write_text(
+        json.dumps(
+            [{"skip": str(c), "acc1": 50.0 + i, "macs": 1e6 * (8 - i)} for i, c in enumerate(adn.SkipConfig.all(3))]
+        )
+    )
+    assert (
+        main(
+            [
+                "depth-table",
+                "--checkpoint",
+                str(checkpoint),
+                "--eval",
+                str(tmp_path / "eval.json"),
+                "--backend",
+                "onnxruntime",
+                "--batch-sizes",
+                "1,2",
+                "--repeats",
+                "2",
+                "--warmup",
+                "0",
+                "--output",
+                str(tmp_path / "table.json"),
+            ]
+        )
+        == 0
+    )
     assert len(sessions) == 2 and all("switchable.onnx" in name for name in sessions)
     assert json.loads((tmp_path / "table.json").read_text())["conditions"]["backend"] == "onnxruntime"
 
@@ -218,12 +383,14 @@ def test_serve_runs_the_export_folder_without_the_checkpoint(exported, checkpoin
     from adn.serve import ServeSettings, Service
 
     from .test_serve import post, running
+
     folder = tmp_path / "deployed"  # the folder alone, away from the checkpoint
     folder.mkdir()
     for name in ("switchable.onnx", "manifest.json"):
         (folder / name).write_bytes((exported / name).read_bytes())
-    service = Service.from_export(folder, ServeSettings(budget_ms=10_000, max_batch=8, max_wait_ms=1,
-                                                        backend="onnxruntime"))
+    service = Service.from_export(
+        folder, ServeSettings(budget_ms=10_000, max_batch=8, max_wait_ms=1, backend="onnxruntime")
+    )
     assert service.predictor.net is None and service.engine.layout == "switchable" and len(service.engine.skips) == 8
     net, _ = load_network(checkpoint)
     net.eval()

@@ -1,4 +1,5 @@
 """timm's ResNet, ViT/DeiT, ConvNeXt and MobileNetV2/EfficientNet families through the same machinery."""
+
 import pytest
 import torch
 
@@ -43,10 +44,13 @@ def test_timm_families_convert_keep_outputs_and_train(name):
     for config, value in macs.items():  # each additional skipped stage removes work
         for i, flag in enumerate(config):
             if flag == "F":
-                assert macs[config[:i] + "T" + config[i + 1:]] < value
+                assert macs[config[:i] + "T" + config[i + 1 :]] < value
     ran = []
-    handles = [next(iter(b.children())).register_forward_hook(lambda m, i, o, b=b: ran.append(b))
-               for s in net.adn_stages for b in s.skippable]
+    handles = [
+        next(iter(b.children())).register_forward_hook(lambda m, i, o, b=b: ran.append(b))
+        for s in net.adn_stages
+        for b in s.skippable
+    ]
     with torch.no_grad():
         net(x, skip="base")
     assert ran == [], "a skipped block was executed"
@@ -58,10 +62,20 @@ def test_timm_families_convert_keep_outputs_and_train(name):
 
 
 def test_timm_models_by_name_in_adn_train(tmp_path):
-    record = train(TrainConfig(model="timm/resnet18", data="fake", epochs=1, batch_size=8, max_steps_per_epoch=2,
-                               output_dir=str(tmp_path / "run"), progress=False))
+    record = train(
+        TrainConfig(
+            model="timm/resnet18",
+            data="fake",
+            epochs=1,
+            batch_size=8,
+            max_steps_per_epoch=2,
+            output_dir=str(tmp_path / "run"),
+            progress=False,
+        )
+    )
     assert record["steps"] == 2
     from adn.vision.checkpoint import load_network
+
     net, ckpt = load_network(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["meta"]["model"] == "timm/resnet18" and net.num_stages >= 1
 

@@ -15,9 +15,19 @@ from adn.vision.train import train
 
 
 def _config(tmp_path, fashion_dir, **overrides) -> TrainConfig:
-    values = dict(model="resnet20", width=4, data="fashion-mnist", data_path=str(fashion_dir),
-                  output_dir=str(tmp_path / "run"), epochs=1, batch_size=32, lr=0.05, progress=False, seed=0,
-                  device="cpu")
+    values = dict(
+        model="resnet20",
+        width=4,
+        data="fashion-mnist",
+        data_path=str(fashion_dir),
+        output_dir=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        progress=False,
+        seed=0,
+        device="cpu",
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -27,10 +37,16 @@ def _log(cfg: TrainConfig) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("adn", {}), ("adn", {"feature_kd": "pooled"}), ("adn", {"skip_aware_norm": False}),
-    ("joint", {}), ("individual", {"skip": "base"}),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("adn", {}),
+        ("adn", {"feature_kd": "pooled"}),
+        ("adn", {"skip_aware_norm": False}),
+        ("joint", {}),
+        ("individual", {"skip": "base"}),
+    ],
+)
 def test_each_method_learns_on_tiny_data(tmp_path, fashion_dir, method, extra):
     cfg = _config(tmp_path, fashion_dir, method=method, epochs=6, **extra)
     train(cfg)
@@ -41,7 +57,9 @@ def test_each_method_learns_on_tiny_data(tmp_path, fashion_dir, method, extra):
     main = "val_acc1_base" if method == "individual" else "val_acc1_super"
     assert log[-1][main] > 30.0
     if method == "adn":
-        assert {"train_ce_super", "train_kd_features", "train_kd_logits", "val_acc1_super", "val_acc1_base"} <= set(log[0])
+        assert {"train_ce_super", "train_kd_features", "train_kd_logits", "val_acc1_super", "val_acc1_base"} <= set(
+            log[0]
+        )
     if method == "individual":
         # its own depth only, with the running and with recalibrated batch-norm statistics
         assert set(k for k in log[0] if k.startswith("val_acc1")) == {"val_acc1_base", "val_acc1_base_recal"}
@@ -51,6 +69,7 @@ def test_each_method_learns_on_tiny_data(tmp_path, fashion_dir, method, extra):
 def test_base_pass_leaves_running_stats_of_untwinned_norms_to_the_super_net():
     from adn.core.distill import SubPathDistillationLoss
     from adn.training.methods import adn_step, single_norms
+
     net = adn.convert(adn.build_model("resnet20", num_classes=10, in_channels=1, width=4)).train()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     state = copy.deepcopy(net.state_dict())
@@ -91,8 +110,9 @@ def test_checkpoint_round_trips_every_subnetwork(tmp_path, fashion_dir):
 def test_resume_continues_from_the_saved_epoch(tmp_path, fashion_dir):
     first = _config(tmp_path, fashion_dir, epochs=1, max_steps_per_epoch=4)
     train(first)
-    resumed = _config(tmp_path, fashion_dir, epochs=2, max_steps_per_epoch=4,
-                      resume=f"{first.output_dir}/checkpoint.pt")
+    resumed = _config(
+        tmp_path, fashion_dir, epochs=2, max_steps_per_epoch=4, resume=f"{first.output_dir}/checkpoint.pt"
+    )
     train(resumed)
     assert [r["epoch"] for r in _log(first)] == [1, 2]
     assert load_checkpoint(f"{first.output_dir}/checkpoint.pt")["epoch"] == 1
@@ -108,8 +128,14 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, fashion_dir):
 def test_resume_refuses_a_checkpoint_of_another_setup(tmp_path, fashion_dir):
     first = _config(tmp_path, fashion_dir, max_steps_per_epoch=2)
     train(first)
-    other = _config(tmp_path, fashion_dir, model="resnet32", epochs=2, resume=f"{first.output_dir}/checkpoint.pt",
-                    output_dir=str(tmp_path / "other"))
+    other = _config(
+        tmp_path,
+        fashion_dir,
+        model="resnet32",
+        epochs=2,
+        resume=f"{first.output_dir}/checkpoint.pt",
+        output_dir=str(tmp_path / "other"),
+    )
     with pytest.raises(CheckpointError, match="model='resnet20'"):
         train(other)
 
@@ -124,10 +150,16 @@ def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("epochs", 0, "--epochs"), ("batch_size", -1, "--batch-size"), ("method", "magic", "--method"),
-    ("feature_kd", "x", "--feature-kd"), ("alpha", 2.0, "--alpha"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("epochs", 0, "--epochs"),
+        ("batch_size", -1, "--batch-size"),
+        ("method", "magic", "--method"),
+        ("feature_kd", "x", "--feature-kd"),
+        ("alpha", 2.0, "--alpha"),
+    ],
+)
 def test_bad_settings_fail_before_anything_is_written(tmp_path, fashion_dir, field, value, message):
     cfg = _config(tmp_path, fashion_dir, **{field: value})
     with pytest.raises(ValueError, match=message):

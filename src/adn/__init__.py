@@ -1,9 +1,10 @@
 """adn — adaptive depth networks with sub-path specialization.
 
-    import adn, torchvision
-    net = adn.convert(torchvision.models.resnet50())
-    net.skip = "TTFF"; y = net(x)
+import adn, torchvision
+net = adn.convert(torchvision.models.resnet50())
+net.skip = "TTFF"; y = net(x)
 """
+
 from .runtime.backends import CompiledDepths, compile_depths
 from .vision.checkpoint import load
 from .convert import StageSpec, convert, register_adapter, split_point, supported_families
@@ -22,10 +23,28 @@ from .core.skip import SkipConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveDepthNetwork", "CompiledDepths", "Decision", "DepthTable", "Governor", "Predictor",
-    "Preprocessing", "SkipAwareNorm", "SkipConfig", "SkippableBlock", "SkippableStage", "StageSpec",
-    "SubPathDistillationLoss", "available_models", "build_model", "compile_depths", "convert",
-    "drop_depth_statistics", "load", "recalibrate_norms", "record_depth_statistics", "register_adapter",
+    "AdaptiveDepthNetwork",
+    "CompiledDepths",
+    "Decision",
+    "DepthTable",
+    "Governor",
+    "Predictor",
+    "Preprocessing",
+    "SkipAwareNorm",
+    "SkipConfig",
+    "SkippableBlock",
+    "SkippableStage",
+    "StageSpec",
+    "SubPathDistillationLoss",
+    "available_models",
+    "build_model",
+    "compile_depths",
+    "convert",
+    "drop_depth_statistics",
+    "load",
+    "recalibrate_norms",
+    "record_depth_statistics",
+    "register_adapter",
     "split_point",
     "supported_families",
 ]

@@ -1,4 +1,5 @@
 """``adn.distill`` moved to :mod:`adn.core.distill`; this old path works until the next release."""
+
 from .utils.deprecated import alias_module
 
 alias_module(__name__, "adn.core.distill")

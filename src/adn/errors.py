@@ -4,6 +4,7 @@ Each message says what was wrong, what was expected and how to fix it. ``adn``'s
 these into one ``adn: error: ...`` line (exit status 2), and it imports only this module at start-up to
 know them, not the modules that raise them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

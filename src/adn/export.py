@@ -1,4 +1,5 @@
 """``adn.export`` moved to :mod:`adn.deploy.export`; this old path works until the next release."""
+
 from .utils.deprecated import alias_module
 
 alias_module(__name__, "adn.deploy.export")

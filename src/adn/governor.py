@@ -1,4 +1,5 @@
 """``adn.governor`` moved to :mod:`adn.deploy.governor`; this old path works until the next release."""
+
 from .utils.deprecated import alias_module
 
 alias_module(__name__, "adn.deploy.governor")

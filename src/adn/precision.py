@@ -1,4 +1,5 @@
 """``adn.precision`` moved to :mod:`adn.training.precision`; this old path works until the next release."""
+
 from .utils.deprecated import alias_module
 
 alias_module(__name__, "adn.training.precision")

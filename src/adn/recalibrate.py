@@ -1,4 +1,5 @@
 """``adn.recalibrate`` moved to :mod:`adn.core.recalibrate`; this old path works until the next release."""
+
 from .utils.deprecated import alias_module
 
 alias_module(__name__, "adn.core.recalibrate")

@@ -1,4 +1,5 @@
 """``adn.rundir`` moved to :mod:`adn.training.run_folder`; this old path works until the next release."""
+
 from .utils.deprecated import alias_module
 
 alias_module(__name__, "adn.training.run_folder")

@@ -3,6 +3,7 @@ flags) and ``run(args)``; this module parses and turns errors into one-line mess
 
 Tables go to stdout; with ``--json`` stdout holds only JSON. Progress bars and logs go to stderr.
 Errors a user can fix are printed as one ``adn: error: ...`` line with exit status 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,21 @@ import sys
 import torch
 
 from ..errors import CheckpointError, DataError, TrainingDiverged, TrainingInterrupted, first_line
-from . import (analyze, depth_table, detect, eval, export, import_weights, pareto, predict, profile, recalibrate,
-               reproduce, serve, train)
+from . import (
+    analyze,
+    depth_table,
+    detect,
+    eval,
+    export,
+    import_weights,
+    pareto,
+    predict,
+    profile,
+    recalibrate,
+    reproduce,
+    serve,
+    train,
+)
 from . import finetune_study
 from . import eval_lm, generate, train_lm
 from .common import HelpFormatter, out_of_memory
@@ -23,8 +37,11 @@ __all__ = ["build_parser", "main", "parse"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adn", description="Adaptive depth networks: convert, train, evaluate, "
-                                     "profile and export networks whose depth switches at run time.")
+    parser = argparse.ArgumentParser(
+        prog="adn",
+        description="Adaptive depth networks: convert, train, evaluate, "
+        "profile and export networks whose depth switches at run time.",
+    )
     parser.add_argument("--version", action="version", version=f"adn {__import__('adn').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.add(sub)
@@ -114,13 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as error:
         if not out_of_memory(error):
             raise
-        print(f"adn: error: out of memory ({first_line(error)}); use a smaller batch size (-b), image size, "
-              f"model or --width", file=sys.stderr)
+        print(
+            f"adn: error: out of memory ({first_line(error)}); use a smaller batch size (-b), image size, "
+            f"model or --width",
+            file=sys.stderr,
+        )
         return 2
     except OSError as error:  # a path that cannot be read or written (a file where a folder is expected, ...)
         if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:
-            print(f"adn: error: a folder is needed at {error.filename} (or above it), but a file is there; "
-                  f"choose another path", file=sys.stderr)
+            print(
+                f"adn: error: a folder is needed at {error.filename} (or above it), but a file is there; "
+                f"choose another path",
+                file=sys.stderr,
+            )
         else:
             where = f" {error.filename}" if error.filename else ""
             print(f"adn: error: cannot use{where}: {error.strerror or error}; check the paths given", file=sys.stderr)
@@ -128,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("adn: interrupted", file=sys.stderr)
         return 130
-
 
 
 if __name__ == "__main__":

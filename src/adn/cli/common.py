@@ -1,5 +1,6 @@
 """What every ``adn`` command shares: argument types, the help formatter, the measurement flags of
 eval and profile, and small readers and writers of JSON rows and plots."""
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,7 @@ def _without_auto_default(action) -> str | None:
     """Python 3.11's BooleanOptionalAction appends ' (default: %(default)s)' (True/False) by itself."""
     suffix = " (default: %(default)s)"
     if isinstance(action, argparse.BooleanOptionalAction) and action.help and action.help.endswith(suffix):
-        return action.help[:-len(suffix)]
+        return action.help[: -len(suffix)]
     return action.help
 
 
@@ -87,10 +88,14 @@ def add_measure_flags(p) -> None:
     p.add_argument("--repeats", type=positive_int, default=10, help="timed forward passes (median reported)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--backend", default="eager", choices=("eager", "compile", "onnxruntime", "onnxruntime-per-depth"),
-                   help="engine for latency: eager PyTorch (switching depth in place), torch.compile (every "
-                        "sub-network compiled ahead of time), ONNX Runtime on one switchable file (one session, the "
-                        "depth fed as an input) or on one file per sub-network (onnxruntime-per-depth)")
+    p.add_argument(
+        "--backend",
+        default="eager",
+        choices=("eager", "compile", "onnxruntime", "onnxruntime-per-depth"),
+        help="engine for latency: eager PyTorch (switching depth in place), torch.compile (every "
+        "sub-network compiled ahead of time), ONNX Runtime on one switchable file (one session, the "
+        "depth fed as an input) or on one file per sub-network (onnxruntime-per-depth)",
+    )
 
 
 def skip_configs(text: str, num_stages: int) -> list[SkipConfig]:
@@ -104,16 +109,25 @@ def write_plot(write, path) -> None:
     """Write a plot; failing to is a warning (the numbers are already printed), not an error. ``path`` may be
     the error :func:`plot_output` refused it with: then only the warning."""
     if isinstance(path, ValueError):
-        print(f"adn: warning: could not write the plot {path.path}: {path} (or --no-plot); the results above are "
-              f"complete", file=sys.stderr)
+        print(
+            f"adn: warning: could not write the plot {path.path}: {path} (or --no-plot); the results above are "
+            f"complete",
+            file=sys.stderr,
+        )
         return
     try:
         write()
     except OSError as error:
-        reason = ("a file is in the way of its folder" if isinstance(error, (FileExistsError, NotADirectoryError))
-                  else error.strerror or str(error))
-        print(f"adn: warning: could not write the plot {path} ({reason}); the results above are complete. "
-              f"Choose a writable place with --plot, or --no-plot", file=sys.stderr)
+        reason = (
+            "a file is in the way of its folder"
+            if isinstance(error, (FileExistsError, NotADirectoryError))
+            else error.strerror or str(error)
+        )
+        print(
+            f"adn: warning: could not write the plot {path} ({reason}); the results above are complete. "
+            f"Choose a writable place with --plot, or --no-plot",
+            file=sys.stderr,
+        )
         return
     print(f"plot: {path}", file=sys.stderr)
 
@@ -124,9 +138,11 @@ def plot_output(given: str | None, default: Path, overwrite: bool, inputs: list[
     command's result, so :func:`write_plot` then says why on stderr and writes nothing. Returns the path, or
     the :class:`~adn.utils.outputs.OutputError` that refused it."""
     from ..utils.outputs import PLOT, OutputError, output_path
+
     try:
-        return output_path(given if given is not None else default, PLOT, flag="--plot", overwrite=overwrite,
-                           inputs=inputs)
+        return output_path(
+            given if given is not None else default, PLOT, flag="--plot", overwrite=overwrite, inputs=inputs
+        )
     except OutputError as error:
         error.path = given if given is not None else default
         return error
@@ -148,6 +164,7 @@ def checkpoint_dataset(args, meta: dict, val_subset: int | None = None, skip_bad
     """The data set a checkpoint was trained on (or ``--data``/``--data-path``), un-augmented, checked
     against the checkpoint's class count: what eval and recalibrate read."""
     from ..vision.data import checkpoint_data
+
     return checkpoint_data(meta, args.checkpoint, args.data, args.data_path, val_subset, skip_bad_images)
 
 
@@ -158,8 +175,15 @@ def note_missing_depth_statistics(net, meta: dict, path) -> None:
     (docs/reproduction.md), so such a network gets no note."""
     from ..core.depth_statistics import has_depth_statistics
     from ..core.recalibrate import batch_norms
-    if (meta.get("method") == "joint" and meta.get("skip_aware_norm", True) and not has_depth_statistics(net)
-            and batch_norms(net)):
-        print(f"adn: note: {path} was trained with --method joint and holds no per-depth batch-norm statistics; its "
-              f"depths never trained explicitly read lower without them: adn recalibrate --checkpoint {path}",
-              file=sys.stderr)
+
+    if (
+        meta.get("method") == "joint"
+        and meta.get("skip_aware_norm", True)
+        and not has_depth_statistics(net)
+        and batch_norms(net)
+    ):
+        print(
+            f"adn: note: {path} was trained with --method joint and holds no per-depth batch-norm statistics; its "
+            f"depths never trained explicitly read lower without them: adn recalibrate --checkpoint {path}",
+            file=sys.stderr,
+        )

@@ -1,6 +1,7 @@
 """``adn generate``: greedy text generation at any depth of an adaptive depth language model, or
 self-speculative decoding (``--speculative``: a shallow depth drafts, the super-net verifies; the output is
 the super-net's own greedy output)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,41 +16,81 @@ from .lm_flags import add_model_flags, add_text_flags, check_depth, network, pla
 
 
 def add(sub) -> None:
-    p = sub.add_parser("generate", help="greedy generation at one depth of an adaptive depth LM, or self-speculative "
-                                        "decoding (--speculative)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "generate",
+        help="greedy generation at one depth of an adaptive depth LM, or self-speculative decoding (--speculative)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_flags(p)
     add_text_flags(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template "
-                                                      "(instruction-tuned models such as SmolLM2-Instruct)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64,
-                   help="tokens to generate after the prompt (the prompt and these must fit the model's context)")
-    p.add_argument("--skip", default=None, help="the depth that generates (TTFF, super, base; default super); with "
-                                                "--speculative, the depth that verifies")
-    p.add_argument("--tokens-per-s", type=positive_float, default=None, metavar="T",
-                   help="instead of --skip: the most accurate depth whose measured decoding speed in --depth-table is "
-                        "at least T tokens/s")
-    p.add_argument("--depth-table", default=None, metavar="FILE",
-                   help="with --tokens-per-s: the per-depth table adn eval-lm --save-json FILE (or --json > FILE) wrote "
-                        "for this model, on this machine, with the same --threads and --dtype")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="the weights' dtype while decoding (auto: bfloat16 where the CPU computes it natively, "
-                        "float32 elsewhere; bfloat16 halves the bytes read per token)")
-    p.add_argument("--speculative", action="store_true",
-                   help="draft with --draft, verify with --skip in one pass per round; also runs plain greedy decoding "
-                        "at --skip to check the output is identical and to measure the speed-up")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the tokenizer's chat template (instruction-tuned models such as SmolLM2-Instruct)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=64,
+        help="tokens to generate after the prompt (the prompt and these must fit the model's context)",
+    )
+    p.add_argument(
+        "--skip",
+        default=None,
+        help="the depth that generates (TTFF, super, base; default super); with --speculative, the depth that verifies",
+    )
+    p.add_argument(
+        "--tokens-per-s",
+        type=positive_float,
+        default=None,
+        metavar="T",
+        help="instead of --skip: the most accurate depth whose measured decoding speed in --depth-table is "
+        "at least T tokens/s",
+    )
+    p.add_argument(
+        "--depth-table",
+        default=None,
+        metavar="FILE",
+        help="with --tokens-per-s: the per-depth table adn eval-lm --save-json FILE (or --json > FILE) wrote "
+        "for this model, on this machine, with the same --threads and --dtype",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="the weights' dtype while decoding (auto: bfloat16 where the CPU computes it natively, "
+        "float32 elsewhere; bfloat16 halves the bytes read per token)",
+    )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="draft with --draft, verify with --skip in one pass per round; also runs plain greedy decoding "
+        "at --skip to check the output is identical and to measure the speed-up",
+    )
     p.add_argument("--draft", default="base", help="the depth that drafts")
     p.add_argument("--draft-tokens", type=positive_int, default=4, help="tokens drafted per round (k)")
-    p.add_argument("--draft-vocab", type=positive_int, default=None, metavar="K",
-                   help="with --speculative: the draft scores only the K most frequent tokens of --text's training "
-                        "documents (the verifier keeps the full head: the output does not change). Default: all")
-    p.add_argument("--vocab-tokens", type=positive_int, default=2_000_000,
-                   help="with --draft-vocab: training tokens the frequencies are counted on")
+    p.add_argument(
+        "--draft-vocab",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="with --speculative: the draft scores only the K most frequent tokens of --text's training "
+        "documents (the verifier keeps the full head: the output does not change). Default: all",
+    )
+    p.add_argument(
+        "--vocab-tokens",
+        type=positive_int,
+        default=2_000_000,
+        help="with --draft-vocab: training tokens the frequencies are counted on",
+    )
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", action="store_true",
-                   help="print the text and statistics as JSON on stdout at the end (without it, the text is printed "
-                        "as it is generated; Ctrl-C stops and keeps what was generated)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the text and statistics as JSON on stdout at the end (without it, the text is printed "
+        "as it is generated; Ctrl-C stops and keeps what was generated)",
+    )
     p.set_defaults(run=run)
 
 
@@ -68,28 +109,38 @@ def _chosen_depth(args, stages: int | None):
     (checked before the model load: the table, its depths against the network's stages, the speed)."""
     from ..lm.depth_table import LMDepthTable
     from ..lm.precision import decoding_dtype, dtype_name
+
     if args.tokens_per_s is None:
         if args.depth_table is not None:
             raise ValueError("--depth-table is read only to choose a depth by --tokens-per-s T; give both, or neither")
         return args.skip or "super", None
     if args.depth_table is None:
-        raise ValueError("--tokens-per-s needs the measured speed of every depth: --depth-table FILE, written by "
-                         "adn eval-lm [--checkpoint C] --save-json FILE on this machine")
+        raise ValueError(
+            "--tokens-per-s needs the measured speed of every depth: --depth-table FILE, written by "
+            "adn eval-lm [--checkpoint C] --save-json FILE on this machine"
+        )
     if args.skip is not None:
         raise ValueError("give either --skip (a depth) or --tokens-per-s (the depth chosen by speed), not both")
     if args.speculative:
-        raise ValueError("--tokens-per-s chooses the depth of plain greedy decoding; leave out --speculative "
-                         "(or give the verifying depth with --skip)")
+        raise ValueError(
+            "--tokens-per-s chooses the depth of plain greedy decoding; leave out --speculative "
+            "(or give the verifying depth with --skip)"
+        )
     table = LMDepthTable.load(args.depth_table)
     if stages is not None and table.num_stages != stages:
-        raise ValueError(f"--depth-table {args.depth_table} describes a network of {table.num_stages} stages, this one "
-                         f"has {stages}: measure a table for this model and grouping (adn eval-lm --save-json FILE)")
+        raise ValueError(
+            f"--depth-table {args.depth_table} describes a network of {table.num_stages} stages, this one "
+            f"has {stages}: measure a table for this model and grouping (adn eval-lm --save-json FILE)"
+        )
     measured = table.meta.get("conditions") if isinstance(table.meta.get("conditions"), dict) else {}
     here = {"dtype": dtype_name(decoding_dtype(args.dtype)), "threads": torch.get_num_threads()}
     for key, flag in (("dtype", "--dtype"), ("threads", "--threads")):
         if measured.get(key) is not None and measured[key] != here[key]:
-            print(f"adn: note: the table's speeds were measured with {key} {measured[key]}, this run decodes with "
-                  f"{here[key]} ({flag})", file=sys.stderr)
+            print(
+                f"adn: note: the table's speeds were measured with {key} {measured[key]}, this run decodes with "
+                f"{here[key]} ({flag})",
+                file=sys.stderr,
+            )
     row = table.choose(args.tokens_per_s)
     return row["skip"], row
 
@@ -98,8 +149,9 @@ def _prompt_ids(tokenizer, args) -> torch.Tensor:
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat: this tokenizer has no chat template; leave --chat out")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = args.prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).input_ids
@@ -113,9 +165,11 @@ def _check_length(new_tokens: int, context: int | None, prompt_tokens: int = 0) 
     if context is not None and prompt_tokens + new_tokens > context:
         room = context - prompt_tokens
         prompt = f"the prompt takes {prompt_tokens} tokens, so " if prompt_tokens else ""
-        raise ValueError(f"--max-new-tokens {new_tokens}: the model's context is {context} tokens and {prompt}at most "
-                         f"{max(room, 0)} new tokens fit; give --max-new-tokens {max(room, 1)} or less"
-                         + (" and a shorter --prompt" if room < 1 else ""))
+        raise ValueError(
+            f"--max-new-tokens {new_tokens}: the model's context is {context} tokens and {prompt}at most "
+            f"{max(room, 0)} new tokens fit; give --max-new-tokens {max(room, 1)} or less"
+            + (" and a shorter --prompt" if room < 1 else "")
+        )
 
 
 class TextStream:
@@ -135,7 +189,7 @@ class TextStream:
             self._show(text)
 
     def _show(self, text: str) -> None:
-        self.out.write(text[len(self.shown):])  # (were earlier text to change, its new end is still shown)
+        self.out.write(text[len(self.shown) :])  # (were earlier text to change, its new end is still shown)
         self.out.flush()
         self.shown = text
 
@@ -161,7 +215,9 @@ def run(args) -> int:
     if args.speculative:
         check_depth(args.draft, stages, "--draft")
     if args.draft_vocab is not None and not args.speculative:
-        raise ValueError("--draft-vocab restricts the draft of --speculative decoding; add --speculative or leave it out")
+        raise ValueError(
+            "--draft-vocab restricts the draft of --speculative decoding; add --speculative or leave it out"
+        )
     corpus = load_corpus(args.text, args.heldout_share) if args.draft_vocab is not None else None  # before the load
     _check_length(args.max_new_tokens, context)
 
@@ -180,10 +236,17 @@ def run(args) -> int:
     eos = tokenizer.eos_token_id
     result = {"model": description, "skip": str(depth), "dtype": dtype_name(next(net.parameters()).dtype)}
     if chosen is not None:
-        result["chosen_by_speed"] = {"tokens_per_s_asked": args.tokens_per_s, "depth_table": args.depth_table,
-                                     "measured_tokens_per_s": chosen["tokens_per_s"], "ppl": chosen["ppl"]}
-        print(f"adn: --tokens-per-s {args.tokens_per_s:g}: depth {depth} (measured {chosen['tokens_per_s']:.1f} "
-              f"tokens/s, perplexity {chosen['ppl']:.3f} in {args.depth_table})", file=sys.stderr)
+        result["chosen_by_speed"] = {
+            "tokens_per_s_asked": args.tokens_per_s,
+            "depth_table": args.depth_table,
+            "measured_tokens_per_s": chosen["tokens_per_s"],
+            "ppl": chosen["ppl"],
+        }
+        print(
+            f"adn: --tokens-per-s {args.tokens_per_s:g}: depth {depth} (measured {chosen['tokens_per_s']:.1f} "
+            f"tokens/s, perplexity {chosen['ppl']:.3f} in {args.depth_table})",
+            file=sys.stderr,
+        )
     stream = None if args.json else TextStream(tokenizer)
     collected: list[torch.Tensor] = []
 
@@ -191,9 +254,11 @@ def run(args) -> int:
         collected.append(token)
         if stream is not None:
             stream(token)
+
     try:
-        plain, plain_stats = greedy_generate(net, ids, args.max_new_tokens, skip=depth, eos_token_id=eos,
-                                             return_stats=True, on_token=on_token)
+        plain, plain_stats = greedy_generate(
+            net, ids, args.max_new_tokens, skip=depth, eos_token_id=eos, return_stats=True, on_token=on_token
+        )
     except KeyboardInterrupt:
         return _interrupted(args, result, tokenizer, collected, stream)
     if stream is not None:
@@ -203,29 +268,47 @@ def run(args) -> int:
     output = plain
     if args.speculative:
         try:
-            output, stats = speculative_generate(net, ids, args.max_new_tokens, draft=draft, target=depth,
-                                                 draft_tokens=args.draft_tokens, eos_token_id=eos,
-                                                 draft_head=draft_head)
+            output, stats = speculative_generate(
+                net,
+                ids,
+                args.max_new_tokens,
+                draft=draft,
+                target=depth,
+                draft_tokens=args.draft_tokens,
+                eos_token_id=eos,
+                draft_head=draft_head,
+            )
         except KeyboardInterrupt:
-            print("adn: interrupted during the speculative run; the text above is plain greedy decoding's, complete",
-                  file=sys.stderr)
+            print(
+                "adn: interrupted during the speculative run; the text above is plain greedy decoding's, complete",
+                file=sys.stderr,
+            )
             return 130
-        result["speculative"] = {**stats.as_dict(), "identical_to_plain_greedy": torch.equal(output, plain),
-                                 "speed_up": stats.tokens_per_second / result["tokens_per_second"]}
-    text = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+        result["speculative"] = {
+            **stats.as_dict(),
+            "identical_to_plain_greedy": torch.equal(output, plain),
+            "speed_up": stats.tokens_per_second / result["tokens_per_second"],
+        }
+    text = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
     result["text"] = text
     if args.json:
         print(jsonout.dumps(result, indent=2))
     else:
-        print(f"{description}; depth {depth}: {result['new_tokens']} tokens at {result['tokens_per_second']:.1f} tokens/s "
-              f"(greedy, KV cache, prefill included, {result['dtype']} weights, {torch.get_num_threads()} threads)", file=sys.stderr)
+        print(
+            f"{description}; depth {depth}: {result['new_tokens']} tokens at {result['tokens_per_second']:.1f} tokens/s "
+            f"(greedy, KV cache, prefill included, {result['dtype']} weights, {torch.get_num_threads()} threads)",
+            file=sys.stderr,
+        )
         if args.speculative:
             s = result["speculative"]
             head = f", head of {s['draft_vocab']} tokens" if s.get("draft_vocab") else ""
-            print(f"speculative: draft {s['draft']} (k={s['draft_tokens']}{head}) -> verify {s['target']}: acceptance "
-                  f"{s['acceptance_rate']:.1%}, {s['tokens_per_target_pass']:.2f} tokens per verifying pass, "
-                  f"{s['tokens_per_second']:.1f} tokens/s = {s['speed_up']:.2f}x plain greedy; output identical to "
-                  f"plain greedy: {s['identical_to_plain_greedy']}", file=sys.stderr)
+            print(
+                f"speculative: draft {s['draft']} (k={s['draft_tokens']}{head}) -> verify {s['target']}: acceptance "
+                f"{s['acceptance_rate']:.1%}, {s['tokens_per_target_pass']:.2f} tokens per verifying pass, "
+                f"{s['tokens_per_second']:.1f} tokens/s = {s['speed_up']:.2f}x plain greedy; output identical to "
+                f"plain greedy: {s['identical_to_plain_greedy']}",
+                file=sys.stderr,
+            )
     sys.stdout.flush()
     return 0
 
@@ -236,8 +319,17 @@ def _interrupted(args, result: dict, tokenizer, collected: list[torch.Tensor], s
     if stream is not None:
         stream.finish()
     else:
-        print(jsonout.dumps({**result, "new_tokens": len(ids), "interrupted": True,
-                             "text": tokenizer.decode(ids, skip_special_tokens=True)}, indent=2))
+        print(
+            jsonout.dumps(
+                {
+                    **result,
+                    "new_tokens": len(ids),
+                    "interrupted": True,
+                    "text": tokenizer.decode(ids, skip_special_tokens=True),
+                },
+                indent=2,
+            )
+        )
     sys.stdout.flush()
     print(f"adn: interrupted after {len(ids)} new token(s); the text above is what was generated", file=sys.stderr)
     return 130

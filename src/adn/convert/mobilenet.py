@@ -5,6 +5,7 @@ into stages by the row of the inverted-residual setting they come from (t, c, n,
 with n >= 2 are skippable. Norms outside those stages switch with the nearest skippable stage, as in the
 authors' implementation: the stem and the first block with stage 1, the last block and the final
 1x1 conv with stage 5."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -35,6 +36,6 @@ def mobilenet_v2_stages(model: MobileNetV2) -> list[StageSpec]:
     first = next(i for i, m in enumerate(features) if m is skippable[0][0])
     last = next(i for i, m in enumerate(features) if m is skippable[-1][-1])
     specs = [StageSpec(f"stage{i + 1}", group, outside_branch=()) for i, group in enumerate(skippable)]
-    specs[0].also_switch = features[:first]       # stem conv + the single-block stage before stage 1
-    specs[-1].also_switch = features[last + 1:]   # the single-block stage after stage 5 + the final 1x1 conv
+    specs[0].also_switch = features[:first]  # stem conv + the single-block stage before stage 1
+    specs[-1].also_switch = features[last + 1 :]  # the single-block stage after stage 5 + the final 1x1 conv
     return specs

@@ -1,5 +1,6 @@
 """The shared conversion machinery and the registry of adapters (:func:`register_adapter`); the adapters
 themselves are the other modules of this package, registered when :mod:`adn.convert` is imported."""
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ class StageSpec:
     patch-merging layer) whose norms get twins switched by this stage; ``idle_when_skipped`` names
     sub-modules of each shared block that are the identity while the stage skips (Swin's
     ``stochastic_depth``: the authors' shared blocks drop no paths in a sub-network that skips them)."""
+
     name: str
     blocks: Sequence[nn.Module]
     num_shared: int | None = None
@@ -55,14 +57,21 @@ class Adapter:
 _ADAPTERS: list[Adapter] = []
 
 
-def register_adapter(name: str, description: str, matches: Callable[[nn.Module], bool], channel_dim: int = 1,
-                     norm_types: Callable[[nn.Module], tuple[type, ...]] | None = None):
+def register_adapter(
+    name: str,
+    description: str,
+    matches: Callable[[nn.Module], bool],
+    channel_dim: int = 1,
+    norm_types: Callable[[nn.Module], tuple[type, ...]] | None = None,
+):
     """Decorator registering ``fn(model) -> list[StageSpec]`` as the adapter of a model family.
     ``channel_dim`` tells feature distillation where the channels are in the stage outputs;
     ``norm_types(model)`` names norm classes of the family that are not torch's (they get twins too)."""
+
     def wrap(fn: Callable[[nn.Module], list[StageSpec]]):
         _ADAPTERS.append(Adapter(name, description, matches, fn, channel_dim, norm_types))
         return fn
+
     return wrap
 
 
@@ -70,8 +79,14 @@ def supported_families() -> list[str]:
     return [f"{a.name} ({a.description})" for a in _ADAPTERS]
 
 
-def convert(model: nn.Module, *, skip_aware_norm: bool = True, stages: Sequence[str] | None = None,
-            norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES, channel_dim: int = 1) -> nn.Module:
+def convert(
+    model: nn.Module,
+    *,
+    skip_aware_norm: bool = True,
+    stages: Sequence[str] | None = None,
+    norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES,
+    channel_dim: int = 1,
+) -> nn.Module:
     """Convert ``model`` into an adaptive depth network, in place, and return it.
 
     Weights are kept and every skip-aware twin starts as a copy of its norm, so in every sub-network
@@ -104,13 +119,20 @@ def convert(model: nn.Module, *, skip_aware_norm: bool = True, stages: Sequence[
         specs, family, channel_dim = adapter.stages(model), adapter.name, adapter.channel_dim
         if adapter.norm_types is not None:
             norm_types = tuple(norm_types) + tuple(adapter.norm_types(model))
-    return convert_stages(model, specs, skip_aware_norm=skip_aware_norm, norm_types=norm_types, family=family,
-                          channel_dim=channel_dim)
+    return convert_stages(
+        model, specs, skip_aware_norm=skip_aware_norm, norm_types=norm_types, family=family, channel_dim=channel_dim
+    )
 
 
-def convert_stages(model: nn.Module, specs: Sequence[StageSpec], *, skip_aware_norm: bool = True,
-                   norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES, family: str = "custom",
-                   channel_dim: int = 1) -> nn.Module:
+def convert_stages(
+    model: nn.Module,
+    specs: Sequence[StageSpec],
+    *,
+    skip_aware_norm: bool = True,
+    norm_types: tuple[type, ...] = DEFAULT_NORM_TYPES,
+    family: str = "custom",
+    channel_dim: int = 1,
+) -> nn.Module:
     """The shared machinery behind every adapter. Stages with a single block have nothing to skip and
     are left as they are (they are not counted in ``num_stages``)."""
     controllers = []
@@ -120,8 +142,10 @@ def convert_stages(model: nn.Module, specs: Sequence[StageSpec], *, skip_aware_n
             continue
         num_shared = split_point(len(blocks)) if spec.num_shared is None else spec.num_shared
         if not 1 <= num_shared < len(blocks):
-            raise ValueError(f"stage {spec.name!r} has {len(blocks)} blocks; num_shared must be in 1..{len(blocks) - 1}, "
-                             f"got {num_shared}")
+            raise ValueError(
+                f"stage {spec.name!r} has {len(blocks)} blocks; num_shared must be in 1..{len(blocks) - 1}, "
+                f"got {num_shared}"
+            )
         shared, skippable = blocks[:num_shared], blocks[num_shared:]
         norms = []
         if skip_aware_norm:
@@ -131,12 +155,18 @@ def convert_stages(model: nn.Module, specs: Sequence[StageSpec], *, skip_aware_n
                 norms += [SkipAwareNorm.convert(m) for m in _norms_in_branch(module, norm_types, ())]
         for block in skippable:
             SkippableBlock.convert(block)
-        idle = [IdleWhenSkipped.convert(block.get_submodule(name)) for block in shared for name in spec.idle_when_skipped]
+        idle = [
+            IdleWhenSkipped.convert(block.get_submodule(name)) for block in shared for name in spec.idle_when_skipped
+        ]
         controllers.append(SkippableStage(spec.name, shared, skippable, norms, idle))
     if not controllers:
         raise ValueError(f"{type(model).__name__} has no stage with two or more blocks: there is nothing to skip")
-    info = {"family": family, "skip_aware_norm": skip_aware_norm, "channel_dim": channel_dim,
-            "stages": [{"name": c.name, "shared": len(c.shared), "skippable": len(c.skippable)} for c in controllers]}
+    info = {
+        "family": family,
+        "skip_aware_norm": skip_aware_norm,
+        "channel_dim": channel_dim,
+        "stages": [{"name": c.name, "shared": len(c.shared), "skippable": len(c.skippable)} for c in controllers],
+    }
     return AdaptiveDepthNetwork.attach(model, controllers, info)
 
 
@@ -156,8 +186,10 @@ def _specs_from_names(model: nn.Module, names: Sequence[str]) -> list[StageSpec]
     for name in names:
         if name not in modules:
             close = [n for n in modules if n and name.split(".")[-1] in n][:5]
-            raise ValueError(f"stages: {type(model).__name__} has no sub-module {name!r}"
-                             + (f"; similar names: {close}" if close else ""))
+            raise ValueError(
+                f"stages: {type(model).__name__} has no sub-module {name!r}"
+                + (f"; similar names: {close}" if close else "")
+            )
         container = modules[name]
         specs.append(StageSpec(name, list(container.children())))
     return specs

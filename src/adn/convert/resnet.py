@@ -2,6 +2,7 @@
 
 Stages are ``layer1``, ``layer2``, ...; each block's ``downsample`` projection sees only the stage
 input, so its BatchNorm gets no twin (as in the authors' implementation)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -7,6 +7,7 @@ stage, as a ResNet stage's downsampling first block does and as the authors' Swi
 passes stage k+1's flag to the merging between stages k and k+1). Shared blocks drop no paths
 (stochastic depth) while their stage skips, as in the authors' Swin. Stage outputs are NHWC feature maps.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -16,8 +17,12 @@ from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 from .registry import StageSpec, register_adapter
 
 
-@register_adapter("swin", "torchvision swin_t, swin_s, swin_b, swin_v2_t, swin_v2_s, swin_v2_b",
-                  lambda m: isinstance(m, SwinTransformer), channel_dim=-1)
+@register_adapter(
+    "swin",
+    "torchvision swin_t, swin_s, swin_b, swin_v2_t, swin_v2_s, swin_v2_b",
+    lambda m: isinstance(m, SwinTransformer),
+    channel_dim=-1,
+)
 def swin_stages(model: SwinTransformer) -> list[StageSpec]:
     features = list(model.features)
     specs = []
@@ -26,6 +31,13 @@ def swin_stages(model: SwinTransformer) -> list[StageSpec]:
             continue
         preceding = features[index - 1]
         merge = [preceding] if isinstance(preceding, (PatchMerging, PatchMergingV2)) else []
-        specs.append(StageSpec(f"features.{index}", list(module), outside_branch=(), also_switch=merge,
-                               idle_when_skipped=("stochastic_depth",)))
+        specs.append(
+            StageSpec(
+                f"features.{index}",
+                list(module),
+                outside_branch=(),
+                also_switch=merge,
+                idle_when_skipped=("stochastic_depth",),
+            )
+        )
     return specs

@@ -22,6 +22,7 @@ describe the weights they were measured with: once the weights change (an optimi
 ``load_state_dict``), the network warns and runs with its running statistics again.
 :func:`adn.recalibrate_norms` at one depth updates that depth's row too.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -64,9 +65,12 @@ def rows_apply(net: nn.Module) -> bool:
         stored["version"] = version
     elif version != stored["version"]:
         stored["stale"] = True
-        warnings.warn("the weights changed since the per-depth batch-norm statistics were measured (training, "
-                      "load_state_dict): every depth runs with the running statistics again; measure them anew with "
-                      "adn.record_depth_statistics, or adn recalibrate for a checkpoint", stacklevel=3)
+        warnings.warn(
+            "the weights changed since the per-depth batch-norm statistics were measured (training, "
+            "load_state_dict): every depth runs with the running statistics again; measure them anew with "
+            "adn.record_depth_statistics, or adn recalibrate for a checkpoint",
+            stacklevel=3,
+        )
         return False
     return True
 
@@ -77,26 +81,38 @@ def statistics_in_use(net: nn.Module) -> str:
         return "running"
     stored = net.__dict__["adn_depth_statistics"]
     measured = len(stored.get("depths", ()))
-    which = "" if measured == 2 ** net.num_stages else f", measured for {measured} of {2 ** net.num_stages} depths"
+    which = "" if measured == 2**net.num_stages else f", measured for {measured} of {2**net.num_stages} depths"
     return f"per depth ({stored.get('images', 0)} training images each{which}, {stored.get('by') or DEFAULT_BY})"
 
 
 def _install(net: nn.Module, images: int, depths, by: str | None = None) -> list[nn.Module]:
     """Give every batch norm one row of statistics per depth (kept where it has them, else initialized
     to its running statistics), and note what was measured, and by what (``by``)."""
-    rows = 2 ** net.num_stages
+    rows = 2**net.num_stages
     norms = [DepthStatisticsNorm.convert(norm, rows) for norm in batch_norms(net)]
     previous = net.__dict__.get("adn_depth_statistics") or {}
     measured = sorted(set(previous.get("depths", ())) | {str(SkipConfig(d, net.num_stages)) for d in depths})
     parameters = list(net.parameters())
-    net.__dict__["adn_depth_statistics"] = {"images": images, "depths": measured, "parameters": parameters,
-                                            "version": weights_version(parameters), "by": by}
+    net.__dict__["adn_depth_statistics"] = {
+        "images": images,
+        "depths": measured,
+        "parameters": parameters,
+        "version": weights_version(parameters),
+        "by": by,
+    }
     return norms
 
 
 @torch.no_grad()
-def record_depth_statistics(net: nn.Module, batches: Iterable, num_batches: int, configs=None,
-                            device: torch.device | str | None = None, progress=None, by: str | None = None) -> int:
+def record_depth_statistics(
+    net: nn.Module,
+    batches: Iterable,
+    num_batches: int,
+    configs=None,
+    device: torch.device | str | None = None,
+    progress=None,
+    by: str | None = None,
+) -> int:
     """Measure the batch-norm statistics of each depth in ``configs`` (default: all 2^N) on the first
     ``num_batches`` of ``batches`` (training images without random augmentation, the same for every depth)
     and keep them in the network, one row per depth (rows of other depths recorded earlier are kept).
@@ -116,8 +132,9 @@ def record_depth_statistics(net: nn.Module, batches: Iterable, num_batches: int,
             if progress is not None:
                 progress(config)
             images = recalibrate_norms(net, batches, num_batches, skip=config, device=device)
-            measured.append((config.index, [(n._buffers["running_mean"].clone(), n._buffers["running_var"].clone())
-                                            for n in norms]))
+            measured.append(
+                (config.index, [(n._buffers["running_mean"].clone(), n._buffers["running_var"].clone()) for n in norms])
+            )
             load_norm_state(net, running)
     finally:
         load_norm_state(net, running)
@@ -145,8 +162,11 @@ def depth_statistics_payload(net: nn.Module) -> dict | None:
     stored = net.__dict__.get("adn_depth_statistics")
     if not stored:
         return None
-    norms = {name: {"mean": module.depth_running_mean.detach().cpu(), "var": module.depth_running_var.detach().cpu()}
-             for name, module in net.named_modules() if isinstance(module, DepthStatisticsNorm)}
+    norms = {
+        name: {"mean": module.depth_running_mean.detach().cpu(), "var": module.depth_running_var.detach().cpu()}
+        for name, module in net.named_modules()
+        if isinstance(module, DepthStatisticsNorm)
+    }
     payload = {"images": int(stored.get("images", 0)), "depths": list(stored.get("depths", ())), "norms": norms}
     if stored.get("by"):
         payload["measured_by"] = stored["by"]
@@ -164,25 +184,35 @@ def load_depth_statistics(net: nn.Module, payload, source: str = "checkpoint") -
     stored = payload["norms"]
     if set(stored) != set(norms):
         missing, extra = sorted(set(norms) - set(stored)), sorted(set(stored) - set(norms))
-        raise DepthStatisticsError(f"{source}: its per-depth batch-norm statistics name other norms than the network "
-                                   f"has (missing {missing[:3]}, unknown {extra[:3]}){fix}")
-    rows = 2 ** net.num_stages
+        raise DepthStatisticsError(
+            f"{source}: its per-depth batch-norm statistics name other norms than the network "
+            f"has (missing {missing[:3]}, unknown {extra[:3]}){fix}"
+        )
+    rows = 2**net.num_stages
     for name, norm in norms.items():
         for part in ("mean", "var"):
             table = stored[name].get(part) if isinstance(stored[name], dict) else None
             expected = (rows, norm.num_features)
-            if (not isinstance(table, torch.Tensor) or tuple(table.shape) != expected or not torch.isfinite(table).all()
-                    or (part == "var" and bool((table < 0).any()))):
+            if (
+                not isinstance(table, torch.Tensor)
+                or tuple(table.shape) != expected
+                or not torch.isfinite(table).all()
+                or (part == "var" and bool((table < 0).any()))
+            ):
                 shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
-                raise DepthStatisticsError(f"{source}: per-depth {part} of {name} is {shape}, expected finite values "
-                                           f"of shape {expected} (variances >= 0){fix}")
+                raise DepthStatisticsError(
+                    f"{source}: per-depth {part} of {name} is {shape}, expected finite values "
+                    f"of shape {expected} (variances >= 0){fix}"
+                )
     depths = payload.get("depths")
     if not isinstance(depths, list):
         depths = [str(c) for c in SkipConfig.all(net.num_stages)]
     try:
         depths = [SkipConfig(d, net.num_stages) for d in depths]
     except ValueError as error:
-        raise DepthStatisticsError(f"{source}: its per-depth batch-norm statistics list invalid depths ({error}){fix}") from error
+        raise DepthStatisticsError(
+            f"{source}: its per-depth batch-norm statistics list invalid depths ({error}){fix}"
+        ) from error
     by = payload.get("measured_by")
     _install(net, int(payload.get("images", 0)), depths, by[:80] if isinstance(by, str) and by.isprintable() else None)
     for name, norm in norms.items():

@@ -17,6 +17,7 @@ Feature distillation turns a stage output into distributions over channels:
 - ``none``: logits distillation only.
 Every KL uses temperature T and is scaled by T^2 so gradients keep their magnitude as T changes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ from torch import nn
 FEATURE_KD_MODES = ("spatial", "pooled", "none")
 
 
-def distribution_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
-                    dim: int = -1) -> torch.Tensor:
+def distribution_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float, dim: int = -1
+) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2, the distributions taken along ``dim`` and the KL averaged
     over every other index (batch, positions). Works in place of the layout: no transposed copies."""
     teacher, student = teacher_logits.detach().float(), student_logits.float()
@@ -37,15 +39,18 @@ def distribution_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
     log_p_student = F.log_softmax(student, dim=dim)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
     distributions = log_p_student.numel() // log_p_student.shape[dim]
-    return kl / distributions * temperature ** 2
+    return kl / distributions * temperature**2
 
 
-def feature_kl(teacher: torch.Tensor, student: torch.Tensor, mode: str = "spatial", temperature: float = 1.0,
-               channel_dim: int = 1) -> torch.Tensor:
+def feature_kl(
+    teacher: torch.Tensor, student: torch.Tensor, mode: str = "spatial", temperature: float = 1.0, channel_dim: int = 1
+) -> torch.Tensor:
     """KL between a super-net stage output (teacher) and a base-net stage output (student)."""
     if teacher.shape != student.shape:
-        raise ValueError(f"stage outputs differ in shape: super-net {tuple(teacher.shape)} vs base-net "
-                         f"{tuple(student.shape)}; a skippable part must preserve its stage's output shape")
+        raise ValueError(
+            f"stage outputs differ in shape: super-net {tuple(teacher.shape)} vs base-net "
+            f"{tuple(student.shape)}; a skippable part must preserve its stage's output shape"
+        )
     if mode == "none":
         return student.new_zeros((), dtype=torch.float32)
     if mode == "pooled":
@@ -73,8 +78,15 @@ class SubPathDistillationLoss(nn.Module):
             base-net learns from the super-net only). A deviation from Algorithm 1, for ablations.
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, feature_kd: str = "spatial",
-                 label_smoothing: float = 0.0, channel_dim: int = 1, base_ce: float = 0.0):
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        feature_kd: str = "spatial",
+        label_smoothing: float = 0.0,
+        channel_dim: int = 1,
+        base_ce: float = 0.0,
+    ):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -90,18 +102,27 @@ class SubPathDistillationLoss(nn.Module):
 
     # Loss terms are returned as detached tensors (not floats): reading a CUDA value forces a
     # synchronisation, which the trainer does once per step, not once per term.
-    def teacher_loss(self, super_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def teacher_loss(
+        self, super_logits: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce = self.criterion(super_logits, target)
         return self.alpha * ce, {"ce_super": ce.detach()}
 
-    def student_loss(self, base_logits: torch.Tensor, base_features: list[torch.Tensor],
-                     super_logits: torch.Tensor, super_features: list[torch.Tensor],
-                     target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def student_loss(
+        self,
+        base_logits: torch.Tensor,
+        base_features: list[torch.Tensor],
+        super_logits: torch.Tensor,
+        super_features: list[torch.Tensor],
+        target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(base_features) != len(super_features):
             raise ValueError(f"got {len(super_features)} super-net and {len(base_features)} base-net stage outputs")
         kd_features = base_logits.new_zeros((), dtype=torch.float32)
         for teacher, student in zip(super_features, base_features):
-            kd_features = kd_features + feature_kl(teacher, student, self.feature_kd, self.temperature, self.channel_dim)
+            kd_features = kd_features + feature_kl(
+                teacher, student, self.feature_kd, self.temperature, self.channel_dim
+            )
         kd_logits = distribution_kl(super_logits, base_logits, self.temperature)
         loss = (1.0 - self.alpha) * (kd_features + kd_logits)
         terms = {"kd_features": kd_features.detach(), "kd_logits": kd_logits.detach()}
@@ -115,7 +136,8 @@ class SubPathDistillationLoss(nn.Module):
 
     def forward(self, super_logits, base_logits, target, super_features=(), base_features=()):
         teacher, t_terms = self.teacher_loss(super_logits, target)
-        student, s_terms = self.student_loss(base_logits, list(base_features), super_logits, list(super_features),
-                                             target)
+        student, s_terms = self.student_loss(
+            base_logits, list(base_features), super_logits, list(super_features), target
+        )
         total = teacher + student
         return total, {**t_terms, **s_terms, "loss": total.detach()}

@@ -5,6 +5,7 @@
 whose weights and bias absorb the norm's running statistics and affine parameters
 (``torch.nn.utils.fusion.fuse_conv_bn_eval``). The result is a ``GraphModule`` with new weight
 tensors; the input module is left untouched."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,12 @@ def fold_batch_norms(module: nn.Module) -> fx.GraphModule:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
             continue
         source = node.args[0]
-        if (not isinstance(source, fx.Node) or source.op != "call_module"
-                or not isinstance(modules[source.target], nn.Conv2d) or len(source.users) != 1):
+        if (
+            not isinstance(source, fx.Node)
+            or source.op != "call_module"
+            or not isinstance(modules[source.target], nn.Conv2d)
+            or len(source.users) != 1
+        ):
             continue
         norm = modules[node.target]
         if not norm.track_running_stats:

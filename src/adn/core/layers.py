@@ -30,6 +30,7 @@ the computation, not a Python constant, and the mixins choose with ``torch.cond`
 the ONNX exporter keep as a conditional (ONNX ``If``): a skipped part is still not executed. This is how one
 exported program runs every depth (:mod:`adn.switchable`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,6 +86,7 @@ def _fx_patches_reverted():
     """Undo torch.fx's patches while torch.cond traces its branches (see :func:`_choose`); torch.fx is private
     API, so a torch without it is left alone."""
     from torch.fx import _symbolic_trace as fx_trace
+
     patcher = getattr(fx_trace, "CURRENT_PATCHER", None)
     if patcher is None or not hasattr(patcher, "revert_all_patches"):
         yield
@@ -109,9 +111,11 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 def _branch(forward, *args, **kwargs):
     """``forward`` as a branch of torch.cond: its other arguments bound, and its input copied when it returns
     it unchanged (stochastic depth and dropout do in eval mode; torch.cond refuses aliasing outputs)."""
+
     def run(x: torch.Tensor):
         out = forward(x, *args, **kwargs)
         return x.clone() if out is x else out
+
     return run
 
 
@@ -140,7 +144,7 @@ def sequential_run(blocks: Sequence[nn.Module], modules: Sequence[nn.Module]) ->
         children = list(parent.children())
         for start, child in enumerate(children):
             if child is blocks[0]:
-                run = children[start:start + len(blocks)]
+                run = children[start : start + len(blocks)]
                 return len(run) == len(blocks) and all(a is b for a, b in zip(run, blocks))
     return False
 
@@ -148,11 +152,13 @@ def sequential_run(blocks: Sequence[nn.Module], modules: Sequence[nn.Module]) ->
 def _run_together(forward, blocks: Sequence[nn.Module]):
     """A branch of torch.cond that runs ``forward`` (the first block's own forward) and then the original
     forward of each block in ``blocks`` on the output of the one before."""
+
     def run(x: torch.Tensor):
         out = forward(x)
         for block in blocks:
             out = super(SkippableBlock, block).forward(out)
         return x.clone() if out is x else out
+
     return run
 
 
@@ -191,8 +197,16 @@ def converted_class(mixin: type, prefix: str, base: type) -> type:
         name = f"{prefix}{base.__name__}"
         while hasattr(_MODULE, name):  # e.g. two libraries both defining ``Bottleneck``
             name += "_"
-        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name,
-                                         "__reduce_ex__": _reduce_converted, "adn_recipe": (mixin, prefix, base)})
+        cls = type(
+            name,
+            (mixin, base),
+            {
+                "__module__": __name__,
+                "__qualname__": name,
+                "__reduce_ex__": _reduce_converted,
+                "adn_recipe": (mixin, prefix, base),
+            },
+        )
         setattr(_MODULE, name, cls)
         _SUBCLASS_CACHE[key] = cls
     return cls
@@ -384,8 +398,14 @@ class SkippableStage:
     skip-aware norms that switch to their twins when ``skip`` is set; ``idle`` are modules of the shared
     blocks (:class:`IdleWhenSkipped`) that are the identity when ``skip`` is set."""
 
-    def __init__(self, name: str, shared: Sequence[nn.Module], skippable: Sequence[nn.Module],
-                 norms: Sequence[nn.Module] = (), idle: Sequence[nn.Module] = ()):
+    def __init__(
+        self,
+        name: str,
+        shared: Sequence[nn.Module],
+        skippable: Sequence[nn.Module],
+        norms: Sequence[nn.Module] = (),
+        idle: Sequence[nn.Module] = (),
+    ):
         if not shared:
             raise ValueError(f"stage {name!r}: at least one block must be shared (run by every sub-network)")
         self.name = name
@@ -423,8 +443,10 @@ class SkippableStage:
         return (self.skippable or self.shared)[-1]
 
     def __repr__(self) -> str:
-        return (f"SkippableStage({self.name!r}, shared={len(self.shared)}, skippable={len(self.skippable)}, "
-                f"skip_aware_norms={len(self.norms)}, skip={self._skip})")
+        return (
+            f"SkippableStage({self.name!r}, shared={len(self.shared)}, skippable={len(self.skippable)}, "
+            f"skip_aware_norms={len(self.norms)}, skip={self._skip})"
+        )
 
 
 MIXINS = (SkipAwareNorm, SkippableBlock, IdleWhenSkipped, DepthStatisticsNorm)

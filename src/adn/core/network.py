@@ -13,6 +13,7 @@ Threads: ``net.skip = ...`` sets the default depth, for every thread. A per-call
 ``skipping`` block set the depth of the current thread (or asyncio task) only, so threads can run one
 network at different depths at once (see docs/method.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,17 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import (ACTIVE_DEPTH, STATISTICS_ROW, DepthStatisticsNorm, IdleWhenSkipped, SkipAwareNorm, SkippableBlock,
-                     SkippableStage, swap_in_subclass, original_class)
+from .layers import (
+    ACTIVE_DEPTH,
+    STATISTICS_ROW,
+    DepthStatisticsNorm,
+    IdleWhenSkipped,
+    SkipAwareNorm,
+    SkippableBlock,
+    SkippableStage,
+    swap_in_subclass,
+    original_class,
+)
 from .depth_statistics import rows_apply
 from .skip import SkipConfig
 
@@ -137,6 +147,7 @@ class AdaptiveDepthNetwork:
                 if index == 0:
                     outputs.clear()
                 outputs.append(output)
+
             return hook
 
         for index, stage in enumerate(self.adn_stages):
@@ -172,6 +183,7 @@ class AdaptiveDepthNetwork:
         _unload(plain, config.index if rows_apply(self) else None)
         if fold_bn:
             from .fold import fold_batch_norms
+
             return fold_batch_norms(plain)
         return plain
 

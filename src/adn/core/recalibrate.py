@@ -13,6 +13,7 @@ Once-for-All, universally slimmable networks).
 :func:`norm_state`/:func:`load_norm_state` save and restore the statistics around it, which is what
 :func:`adn.evaluate.evaluate_accuracy` does with ``recalibrate=...`` for each sub-network it evaluates.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -43,8 +44,9 @@ def load_norm_state(net: nn.Module, state: list[dict[str, torch.Tensor]]) -> Non
 
 
 @torch.no_grad()
-def recalibrate_norms(net: nn.Module, batches: Iterable, num_batches: int, skip=None,
-                      device: torch.device | str | None = None) -> int:
+def recalibrate_norms(
+    net: nn.Module, batches: Iterable, num_batches: int, skip=None, device: torch.device | str | None = None
+) -> int:
     """Replace the running statistics of the batch norms that sub-network ``skip`` (default: the
     network's current depth) uses by their exact averages over the first ``num_batches`` batches of
     ``batches`` (``(images, targets)`` pairs, or images alone), run at that depth. Norms the sub-network

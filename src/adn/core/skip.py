@@ -4,6 +4,7 @@ A configuration is one flag per stage. ``T`` means "skip this stage's skippable 
 "run it". ``FFFF`` is the super-net (nothing skipped); ``TTTT`` is the base-net (everything skippable
 skipped). The 2^N configurations of an N-stage network are its sub-networks.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -7,6 +7,7 @@ torch's :class:`torch.nn.SyncBatchNorm` runs on CUDA only, so CUDA runs use it a
 processes with Gloo) use :class:`GlobalBatchNorm` below. Conversion swaps classes in place, like
 ``adn.convert``: parameter names, skip-aware twins and the stages' references to their norms stay.
 """
+
 from __future__ import annotations
 
 import torch

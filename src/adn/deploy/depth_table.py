@@ -20,6 +20,7 @@ Only ``depths`` (each with ``skip``, ``acc1`` and ``latency_ms`` for every entry
 and ``batch_sizes`` are needed to use a table; the rest records the conditions of the measurement.
 Reading and predicting need no torch (the :class:`adn.Governor` hot path uses them); measuring does.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -61,11 +62,15 @@ class DepthTable:
     @classmethod
     def from_dict(cls, data: object, source: str = "depth table") -> DepthTable:
         if not isinstance(data, dict):
-            raise DepthTableError(f"{source}: expected a JSON object with 'batch_sizes' and 'depths', got "
-                                  f"{type(data).__name__}; {_HOW_TO_FIX}")
+            raise DepthTableError(
+                f"{source}: expected a JSON object with 'batch_sizes' and 'depths', got "
+                f"{type(data).__name__}; {_HOW_TO_FIX}"
+            )
         if data.get("format", FORMAT) != FORMAT or data.get("version", VERSION) != VERSION:
-            raise DepthTableError(f"{source}: format {data.get('format')!r} version {data.get('version')!r}; this adn "
-                                  f"reads {FORMAT!r} version {VERSION}")
+            raise DepthTableError(
+                f"{source}: format {data.get('format')!r} version {data.get('version')!r}; this adn "
+                f"reads {FORMAT!r} version {VERSION}"
+            )
         batch_sizes = _batch_sizes(data.get("batch_sizes"), source)
         depths = data.get("depths")
         if not isinstance(depths, list) or not depths:
@@ -73,11 +78,15 @@ class DepthTable:
         rows = [_depth_row(row, i, batch_sizes, source) for i, row in enumerate(depths)]
         stages = {len(row["skip"]) for row in rows}
         if len(stages) > 1:
-            raise DepthTableError(f"{source}: the skip configurations have different lengths {sorted(stages)}; "
-                                  f"one table describes one network")
+            raise DepthTableError(
+                f"{source}: the skip configurations have different lengths {sorted(stages)}; "
+                f"one table describes one network"
+            )
         seen = [row["skip"] for row in rows]
         if len(set(seen)) != len(seen):
-            raise DepthTableError(f"{source}: a skip configuration appears twice in 'depths' ({seen}); keep one row each")
+            raise DepthTableError(
+                f"{source}: a skip configuration appears twice in 'depths' ({seen}); keep one row each"
+            )
         # Least accurate first; at equal accuracy the costlier first, so that "the most accurate that fits"
         # prefers the cheaper of two equals.
         rows.sort(key=lambda row: (row["acc1"], -row["macs"] if _number(row.get("macs")) else 0))
@@ -85,8 +94,13 @@ class DepthTable:
         return cls(rows, batch_sizes, meta)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, **self.meta, "batch_sizes": self.batch_sizes,
-                "depths": self.depths}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            **self.meta,
+            "batch_sizes": self.batch_sizes,
+            "depths": self.depths,
+        }
 
     def index(self, skip) -> int:
         key = str(SkipConfig(skip))
@@ -117,8 +131,15 @@ class DepthTable:
         fitting = [i for i, ms in enumerate(predicted) if ms <= budget_ms]
         index = fitting[-1] if fitting else min(range(len(predicted)), key=predicted.__getitem__)
         row = self.depths[index]
-        return {"skip": row["skip"], "acc1": row["acc1"], "predicted_ms": predicted[index], "quantile": quantile,
-                "batch_size": batch_size, "budget_ms": budget_ms, "fits": bool(fitting)}
+        return {
+            "skip": row["skip"],
+            "acc1": row["acc1"],
+            "predicted_ms": predicted[index],
+            "quantile": quantile,
+            "batch_size": batch_size,
+            "budget_ms": budget_ms,
+            "fits": bool(fitting),
+        }
 
 
 def dumps(table: dict) -> str:
@@ -133,17 +154,21 @@ def quantile_key(quantile: float | str) -> str:
     """'p99' for 0.99 or 'p99'; the latency column a quantile reads."""
     key = quantile if isinstance(quantile, str) else f"p{round(float(quantile) * 100)}"
     if key not in QUANTILES:
-        raise ValueError(f"quantile {quantile!r}: a depth table holds {', '.join(QUANTILES)} "
-                         f"(quantile 0.5 or 0.99)")
+        raise ValueError(f"quantile {quantile!r}: a depth table holds {', '.join(QUANTILES)} (quantile 0.5 or 0.99)")
     return key
 
 
 def _batch_sizes(value: object, source: str) -> list[int]:
-    ok = isinstance(value, list) and value and all(isinstance(b, int) and not isinstance(b, bool) and b > 0
-                                                    for b in value)
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)
+    )
     if not ok or sorted(set(value)) != value:
-        raise DepthTableError(f"{source}: 'batch_sizes' must be a non-empty increasing list of positive integers "
-                              f"such as [1, 8, 32], got {value!r}")
+        raise DepthTableError(
+            f"{source}: 'batch_sizes' must be a non-empty increasing list of positive integers "
+            f"such as [1, 8, 32], got {value!r}"
+        )
     return list(value)
 
 
@@ -170,19 +195,26 @@ def _depth_row(row: object, i: int, batch_sizes: list[int], source: str) -> dict
     for size in batch_sizes:
         entry = latency.get(str(size))
         if not isinstance(entry, dict):
-            raise DepthTableError(f"{where} ({skip}): no latency for batch size {size} (listed in 'batch_sizes'); "
-                                  f"add \"{size}\": {{\"p50\": ms, \"p99\": ms}} or drop {size} from 'batch_sizes'")
+            raise DepthTableError(
+                f"{where} ({skip}): no latency for batch size {size} (listed in 'batch_sizes'); "
+                f'add "{size}": {{"p50": ms, "p99": ms}} or drop {size} from \'batch_sizes\''
+            )
         for key in QUANTILES:
             if not _number(entry.get(key)) or entry[key] <= 0:
-                raise DepthTableError(f"{where} ({skip}): latency_ms[\"{size}\"][\"{key}\"] must be a positive number "
-                                      f"of milliseconds, got {entry.get(key)!r}")
+                raise DepthTableError(
+                    f'{where} ({skip}): latency_ms["{size}"]["{key}"] must be a positive number '
+                    f"of milliseconds, got {entry.get(key)!r}"
+                )
         if entry["p99"] < entry["p50"]:
-            raise DepthTableError(f"{where} ({skip}): at batch size {size} p99 ({entry['p99']}) is below p50 "
-                                  f"({entry['p50']}); the 99th percentile cannot be faster than the median")
+            raise DepthTableError(
+                f"{where} ({skip}): at batch size {size} p99 ({entry['p99']}) is below p50 "
+                f"({entry['p50']}); the 99th percentile cannot be faster than the median"
+            )
     return {**row, "skip": skip}
 
 
 # --- measuring (needs torch) ---------------------------------------------------------------------
+
 
 def nearest_rank(sorted_times: list[float], q: float) -> float:
     """The q-quantile by nearest rank: the smallest sample with at least q of the samples at or below it.
@@ -190,16 +222,19 @@ def nearest_rank(sorted_times: list[float], q: float) -> float:
     return sorted_times[max(0, math.ceil(q * len(sorted_times)) - 1)]
 
 
-def measure_latencies(net, image, configs, batch_sizes, backend: str = "eager", warmup: int = 5,
-                      repeats: int = 100) -> list[dict]:
+def measure_latencies(
+    net, image, configs, batch_sizes, backend: str = "eager", warmup: int = 5, repeats: int = 100
+) -> list[dict]:
     """For each config: ``{str(batch_size): {"p50": ms, "p99": ms}}``, timed in interleaved rounds (one run
     of every depth per round) at each batch size. ONNX sub-networks are exported once (dynamic batch)."""
     from ..runtime.backends import depth_runners
     from ..runtime.profile import time_interleaved
 
     if backend not in ("eager", "onnxruntime", "onnxruntime-per-depth"):
-        raise ValueError(f"--backend {backend}: a depth table is measured on eager or onnxruntime (a compiled graph "
-                         f"is specialised to one batch size)")
+        raise ValueError(
+            f"--backend {backend}: a depth table is measured on eager or onnxruntime (a compiled graph "
+            f"is specialised to one batch size)"
+        )
     net.eval()
     runners, _ = depth_runners(net, image[None], configs, backend)
     tables: list[dict] = [{} for _ in configs]
@@ -231,15 +266,25 @@ def conditions(device, backend: str, warmup: int, repeats: int) -> dict:
     import platform
 
     import torch
+
     onnx_version = None
     if backend.startswith("onnxruntime"):
         import onnxruntime
+
         onnx_version = onnxruntime.__version__
-    return {"device": str(device), "cpu": _cpu_name() or platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "backend": backend, "torch": torch.__version__,
-            "onnxruntime": onnx_version, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "warmup": warmup, "repeats": repeats, "quantiles": "nearest rank of the repeats"}
+    return {
+        "device": str(device),
+        "cpu": _cpu_name() or platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "backend": backend,
+        "torch": torch.__version__,
+        "onnxruntime": onnx_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "warmup": warmup,
+        "repeats": repeats,
+        "quantiles": "nearest rank of the repeats",
+    }
 
 
 def _cpu_name() -> str | None:

@@ -14,6 +14,7 @@ that the earlier manifest does not list (:mod:`adn.utils.outputs`; checked befor
 :func:`export_switchable` writes one file for every depth instead (``switchable.onnx`` or ``switchable.pt2``,
 :mod:`adn.runtime.switchable`), verified at each depth before it is kept, and the same kind of manifest
 with ``"switchable": true``, the file's inputs and outputs, and each verified depth's largest difference."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,16 @@ FORMATS = ("safetensors", "pt2", "onnx")
 SWITCHABLE_FORMATS = ("onnx", "pt2")
 
 
-def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
-                       meta: dict | None = None, overwrite: bool = False) -> list[dict]:
+def export_subnetworks(
+    net,
+    configs,
+    output_dir,
+    fmt: str,
+    example: torch.Tensor,
+    accuracy: dict | None = None,
+    meta: dict | None = None,
+    overwrite: bool = False,
+) -> list[dict]:
     """Write each sub-network in ``configs`` and ``manifest.json``. With the checkpoint's ``meta``, the
     manifest also says what the files take and give: ``preprocess`` and ``class_names``. ``overwrite``:
     replace files in the way that no earlier adn export wrote (module docstring)."""
@@ -62,24 +71,37 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
         name = f"subnet_{config}.{fmt}"
         if fmt == "safetensors":
             tensors = {k: v.detach().contiguous().clone() for k, v in sub.state_dict().items()}
-            atomic_write(output / name, lambda tmp, tensors=tensors, config=config:
-                         save_file(tensors, tmp, metadata={"skip": str(config)}))
+            atomic_write(
+                output / name,
+                lambda tmp, tensors=tensors, config=config: save_file(tensors, tmp, metadata={"skip": str(config)}),
+            )
         elif fmt == "pt2":
             program, dynamic = export_pt2(sub, example, name)
             atomic_write(output / name, lambda tmp, program=program: torch.export.save(program, tmp))
         else:
             data_files = []  # what export_onnx returns inside atomic_write: None, or the external data file
-            atomic_write(output / name, lambda tmp, sub=sub, name=name, data_files=data_files:
-                         data_files.append(export_onnx(sub, example, tmp, f"{name}.data")))
+            atomic_write(
+                output / name,
+                lambda tmp, sub=sub, name=name, data_files=data_files: data_files.append(
+                    export_onnx(sub, example, tmp, f"{name}.data")
+                ),
+            )
             # Once more as it will be used: under its final name, loaded by ONNX Runtime from there.
             try:
                 verify_onnx(output / name, sub, example)
             except Exception as error:
                 (output / name).unlink(missing_ok=True)
-                raise ValueError(f"{output / name} fails in ONNX Runtime under its final name, so it was removed: "
-                                 f"{str(error).splitlines()[0][:300]}") from error
-        entry = {"skip": str(config), "file": name, "format": fmt,
-                 "params": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example[:1])}
+                raise ValueError(
+                    f"{output / name} fails in ONNX Runtime under its final name, so it was removed: "
+                    f"{str(error).splitlines()[0][:300]}"
+                ) from error
+        entry = {
+            "skip": str(config),
+            "file": name,
+            "format": fmt,
+            "params": sum(p.numel() for p in sub.parameters()),
+            "macs": count_macs(sub, example[:1]),
+        }
         if fmt == "pt2":
             entry["dynamic_batch"] = dynamic  # false: the program runs at the input_shape's batch size only
             if not dynamic:
@@ -90,22 +112,37 @@ def export_subnetworks(net, configs, output_dir, fmt: str, example: torch.Tensor
             entry.update(accuracy[str(config)])
         entries.append(entry)
     # Which batch-norm statistics the files carry: each depth's own (adn recalibrate) or the running ones.
-    manifest = {"input_shape": list(example.shape[1:]), **model_io, "batch_norm_statistics": statistics_in_use(net),
-                "subnetworks": entries}
+    manifest = {
+        "input_shape": list(example.shape[1:]),
+        **model_io,
+        "batch_norm_statistics": statistics_in_use(net),
+        "subnetworks": entries,
+    }
     _write_manifest(output, manifest)
     return entries
 
 
-def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor, accuracy: dict | None = None,
-                      meta: dict | None = None, depth_table: dict | None = None, overwrite: bool = False) -> dict:
+def export_switchable(
+    net,
+    configs,
+    output_dir,
+    fmt: str,
+    example: torch.Tensor,
+    accuracy: dict | None = None,
+    meta: dict | None = None,
+    depth_table: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Write one file that runs every depth of ``net`` (``switchable.onnx``: inputs ``images`` and ``skip``; or
     ``switchable.pt2``: a ``torch.export`` program of both) and ``manifest.json``; return the manifest. The
     depths in ``configs`` are run from the file and compared with ``net`` before it is kept (ONNX: in ONNX
     Runtime, when installed); they are the manifest's ``subnetworks``, each with its ``max_difference``. A
     ``depth_table`` (``adn depth-table``'s JSON) goes into the manifest, for ``adn serve --model-dir``."""
     if fmt not in SWITCHABLE_FORMATS:
-        raise ValueError(f"--switchable: one file for every depth is written as {' or '.join(SWITCHABLE_FORMATS)}, "
-                         f"not {fmt}; --format safetensors writes one file per depth (without --switchable)")
+        raise ValueError(
+            f"--switchable: one file for every depth is written as {' or '.join(SWITCHABLE_FORMATS)}, "
+            f"not {fmt}; --format safetensors writes one file per depth (without --switchable)"
+        )
     configs = [SkipConfig(c, net.num_stages) for c in configs]
     model_io = _model_io(meta)
     name = f"switchable.{fmt}"
@@ -113,8 +150,14 @@ def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor,
     entries = []  # measured before anything is written
     for config in configs:
         sub = net.subnet(config).eval()
-        entry = {"skip": str(config), "file": name, "format": fmt, "skip_input": list(config),
-                 "params": sum(p.numel() for p in sub.parameters()), "macs": count_macs(sub, example[:1])}
+        entry = {
+            "skip": str(config),
+            "file": name,
+            "format": fmt,
+            "skip_input": list(config),
+            "params": sum(p.numel() for p in sub.parameters()),
+            "macs": count_macs(sub, example[:1]),
+        }
         if accuracy and str(config) in accuracy:
             entry.update(accuracy[str(config)])
         entries.append(entry)
@@ -124,27 +167,46 @@ def export_switchable(net, configs, output_dir, fmt: str, example: torch.Tensor,
     try:
         report = write(net.eval(), example[:1], output / name, configs=configs)
     except SwitchableExportError as error:
-        other = ("--format onnx --switchable (one ONNX file), or " if fmt == "pt2" else "")
-        raise SwitchableExportError(f"{error}. Nothing was written; use {other}one file per depth (--format {fmt} "
-                                    f"without --switchable)") from error
+        other = "--format onnx --switchable (one ONNX file), or " if fmt == "pt2" else ""
+        raise SwitchableExportError(
+            f"{error}. Nothing was written; use {other}one file per depth (--format {fmt} without --switchable)"
+        ) from error
     differences = report["differences"]
     for entry in entries:
         entry["max_difference"] = None if differences is None else differences[entry["skip"]]
     shape = list(example.shape[1:])
     manifest = {
-        "switchable": True, "format": fmt, "file": name, "bytes": report["bytes"], "num_stages": net.num_stages,
-        "opset": report.get("opset"), "input_shape": shape,
-        "inputs": [{"name": INPUT_NAMES[0], "shape": ["batch", *shape], "dtype": "float32"},
-                   {"name": INPUT_NAMES[1], "shape": [net.num_stages], "dtype": "bool",
-                    "meaning": "one flag per stage, first stage first; true: that stage's skippable blocks are "
-                               "not run (the skip string's T)"}],
+        "switchable": True,
+        "format": fmt,
+        "file": name,
+        "bytes": report["bytes"],
+        "num_stages": net.num_stages,
+        "opset": report.get("opset"),
+        "input_shape": shape,
+        "inputs": [
+            {"name": INPUT_NAMES[0], "shape": ["batch", *shape], "dtype": "float32"},
+            {
+                "name": INPUT_NAMES[1],
+                "shape": [net.num_stages],
+                "dtype": "bool",
+                "meaning": "one flag per stage, first stage first; true: that stage's skippable blocks are "
+                "not run (the skip string's T)",
+            },
+        ],
         "outputs": [{"name": OUTPUT_NAMES[0], "shape": ["batch", classes], "dtype": "float32"}],
         **model_io,
-        "batch_norm_statistics": statistics_in_use(net), "per_depth_statistics": rows_apply(net),
-        "verification": {"engine": "onnxruntime" if fmt == "onnx" else "torch.export.load",
-                         "verified": differences is not None, "tolerance": report["tolerance"],
-                         "batch_sizes": [1, 3], "depths": len(configs), "max_difference": report["max_difference"]},
-        "subnetworks": entries}
+        "batch_norm_statistics": statistics_in_use(net),
+        "per_depth_statistics": rows_apply(net),
+        "verification": {
+            "engine": "onnxruntime" if fmt == "onnx" else "torch.export.load",
+            "verified": differences is not None,
+            "tolerance": report["tolerance"],
+            "batch_sizes": [1, 3],
+            "depths": len(configs),
+            "max_difference": report["max_difference"],
+        },
+        "subnetworks": entries,
+    }
     if depth_table is not None:
         manifest["depth_table"] = depth_table
     _write_manifest(output, manifest)
@@ -155,8 +217,11 @@ def _model_io(meta: dict | None) -> dict:
     """With the checkpoint's ``meta``: what the files take and give (read and checked before anything is written)."""
     if meta is None:
         return {}
-    return {"model": meta.get("model"), "preprocess": Preprocessing.from_meta(meta).to_dict(),
-            "class_names": class_names(meta)}
+    return {
+        "model": meta.get("model"),
+        "preprocess": Preprocessing.from_meta(meta).to_dict(),
+        "class_names": class_names(meta),
+    }
 
 
 def is_manifest(data) -> bool:
@@ -181,15 +246,19 @@ def _prepare(output_dir, names: list[str], overwrite: bool) -> Path:
     are checked: each absent, listed by the earlier export's manifest, or (``overwrite``) a regular file."""
     output = check_export_folder(output_dir, overwrite)
     listed = _listed_files(output / "manifest.json")
-    earlier = OutputKind("a file of the earlier adn export in this folder (its manifest.json does not list it)",
-                         "export", lambda path: path.name in listed)
+    earlier = OutputKind(
+        "a file of the earlier adn export in this folder (its manifest.json does not list it)",
+        "export",
+        lambda path: path.name in listed,
+    )
     for name in names:
         output_path(output / name, earlier, overwrite=overwrite, log=_say)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OutputError(f"cannot create output directory {output}: {error.strerror or error}; choose another "
-                          f"--output") from error
+        raise OutputError(
+            f"cannot create output directory {output}: {error.strerror or error}; choose another --output"
+        ) from error
     return output
 
 
@@ -237,7 +306,10 @@ def _remove_stale(output: Path, names: set[str]) -> None:
         except FileNotFoundError:  # already gone: nothing to say
             continue
         except OSError as error:
-            print(f"adn: warning: could not remove {output / name}, left from an earlier export and not in the "
-                  f"new manifest ({error.strerror or error}); delete it by hand", file=sys.stderr)
+            print(
+                f"adn: warning: could not remove {output / name}, left from an earlier export and not in the "
+                f"new manifest ({error.strerror or error}); delete it by hand",
+                file=sys.stderr,
+            )
             continue
         print(f"removed {output / name} (an earlier export's, not in the new manifest)", file=sys.stderr)

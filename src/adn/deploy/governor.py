@@ -10,6 +10,7 @@
 Prediction: the depth table's latency at the batch size (interpolated) and quantile, times one
 correction factor learnt online. Pure Python, no torch: a selection costs microseconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,16 @@ class Governor:
     * Thread-safe: ``select`` and ``observe`` take a lock.
     """
 
-    def __init__(self, table: DepthTable | dict | str | os.PathLike, budget_ms: float, quantile: float | str = 0.99,
-                 *, alpha: float = 0.2, up_margin: float = 0.1, min_dwell: int = 5):
+    def __init__(
+        self,
+        table: DepthTable | dict | str | os.PathLike,
+        budget_ms: float,
+        quantile: float | str = 0.99,
+        *,
+        alpha: float = 0.2,
+        up_margin: float = 0.1,
+        min_dwell: int = 5,
+    ):
         if isinstance(table, (str, os.PathLike)):
             table = DepthTable.load(table)
         elif isinstance(table, dict):
@@ -152,8 +161,10 @@ class Governor:
             if not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             n = range(len(self._skips))
-            cached = ([self.table.latency(i, batch_size, self.quantile) for i in n],
-                      [self.table.latency(i, batch_size, "p50") for i in n])
+            cached = (
+                [self.table.latency(i, batch_size, self.quantile) for i in n],
+                [self.table.latency(i, batch_size, "p50") for i in n],
+            )
             if len(self._cache) < 4096:  # bounded: batch sizes come from the caller
                 self._cache[batch_size] = cached
         return cached

@@ -1,4 +1,5 @@
 """Human-readable tables and the accuracy-vs-MACs plot."""
+
 from __future__ import annotations
 
 import os
@@ -49,6 +50,7 @@ def format_table(rows: list[dict]) -> str:
 def plot_accuracy_vs_macs(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Scatter of acc@1 against MACs, one labelled point per sub-network; written atomically."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -58,11 +60,22 @@ def plot_accuracy_vs_macs(rows: list[dict], path: str | os.PathLike, title: str 
     ax.scatter(macs, accs, color="tab:blue", zorder=3)
     for row, x, y in zip(rows, macs, accs):
         special = set(row["skip"]) == {"F"} and "super-net" or set(row["skip"]) == {"T"} and "base-net" or ""
-        ax.annotate(row["skip"] + (f" ({special})" if special else ""), (x, y), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+        ax.annotate(
+            row["skip"] + (f" ({special})" if special else ""),
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
     front = pareto_front(rows, "macs")
-    ax.plot([r["macs"] / 1e6 for r in front], [r["acc1"] for r in front], color="tab:orange", lw=1,
-            label="Pareto front", zorder=2)
+    ax.plot(
+        [r["macs"] / 1e6 for r in front],
+        [r["acc1"] for r in front],
+        color="tab:orange",
+        lw=1,
+        label="Pareto front",
+        zorder=2,
+    )
     ax.margins(x=0.15, y=0.1)  # room for the labels
     ax.set_xlabel("MACs per image (millions)")
     ax.set_ylabel("top-1 accuracy (%)")
@@ -90,6 +103,7 @@ def pareto_front(rows: list[dict], cost: str = "macs") -> list[dict]:
 def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Accuracy against MACs and, when measured, against latency; Pareto fronts drawn; atomic write."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -100,8 +114,9 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
     for ax, (key, label, scale) in zip(axes[0], costs):
         ax.scatter([r[key] * scale for r in rows], [r["acc1"] for r in rows], color="tab:blue", zorder=3)
         for row in rows:
-            ax.annotate(row["skip"], (row[key] * scale, row["acc1"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.annotate(
+                row["skip"], (row[key] * scale, row["acc1"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
         front = pareto_front(rows, key)
         ax.plot([r[key] * scale for r in front], [r["acc1"] for r in front], color="tab:orange", label="Pareto front")
         ax.set_xlabel(label)

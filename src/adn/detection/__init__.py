@@ -10,9 +10,19 @@ Modules: ``backbone`` (building and converting detectors), ``data`` (COCO-format
 ``evaluate`` (COCO AP per sub-network), ``checkpoint``, ``cli`` (``adn detect``). Masks and COCO
 evaluation need pycocotools (``pip install 'adn[detection]'``).
 """
+
 from .backbone import DETECTOR_MODELS, DetectorName, build_detector, capture_backbone, convert_detector
 from .data import AnnotationError, CocoDetection, load_annotations
 from .synthetic import make_synthetic_coco
 
-__all__ = ["DETECTOR_MODELS", "AnnotationError", "CocoDetection", "DetectorName", "build_detector", "capture_backbone",
-           "convert_detector", "load_annotations", "make_synthetic_coco"]
+__all__ = [
+    "DETECTOR_MODELS",
+    "AnnotationError",
+    "CocoDetection",
+    "DetectorName",
+    "build_detector",
+    "capture_backbone",
+    "convert_detector",
+    "load_annotations",
+    "make_synthetic_coco",
+]

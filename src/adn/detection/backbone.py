@@ -15,6 +15,7 @@ The skip controllers are built on the blocks found in ``detector.backbone.body``
 detector actually executes -- and attached to the detector object itself, so ``detector.skip = "TTFF"``,
 ``detector(images, skip="base")`` and ``with detector.skipping(...)`` work exactly as on a classifier.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,9 @@ from ..models import TORCHVISION_RESNETS
 from ..core.network import AdaptiveDepthNetwork
 
 KINDS = {"fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN}
-DETECTOR_MODELS = tuple(f"{kind}_{arch}_fpn{v2}" for kind in KINDS for arch in TORCHVISION_RESNETS for v2 in ("", "_v2"))
+DETECTOR_MODELS = tuple(
+    f"{kind}_{arch}_fpn{v2}" for kind in KINDS for arch in TORCHVISION_RESNETS for v2 in ("", "_v2")
+)
 _NAME = re.compile(r"^(?P<kind>fasterrcnn|maskrcnn)_(?P<arch>.+)_fpn(?P<v2>_v2)?$")
 DEFAULT_FPN_CHANNELS = 256  # torchvision's; smaller values shrink FPN, RPN and heads for CPU experiments
 
@@ -50,6 +53,7 @@ DEFAULT_FPN_CHANNELS = 256  # torchvision's; smaller values shrink FPN, RPN and 
 class DetectorName:
     """``maskrcnn_resnet50_fpn_v2`` -> kind ``maskrcnn``, backbone ``resnet50``, ``v2`` True (torchvision's
     improved recipe: BatchNorm in the FPN and heads, a two-conv RPN head, a four-conv box head)."""
+
     kind: str
     arch: str
     v2: bool
@@ -62,9 +66,11 @@ class DetectorName:
     def parse(cls, name: str) -> DetectorName:
         match = _NAME.match(name)
         if match is None or match["arch"] not in TORCHVISION_RESNETS:
-            raise ValueError(f"unknown detector {name!r}: expected <fasterrcnn|maskrcnn>_<backbone>_fpn[_v2] with a "
-                             f"backbone among {', '.join(TORCHVISION_RESNETS)}, e.g. maskrcnn_resnet50_fpn or "
-                             f"fasterrcnn_resnet18_fpn")
+            raise ValueError(
+                f"unknown detector {name!r}: expected <fasterrcnn|maskrcnn>_<backbone>_fpn[_v2] with a "
+                f"backbone among {', '.join(TORCHVISION_RESNETS)}, e.g. maskrcnn_resnet50_fpn or "
+                f"fasterrcnn_resnet18_fpn"
+            )
         return cls(match["kind"], match["arch"], bool(match["v2"]))
 
 
@@ -74,6 +80,7 @@ class BackboneWeights:
     """A ResNet state_dict to start the backbone from. ``adaptive``: it holds skip-aware twins (an ADN
     checkpoint), so it is loaded after conversion; a plain ResNet's weights are loaded before it, and
     the twins start as copies."""
+
     state: dict
     source: str
     adaptive: bool = False
@@ -90,8 +97,9 @@ def resolve_backbone_weights(value, arch: str) -> BackboneWeights | None:
     if isinstance(value, nn.Module):
         adaptive = isinstance(value, AdaptiveDepthNetwork)
         info = getattr(value, "adn_info", {})
-        return BackboneWeights(value.state_dict(), f"{type(value).__name__} module", adaptive,
-                               info.get("skip_aware_norm", True))
+        return BackboneWeights(
+            value.state_dict(), f"{type(value).__name__} module", adaptive, info.get("skip_aware_norm", True)
+        )
     if isinstance(value, dict):
         return _from_state_dict(value, "the given state_dict")
     text = str(value)
@@ -99,14 +107,17 @@ def resolve_backbone_weights(value, arch: str) -> BackboneWeights | None:
     if path.is_file():
         return _from_file(path, arch)
     if "/" in text or text.endswith((".pt", ".pth", ".safetensors")):
-        raise ValueError(f"backbone weights {text}: no such file. Give an `adn train` checkpoint, a ResNet state_dict "
-                         f"file, or a torchvision weights name such as IMAGENET1K_V1")
+        raise ValueError(
+            f"backbone weights {text}: no such file. Give an `adn train` checkpoint, a ResNet state_dict "
+            f"file, or a torchvision weights name such as IMAGENET1K_V1"
+        )
     try:
         weights = torchvision.models.get_model_weights(arch)[text]
     except KeyError:
         names = list(torchvision.models.get_model_weights(arch).__members__)
-        raise ValueError(f"backbone weights {text!r}: not a file and not a torchvision weights name of {arch} "
-                         f"({', '.join(names)})") from None
+        raise ValueError(
+            f"backbone weights {text!r}: not a file and not a torchvision weights name of {arch} ({', '.join(names)})"
+        ) from None
     # Needs the internet the first time (torchvision caches the file under ~/.cache/torch).
     return BackboneWeights(weights.get_state_dict(progress=True, check_hash=True), f"torchvision {arch} {text}")
 
@@ -123,22 +134,29 @@ def _from_file(path: Path, arch: str) -> BackboneWeights:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read backbone weights {path} ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200]}); expected an `adn train` checkpoint or a "
-                              f"torch.save'd ResNet state_dict") from error
+        raise CheckpointError(
+            f"cannot read backbone weights {path} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); expected an `adn train` checkpoint or a "
+            f"torch.save'd ResNet state_dict"
+        ) from error
     if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
         meta = data.get("meta", {})
         if meta.get("task") == "detection":
-            raise CheckpointError(f"{path} is a detector checkpoint; to continue training it use "
-                                  f"`adn detect train --resume {path}`, to evaluate it `adn detect eval`")
+            raise CheckpointError(
+                f"{path} is a detector checkpoint; to continue training it use "
+                f"`adn detect train --resume {path}`, to evaluate it `adn detect eval`"
+            )
         if meta.get("model") != arch:
-            raise CheckpointError(f"{path} holds a {meta.get('model')!r} network, but this detector's backbone is "
-                                  f"{arch}; choose the detector of that backbone (e.g. "
-                                  f"maskrcnn_{meta.get('model')}_fpn) or another checkpoint")
+            raise CheckpointError(
+                f"{path} holds a {meta.get('model')!r} network, but this detector's backbone is "
+                f"{arch}; choose the detector of that backbone (e.g. "
+                f"maskrcnn_{meta.get('model')}_fpn) or another checkpoint"
+            )
         if meta.get("in_channels", 3) != 3:
             raise CheckpointError(f"{path} was trained on {meta['in_channels']}-channel images; detectors take RGB")
-        return BackboneWeights(data["model"], str(path), adaptive=True,
-                               skip_aware_norm=meta.get("skip_aware_norm", True), meta=meta)
+        return BackboneWeights(
+            data["model"], str(path), adaptive=True, skip_aware_norm=meta.get("skip_aware_norm", True), meta=meta
+        )
     if isinstance(data, dict):
         for key in ("model", "state_dict"):  # torchvision's reference scripts nest it under "model"
             if isinstance(data.get(key), dict):
@@ -158,8 +176,10 @@ def load_backbone_state(body: nn.Module, weights: BackboneWeights) -> None:
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     problems = []
     if missing and all(".twin." in k for k in missing):
-        problems.append("the backbone has skip-aware norm twins these weights lack (convert with "
-                        "skip_aware_norm=False / --no-skip-aware-norm to match them)")
+        problems.append(
+            "the backbone has skip-aware norm twins these weights lack (convert with "
+            "skip_aware_norm=False / --no-skip-aware-norm to match them)"
+        )
     elif missing:
         problems.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
     if unexpected and all(".twin." in k for k in unexpected):
@@ -173,21 +193,30 @@ def load_backbone_state(body: nn.Module, weights: BackboneWeights) -> None:
 
 
 # ----- building ---------------------------------------------------------------------------------------------
-def resnet_fpn(resnet: nn.Module, trainable_layers: int, out_channels: int = DEFAULT_FPN_CHANNELS,
-               norm_layer=None) -> BackboneWithFPN:
+def resnet_fpn(
+    resnet: nn.Module, trainable_layers: int, out_channels: int = DEFAULT_FPN_CHANNELS, norm_layer=None
+) -> BackboneWithFPN:
     """torchvision's ``_resnet_fpn_extractor`` (same freezing rule, same module names) with the FPN width
     as a parameter: layers outside the last ``trainable_layers`` of (layer4, layer3, layer2, layer1,
     conv1) get ``requires_grad=False``."""
     if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable backbone layers must be in 0..5 (0: all frozen, 5: all trainable), "
-                         f"got {trainable_layers}")
-    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers] + (["bn1"] if trainable_layers == 5 else [])
+        raise ValueError(
+            f"trainable backbone layers must be in 0..5 (0: all frozen, 5: all trainable), got {trainable_layers}"
+        )
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers] + (
+        ["bn1"] if trainable_layers == 5 else []
+    )
     for name, parameter in resnet.named_parameters():
         if not any(name.startswith(prefix) for prefix in train):
             parameter.requires_grad_(False)
     stage2 = resnet.inplanes // 8  # channels of layer1's output (64 x block expansion)
-    return BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)},
-                           [stage2 * 2 ** i for i in range(4)], out_channels, norm_layer=norm_layer)
+    return BackboneWithFPN(
+        resnet,
+        {f"layer{i}": str(i - 1) for i in range(1, 5)},
+        [stage2 * 2**i for i in range(4)],
+        out_channels,
+        norm_layer=norm_layer,
+    )
 
 
 def _assemble(name: DetectorName, backbone: BackboneWithFPN, num_classes: int, **kwargs) -> nn.Module:
@@ -195,22 +224,36 @@ def _assemble(name: DetectorName, backbone: BackboneWithFPN, num_classes: int, *
     RPN head, TwoMLPHead(256*7*7, 1024) or the v2 conv head, MaskRCNNHeads(256, [256]*4))."""
     c, norm = backbone.out_channels, (nn.BatchNorm2d if name.v2 else None)
     representation = 4 * c
-    heads = dict(rpn_head=RPNHead(c, 3, conv_depth=2 if name.v2 else 1),
-                 box_head=(FastRCNNConvFCHead((c, 7, 7), [c] * 4, [representation], norm_layer=norm) if name.v2
-                           else TwoMLPHead(c * 7 * 7, representation)),
-                 box_predictor=FastRCNNPredictor(representation, num_classes))
+    heads = dict(
+        rpn_head=RPNHead(c, 3, conv_depth=2 if name.v2 else 1),
+        box_head=(
+            FastRCNNConvFCHead((c, 7, 7), [c] * 4, [representation], norm_layer=norm)
+            if name.v2
+            else TwoMLPHead(c * 7 * 7, representation)
+        ),
+        box_predictor=FastRCNNPredictor(representation, num_classes),
+    )
     if name.has_masks:
-        heads.update(mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=norm),
-                     mask_predictor=MaskRCNNPredictor(c, c, num_classes))
+        heads.update(
+            mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=norm), mask_predictor=MaskRCNNPredictor(c, c, num_classes)
+        )
     for key in heads:
         if key in kwargs:  # a head the caller supplies replaces ours
             heads[key] = kwargs.pop(key)
     return KINDS[name.kind](backbone, num_classes=None, **heads, **kwargs)
 
 
-def build_detector(name: str, num_classes: int, *, backbone_weights=None, trainable_layers: int | None = None,
-                   frozen_bn: bool | None = None, skip_aware_norm: bool | None = None,
-                   fpn_channels: int = DEFAULT_FPN_CHANNELS, **detector_kwargs) -> nn.Module:
+def build_detector(
+    name: str,
+    num_classes: int,
+    *,
+    backbone_weights=None,
+    trainable_layers: int | None = None,
+    frozen_bn: bool | None = None,
+    skip_aware_norm: bool | None = None,
+    fpn_channels: int = DEFAULT_FPN_CHANNELS,
+    **detector_kwargs,
+) -> nn.Module:
     """A torchvision detector with an adaptive depth ResNet-FPN backbone.
 
     Args:
@@ -234,8 +277,9 @@ def build_detector(name: str, num_classes: int, *, backbone_weights=None, traina
     trainable_layers = (3 if pretrained else 5) if trainable_layers is None else trainable_layers
     if skip_aware_norm is None:
         skip_aware_norm = weights.skip_aware_norm if weights is not None and weights.adaptive else True
-    resnet = torchvision.models.get_model(spec.arch, weights=None,
-                                          norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
+    resnet = torchvision.models.get_model(
+        spec.arch, weights=None, norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    )
     if weights is not None and not weights.adaptive:
         load_backbone_state(resnet, weights)  # twins will start as copies of these norms
     backbone = resnet_fpn(resnet, trainable_layers, fpn_channels, nn.BatchNorm2d if spec.v2 else None)
@@ -243,8 +287,9 @@ def build_detector(name: str, num_classes: int, *, backbone_weights=None, traina
     convert_detector(detector, skip_aware_norm=skip_aware_norm)
     if weights is not None and weights.adaptive:
         load_backbone_state(detector.backbone.body, weights)
-    detector.adn_info.update(detector=name, frozen_bn=frozen_bn, trainable_layers=trainable_layers,
-                             fpn_channels=fpn_channels)
+    detector.adn_info.update(
+        detector=name, frozen_bn=frozen_bn, trainable_layers=trainable_layers, fpn_channels=fpn_channels
+    )
     return detector
 
 
@@ -257,9 +302,11 @@ def convert_detector(detector: nn.Module, *, skip_aware_norm: bool = True) -> nn
         raise ValueError("this detector is already adaptive; convert the original detector once")
     body = getattr(getattr(detector, "backbone", None), "body", None)
     if body is None or not hasattr(body, "layer1"):
-        raise TypeError(f"convert_detector needs a torchvision detector whose backbone is a ResNet with FPN "
-                        f"(detector.backbone.body.layer1, ...); {type(detector).__name__} has none. Build one with "
-                        f"adn.detection.build_detector or torchvision's *_resnet50_fpn builders")
+        raise TypeError(
+            f"convert_detector needs a torchvision detector whose backbone is a ResNet with FPN "
+            f"(detector.backbone.body.layer1, ...); {type(detector).__name__} has none. Build one with "
+            f"adn.detection.build_detector or torchvision's *_resnet50_fpn builders"
+        )
     specs = resnet_stages(body)
     for spec in specs:  # name stages by where they live in the detector
         spec.name = f"backbone.body.{spec.name}"
@@ -269,8 +316,8 @@ def convert_detector(detector: nn.Module, *, skip_aware_norm: bool = True) -> nn
 # ----- looking inside ------------------------------------------------------------------------------------------
 @dataclass
 class BackboneCapture:
-    images: torch.Tensor | None = None     # the batched, normalized input the backbone saw
-    features: dict | None = None           # its FPN output: level name -> feature map
+    images: torch.Tensor | None = None  # the batched, normalized input the backbone saw
+    features: dict | None = None  # its FPN output: level name -> feature map
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 The data are read once: every batch runs through every requested sub-network (switching depth costs
 microseconds), and each sub-network's detections are scored separately.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,18 @@ STATS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 
 
 @torch.no_grad()
-def predict(detector: nn.Module, dataset: Dataset, configs, annotations: Annotations, device="cpu",
-            batch_size: int = 2, workers: int = 0, masks: bool | None = None, progress: bool = False,
-            shard: tuple[int, int] = (0, 1)) -> dict[str, list[dict]]:
+def predict(
+    detector: nn.Module,
+    dataset: Dataset,
+    configs,
+    annotations: Annotations,
+    device="cpu",
+    batch_size: int = 2,
+    workers: int = 0,
+    masks: bool | None = None,
+    progress: bool = False,
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, list[dict]]:
     """Detections of each sub-network in ``configs`` as COCO result entries (boxes [x, y, w, h],
     category ids, scores, and RLE masks for Mask R-CNN). ``shard=(rank, world_size)``: this process
     takes every world_size-th image."""
@@ -52,9 +62,15 @@ def coco_results(output: dict, image_id: int, annotations: Annotations, masks: b
     """One image's detections as COCO result entries."""
     boxes = output["boxes"].detach().cpu().clone()
     boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
-    entries = [{"image_id": image_id, "category_id": annotations.category_of(int(label)), "bbox": [round(v, 2) for v in box],
-                "score": float(score)}
-               for box, label, score in zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist())]
+    entries = [
+        {
+            "image_id": image_id,
+            "category_id": annotations.category_of(int(label)),
+            "bbox": [round(v, 2) for v in box],
+            "score": float(score),
+        }
+        for box, label, score in zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist())
+    ]
     if masks and entries:
         mask_utils = pycocotools_mask()
         binary = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
@@ -65,14 +81,16 @@ def coco_results(output: dict, image_id: int, annotations: Annotations, masks: b
     return entries
 
 
-def coco_metrics(annotations: Annotations, results: list[dict], iou_type: str = "bbox",
-                 image_ids: list[int] | None = None) -> dict[str, float]:
+def coco_metrics(
+    annotations: Annotations, results: list[dict], iou_type: str = "bbox", image_ids: list[int] | None = None
+) -> dict[str, float]:
     """COCOeval's AP figures in percent (``ap`` is AP@[.5:.95]); 0 when there is no detection at all,
     None where COCO defines none (no ground truth of that size)."""
     if not results:
         return {key: 0.0 for key in STATS}
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; stdout is for results
         ground_truth = COCO()
         ground_truth.dataset = annotations.raw
@@ -87,8 +105,9 @@ def coco_metrics(annotations: Annotations, results: list[dict], iou_type: str = 
     return {key: (None if value < 0 else 100.0 * float(value)) for key, value in zip(STATS, evaluation.stats)}
 
 
-def score(annotations: Annotations, results: dict[str, list[dict]], masks: bool,
-          image_ids: list[int] | None = None) -> dict[str, dict[str, float]]:
+def score(
+    annotations: Annotations, results: dict[str, list[dict]], masks: bool, image_ids: list[int] | None = None
+) -> dict[str, dict[str, float]]:
     """``{skip: {"box_ap": .., "box_ap50": .., ..., "mask_ap": ..}}`` for each sub-network's detections."""
     scores = {}
     for skip, entries in results.items():
@@ -113,8 +132,16 @@ def backbone_macs(detector: nn.Module, image: torch.Tensor, config) -> int:
         detector.train(was_training)
 
 
-def evaluate_detector(detector: nn.Module, dataset: Dataset, annotations: Annotations, configs, device="cpu",
-                      batch_size: int = 2, workers: int = 0, progress: bool = True) -> list[dict]:
+def evaluate_detector(
+    detector: nn.Module,
+    dataset: Dataset,
+    annotations: Annotations,
+    configs,
+    device="cpu",
+    batch_size: int = 2,
+    workers: int = 0,
+    progress: bool = True,
+) -> list[dict]:
     """``adn detect eval``'s rows, super-net first: skip, box AP (and mask AP), backbone MACs per image,
     active parameters."""
     configs = [SkipConfig(c, detector.num_stages) for c in configs]
@@ -122,9 +149,16 @@ def evaluate_detector(detector: nn.Module, dataset: Dataset, annotations: Annota
     results = predict(detector, dataset, configs, annotations, device, batch_size, workers, masks, progress)
     scores = score(annotations, results, masks, image_ids(dataset))
     example = dataset[0][0].to(device)
-    rows = [{"skip": str(config), **scores[str(config)], "detections": len(results[str(config)]),
-             "backbone_macs": backbone_macs(detector, example, config), "params": detector.active_parameters(config)}
-            for config in configs]
+    rows = [
+        {
+            "skip": str(config),
+            **scores[str(config)],
+            "detections": len(results[str(config)]),
+            "backbone_macs": backbone_macs(detector, example, config),
+            "params": detector.active_parameters(config),
+        }
+        for config in configs
+    ]
     super_row = next((r for r in rows if SkipConfig(r["skip"]).is_super), None)
     for row in rows:
         if super_row is not None:

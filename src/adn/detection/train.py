@@ -14,6 +14,7 @@ Baselines as for classification: ``joint`` (both depths on the detection losses,
 ``individual --skip S`` (one fixed depth). Two backward passes per step, so peak memory is one
 sub-network's.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,19 @@ from .data import (
 )
 from .evaluate import image_ids, predict, score
 
-__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULERS", "DetectTrainConfig", "DetectionTask", "adn_step", "fpn_distillation",
-           "individual_step", "joint_step", "learning_rate", "train_detector"]
+__all__ = [
+    "METHODS",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "DetectTrainConfig",
+    "DetectionTask",
+    "adn_step",
+    "fpn_distillation",
+    "individual_step",
+    "joint_step",
+    "learning_rate",
+    "train_detector",
+]
 
 LOGGED_METRICS = ("box_ap", "box_ap50", "mask_ap", "mask_ap50")  # per epoch, of each trained depth
 
@@ -69,8 +81,15 @@ def fpn_distillation(teacher: dict, student: dict, mode: str = "spatial", temper
     return total
 
 
-def adn_step(detector, images, targets, alpha: float = 0.5, feature_kd: str = "spatial", temperature: float = 1.0,
-             bn_stats_from: str = "super") -> dict[str, torch.Tensor]:
+def adn_step(
+    detector,
+    images,
+    targets,
+    alpha: float = 0.5,
+    feature_kd: str = "spatial",
+    temperature: float = 1.0,
+    bn_stats_from: str = "super",
+) -> dict[str, torch.Tensor]:
     """One step of Algorithm 1 for a detector (no optimizer update): gradients left in ``.grad``, the
     detector back at the depth it had."""
     n = detector.num_stages
@@ -139,8 +158,15 @@ def train_detector(cfg: DetectTrainConfig) -> dict:
     try:
         world.on_main(lambda: check_output_dir(cfg.output_dir))  # before the slow set-up; creates nothing
         task = DetectionTask(cfg, world, device)
-        return RunLoop(task, cfg.output_dir, world=world, resume=cfg.resume, overwrite=cfg.overwrite,
-                       keep_checkpoints=cfg.keep_checkpoints, progress=cfg.progress).run()
+        return RunLoop(
+            task,
+            cfg.output_dir,
+            world=world,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            keep_checkpoints=cfg.keep_checkpoints,
+            progress=cfg.progress,
+        ).run()
     finally:
         world.close()
 
@@ -149,6 +175,7 @@ def train_detector(cfg: DetectTrainConfig) -> dict:
 class EpochProgress:
     """Where the current epoch stands; mid-epoch checkpoints hold it, so that a resumed epoch skips the
     batches already trained on and its logged means still cover every step."""
+
     steps: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -158,6 +185,7 @@ class EpochProgress:
 class DetectionTask:
     """``adn detect train`` as a :class:`~adn.training.loop.Task`: set-up (data, detector, optimizer,
     resuming), the step of the chosen method, evaluation and checkpoints."""
+
     log_key = "epoch"
     advice = "try a lower --lr or a longer --lr-warmup-iters"
 
@@ -169,21 +197,36 @@ class DetectionTask:
         self.train_set, self.val_set, self.annotations = self._datasets(name.has_masks)
         categories = self.annotations["train"].categories
         if resume is None:
-            detector = build_detector(cfg.model, len(categories) + 1, backbone_weights=cfg.backbone_weights,
-                                      trainable_layers=cfg.trainable_backbone_layers, frozen_bn=cfg.frozen_bn,
-                                      skip_aware_norm=cfg.skip_aware_norm, fpn_channels=cfg.fpn_channels,
-                                      **cfg.detector_kwargs())
+            detector = build_detector(
+                cfg.model,
+                len(categories) + 1,
+                backbone_weights=cfg.backbone_weights,
+                trainable_layers=cfg.trainable_backbone_layers,
+                frozen_bn=cfg.frozen_bn,
+                skip_aware_norm=cfg.skip_aware_norm,
+                fpn_channels=cfg.fpn_channels,
+                **cfg.detector_kwargs(),
+            )
         else:
             self._check_resume(resume, categories)
             detector = build_from_meta(resume["meta"])
             load_weights(detector, resume["model"], source=cfg.resume)
         # Resuming, the detector is rebuilt from the checkpoint: its settings, not this run's flags, hold.
-        self.meta = detector_meta(detector, categories,
-                                  cfg.detector_kwargs() if resume is None else resume["meta"]["detector_kwargs"],
-                                  method=cfg.method, trained_skip=cfg.skip if cfg.method == "individual" else None,
-                                  backbone_weights=(str(cfg.backbone_weights) if resume is None and cfg.backbone_weights
-                                                    else None if resume is None else resume["meta"].get("backbone_weights")),
-                                  config=asdict(cfg))
+        self.meta = detector_meta(
+            detector,
+            categories,
+            cfg.detector_kwargs() if resume is None else resume["meta"]["detector_kwargs"],
+            method=cfg.method,
+            trained_skip=cfg.skip if cfg.method == "individual" else None,
+            backbone_weights=(
+                str(cfg.backbone_weights)
+                if resume is None and cfg.backbone_weights
+                else None
+                if resume is None
+                else resume["meta"].get("backbone_weights")
+            ),
+            config=asdict(cfg),
+        )
         self.module = self.detector = detector.to(device)
         n = detector.num_stages
         if cfg.method == "individual":
@@ -191,13 +234,16 @@ class DetectionTask:
             self.eval_configs = [detector.skip]
         else:
             self.eval_configs = [SkipConfig.super_net(n), SkipConfig.base_net(n)]
-        self.step_fn = {"adn": lambda d, x, t: adn_step(d, x, t, cfg.alpha, cfg.feature_kd, cfg.temperature,
-                                                        cfg.bn_stats_from),
-                        "joint": joint_step, "individual": individual_step}[cfg.method]
+        self.step_fn = {
+            "adn": lambda d, x, t: adn_step(d, x, t, cfg.alpha, cfg.feature_kd, cfg.temperature, cfg.bn_stats_from),
+            "joint": joint_step,
+            "individual": individual_step,
+        }[cfg.method]
         self.parameters = [p for p in detector.parameters() if p.requires_grad]
         if cfg.opt == "sgd":
-            self.optimizer = torch.optim.SGD(self.parameters, lr=cfg.lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.SGD(
+                self.parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
         else:
             self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.start_epoch, self.global_step, self.lr = 0, 0, cfg.lr
@@ -207,10 +253,12 @@ class DetectionTask:
         world.broadcast_module(detector)
         if world.rank > 0 and not restored_rng:  # RoI sampling draws differ between processes
             rng.seed_all(cfg.seed + 100_003 * world.rank)
-        self.say(f"training {cfg.model} ({n} stages, {2 ** n} sub-networks) with method={cfg.method} on "
-                 f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
-                 f"{len(categories)} classes, device={device}, threads={torch.get_num_threads()}"
-                 + (f", {world.world_size} processes" if world.enabled else ""))
+        self.say(
+            f"training {cfg.model} ({n} stages, {2**n} sub-networks) with method={cfg.method} on "
+            f"{len(self.train_set)} train / {len(self.val_set) if self.val_set else 0} val images, "
+            f"{len(categories)} classes, device={device}, threads={torch.get_num_threads()}"
+            + (f", {world.world_size} processes" if world.enabled else "")
+        )
 
     def say(self, message: str) -> None:
         if self.world.is_main:
@@ -235,8 +283,10 @@ class DetectionTask:
             ours = [(c["id"], c["name"]) for c in annotations["train"].categories]
             theirs = [(c["id"], c["name"]) for c in annotations["val"].categories]
             if ours != theirs:
-                raise DataError(f"the train and val annotation files list different categories ({len(ours)} vs "
-                                f"{len(theirs)}, or other ids/names); both splits must share one category list")
+                raise DataError(
+                    f"the train and val annotation files list different categories ({len(ours)} vs "
+                    f"{len(theirs)}, or other ids/names); both splits must share one category list"
+                )
         train = fixed_subset(found["train"], cfg.train_subset, cfg.seed)
         val = fixed_subset(found["val"], cfg.val_subset, cfg.seed + 1) if "val" in found else None
         return SeededSamples(train, cfg.seed), val, annotations
@@ -246,8 +296,10 @@ class DetectionTask:
         if meta.get("task") != TASK:
             raise CheckpointError(f"cannot resume from {source}: it is not a detector checkpoint (adn detect train)")
         if meta["model"] != self.cfg.model or meta.get("method") != self.cfg.method:
-            raise CheckpointError(f"cannot resume from {source}: it trained {meta['model']} with method "
-                                  f"{meta.get('method')}, this run asks for {self.cfg.model} with {self.cfg.method}")
+            raise CheckpointError(
+                f"cannot resume from {source}: it trained {meta['model']} with method "
+                f"{meta.get('method')}, this run asks for {self.cfg.model} with {self.cfg.method}"
+            )
         if [c["id"] for c in meta["categories"]] != [c["id"] for c in categories]:
             raise CheckpointError(f"cannot resume from {source}: its categories differ from the training set's")
 
@@ -271,14 +323,18 @@ class DetectionTask:
                 where = f"epoch {self.start_epoch + 1}, step {self.progress.steps + 1}"
             states = resume.get("rng") or []
         except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"cannot resume from {source}: its training state is malformed ({type(error).__name__}: "
-                                  f"{str(error).strip()[:200]}); it was not written by adn detect train or was "
-                                  f"altered") from error
+            raise CheckpointError(
+                f"cannot resume from {source}: its training state is malformed ({type(error).__name__}: "
+                f"{str(error).strip()[:200]}); it was not written by adn detect train or was "
+                f"altered"
+            ) from error
         if self.progress.global_batch != self.cfg.batch_size * self.world.world_size:
-            raise CheckpointError(f"cannot resume mid-epoch from {source}: it was saved with "
-                                  f"{self.progress.global_batch} images per step (batch size x processes), this run "
-                                  f"has {self.cfg.batch_size} x {self.world.world_size}; use the same -b and number of "
-                                  f"processes, or resume from an epoch-end checkpoint")
+            raise CheckpointError(
+                f"cannot resume mid-epoch from {source}: it was saved with "
+                f"{self.progress.global_batch} images per step (batch size x processes), this run "
+                f"has {self.cfg.batch_size} x {self.world.world_size}; use the same -b and number of "
+                f"processes, or resume from an epoch-end checkpoint"
+            )
         self.say(f"resumed from {source} at {where}")
         if self.world.rank < len(states):
             rng.restore(states[self.world.rank])
@@ -300,14 +356,30 @@ class DetectionTask:
         if epoch != self.start_epoch:
             self.progress = EpochProgress(global_batch=self.progress.global_batch)
         self.epoch = epoch
-        self.batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank, world.world_size,
-                                    start=self.progress.steps, steps=cfg.max_steps_per_epoch)
+        self.batches = EpochBatches(
+            len(self.train_set),
+            cfg.batch_size,
+            cfg.seed,
+            epoch,
+            world.rank,
+            world.world_size,
+            start=self.progress.steps,
+            steps=cfg.max_steps_per_epoch,
+        )
         self.train_set.epoch = epoch
-        loader = DataLoader(self.train_set, batch_sampler=self.batches, num_workers=cfg.workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch), worker_init_fn=ignore_interrupts)
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=self.batches,
+            num_workers=cfg.workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            worker_init_fn=ignore_interrupts,
+        )
         self.detector.train()
         self.started = time.perf_counter() - self.progress.seconds
-        return Period(loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}")
+        return Period(
+            loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}"
+        )
 
     def step(self, batch) -> dict[str, float]:
         images, targets = batch
@@ -337,8 +409,12 @@ class DetectionTask:
 
     def end_period(self, epoch: int) -> dict:
         steps, sums = self.progress.steps, self.progress.sums
-        record = {"epoch": epoch + 1, "lr": self.lr, "steps": steps,
-                  **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
+        record = {
+            "epoch": epoch + 1,
+            "lr": self.lr,
+            "steps": steps,
+            **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+        }
         self.world.average_buffers(self.detector)
         if self.val_set is not None:
             for skip, metrics in self.evaluate().items():
@@ -361,8 +437,13 @@ class DetectionTask:
         states = self.world.gather(rng.capture())
         if not self.world.is_main:
             return None
-        state = {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
-                 "step_in_epoch": self.progress.steps if mid_epoch else None, "rng": states}
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "step_in_epoch": self.progress.steps if mid_epoch else None,
+            "rng": states,
+        }
         if mid_epoch:
             self.progress.seconds = time.perf_counter() - self.started
             state["progress"] = asdict(self.progress)
@@ -375,8 +456,16 @@ class DetectionTask:
         images and rank 0 scores them all."""
         world = self.world
         annotations = self.annotations["val"]
-        results = predict(self.detector, self.val_set, self.eval_configs, annotations, self.device,
-                          self.cfg.eval_batch_size, self.cfg.workers, shard=(world.rank, world.world_size))
+        results = predict(
+            self.detector,
+            self.val_set,
+            self.eval_configs,
+            annotations,
+            self.device,
+            self.cfg.eval_batch_size,
+            self.cfg.workers,
+            shard=(world.rank, world.world_size),
+        )
         gathered = world.gather(results)
         if not world.is_main:
             return {}
@@ -390,7 +479,13 @@ def _label(skip: str) -> str:
 
 
 def _summary(record: dict) -> str:
-    aps = " ".join(f"{k[len('val_'):]}={v:.1f}" for k, v in record.items()
-                   if k.startswith(("val_box_ap_", "val_mask_ap_")) and v is not None)
-    return (f"epoch {record['epoch']}: loss {record.get('train_loss', float('nan')):.4f}"
-            + (f", {aps}" if aps else "") + f", {record['epoch_time_s']:.1f}s")
+    aps = " ".join(
+        f"{k[len('val_') :]}={v:.1f}"
+        for k, v in record.items()
+        if k.startswith(("val_box_ap_", "val_mask_ap_")) and v is not None
+    )
+    return (
+        f"epoch {record['epoch']}: loss {record.get('train_loss', float('nan')):.4f}"
+        + (f", {aps}" if aps else "")
+        + f", {record['epoch_time_s']:.1f}s"
+    )

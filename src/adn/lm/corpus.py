@@ -16,6 +16,7 @@ Files are read as UTF-8 (a byte-order mark is allowed). A file that is not valid
 control characters (binary data, or text in another encoding such as UTF-16), is refused by name:
 its perplexity would measure nothing.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -38,7 +39,7 @@ class CorpusError(ValueError):
 @dataclass
 class Corpus:
     description: str
-    train: list[str]     # documents
+    train: list[str]  # documents
     heldout: list[str]
 
 
@@ -46,9 +47,11 @@ def corpus_files(path: str | Path | None) -> tuple[Path, list[Path]]:
     """The root and the text files of a corpus (sorted, so every run reads them in one order)."""
     root = Path(path).expanduser() if path is not None else DEFAULT_CORPUS
     if path is None and not root.is_dir():
-        raise CorpusError(f"the default corpus (Python 3.11's documentation, {root}) is not installed: run "
-                          f"`bash scripts/get-lm-corpus.sh` (apt-get install {DEFAULT_CORPUS_PACKAGE}) or pass --text PATH "
-                          f"(a text file or a folder of .txt/.md/.rst files)")
+        raise CorpusError(
+            f"the default corpus (Python 3.11's documentation, {root}) is not installed: run "
+            f"`bash scripts/get-lm-corpus.sh` (apt-get install {DEFAULT_CORPUS_PACKAGE}) or pass --text PATH "
+            f"(a text file or a folder of .txt/.md/.rst files)"
+        )
     if root.is_file():
         return root.parent, [root]
     if not root.is_dir():
@@ -65,15 +68,19 @@ def read_text(path: Path) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise CorpusError(f"--text: {path} is not UTF-8 text (byte {error.start} is {data[error.start:error.start + 1]!r}"
-                          f"); it is binary, or text in another encoding. Convert it to UTF-8 (iconv -t UTF-8), or "
-                          f"leave it out of --text") from error
+        raise CorpusError(
+            f"--text: {path} is not UTF-8 text (byte {error.start} is {data[error.start : error.start + 1]!r}"
+            f"); it is binary, or text in another encoding. Convert it to UTF-8 (iconv -t UTF-8), or "
+            f"leave it out of --text"
+        ) from error
     if text:
         control = sum(1 for ch in text if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and not ch.isspace())
         if control > MAX_CONTROL_SHARE * len(text):
-            raise CorpusError(f"--text: {path} is not text: {control / len(text):.0%} of its characters are control "
-                              f"characters (binary data, or text in another encoding such as UTF-16). Convert it to "
-                              f"UTF-8 text, or leave it out of --text")
+            raise CorpusError(
+                f"--text: {path} is not text: {control / len(text):.0%} of its characters are control "
+                f"characters (binary data, or text in another encoding such as UTF-16). Convert it to "
+                f"UTF-8 text, or leave it out of --text"
+            )
     return text
 
 
@@ -84,22 +91,29 @@ def load_corpus(path: str | Path | None = None, heldout_share: float = 0.1) -> C
     texts = [(f.relative_to(root).as_posix(), read_text(f)) for f in files]
     size = sum(len(t) for _, t in texts)
     what = f"{DEFAULT_CORPUS_PACKAGE} ({root})" if path is None else str(Path(path).expanduser())
-    threshold = int(heldout_share * 2 ** 32)
+    threshold = int(heldout_share * 2**32)
     heldout = [t for name, t in texts if zlib.crc32(name.encode()) < threshold]
     train = [t for name, t in texts if zlib.crc32(name.encode()) >= threshold]
     if len(texts) > 1 and "".join(heldout).strip() and "".join(train).strip():
-        description = (f"{what}: {len(texts)} documents, {size / 1e6:.1f} MB; {len(heldout)} held out "
-                       f"(chosen by a hash of the path)")
+        description = (
+            f"{what}: {len(texts)} documents, {size / 1e6:.1f} MB; {len(heldout)} held out "
+            f"(chosen by a hash of the path)"
+        )
     else:  # one file, or too few documents for the hash to hold some out and keep some: split each by position
         cuts = [int(len(text) * (1.0 - heldout_share)) for _, text in texts]
         train = [text[:cut] for (_, text), cut in zip(texts, cuts)]
         heldout = [text[cut:] for (_, text), cut in zip(texts, cuts)]
-        description = (f"{what}: one file, {size / 1e6:.1f} MB, the last {heldout_share:.0%} held out" if len(texts) == 1
-                       else f"{what}: {len(texts)} documents, {size / 1e6:.1f} MB, too few to hold whole documents "
-                            f"out: the last {heldout_share:.0%} of each held out")
+        description = (
+            f"{what}: one file, {size / 1e6:.1f} MB, the last {heldout_share:.0%} held out"
+            if len(texts) == 1
+            else f"{what}: {len(texts)} documents, {size / 1e6:.1f} MB, too few to hold whole documents "
+            f"out: the last {heldout_share:.0%} of each held out"
+        )
     if not "".join(heldout).strip() or not "".join(train).strip():
-        raise CorpusError(f"{what}: too little text ({size} characters) to hold {heldout_share:.0%} out and train on "
-                          f"the rest; give more text or another --heldout-share")
+        raise CorpusError(
+            f"{what}: too little text ({size} characters) to hold {heldout_share:.0%} out and train on "
+            f"the rest; give more text or another --heldout-share"
+        )
     return Corpus(description, train, heldout)
 
 
@@ -130,4 +144,4 @@ def training_batch(stream: torch.Tensor, batch_size: int, length: int, seed: int
         raise CorpusError(f"the training text has {stream.numel()} tokens, fewer than one window of {length}")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, stream.numel() - length + 1, (batch_size,), generator=generator)
-    return torch.stack([stream[s: s + length] for s in starts.tolist()])
+    return torch.stack([stream[s : s + length] for s in starts.tolist()])

@@ -17,6 +17,7 @@ numbers were measured. Accuracy is perplexity (lower is better). Like the image 
 torch: choosing costs microseconds. (It lives in :mod:`adn.lm`, below :mod:`adn.deploy`, which the
 language-model code may not import.)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -63,19 +64,24 @@ class LMDepthTable:
         meta: dict = {}
         if isinstance(data, dict):
             if data.get("format", FORMAT) != FORMAT or data.get("version", VERSION) != VERSION:
-                raise LMDepthTableError(f"{source}: format {data.get('format')!r} version {data.get('version')!r}; "
-                                        f"this adn reads {FORMAT!r} version {VERSION} (an image depth table is "
-                                        f"for adn serve / adn.Governor)")
+                raise LMDepthTableError(
+                    f"{source}: format {data.get('format')!r} version {data.get('version')!r}; "
+                    f"this adn reads {FORMAT!r} version {VERSION} (an image depth table is "
+                    f"for adn serve / adn.Governor)"
+                )
             meta = {k: v for k, v in data.items() if k != "rows"}
             data = data.get("rows")
         if not isinstance(data, list) or not data:
-            raise LMDepthTableError(f"{source}: expected a non-empty list of rows (or an object with 'rows'); "
-                                    f"{_HOW_TO_FIX}")
+            raise LMDepthTableError(
+                f"{source}: expected a non-empty list of rows (or an object with 'rows'); {_HOW_TO_FIX}"
+            )
         rows = [_row(row, i, source) for i, row in enumerate(data)]
         lengths = {len(row["skip"]) for row in rows}
         if len(lengths) > 1:
-            raise LMDepthTableError(f"{source}: the skip configurations have different lengths {sorted(lengths)}; "
-                                    f"one table describes one network")
+            raise LMDepthTableError(
+                f"{source}: the skip configurations have different lengths {sorted(lengths)}; "
+                f"one table describes one network"
+            )
         skips = [row["skip"] for row in rows]
         if len(set(skips)) != len(skips):
             raise LMDepthTableError(f"{source}: a depth appears twice ({', '.join(skips)}); keep one row each")
@@ -106,23 +112,36 @@ class LMDepthTable:
         meeting = [row for row in self.rows if row["tokens_per_s"] >= tokens_per_s]
         if not meeting:
             fastest = self.fastest()
-            threads = self.meta.get("conditions", {}).get("threads") if isinstance(self.meta.get("conditions"),
-                                                                                     dict) else None
+            threads = (
+                self.meta.get("conditions", {}).get("threads")
+                if isinstance(self.meta.get("conditions"), dict)
+                else None
+            )
             measured = f" with {threads} thread(s)" if threads else ""
             raise LMDepthTableError(
                 f"no depth in {self.source} decodes at {tokens_per_s:g} tokens/s: the fastest measured{measured} is "
                 f"{fastest['skip']} at {fastest['tokens_per_s']:.1f} tokens/s (perplexity {fastest['ppl']:.3f}). "
                 f"Ask for {math.floor(fastest['tokens_per_s'] * 10) / 10:g} tokens/s or less, or measure the table "
-                f"again with more threads (adn eval-lm --threads N --save-json FILE)")
+                f"again with more threads (adn eval-lm --threads N --save-json FILE)"
+            )
         return min(meeting, key=lambda row: (row["ppl"], -row["tokens_per_s"]))
 
 
 def conditions(dtype: str, model: str, **measure) -> dict:
     """How a table was measured: threads, weights' dtype, the CPU, torch, the date, and ``measure``."""
     import torch  # (only when a table is written: reading and choosing need no torch)
-    return {"model": model, "device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(), "dtype": dtype,
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-            "decoding": "greedy, KV cache, batch 1, prefill not counted", **measure}
+
+    return {
+        "model": model,
+        "device": "cpu",
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "decoding": "greedy, KV cache, batch 1, prefill not counted",
+        **measure,
+    }
 
 
 def cpu_name() -> str | None:
@@ -151,6 +170,7 @@ def _row(row: object, i: int, source: str) -> dict:
         value = row.get(key)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)):
             hint = " (the table was written with --no-speed?)" if key == "tokens_per_s" and value is None else ""
-            raise LMDepthTableError(f"{where} ({skip}): {key!r} must be a positive number, got {value!r}{hint}; "
-                                    f"{_HOW_TO_FIX}")
+            raise LMDepthTableError(
+                f"{where} ({skip}): {key!r} must be a positive number, got {value!r}{hint}; {_HOW_TO_FIX}"
+            )
     return {**row, "skip": skip}

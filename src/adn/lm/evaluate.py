@@ -9,6 +9,7 @@ Naive removal: the original model with the same layers dropped. A freshly conver
 in every sub-network (skip-aware twins start as copies of their norms; tests/test_lm.py checks it against
 physically removed layers), so naive perplexities come from the original weights converted anew.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,7 @@ def perplexity(net, windows: torch.Tensor, skip="super", batch_size: int = 2, au
     depth = SkipConfig(skip, num_stages=net.num_stages)
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start: start + batch_size]
+        batch = windows[start : start + batch_size]
         with autocast() if autocast else contextlib.nullcontext():
             logits = net(input_ids=batch, use_cache=False, skip=depth).logits
         nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
@@ -46,8 +47,15 @@ def layers_run(net, skip) -> list[int]:
     return [i for i, layer in enumerate(decoder(net).layers) if id(layer) not in skipped]
 
 
-def perplexity_table(net, windows: torch.Tensor, configs: list[SkipConfig], batch_size: int = 2, autocast=None,
-                     label: str = "perplexity", progress: bool = True) -> dict[str, float]:
+def perplexity_table(
+    net,
+    windows: torch.Tensor,
+    configs: list[SkipConfig],
+    batch_size: int = 2,
+    autocast=None,
+    label: str = "perplexity",
+    progress: bool = True,
+) -> dict[str, float]:
     """``{skip string: perplexity}`` for every config, with a progress bar on stderr."""
     results = {}
     for config in tqdm(configs, desc=label, unit="depth", file=sys.stderr, disable=not progress, leave=False):

@@ -19,6 +19,7 @@ greedy decoding at the target depth (up to float rounding between one-token and 
 can only matter where two logits tie). The two depths keep separate caches (:class:`adn.lm.cache.DepthCache`):
 their shared layers compute different keys and values.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,7 +36,9 @@ def _check_prompt(input_ids: torch.Tensor) -> torch.Tensor:
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}"
+        )
     return input_ids
 
 
@@ -49,7 +52,9 @@ class DraftHead:
         head = net.get_output_embeddings()
         vocab = head.weight.shape[0]
         if token_ids.numel() == 0 or int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
-            raise ValueError(f"draft vocabulary: give 1 to {vocab} token ids in [0, {vocab}), got {token_ids.numel()} ids")
+            raise ValueError(
+                f"draft vocabulary: give 1 to {vocab} token ids in [0, {vocab}), got {token_ids.numel()} ids"
+            )
         if token_ids.unique().numel() != token_ids.numel():
             raise ValueError("draft vocabulary: token ids must be distinct")
         if getattr(head, "bias", None) is not None:
@@ -98,8 +103,15 @@ class GreedyStats:
 
 
 @torch.no_grad()
-def greedy_generate(net, input_ids: torch.Tensor, max_new_tokens: int, skip="super", eos_token_id: int | None = None,
-                    return_stats: bool = False, on_token: Callable[[torch.Tensor], object] | None = None):
+def greedy_generate(
+    net,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    skip="super",
+    eos_token_id: int | None = None,
+    return_stats: bool = False,
+    on_token: Callable[[torch.Tensor], object] | None = None,
+):
     """Greedy decoding at depth ``skip`` with a KV cache; returns the prompt followed by the new tokens
     (and :class:`GreedyStats` with ``return_stats``). Stops early when every row has produced ``eos_token_id``.
     ``on_token`` is called with each new token (``[batch, 1]``) as soon as it is chosen (streaming)."""
@@ -133,11 +145,11 @@ def greedy_generate(net, input_ids: torch.Tensor, max_new_tokens: int, skip="sup
 class SpeculativeStats:
     draft: str
     target: str
-    draft_tokens: int        # k: tokens drafted per round (at most)
+    draft_tokens: int  # k: tokens drafted per round (at most)
     new_tokens: int
-    drafted: int             # draft tokens proposed in all
-    accepted: int            # of which the target agreed with
-    target_passes: int       # forward passes of the target depth, the prefill included
+    drafted: int  # draft tokens proposed in all
+    accepted: int  # of which the target agreed with
+    target_passes: int  # forward passes of the target depth, the prefill included
     draft_passes: int
     seconds: float
     draft_vocab: int | None = None  # tokens the draft's head scores (None: the full vocabulary)
@@ -155,27 +167,51 @@ class SpeculativeStats:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "acceptance_rate": self.acceptance_rate,
-                "tokens_per_target_pass": self.tokens_per_target_pass, "tokens_per_second": self.tokens_per_second}
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_target_pass": self.tokens_per_target_pass,
+            "tokens_per_second": self.tokens_per_second,
+        }
 
 
 @torch.no_grad()
-def speculative_generate(net, input_ids: torch.Tensor, max_new_tokens: int, draft="base", target="super",
-                         draft_tokens: int = 4, eos_token_id: int | None = None, draft_head: DraftHead | None = None):
+def speculative_generate(
+    net,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    draft="base",
+    target="super",
+    draft_tokens: int = 4,
+    eos_token_id: int | None = None,
+    draft_head: DraftHead | None = None,
+):
     """Greedy decoding at depth ``target`` with drafts from depth ``draft`` (module docstring), the drafts
     scored by ``draft_head`` if given (the full head otherwise). Returns ``(tokens, SpeculativeStats)``;
     ``tokens`` is the prompt followed by the new tokens, as :func:`greedy_generate` returns. One prompt at a
     time (batch 1)."""
     input_ids = _check_prompt(input_ids)
     if input_ids.shape[0] != 1:
-        raise ValueError(f"speculative decoding takes one prompt at a time (batch 1), got a batch of {input_ids.shape[0]}")
+        raise ValueError(
+            f"speculative decoding takes one prompt at a time (batch 1), got a batch of {input_ids.shape[0]}"
+        )
     if draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"draft_tokens and max_new_tokens must be at least 1, got {draft_tokens} and {max_new_tokens}")
     n = net.num_stages
     draft_depth, target_depth = SkipConfig(draft, num_stages=n), SkipConfig(target, num_stages=n)
     target_cache, draft_cache = DepthCache(net), DepthCache(net)
-    stats = SpeculativeStats(str(draft_depth), str(target_depth), draft_tokens, 0, 0, 0, 0, 0, 0.0,
-                             len(draft_head) if draft_head is not None else None)
+    stats = SpeculativeStats(
+        str(draft_depth),
+        str(target_depth),
+        draft_tokens,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0.0,
+        len(draft_head) if draft_head is not None else None,
+    )
     start = time.perf_counter()
     sequence = input_ids
     first = _next_logits(net, sequence, target_cache, target_depth)[:, -1].argmax(-1, keepdim=True)
@@ -185,7 +221,7 @@ def speculative_generate(net, input_ids: torch.Tensor, max_new_tokens: int, draf
     while produced < max_new_tokens and not finished:
         k = min(draft_tokens, max_new_tokens - produced)
         drafts = []
-        pending = sequence[:, draft_cache.get_seq_length():]  # tokens the draft has not seen (>= 1)
+        pending = sequence[:, draft_cache.get_seq_length() :]  # tokens the draft has not seen (>= 1)
         for _ in range(k):
             if draft_head is None:
                 token = _next_logits(net, pending, draft_cache, draft_depth)[:, -1].argmax(-1, keepdim=True)
@@ -194,16 +230,16 @@ def speculative_generate(net, input_ids: torch.Tensor, max_new_tokens: int, draf
             stats.draft_passes += 1
             drafts.append(token)
             pending = token
-        proposal = torch.cat(drafts, dim=1)                            # [1, k]
-        block = torch.cat([sequence[:, target_cache.get_seq_length():], proposal], dim=1)
+        proposal = torch.cat(drafts, dim=1)  # [1, k]
+        block = torch.cat([sequence[:, target_cache.get_seq_length() :], proposal], dim=1)
         choices = _next_logits(net, block, target_cache, target_depth, keep=block.shape[1])[0].argmax(-1)
         stats.target_passes += 1
         # choices[i] is the target's token after block[:i + 1]: the last of them follows the last draft.
-        choices = choices[-(k + 1):]
+        choices = choices[-(k + 1) :]
         accepted = 0
         while accepted < k and int(proposal[0, accepted]) == int(choices[accepted]):
             accepted += 1
-        new = torch.cat([proposal[0, :accepted], choices[accepted:accepted + 1]])[: max_new_tokens - produced]
+        new = torch.cat([proposal[0, :accepted], choices[accepted : accepted + 1]])[: max_new_tokens - produced]
         stats.drafted += k
         stats.accepted += accepted
         if eos_token_id is not None and bool((new == eos_token_id).any()):

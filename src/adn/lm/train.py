@@ -19,6 +19,7 @@ only what sits next to a skip does:
   layers on both sides of each skip; the super-net keeps fitting the labels through them);
 - ``all``: every parameter.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,13 @@ def trainable_names(net, mode: str) -> set[str]:
     return twins | near
 
 
-def lm_adn_step(net, input_ids: torch.Tensor, criterion: SubPathDistillationLoss, precision: Precision = FLOAT32,
-                teacher_trains: bool = True) -> dict[str, float]:
+def lm_adn_step(
+    net,
+    input_ids: torch.Tensor,
+    criterion: SubPathDistillationLoss,
+    precision: Precision = FLOAT32,
+    teacher_trains: bool = True,
+) -> dict[str, float]:
     """One step of Algorithm 1 on a batch of token windows (without the optimizer update): gradients in
     ``.grad``, the network left at the depth it had. ``teacher_trains=False`` runs the super-net without
     gradients (nothing it uses is trained)."""
@@ -77,7 +83,8 @@ def lm_adn_step(net, input_ids: torch.Tensor, criterion: SubPathDistillationLoss
         with precision.autocast():
             base_logits = net(input_ids=inputs, use_cache=False, skip=SkipConfig.base_net(n)).logits
             student_loss, student_terms = criterion.student_loss(
-                base_logits.flatten(0, 1), list(stage_outputs), super_logits.flatten(0, 1), super_features)
+                base_logits.flatten(0, 1), list(stage_outputs), super_logits.flatten(0, 1), super_features
+            )
         precision.backward(student_loss)
     terms.update(student_terms)
     terms["loss"] = teacher_loss.detach() + student_loss.detach()
@@ -99,18 +106,27 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     check_output_dir(out)  # before the slow set-up; creates nothing
     resume = read_lm_checkpoint(cfg.resume) if cfg.resume else None  # an image checkpoint fails before the load
     task = LMTask(cfg, resume)
-    RunLoop(task, out, resume=cfg.resume, overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
-            progress=cfg.progress).run()
+    RunLoop(
+        task,
+        out,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        keep_checkpoints=cfg.keep_checkpoints,
+        progress=cfg.progress,
+    ).run()
     summary = task.summary()
     (out / "summary.json").write_text(jsonout.dumps(summary, indent=2) + "\n")
-    say(f"done ({summary['stopped']}) after {summary['steps']} steps: held-out perplexity super "
-        f"{summary['ppl_super']:.3f}, base {summary['ppl_base']:.3f}")
+    say(
+        f"done ({summary['stopped']}) after {summary['steps']} steps: held-out perplexity super "
+        f"{summary['ppl_super']:.3f}, base {summary['ppl_base']:.3f}"
+    )
     return summary
 
 
 class LMTask:
     """``adn train-lm`` as a :class:`~adn.training.loop.Task`: one period of ``cfg.steps`` steps (cut short
     by ``--time-limit``), a log record per step, held-out perplexity every ``eval_every`` steps."""
+
     log_key = "step"
     advice = "try a lower --lr"
 
@@ -119,11 +135,19 @@ class LMTask:
         corpus = load_corpus(cfg.text, cfg.heldout_share)
         base = describe(cfg.model, cfg.gguf_file)
         model, tokenizer = load_causal_lm(cfg.model, cfg.gguf_file)
-        net = convert_decoder(model, layers_per_stage=cfg.layers_per_stage, skippable=cfg.skippable,
-                              keep_first=cfg.keep_first, keep_last=cfg.keep_last, skip_aware_norm=cfg.skip_aware_norm)
+        net = convert_decoder(
+            model,
+            layers_per_stage=cfg.layers_per_stage,
+            skippable=cfg.skippable,
+            keep_first=cfg.keep_first,
+            keep_last=cfg.keep_last,
+            skip_aware_norm=cfg.skip_aware_norm,
+        )
         self.trained = trainable_names(net, cfg.train)
         if not self.trained:
-            raise ValueError(f"--train {cfg.train} selects no parameter (no skip-aware twins with --no-skip-aware-norm?)")
+            raise ValueError(
+                f"--train {cfg.train} selects no parameter (no skip-aware twins with --no-skip-aware-norm?)"
+            )
         for name, parameter in net.named_parameters():
             parameter.requires_grad_(name in self.trained)
         self.teacher_trains = any(p.requires_grad for name, p in net.named_parameters() if ".twin." not in name)
@@ -134,12 +158,19 @@ class LMTask:
         self.heldout = windows(token_stream(tokenizer, corpus.heldout, cfg.eval_tokens), cfg.seq_len)
         amp = native_bfloat16("cpu") if cfg.amp is None else cfg.amp
         self.precision = Precision("cpu", amp=amp, dtype="bfloat16")
-        self.criterion = SubPathDistillationLoss(alpha=cfg.alpha, temperature=cfg.temperature,
-                                                 feature_kd=cfg.feature_kd, channel_dim=-1)
+        self.criterion = SubPathDistillationLoss(
+            alpha=cfg.alpha, temperature=cfg.temperature, feature_kd=cfg.feature_kd, channel_dim=-1
+        )
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.meta = {"base": base, "grouping": net.adn_info["grouping"], "skip_aware_norm": cfg.skip_aware_norm,
-                     "train": cfg.train, "stages": net.adn_info["stages"], "corpus": corpus.description,
-                     "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")}}
+        self.meta = {
+            "base": base,
+            "grouping": net.adn_info["grouping"],
+            "skip_aware_norm": cfg.skip_aware_norm,
+            "train": cfg.train,
+            "stages": net.adn_info["stages"],
+            "corpus": corpus.description,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")},
+        }
         if cfg.resume and resume is None:
             resume = read_lm_checkpoint(cfg.resume)
         self.steps_done = _resume(resume, cfg.resume, net, self.optimizer) if cfg.resume else 0
@@ -148,20 +179,26 @@ class LMTask:
         self.stopped, self.final, self.tick, self.tokens = "finished", {}, 0.0, 0
 
         n_trained = sum(p.numel() for p in self.trainable)
-        say(f"training {base['model']} as an adaptive depth network: {net.num_stages} stages "
+        say(
+            f"training {base['model']} as an adaptive depth network: {net.num_stages} stages "
             f"({', '.join(s['name'] for s in net.adn_info['stages'])}; {skippable_text(cfg.skippable)} of each "
-            f"skippable), {2 ** net.num_stages} sub-networks; --train {cfg.train}: {n_trained / 1e6:.2f}M of "
-            f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters")
-        say(f"corpus: {corpus.description}; {self.stream.numel()} training tokens, {self.heldout.numel()} held-out "
+            f"skippable), {2**net.num_stages} sub-networks; --train {cfg.train}: {n_trained / 1e6:.2f}M of "
+            f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters"
+        )
+        say(
+            f"corpus: {corpus.description}; {self.stream.numel()} training tokens, {self.heldout.numel()} held-out "
             f"tokens in windows of {cfg.seq_len}; batch {cfg.batch_size} x {cfg.seq_len} tokens; {self.precision}; "
-            f"{torch.get_num_threads()} threads" + (f"; resuming at step {self.steps_done}" if self.steps_done else ""))
+            f"{torch.get_num_threads()} threads" + (f"; resuming at step {self.steps_done}" if self.steps_done else "")
+        )
 
     def evaluate(self) -> dict:
         n = self.net.num_stages
         self.net.eval()
         with torch.no_grad():
-            record = {f"ppl_{name}": perplexity(self.net, self.heldout, config, autocast=self.precision.autocast)
-                      for name, config in (("super", SkipConfig.super_net(n)), ("base", SkipConfig.base_net(n)))}
+            record = {
+                f"ppl_{name}": perplexity(self.net, self.heldout, config, autocast=self.precision.autocast)
+                for name, config in (("super", SkipConfig.super_net(n)), ("base", SkipConfig.base_net(n)))
+            }
         self.net.train()
         return record
 
@@ -205,12 +242,19 @@ class LMTask:
         self.precision.step(self.optimizer)
         self.steps_done += 1
         seconds = time.perf_counter() - self.tick
-        record = {"step": self.steps_done, **terms, "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
-                  "tokens_per_second": self.tokens / seconds}
+        record = {
+            "step": self.steps_done,
+            **terms,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "tokens_per_second": self.tokens / seconds,
+        }
         if self.steps_done % cfg.eval_every == 0 or self.steps_done == cfg.steps:
             record.update(self.evaluate())
-            say(f"step {self.steps_done}: loss {terms['loss']:.4f}, held-out perplexity super "
-                f"{record['ppl_super']:.3f}, base {record['ppl_base']:.3f}")
+            say(
+                f"step {self.steps_done}: loss {terms['loss']:.4f}, held-out perplexity super "
+                f"{record['ppl_super']:.3f}, base {record['ppl_base']:.3f}"
+            )
         return record
 
     def save_due(self) -> bool:
@@ -223,13 +267,19 @@ class LMTask:
         return f"at step {self.steps_done + int(pending)} of {self.cfg.steps}"
 
     def checkpoint(self, record: dict | None) -> Checkpoint:
-        payload = lm_checkpoint_payload(self.net, self.trained, self.meta, optimizer=self.optimizer.state_dict(),
-                                        step=self.steps_done)
+        payload = lm_checkpoint_payload(
+            self.net, self.trained, self.meta, optimizer=self.optimizer.state_dict(), step=self.steps_done
+        )
         return Checkpoint(payload, 1, self.steps_done)
 
     def summary(self) -> dict:
-        return {"steps": self.steps_done, "stopped": self.stopped, "minutes": (time.monotonic() - self.started) / 60,
-                **self.final, "checkpoint": str(Path(self.cfg.output_dir) / LATEST)}
+        return {
+            "steps": self.steps_done,
+            "stopped": self.stopped,
+            "minutes": (time.monotonic() - self.started) / 60,
+            **self.final,
+            "checkpoint": str(Path(self.cfg.output_dir) / LATEST),
+        }
 
 
 def _resume(data: dict, path: str, net, optimizer) -> int:
@@ -237,6 +287,8 @@ def _resume(data: dict, path: str, net, optimizer) -> int:
     try:
         optimizer.load_state_dict(data["optimizer"])
     except (KeyError, ValueError) as error:
-        raise CheckpointError(f"{path}: its optimizer state does not fit this run ({error}); resume with the same "
-                              f"--train and grouping options it was started with") from error
+        raise CheckpointError(
+            f"{path}: its optimizer state does not fit this run ({error}); resume with the same "
+            f"--train and grouping options it was started with"
+        ) from error
     return int(data["step"])

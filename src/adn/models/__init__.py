@@ -2,6 +2,7 @@
 families, and any timm model as ``timm/<name>``.
 
 ``build_model(name, num_classes, in_channels)`` returns a plain (not yet converted) model."""
+
 from __future__ import annotations
 
 import difflib
@@ -18,11 +19,32 @@ SMALL_MODELS["mobilenet_v2_small"] = mobilenet_v2_small
 SMALL_MODELS["vit_small_images"] = vit_small_images
 # Models whose builder must know the image size (a ViT's position embeddings do).
 NEEDS_IMAGE_SIZE = {"vit_small_images"}
-TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
-                       "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
+TORCHVISION_RESNETS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
 TORCHVISION_MODELS = TORCHVISION_RESNETS + (
-    "mobilenet_v2", "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
-    "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")
+    "mobilenet_v2",
+    "vit_b_16",
+    "vit_b_32",
+    "vit_l_16",
+    "vit_l_32",
+    "vit_h_14",
+    "swin_t",
+    "swin_s",
+    "swin_b",
+    "swin_v2_t",
+    "swin_v2_s",
+    "swin_v2_b",
+)
 # Stochastic depth rates of the adaptive depth networks where they differ from torchvision's: the authors'
 # ADN Swin-T trains with 0.1 (torchvision's swin_t: 0.2); swin_v2_t, of the same depths, follows it.
 ADN_STOCHASTIC_DEPTH = {"swin_t": 0.1, "swin_v2_t": 0.1}
@@ -64,18 +86,23 @@ def _check_weights_name(name: str, weights) -> None:
     enum = torchvision.models.get_model_weights(name)
     known = list(dict.fromkeys(["DEFAULT", *enum.__members__]))  # (DEFAULT is also an alias in the enum)
     if not isinstance(weights, str) or weights.replace(enum.__name__ + ".", "") not in known:
-        raise ValueError(f"--weights {weights}: {name} has no such weights; choose one of {', '.join(known)} "
-                         f"(DEFAULT: the best available)")
+        raise ValueError(
+            f"--weights {weights}: {name} has no such weights; choose one of {', '.join(known)} "
+            f"(DEFAULT: the best available)"
+        )
 
 
-def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
-                **kwargs) -> nn.Module:
+def build_model(
+    name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None, **kwargs
+) -> nn.Module:
     """Build an unconverted model by name. ``weights`` names torchvision weights (e.g. ``"DEFAULT"``),
     downloaded by torchvision when needed (needs the internet the first time)."""
     known = name in SMALL_MODELS or name in TORCHVISION_MODELS or name.startswith("timm/")
     if "width" in kwargs and known and not (name in SMALL_MODELS and name.startswith("resnet")):
-        raise ValueError(f"--width applies to the small ResNets ({', '.join(n for n in SMALL_MODELS if n.startswith('resnet'))}), "
-                         f"not to {name}")
+        raise ValueError(
+            f"--width applies to the small ResNets ({', '.join(n for n in SMALL_MODELS if n.startswith('resnet'))}), "
+            f"not to {name}"
+        )
     if name in SMALL_MODELS:
         if weights:
             raise ValueError(f"{name} has no pretrained weights; omit --weights")
@@ -84,14 +111,18 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
         if weights:
             _check_weights_name(name, weights)
         if name not in TORCHVISION_RESNETS and in_channels != 3:
-            raise ValueError(f"{name} takes 3-channel images; in_channels={in_channels} is supported for ResNets "
-                             f"({', '.join(SMALL_MODELS)}, {', '.join(TORCHVISION_RESNETS)})")
+            raise ValueError(
+                f"{name} takes 3-channel images; in_channels={in_channels} is supported for ResNets "
+                f"({', '.join(SMALL_MODELS)}, {', '.join(TORCHVISION_RESNETS)})"
+            )
         if weights and name not in TORCHVISION_RESNETS:
             model = torchvision.models.get_model(name, weights=weights, **kwargs)
             classes = _num_outputs(model)
             if classes != num_classes:
-                raise ValueError(f"{name} weights {weights} predict {classes} classes, not {num_classes}; "
-                                 f"replacing the head is supported for ResNets so far")
+                raise ValueError(
+                    f"{name} weights {weights} predict {classes} classes, not {num_classes}; "
+                    f"replacing the head is supported for ResNets so far"
+                )
             if name in ADN_STOCHASTIC_DEPTH:
                 set_stochastic_depth(model, ADN_STOCHASTIC_DEPTH[name])
             return model
@@ -108,7 +139,7 @@ def build_model(name: str, num_classes: int = 1000, in_channels: int = 3, weight
             model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
         return model
     if name.startswith("timm/"):
-        return _timm_model(name[len("timm/"):], num_classes, in_channels, weights, **kwargs)
+        return _timm_model(name[len("timm/") :], num_classes, in_channels, weights, **kwargs)
     close = difflib.get_close_matches(name, available_models(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(available_models())}")

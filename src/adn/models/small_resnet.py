@@ -3,6 +3,7 @@ ResNet-20/32/44/56/110, built from torchvision's own ``BasicBlock`` and ``Bottle
 
 Three stages at full, 1/2 and 1/4 resolution; a 3x3 stem with no max-pool (small images have no
 resolution to spare); projection shortcuts (conv1x1 + BN) where the shape changes, as torchvision."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -10,18 +11,27 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
 
 class SmallResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 10,
-                 in_channels: int = 3, width: int = 16, zero_init_residual: bool = False):
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 16,
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         if in_channels < 1 or num_classes < 1 or width < 1:
-            raise ValueError(f"in_channels, num_classes and width must be positive, got {in_channels}, {num_classes}, {width}")
+            raise ValueError(
+                f"in_channels, num_classes and width must be positive, got {in_channels}, {num_classes}, {width}"
+            )
         self.inplanes = width
         self.conv1 = conv3x3(in_channels, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         for index, blocks in enumerate(layers):
             stride = 1 if index == 0 else 2
-            setattr(self, f"layer{index + 1}", self._make_layer(block, width * 2 ** index, blocks, stride))
+            setattr(self, f"layer{index + 1}", self._make_layer(block, width * 2**index, blocks, stride))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.inplanes, num_classes)
 
@@ -40,8 +50,9 @@ class SmallResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+            )
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
@@ -63,7 +74,9 @@ def _small(depth: int):
     n = (depth - 2) // 6
 
     def build(num_classes: int = 10, in_channels: int = 3, width: int = 16, **kwargs) -> SmallResNet:
-        return SmallResNet(BasicBlock, [n, n, n], num_classes=num_classes, in_channels=in_channels, width=width, **kwargs)
+        return SmallResNet(
+            BasicBlock, [n, n, n], num_classes=num_classes, in_channels=in_channels, width=width, **kwargs
+        )
 
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"ResNet-{depth} for small images: 3 stages of {n} BasicBlocks, widths w, 2w, 4w (w=16 by default)."

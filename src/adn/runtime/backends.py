@@ -14,6 +14,7 @@ ONNX Runtime is the exception: one switchable file holds every depth (:mod:`adn.
 (:class:`OnnxSwitchable`); :class:`OnnxDepths` keeps one session per depth (per-depth files fold every
 batch norm into its convolution, so each depth is a little faster, at 2^N times the memory).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,15 @@ class CompiledDepths:
     compilation. Graphs are specialised to the example's shape (as ``torch.compile`` does by
     default): a new batch size compiles once more unless ``dynamic=True``."""
 
-    def __init__(self, net: nn.Module, example: torch.Tensor, configs: Sequence | None = None,
-                 backend: str | None = None, mode: str | None = None, dynamic: bool | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        example: torch.Tensor,
+        configs: Sequence | None = None,
+        backend: str | None = None,
+        mode: str | None = None,
+        dynamic: bool | None = None,
+    ):
         backend = backend or COMPILE_BACKEND
         self.num_stages = net.num_stages
         configs = net.sub_networks() if configs is None else [SkipConfig(c, net.num_stages) for c in configs]
@@ -77,8 +85,10 @@ class CompiledDepths:
     def skip(self, value) -> None:
         key = str(SkipConfig(value, self.num_stages))
         if key not in self._modules:
-            raise ValueError(f"sub-network {key} was not compiled; compiled: {', '.join(self._modules)}. "
-                             "Pass it in configs= to compile_depths")
+            raise ValueError(
+                f"sub-network {key} was not compiled; compiled: {', '.join(self._modules)}. "
+                "Pass it in configs= to compile_depths"
+            )
         self._skip = key
 
     def __call__(self, x: torch.Tensor, skip=None) -> torch.Tensor:
@@ -93,8 +103,14 @@ class CompiledDepths:
             return self._modules[key](x)
 
 
-def compile_depths(net: nn.Module, example: torch.Tensor, configs: Sequence | None = None,
-                   backend: str | None = None, mode: str | None = None, dynamic: bool | None = None) -> CompiledDepths:
+def compile_depths(
+    net: nn.Module,
+    example: torch.Tensor,
+    configs: Sequence | None = None,
+    backend: str | None = None,
+    mode: str | None = None,
+    dynamic: bool | None = None,
+) -> CompiledDepths:
     """Compile every sub-network in ``configs`` (default: all 2^N) ahead of time; see :class:`CompiledDepths`.
     ``backend``, ``mode`` and ``dynamic`` are passed to ``torch.compile``."""
     return CompiledDepths(net, example, configs, backend=backend, mode=mode, dynamic=dynamic)
@@ -120,8 +136,10 @@ def session_options(threads: int | None = None):
 
 def _on_cpu(example: torch.Tensor) -> None:
     if example.device.type != "cpu":
-        raise ValueError("the onnxruntime backend runs on the CPU (the pinned onnxruntime package has no GPU "
-                         "provider); use --device cpu")
+        raise ValueError(
+            "the onnxruntime backend runs on the CPU (the pinned onnxruntime package has no GPU "
+            "provider); use --device cpu"
+        )
 
 
 class OnnxSwitchable:
@@ -133,9 +151,15 @@ class OnnxSwitchable:
 
     layout = "switchable"
 
-    def __init__(self, net: nn.Module | None = None, example: torch.Tensor | None = None,
-                 configs: Sequence | None = None, threads: int | None = None,
-                 path: str | os.PathLike | None = None, num_stages: int | None = None):
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        example: torch.Tensor | None = None,
+        configs: Sequence | None = None,
+        threads: int | None = None,
+        path: str | os.PathLike | None = None,
+        num_stages: int | None = None,
+    ):
         onnxruntime = _onnxruntime()
         options = session_options(threads)
         self.threads = options.intra_op_num_threads
@@ -152,12 +176,16 @@ class OnnxSwitchable:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             names = [i.name for i in self.session.get_inputs()]
             if names != ["images", "skip"]:
-                raise ValueError(f"{path} is not a switchable file (inputs {', '.join(names)}; expected images, skip): "
-                                 f"write one with adn export --format onnx --switchable")
+                raise ValueError(
+                    f"{path} is not a switchable file (inputs {', '.join(names)}; expected images, skip): "
+                    f"write one with adn export --format onnx --switchable"
+                )
             flags = self.session.get_inputs()[1].shape[0]
             if num_stages is not None and flags != num_stages:
-                raise ValueError(f"{path} takes {flags} skip flags, not {num_stages}: its manifest was altered or "
-                                 f"belongs to another export")
+                raise ValueError(
+                    f"{path} takes {flags} skip flags, not {num_stages}: its manifest was altered or "
+                    f"belongs to another export"
+                )
             self.num_stages = flags
         self._flags: dict[str, object] = {}
 
@@ -175,8 +203,14 @@ class OnnxDepths:
 
     layout = "per-depth"
 
-    def __init__(self, net: nn.Module, example: torch.Tensor, configs: Sequence | None = None,
-                 folder: str | os.PathLike | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        example: torch.Tensor,
+        configs: Sequence | None = None,
+        folder: str | os.PathLike | None = None,
+        threads: int | None = None,
+    ):
         onnxruntime = _onnxruntime()
         _on_cpu(example)
         configs = net.sub_networks() if configs is None else [SkipConfig(c, net.num_stages) for c in configs]
@@ -191,7 +225,8 @@ class OnnxDepths:
                 with contextlib.redirect_stderr(io.StringIO()):
                     export_onnx(net.subnet(config).eval(), example[:1], str(path))
                 self.sessions[str(config)] = onnxruntime.InferenceSession(
-                    str(path), options, providers=["CPUExecutionProvider"])
+                    str(path), options, providers=["CPUExecutionProvider"]
+                )
 
     def runner(self, config) -> Callable[[torch.Tensor], object]:
         session = self.sessions[str(config)]
@@ -199,8 +234,13 @@ class OnnxDepths:
         return lambda array: session.run(None, {name: array})
 
 
-def onnx_depths(net: nn.Module, example: torch.Tensor, configs: Sequence | None = None, backend: str = "onnxruntime",
-                threads: int | None = None) -> OnnxSwitchable | OnnxDepths:
+def onnx_depths(
+    net: nn.Module,
+    example: torch.Tensor,
+    configs: Sequence | None = None,
+    backend: str = "onnxruntime",
+    threads: int | None = None,
+) -> OnnxSwitchable | OnnxDepths:
     """ONNX Runtime sessions for the depths in ``configs``: on ``"onnxruntime"`` one switchable session
     (:class:`OnnxSwitchable`), or, when torch cannot export the model as one switchable file, one session per
     depth with a warning on stderr; on ``"onnxruntime-per-depth"`` one session per depth
@@ -211,8 +251,11 @@ def onnx_depths(net: nn.Module, example: torch.Tensor, configs: Sequence | None 
         try:
             return OnnxSwitchable(net, example, configs, threads=threads)
         except SwitchableExportError as error:
-            print(f"adn: warning: {error}; using one ONNX Runtime session per depth instead (more memory; "
-                  f"--backend onnxruntime-per-depth says so and skips this attempt)", file=sys.stderr)
+            print(
+                f"adn: warning: {error}; using one ONNX Runtime session per depth instead (more memory; "
+                f"--backend onnxruntime-per-depth says so and skips this attempt)",
+                file=sys.stderr,
+            )
     return OnnxDepths(net, example, configs, threads=threads)
 
 
@@ -224,11 +267,14 @@ def depth_runners(net: nn.Module, example: torch.Tensor, configs: Sequence, back
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     configs = [SkipConfig(c, net.num_stages) for c in configs]
     if backend == "eager":
+
         def eager(config):
             def run(x):
                 with net.skipping(config):
                     return net(x)
+
             return run
+
         return [eager(c) for c in configs], example
     if backend == "compile":
         compiled = compile_depths(net, example, configs)

@@ -1,6 +1,7 @@
 """One sub-network -> a file that runs without adn: an ONNX model (verified in ONNX Runtime against PyTorch)
 or a ``torch.export`` program, both with a dynamic batch dimension. :mod:`adn.deploy.export` writes export
 folders from these; :mod:`adn.runtime.backends` loads the ONNX files into ONNX Runtime sessions."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,17 @@ def export_onnx(sub: torch.nn.Module, example: torch.Tensor, path: str, data_nam
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
         # external_data=False: torch's default writes the weights to "<path>.data", named after what is a
         # temporary file when exporting, so a copied or renamed .onnx file lost its weights.
-        torch.onnx.export(sub, (example,), path, dynamo=True, dynamic_shapes=({0: batch},),
-                          input_names=["images"], output_names=["logits"], verbose=False, external_data=False)
+        torch.onnx.export(
+            sub,
+            (example,),
+            path,
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            input_names=["images"],
+            output_names=["logits"],
+            verbose=False,
+            external_data=False,
+        )
     exporter_data = Path(f"{path}.data")  # written by torch only for models over its limit
     data = None
     try:
@@ -59,9 +69,11 @@ def export_pt2(sub: torch.nn.Module, example: torch.Tensor, name: str):
     try:  # traced at batch 2: torch.export specializes a size of 1, which would fix the batch again
         return torch.export.export(sub, (traced,), dynamic_shapes=({0: batch},)), True
     except Exception as error:  # the exporter's constraint and tracing errors have no common base class
-        print(f"adn: warning: {name}: the batch dimension cannot be made dynamic "
-              f"({str(error).splitlines()[0][:200]}); exporting for batch size {example.shape[0]} only",
-              file=sys.stderr)
+        print(
+            f"adn: warning: {name}: the batch dimension cannot be made dynamic "
+            f"({str(error).splitlines()[0][:200]}); exporting for batch size {example.shape[0]} only",
+            file=sys.stderr,
+        )
         return torch.export.export(sub, (example,)), False
 
 
@@ -69,6 +81,7 @@ def _rename_external_data(path: Path, data: Path, name: str) -> None:
     """Move the ONNX file ``path``'s external data file ``data`` to ``name`` in the same folder, and point
     the file's tensors at it (without loading the weights)."""
     import onnx
+
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
@@ -103,18 +116,25 @@ def compare(expected: np.ndarray, got: np.ndarray, tolerance: float, path, where
     the difference exceeds ``tolerance``."""
     # Checked first: a NaN makes every comparison false, so all-NaN outputs would pass the one below.
     if not np.isfinite(expected).all():
-        raise ValueError(f"the PyTorch network gives NaN or infinite outputs ({where}); not writing {path}. "
-                         "Its weights are broken: check the checkpoint (did training diverge?)")
+        raise ValueError(
+            f"the PyTorch network gives NaN or infinite outputs ({where}); not writing {path}. "
+            "Its weights are broken: check the checkpoint (did training diverge?)"
+        )
     if not np.isfinite(got).all():
-        raise ValueError(f"{engine} gives NaN or infinite outputs for {path} ({where}) where PyTorch's are finite; "
-                         "not writing it. An exporter or runtime problem: use another --format, and report the "
-                         "model with the torch and onnxruntime versions")
+        raise ValueError(
+            f"{engine} gives NaN or infinite outputs for {path} ({where}) where PyTorch's are finite; "
+            "not writing it. An exporter or runtime problem: use another --format, and report the "
+            "model with the torch and onnxruntime versions"
+        )
     if got.shape != expected.shape:
-        raise ValueError(f"{engine} output has shape {got.shape}, PyTorch's {expected.shape} ({where}); "
-                         f"not writing {path}")
+        raise ValueError(
+            f"{engine} output has shape {got.shape}, PyTorch's {expected.shape} ({where}); not writing {path}"
+        )
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
     difference = float(np.abs(got - expected).max(initial=0.0)) / scale
     if difference > tolerance:
-        raise ValueError(f"{engine} output differs from PyTorch by {difference:.2e} of the outputs' scale "
-                         f"{scale:.3g} (> {tolerance}) at {where}; not writing {path}")
+        raise ValueError(
+            f"{engine} output differs from PyTorch by {difference:.2e} of the outputs' scale "
+            f"{scale:.3g} (> {tolerance}) at {where}; not writing {path}"
+        )
     return difference

@@ -6,6 +6,7 @@ matmuls and convolutions) and are reported as multiply-accumulates, the unit the
 not norms, activations or additions. :func:`count_macs_by_hooks` is an independent count from layer
 shapes that the tests use to validate the flop counter.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -127,12 +128,14 @@ def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 3, re
         model.train(was_training)
 
 
-def measure_depth_latencies(net: nn.Module, example: torch.Tensor, configs, warmup: int = 3,
-                            repeats: int = 10, backend: str = "eager") -> list[dict]:
+def measure_depth_latencies(
+    net: nn.Module, example: torch.Tensor, configs, warmup: int = 3, repeats: int = 10, backend: str = "eager"
+) -> list[dict]:
     """Latency of ``net`` at each depth in ``configs`` on ``backend`` (eager: the adaptive network
     itself, switching depth; compile / onnxruntime: each sub-network prepared ahead, see
     :mod:`adn.backends`), timed in interleaved rounds."""
     from .backends import depth_runners
+
     was_training = net.training
     net.eval()
     try:
@@ -143,8 +146,15 @@ def measure_depth_latencies(net: nn.Module, example: torch.Tensor, configs, warm
     return [_summarize(t, example, backend) for t in times]
 
 
-def profile_subnetworks(net: nn.Module, example: torch.Tensor, skips=None, latency: bool = True,
-                        warmup: int = 3, repeats: int = 10, backend: str = "eager") -> list[dict]:
+def profile_subnetworks(
+    net: nn.Module,
+    example: torch.Tensor,
+    skips=None,
+    latency: bool = True,
+    warmup: int = 3,
+    repeats: int = 10,
+    backend: str = "eager",
+) -> list[dict]:
     """One row per sub-network: ``skip``, ``params`` (active), ``macs`` (per image) and, when
     ``latency``, ``latency_ms`` with its spread, batch size, threads, device and backend. In eager
     mode the latency is that of the adaptive network itself at each depth (what users run) and
@@ -153,11 +163,13 @@ def profile_subnetworks(net: nn.Module, example: torch.Tensor, skips=None, laten
     rows = []
     for config in configs:
         sub = net.subnet(config)
-        rows.append({
-            "skip": str(config),
-            "params": sum(p.numel() for p in sub.parameters()),
-            "macs": count_macs(sub, example[:1]),
-        })
+        rows.append(
+            {
+                "skip": str(config),
+                "params": sum(p.numel() for p in sub.parameters()),
+                "macs": count_macs(sub, example[:1]),
+            }
+        )
     if latency:
         for row, timing in zip(rows, measure_depth_latencies(net, example, configs, warmup, repeats, backend)):
             row.update(timing)

@@ -19,6 +19,7 @@ batch-norm statistics reads the row of its depth with a gather indexed by the fl
 Every depth is run in ONNX Runtime before the file is kept, at batch sizes 1 and 3, and compared with the
 adaptive network in PyTorch (:data:`adn.runtime.graph_export.ONNX_TOLERANCE`, as for per-depth files).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,9 +112,15 @@ def write_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.
     skip = torch.zeros(net.num_stages, dtype=torch.bool)
     batch = torch.export.Dim("batch", min=1)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
-        program = torch.onnx.export(switchable, (_traced_example(example), skip), dynamo=True,
-                                    dynamic_shapes=({0: batch}, None), input_names=INPUT_NAMES,
-                                    output_names=OUTPUT_NAMES, verbose=False)
+        program = torch.onnx.export(
+            switchable,
+            (_traced_example(example), skip),
+            dynamo=True,
+            dynamic_shapes=({0: batch}, None),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            verbose=False,
+        )
     branch_entry_pools(program.model.graph, branch_local_weights(program.model.graph))
     # external_data=False: the weights inside the file, so that the file alone is the model.
     program.save(str(path), external_data=False)
@@ -189,8 +196,13 @@ class SwitchableExportError(ValueError):
     """torch could not export the model as one switchable program (the exporter failed, not the checks)."""
 
 
-def export_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                           tolerance: float = ONNX_TOLERANCE, configs: Sequence | None = None) -> dict:
+def export_switchable_onnx(
+    net: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    tolerance: float = ONNX_TOLERANCE,
+    configs: Sequence | None = None,
+) -> dict:
     """Write one ONNX file at ``path`` that runs ``net`` at every depth (inputs ``images``, ``skip``), verify
     the depths in ``configs`` (default: all 2^N) in ONNX Runtime (if installed) before it is kept, and return
     what was written: ``file``, ``bytes``, ``opset``, ``num_stages``, ``depths``, ``tolerance``, the largest
@@ -209,8 +221,9 @@ def export_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os
         except ValueError:
             raise
         except Exception as error:  # the exporter's errors have no common base class
-            raise SwitchableExportError(f"torch.onnx cannot export {type(net).__name__} as one switchable file: "
-                                        f"{_first_line(error)}") from error
+            raise SwitchableExportError(
+                f"torch.onnx cannot export {type(net).__name__} as one switchable file: {_first_line(error)}"
+            ) from error
         report["differences"] = switchable_differences(tmp, net, example, tolerance, configs=configs)
         report["opset"] = onnx_opset(tmp)
 
@@ -219,9 +232,16 @@ def export_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os
     finally:
         net.train(was_training)
     differences = report["differences"]
-    return {"file": str(path), "bytes": path.stat().st_size, "opset": report["opset"], "num_stages": net.num_stages,
-            "depths": 2 ** net.num_stages, "tolerance": tolerance, "differences": differences,
-            "max_difference": max(differences.values()) if differences else None}
+    return {
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "opset": report["opset"],
+        "num_stages": net.num_stages,
+        "depths": 2**net.num_stages,
+        "tolerance": tolerance,
+        "differences": differences,
+        "max_difference": max(differences.values()) if differences else None,
+    }
 
 
 def onnx_opset(path) -> int | None:
@@ -236,6 +256,7 @@ def onnx_opset(path) -> int | None:
 
 def _first_line(error: BaseException) -> str:
     """The first line of ``error``, and of its innermost cause (where torch's exporters say what failed)."""
+
     def line(e: BaseException, most: int) -> str:
         lines = [text for text in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if text.strip()]
         text = lines[0] if lines else ""
@@ -247,8 +268,14 @@ def _first_line(error: BaseException) -> str:
     return line(error, 300) if root is error else f"{line(error, 120)} (caused by {line(root, 300)})"
 
 
-def verify_switchable_onnx(path, net: nn.Module, example: torch.Tensor, tolerance: float = ONNX_TOLERANCE,
-                           batch_sizes=(1, 3), configs: Sequence | None = None) -> float | None:
+def verify_switchable_onnx(
+    path,
+    net: nn.Module,
+    example: torch.Tensor,
+    tolerance: float = ONNX_TOLERANCE,
+    batch_sizes=(1, 3),
+    configs: Sequence | None = None,
+) -> float | None:
     """Run the switchable ONNX file at every depth in ``configs`` (default: all 2^N) and each batch size on
     random images and compare with ``net(images, skip=depth)``; raise if any depth differs by more than
     ``tolerance`` or gives a NaN or infinite value. Returns the largest difference, or None when onnxruntime
@@ -257,8 +284,14 @@ def verify_switchable_onnx(path, net: nn.Module, example: torch.Tensor, toleranc
     return None if differences is None else max(differences.values())
 
 
-def switchable_differences(path, net: nn.Module, example: torch.Tensor, tolerance: float = ONNX_TOLERANCE,
-                           batch_sizes=(1, 3), configs: Sequence | None = None) -> dict[str, float] | None:
+def switchable_differences(
+    path,
+    net: nn.Module,
+    example: torch.Tensor,
+    tolerance: float = ONNX_TOLERANCE,
+    batch_sizes=(1, 3),
+    configs: Sequence | None = None,
+) -> dict[str, float] | None:
     """:func:`verify_switchable_onnx`, returning each depth's largest difference: ``{"FFT": 2e-6, ...}``."""
     try:
         import onnxruntime
@@ -276,14 +309,22 @@ def switchable_differences(path, net: nn.Module, example: torch.Tensor, toleranc
             with torch.no_grad():
                 expected = net(images, skip=config).numpy()
             got = session.run(None, {"images": images.numpy(), "skip": np.array(config, dtype=bool)})[0]
-            worst[str(config)] = max(worst[str(config)], compare(expected, got, tolerance, path,
-                                                                 f"depth {config}, batch {batch} of random images",
-                                                                 "ONNX Runtime"))
+            worst[str(config)] = max(
+                worst[str(config)],
+                compare(
+                    expected, got, tolerance, path, f"depth {config}, batch {batch} of random images", "ONNX Runtime"
+                ),
+            )
     return worst
 
 
-def export_switchable_pt2(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                          tolerance: float = ONNX_TOLERANCE, configs: Sequence | None = None) -> dict:
+def export_switchable_pt2(
+    net: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    tolerance: float = ONNX_TOLERANCE,
+    configs: Sequence | None = None,
+) -> dict:
     """Write one ``torch.export`` program at ``path`` (inputs ``images``, ``skip``; every depth via
     ``torch.cond``), load it back and check the depths in ``configs`` (default: all 2^N) against ``net`` at
     batch sizes 1 and 3 before it is kept. Returns ``file``, ``bytes``, ``depths``, ``tolerance``,
@@ -304,8 +345,9 @@ def export_switchable_pt2(net: nn.Module, example: torch.Tensor, path: str | os.
             step = "load"
             module = torch.export.load(tmp).module()
         except Exception as error:  # the exporter's errors have no common base class
-            raise SwitchableExportError(f"torch.export cannot {step} {type(net).__name__} as one switchable "
-                                        f"program: {_first_line(error)}") from error
+            raise SwitchableExportError(
+                f"torch.export cannot {step} {type(net).__name__} as one switchable program: {_first_line(error)}"
+            ) from error
         generator = torch.Generator().manual_seed(0)
         for batch in (1, 3):
             images = torch.randn(batch, *example.shape[1:], generator=generator)
@@ -313,14 +355,28 @@ def export_switchable_pt2(net: nn.Module, example: torch.Tensor, path: str | os.
                 with torch.no_grad():
                     expected = net(images, skip=config).numpy()
                     got = module(images, torch.tensor(list(config), dtype=torch.bool)).numpy()
-                worst[str(config)] = max(worst[str(config)], compare(
-                    expected, got, tolerance, path, f"depth {config}, batch {batch} of random images",
-                    "the torch.export program"))
+                worst[str(config)] = max(
+                    worst[str(config)],
+                    compare(
+                        expected,
+                        got,
+                        tolerance,
+                        path,
+                        f"depth {config}, batch {batch} of random images",
+                        "the torch.export program",
+                    ),
+                )
 
     try:
         atomic_write(path, write, suffix=".pt2")
     finally:
         net.train(was_training)
-    return {"file": str(path), "bytes": path.stat().st_size, "num_stages": net.num_stages,
-            "depths": 2 ** net.num_stages, "tolerance": tolerance, "differences": worst,
-            "max_difference": max(worst.values())}
+    return {
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "num_stages": net.num_stages,
+        "depths": 2**net.num_stages,
+        "tolerance": tolerance,
+        "differences": worst,
+        "max_difference": max(worst.values()),
+    }

@@ -11,6 +11,7 @@ routes), ``server`` (uvicorn, graceful shutdown), ``connections`` (request deadl
     service = Service.from_checkpoint("runs/demo/checkpoint.pt", ServeSettings(budget_ms=20))
     app = create_app(service)          # any ASGI server runs it; adn serve uses uvicorn
 """
+
 from .app import create_app
 from .policy import BatchPolicy, Pending, Plan
 from .service import ServeSettings, Service

@@ -12,6 +12,7 @@ still running when a graceful shutdown runs out of time gets a 503 (code ``shutt
 plain-text 500. The lifespan starts the batching worker and, at shutdown, answers everything still queued
 before the process exits.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,11 +58,17 @@ def create_app(service: Service) -> Starlette:
         except ApiError as error:
             response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
         except Exception as error:  # noqa: BLE001 - a bug answers 500 JSON, and the server keeps serving
-            service.throttle.exception(f"internal:{type(error).__name__}:{str(error)[:100]}",
-                                       f"unexpected {type(error).__name__} answering a request:", error)
-            response = JSONResponse(error_body(500, "internal_error", f"unexpected {type(error).__name__}: "
-                                                                      f"{str(error)[:300]}; please report it"),
-                                    status_code=500)
+            service.throttle.exception(
+                f"internal:{type(error).__name__}:{str(error)[:100]}",
+                f"unexpected {type(error).__name__} answering a request:",
+                error,
+            )
+            response = JSONResponse(
+                error_body(
+                    500, "internal_error", f"unexpected {type(error).__name__}: {str(error)[:300]}; please report it"
+                ),
+                status_code=500,
+            )
         service.metrics.requests.labels(str(response.status_code)).inc()
         return response
 
@@ -81,13 +88,24 @@ def create_app(service: Service) -> Starlette:
         message = f"{request.method} {request.url.path}: {error.detail}"
         if error.status_code in (404, 405):
             message += "; the endpoints are POST /v1/predict, GET /v1/depths, GET /healthz, GET /metrics"
-        return JSONResponse(error_body(error.status_code, code, message), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
+        return JSONResponse(
+            error_body(error.status_code, code, message),
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
 
-    routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/v1/depths", depths, methods=["GET"]),
-              Route("/healthz", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
-                     middleware=[Middleware(AnswerWhenCancelled)])
+    routes = [
+        Route("/v1/predict", predict, methods=["POST"]),
+        Route("/v1/depths", depths, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(AnswerWhenCancelled)],
+    )
 
 
 class AnswerWhenCancelled:
@@ -107,17 +125,25 @@ class AnswerWhenCancelled:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
+
         try:
             await self.app(scope, receive, watched)
         except asyncio.CancelledError:
             if started:  # half an answer: uvicorn closes the connection
                 return
-            response = JSONResponse(error_body(503, "shutting_down", "the server stopped before this request was "
-                                                                     "answered (it was still running when the "
-                                                                     "graceful-shutdown time, adn serve "
-                                                                     "--graceful-timeout-s, ran out); retry on "
-                                                                     "another instance"),
-                                    status_code=503, headers={"Connection": "close"})
+            response = JSONResponse(
+                error_body(
+                    503,
+                    "shutting_down",
+                    "the server stopped before this request was "
+                    "answered (it was still running when the "
+                    "graceful-shutdown time, adn serve "
+                    "--graceful-timeout-s, ran out); retry on "
+                    "another instance",
+                ),
+                status_code=503,
+                headers={"Connection": "close"},
+            )
             await response(scope, receive, send)
 
 
@@ -125,8 +151,12 @@ async def _predict(service: Service, request: Request, arrival: float) -> dict:
     settings = service.settings
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type or 'none'}: send the image as "
-                                                      f"multipart/form-data in field 'file', {CURL_HINT}")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {content_type or 'none'}: send the image as "
+            f"multipart/form-data in field 'file', {CURL_HINT}",
+        )
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
         raise _too_large(int(length), settings.max_body_bytes)
@@ -135,21 +165,32 @@ async def _predict(service: Service, request: Request, arrival: float) -> dict:
     try:
         async with limited.form(max_files=settings.max_batch, max_fields=len(FIELDS) + 8) as form:
             if not body.complete(content_type):
-                raise ApiError(400, "truncated_body", f"the multipart body ends after {body.received} bytes, before "
-                                                      f"its closing boundary: the upload was cut short. Send the "
-                                                      f"whole request again, {CURL_HINT}")
+                raise ApiError(
+                    400,
+                    "truncated_body",
+                    f"the multipart body ends after {body.received} bytes, before "
+                    f"its closing boundary: the upload was cut short. Send the "
+                    f"whole request again, {CURL_HINT}",
+                )
             unknown = sorted(set(form.keys()) - set(FIELDS))
             if unknown:
-                raise ApiError(400, "unknown_field", f"unknown form field(s) {', '.join(map(repr, unknown))}; the "
-                                                     f"fields are {', '.join(FIELDS)}")
+                raise ApiError(
+                    400,
+                    "unknown_field",
+                    f"unknown form field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(FIELDS)}",
+                )
             uploads = form.getlist("file")
             if not uploads:
                 raise ApiError(400, "no_image", f"no image: send it as multipart/form-data field 'file', {CURL_HINT}")
             files = []
             for index, upload in enumerate(uploads):
                 if not isinstance(upload, UploadFile):
-                    raise ApiError(400, "no_image", f"field 'file' #{index + 1} is text, not a file upload; "
-                                                    f"{CURL_HINT} (with @ before the file name)")
+                    raise ApiError(
+                        400,
+                        "no_image",
+                        f"field 'file' #{index + 1} is text, not a file upload; "
+                        f"{CURL_HINT} (with @ before the file name)",
+                    )
                 files.append((upload.filename or f"file{index + 1}", await upload.read()))
             options = {name: _option(form, request, name) for name in ("skip", "budget_ms")}
             top_k = _single(form, "top_k")
@@ -158,9 +199,15 @@ async def _predict(service: Service, request: Request, arrival: float) -> dict:
     except HTTPException as error:  # Starlette's word for malformed multipart data (too many files, ...)
         detail = str(error.detail)
         if "Too many files" in detail:
-            raise ApiError(400, "too_many_images", f"{detail} This server takes at most {settings.max_batch} images "
-                                                   f"per request (adn serve --max-batch); split the request") from None
-        raise ApiError(400, "malformed_request", f"the multipart body cannot be parsed ({detail}); {CURL_HINT}") from None
+            raise ApiError(
+                400,
+                "too_many_images",
+                f"{detail} This server takes at most {settings.max_batch} images "
+                f"per request (adn serve --max-batch); split the request",
+            ) from None
+        raise ApiError(
+            400, "malformed_request", f"the multipart body cannot be parsed ({detail}); {CURL_HINT}"
+        ) from None
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client went away before sending the whole body") from None
     skip = service.parse_skip(options["skip"])
@@ -187,8 +234,9 @@ def _option(form, request: Request, name: str) -> str | None:
         raise ApiError(400, CODES[name], f"header {HEADERS[name]} is given {len(headers)} times; give it once")
     header = headers[0] if headers else None
     if field is not None and header is not None and field.strip() != header.strip():
-        raise ApiError(400, CODES[name], f"{name} is {field!r} in the form but {header!r} in header "
-                                           f"{HEADERS[name]}; give one")
+        raise ApiError(
+            400, CODES[name], f"{name} is {field!r} in the form but {header!r} in header {HEADERS[name]}; give one"
+        )
     return field if field is not None else header
 
 
@@ -197,6 +245,7 @@ class LimitedBody:
     chunked upload has no Content-Length to check up front), and keeps the body's last bytes: the
     multipart parser accepts a body cut off before its closing boundary, which would otherwise be
     reported as a request without an image."""
+
     TAIL = 512
 
     def __init__(self, receive, limit: int):
@@ -210,20 +259,29 @@ class LimitedBody:
             self.received += len(body)
             if self.received > self.limit:
                 raise BodyTooLarge()
-            self.tail = (self.tail + body)[-self.TAIL:]
+            self.tail = (self.tail + body)[-self.TAIL :]
         return message
 
     def complete(self, content_type: str) -> bool:
         """Whether the body ended with the closing boundary that ``content_type`` names (True when it names
         none: the parser has refused such a body already)."""
-        boundary = next((part.split("=", 1)[1].strip().strip('"') for part in content_type.split(";")[1:]
-                         if part.strip().lower().startswith("boundary=")), None)
+        boundary = next(
+            (
+                part.split("=", 1)[1].strip().strip('"')
+                for part in content_type.split(";")[1:]
+                if part.strip().lower().startswith("boundary=")
+            ),
+            None,
+        )
         return not boundary or f"--{boundary}--".encode("latin-1", "replace") in self.tail
 
 
 def _too_large(length: int | None, limit: int) -> ApiError:
     size = f"{length / 2**20:.1f} MB" if length is not None else "more"
-    return ApiError(413, "body_too_large", f"the request body is {size}; this server accepts at most "
-                                           f"{limit / 2**20:.1f} MB (adn serve --max-body-mb). Send fewer or smaller "
-                                           f"images")
-
+    return ApiError(
+        413,
+        "body_too_large",
+        f"the request body is {size}; this server accepts at most "
+        f"{limit / 2**20:.1f} MB (adn serve --max-body-mb). Send fewer or smaller "
+        f"images",
+    )

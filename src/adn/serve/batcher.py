@@ -10,6 +10,7 @@ batch runs (torch releases the GIL in its kernels).
 Nothing can leave a request unanswered: if ``execute`` raises, ``fail`` answers every request of that
 batch; if the policy raises, the request at the head of the queue is failed and the queue moves on.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,10 +30,15 @@ class Draining(Exception):
 
 
 class Batcher:
-    def __init__(self, policy: BatchPolicy, execute: Callable[[Plan], None],
-                 fail: Callable[[list[Pending], BaseException], None], max_queue: int,
-                 clock: Callable[[], float] = time.perf_counter,
-                 on_change: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        execute: Callable[[Plan], None],
+        fail: Callable[[list[Pending], BaseException], None],
+        max_queue: int,
+        clock: Callable[[], float] = time.perf_counter,
+        on_change: Callable[[int, int], None] | None = None,
+    ):
         self.policy, self._execute, self._fail = policy, execute, fail
         self.max_queue, self.clock = max_queue, clock
         self._on_change = on_change or (lambda requests, images: None)
@@ -103,8 +109,11 @@ class Batcher:
                 try:
                     result = self.policy.next(self._queue, now, flush=self._draining)
                 except Exception as error:  # noqa: BLE001 - a policy bug must not wedge the queue
-                    print(f"adn serve: the batching policy failed ({type(error).__name__}: {error}); failing the "
-                          f"oldest request", file=sys.stderr)
+                    print(
+                        f"adn serve: the batching policy failed ({type(error).__name__}: {error}); failing the "
+                        f"oldest request",
+                        file=sys.stderr,
+                    )
                     head = self._queue[0]
                     self._remove([head])
                     self._fail([head], error)

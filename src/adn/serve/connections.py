@@ -19,6 +19,7 @@ clients. So :func:`protocol_class` extends uvicorn's h11 protocol with:
 
 Every such event is logged on one throttled line (:mod:`adn.serve.logs`), never per connection.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,8 +64,10 @@ class _Registry:
 def error_response(status: int, code: str, message: str, retry_after: bool = False) -> bytes:
     """A complete HTTP/1.1 answer with the server's JSON error body, closing the connection."""
     body = json.dumps(error_body(status, code, message)).encode()
-    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n" + ("retry-after: 1\r\n" if retry_after else ""))
+    head = (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n" + ("retry-after: 1\r\n" if retry_after else "")
+    )
     return head.encode("latin-1") + b"\r\n" + body
 
 
@@ -166,29 +169,44 @@ class GuardedH11Protocol(H11Protocol):
         elif self._answered is not None and not self._partial_request() and self.conn.their_state is h11.IDLE:
             self._disarm()
             if self.timeout_keep_alive_task is None and not self.transport.is_closing():
-                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
-                                                                    self.timeout_keep_alive_handler)
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
 
     def _timed_out(self) -> None:
         self._deadline = None
         if self.transport.is_closing():
             return
         timeout = f"{self.request_timeout_s:g} s"
-        if self._abandon(408, "request_timeout", f"the request did not arrive in full within {timeout} of "
-                                                 f"{'its first byte' if self._answered else 'connecting'}; send "
-                                                 f"the whole request at once (adn serve --request-timeout-s)"):
-            self.throttle("request_timeout", f"answered 408 to a client that did not send a complete request within "
-                                             f"{timeout} (--request-timeout-s), and closed its connection")
+        if self._abandon(
+            408,
+            "request_timeout",
+            f"the request did not arrive in full within {timeout} of "
+            f"{'its first byte' if self._answered else 'connecting'}; send "
+            f"the whole request at once (adn serve --request-timeout-s)",
+        ):
+            self.throttle(
+                "request_timeout",
+                f"answered 408 to a client that did not send a complete request within "
+                f"{timeout} (--request-timeout-s), and closed its connection",
+            )
 
     def evict(self) -> None:
         """Make room for a new connection: close this one, which is waiting for (the rest of) a request."""
         limit = self.registry.max_connections
-        answered = self._abandon(503, "too_many_connections",
-                                 f"the server has {limit} connections open (adn serve --max-connections) and closed "
-                                 f"this one, which had not sent a complete request, to make room for another; "
-                                 f"retry, sending the whole request at once", retry_after=True)
-        self.throttle("evicted", f"{limit} connections open (--max-connections): closed the one waiting longest for "
-                                 f"its request{' (answered 503)' if answered else ''} to make room for a new one")
+        answered = self._abandon(
+            503,
+            "too_many_connections",
+            f"the server has {limit} connections open (adn serve --max-connections) and closed "
+            f"this one, which had not sent a complete request, to make room for another; "
+            f"retry, sending the whole request at once",
+            retry_after=True,
+        )
+        self.throttle(
+            "evicted",
+            f"{limit} connections open (--max-connections): closed the one waiting longest for "
+            f"its request{' (answered 503)' if answered else ''} to make room for a new one",
+        )
 
     def _abandon(self, status: int, code: str, message: str, retry_after: bool = False) -> bool:
         """Close the connection; with the JSON error first when a request is partly received and not answered.
@@ -219,11 +237,20 @@ class GuardedH11Protocol(H11Protocol):
         """Every connection busy at the cap: a JSON 503 on this new one, which is then closed."""
         self._own_transport = transport
         limit = self.registry.max_connections
-        self._answer_and_close(transport, error_response(
-            503, "too_many_connections", f"the server has {limit} connections open, each with a request in progress "
-                                         f"(adn serve --max-connections); retry in a moment", retry_after=True))
-        self.throttle("refused", f"{limit} connections open (--max-connections), all with requests in progress: "
-                                 f"refused a new one with 503")
+        self._answer_and_close(
+            transport,
+            error_response(
+                503,
+                "too_many_connections",
+                f"the server has {limit} connections open, each with a request in progress "
+                f"(adn serve --max-connections); retry in a moment",
+                retry_after=True,
+            ),
+        )
+        self.throttle(
+            "refused",
+            f"{limit} connections open (--max-connections), all with requests in progress: refused a new one with 503",
+        )
 
     def _answer_and_close(self, transport, answer: bytes) -> None:
         """Write ``answer``, end the sending side, and close once the client has closed its side or after
@@ -244,9 +271,11 @@ class GuardedH11Protocol(H11Protocol):
 def protocol_class(request_timeout_s: float, max_connections: int, throttle: Throttle) -> type[GuardedH11Protocol]:
     """A protocol class for ``uvicorn.Config(http=...)``, with its own registry of open connections (one per
     server)."""
-    return type("AdnH11Protocol", (GuardedH11Protocol,), {"registry": _Registry(max_connections),
-                                                          "request_timeout_s": request_timeout_s,
-                                                          "throttle": throttle})
+    return type(
+        "AdnH11Protocol",
+        (GuardedH11Protocol,),
+        {"registry": _Registry(max_connections), "request_timeout_s": request_timeout_s, "throttle": throttle},
+    )
 
 
 def fit_to_open_files(max_connections: int, warn: Callable[[str], None]) -> int:
@@ -275,7 +304,9 @@ def fit_to_open_files(max_connections: int, warn: Callable[[str], None]) -> int:
     if soft >= needed:
         return max_connections
     allowed = max(1, soft - in_use - RESERVED_FILES)
-    warn(f"adn: warning: the open-file limit ({soft}, ulimit -n) leaves room for {allowed} connections, not "
-         f"--max-connections {max_connections}; serving at most {allowed}. Raise the limit (ulimit -n "
-         f"{needed}) to serve more")
+    warn(
+        f"adn: warning: the open-file limit ({soft}, ulimit -n) leaves room for {allowed} connections, not "
+        f"--max-connections {max_connections}; serving at most {allowed}. Raise the limit (ulimit -n "
+        f"{needed}) to serve more"
+    )
     return allowed

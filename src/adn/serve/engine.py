@@ -6,6 +6,7 @@ session on one switchable file, exported and loaded at start-up, fed each batch'
 (:class:`adn.runtime.backends.OnnxSwitchable`); with ``onnxruntime-per-depth`` (or for a model torch cannot
 export as one switchable file) one session per depth (:class:`adn.runtime.backends.OnnxDepths`).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,22 +22,33 @@ BACKENDS = ("eager", *ONNX_BACKENDS)
 
 
 class Engine:
-    def __init__(self, net: nn.Module | None, example: torch.Tensor, configs: list | None = None,
-                 backend: str = "eager", switchable_file: str | os.PathLike | None = None,
-                 num_stages: int | None = None):
+    def __init__(
+        self,
+        net: nn.Module | None,
+        example: torch.Tensor,
+        configs: list | None = None,
+        backend: str = "eager",
+        switchable_file: str | os.PathLike | None = None,
+        num_stages: int | None = None,
+    ):
         """``example``: one input ``[1, C, H, W]``; ``configs``: the depths to prepare (default: all 2^N). Without
         ``net``: the switchable ONNX file ``switchable_file`` (written, and checked at every depth, by ``adn
         export --switchable``) of a network of ``num_stages`` stages, on onnxruntime."""
         if backend not in BACKENDS:
-            raise ValueError(f"--backend {backend}: adn serve runs on {' or '.join(BACKENDS)} (a compiled graph is "
-                             f"specialised to one batch size, and batch sizes vary here)")
+            raise ValueError(
+                f"--backend {backend}: adn serve runs on {' or '.join(BACKENDS)} (a compiled graph is "
+                f"specialised to one batch size, and batch sizes vary here)"
+            )
         if net is None and backend != "onnxruntime":
-            raise ValueError(f"--backend {backend}: an exported switchable file runs on onnxruntime only; serving on "
-                             f"{backend} needs the checkpoint (--checkpoint)")
+            raise ValueError(
+                f"--backend {backend}: an exported switchable file runs on onnxruntime only; serving on "
+                f"{backend} needs the checkpoint (--checkpoint)"
+            )
         self.backend = backend
         self.num_stages = net.num_stages if net is not None else num_stages
-        configs = SkipConfig.all(self.num_stages) if configs is None else [SkipConfig(c, self.num_stages)
-                                                                            for c in configs]
+        configs = (
+            SkipConfig.all(self.num_stages) if configs is None else [SkipConfig(c, self.num_stages) for c in configs]
+        )
         start = time.perf_counter()
         if net is None:
             sessions = OnnxSwitchable(path=switchable_file, num_stages=num_stages)
@@ -70,6 +82,7 @@ class Engine:
         def run(batch: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 return net(batch, skip=config)
+
         return run
 
     @staticmethod
@@ -78,4 +91,5 @@ class Engine:
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(runner(batch.contiguous().numpy())[0])
+
         return run

@@ -1,5 +1,6 @@
 """Errors the server answers with: an HTTP status, a stable code a client can branch on, and a message a
 person can act on. Every error response has the body ``{"error": {"status", "code", "message"}}``."""
+
 from __future__ import annotations
 
 

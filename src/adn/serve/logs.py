@@ -6,6 +6,7 @@ Three sources go through it: the server's own events (:class:`Throttle`), the ev
 (:func:`loop_exception_handler`: one line, no traceback, for errors such as ``accept()`` failing with EMFILE) and
 uvicorn's loggers (:class:`ThrottledLogs`, a logging filter).
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,12 @@ class Throttle:
     """``throttle(key, message)`` writes ``message`` unless a message of the same ``key`` was written less than
     ``interval_s`` ago; the next one written says how many were left out meanwhile. Thread-safe."""
 
-    def __init__(self, interval_s: float = INTERVAL_S, write: Callable[[str], None] = _stderr,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        interval_s: float = INTERVAL_S,
+        write: Callable[[str], None] = _stderr,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.interval_s, self.write, self.clock = interval_s, write, clock
         self._last: dict[str, tuple[float, int]] = {}  # key -> (when last written, how many left out since)
         self._lock = threading.Lock()
@@ -65,6 +70,7 @@ def _more(left_out: int, interval_s: float) -> str:
 def loop_exception_handler(throttle: Throttle, hint: str = "") -> Callable:
     """An asyncio exception handler writing one throttled line per kind of error, without a traceback.
     ``hint`` is added to the line of an out-of-file-descriptors error (what to change)."""
+
     def handle(loop, context: dict) -> None:
         error = context.get("exception")
         message = context.get("message") or "error in the event loop"
@@ -74,6 +80,7 @@ def loop_exception_handler(throttle: Throttle, hint: str = "") -> Callable:
         if number in (errno.EMFILE, errno.ENFILE):
             line += "; new connections wait until some close" + (f" ({hint})" if hint else "")
         throttle(key, line)
+
     return handle
 
 

@@ -28,6 +28,7 @@ ask it on a simulated one, with simulated arrivals and forward-pass times.
   fixed depths included, goes back to the governor (for depths in its table), so it learns how fast the
   machine is now.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,11 +48,11 @@ class Pending:
 
     images: int
     skip: str | None  # the depth the request fixed ("TTF"), or None: the governor chooses
-    arrival: float    # when it arrived (its budget runs from here)
-    deadline: float   # arrival + its budget
-    queued: float     # when it entered the queue (after decoding)
+    arrival: float  # when it arrived (its budget runs from here)
+    deadline: float  # arrival + its budget
+    queued: float  # when it entered the queue (after decoding)
     payload: Any = field(default=None, repr=False)  # what the server carries along (images, the waiting caller)
-    seen: bool = field(default=False, repr=False)    # counted in the policy's arrival rate
+    seen: bool = field(default=False, repr=False)  # counted in the policy's arrival rate
 
 
 @dataclass
@@ -73,8 +74,9 @@ RATE_WINDOW_BUDGETS = 4  # the arrival rate is measured over this many budgets
 
 
 class BatchPolicy:
-    def __init__(self, governor: Governor, max_batch: int, max_wait_s: float, headroom: bool = True,
-                 adaptive: bool = True):
+    def __init__(
+        self, governor: Governor, max_batch: int, max_wait_s: float, headroom: bool = True, adaptive: bool = True
+    ):
         """``headroom``: keep room for the requests expected within one budget (off: plan only what is queued).
         ``adaptive``: a batch waits for company only while that is expected to pay, at most ``max_wait_s``
         (off: every batch that is not full waits ``max_wait_s``)."""
@@ -85,7 +87,7 @@ class BatchPolicy:
         self._table_skips = {row["skip"] for row in governor.table.depths}
         self._most_accurate = governor.table.depths[-1]["skip"]
         self._arrivals: deque[tuple[float, int]] = deque()  # (arrival, images) within the rate window
-        self._arrived_images = 0                             # their images, summed
+        self._arrived_images = 0  # their images, summed
 
     def expected_images(self, now: float) -> int:
         """Images expected to arrive within one budget: those that arrived in the last RATE_WINDOW_BUDGETS
@@ -137,6 +139,7 @@ class BatchPolicy:
             if depth in self._table_skips:
                 return self.governor.predict_ms(depth, size)
             return self.governor.fastest_median_ms(size)  # a depth the table does not time: the fastest's shape
+
         saving_ms = cost_ms(per_request) / (len(taken) + 1) - (cost_ms(images + per_request) - cost_ms(images))
         return gap_s * 1e3 < saving_ms
 

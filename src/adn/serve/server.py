@@ -8,6 +8,7 @@ Connections are guarded by :mod:`adn.serve.connections` (a deadline for receivin
 connections; uvicorn's own ``timeout_keep_alive`` for idle ones), and what goes wrong is logged on throttled
 lines (:mod:`adn.serve.logs`): the event loop's errors, uvicorn's warnings and the server's own events.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,25 +68,41 @@ def bind(host: str, port: int) -> socket.socket:
         return sock
     except OSError as error:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port "
-                         f"(0 picks a free one) or --host") from error
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port "
+            f"(0 picks a free one) or --host"
+        ) from error
 
 
-def make_server(app, settings: ServeSettings, on_exit: Callable[[], None], access_log: bool = False,
-                log_level: str = "warning", max_connections: int | None = None,
-                throttle: Throttle | None = None) -> _DrainingServer:
+def make_server(
+    app,
+    settings: ServeSettings,
+    on_exit: Callable[[], None],
+    access_log: bool = False,
+    log_level: str = "warning",
+    max_connections: int | None = None,
+    throttle: Throttle | None = None,
+) -> _DrainingServer:
     """The uvicorn server for ``app`` with the connection limits of ``settings`` (``max_connections`` overrides
     ``settings.max_connections``); ``server.run(sockets=[sock])`` serves until ``server.should_exit``."""
     throttle = throttle or Throttle()
     http = protocol_class(settings.request_timeout_s, max_connections or settings.max_connections, throttle)
-    config = uvicorn.Config(app, lifespan="on", access_log=access_log, log_level=log_level, http=http, ws="none",
-                            timeout_keep_alive=settings.keep_alive_s,
-                            timeout_graceful_shutdown=settings.graceful_timeout_s)
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        access_log=access_log,
+        log_level=log_level,
+        http=http,
+        ws="none",
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.graceful_timeout_s,
+    )
     return _DrainingServer(config, on_exit, throttle)
 
 
-def run(app, sock: socket.socket, settings: ServeSettings, on_exit: Callable[[], None],
-        access_log: bool = False) -> None:
+def run(
+    app, sock: socket.socket, settings: ServeSettings, on_exit: Callable[[], None], access_log: bool = False
+) -> None:
     """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, then shut down gracefully (at most
     ``settings.graceful_timeout_s`` seconds of waiting for requests in flight)."""
     max_connections = fit_to_open_files(settings.max_connections, lambda line: print(line, file=sys.stderr))

@@ -6,6 +6,7 @@ network on all training images for the demo's epochs and is measured once, on th
 network's own batch-norm statistics and with per-depth statistics measured after training (what
 ``adn recalibrate`` stores, and what the default recipe stores by itself at the end of training).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,10 @@ def demo_rows(protocol, results: dict) -> list[str]:
     stages = num_stages(protocol)
     sup, base = "F" * stages, "T" * stages
     seeds = len(protocol.seeds)
-    lines = ["| recipe | statistics | super-net | base-net | every depth (lowest–highest mean) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| recipe | statistics | super-net | base-net | every depth (lowest–highest mean) |",
+        "|---|---|---|---|---|",
+    ]
     for arm in protocol.arms:
         for key, label in (("accuracy", "its own"), ("accuracy_recalibrated", "per depth")):
             individual = arm.startswith("individual")
@@ -49,8 +52,10 @@ def demo_rows(protocol, results: dict) -> list[str]:
             depth = "" if individual else depth_range(results, arm, key, seeds)
             super_cell = mean_cell(accuracies(results, arm, sup, key), seeds) if arm != "individual-base" else ""
             base_cell = mean_cell(accuracies(results, arm, base, key), seeds) if arm != "individual-super" else ""
-            lines.append(f"| {TITLES.get(arm, arm)} | {label if not individual else '-'} | {super_cell} | "
-                         f"{base_cell} | {depth} |")
+            lines.append(
+                f"| {TITLES.get(arm, arm)} | {label if not individual else '-'} | {super_cell} | "
+                f"{base_cell} | {depth} |"
+            )
     return lines
 
 
@@ -66,15 +71,18 @@ def demo_verdicts(protocol, results: dict) -> list[str]:
             continue
         arm_sup = accuracies(results, arm, sup, "accuracy_recalibrated")
         arm_base = accuracies(results, arm, base, "accuracy_recalibrated")
-        lines.append(f"- {TITLES.get(arm, arm)}: super-net above the individual network: "
-                     f"**{verdict(arm_sup, ind_sup)}**; base-net above the individual network: "
-                     f"**{verdict(arm_base, ind_base)}**; the individual networks above it: "
-                     f"super-net **{verdict(ind_sup, arm_sup)}**, base-net **{verdict(ind_base, arm_base)}**.")
+        lines.append(
+            f"- {TITLES.get(arm, arm)}: super-net above the individual network: "
+            f"**{verdict(arm_sup, ind_sup)}**; base-net above the individual network: "
+            f"**{verdict(arm_base, ind_base)}**; the individual networks above it: "
+            f"super-net **{verdict(ind_sup, arm_sup)}**, base-net **{verdict(ind_base, arm_base)}**."
+        )
     return lines
 
 
-def write_demo_report(protocol, results: dict, path: Path, figures: Path, root: Path, record: Path,
-                      quick: bool = False) -> Path:
+def write_demo_report(
+    protocol, results: dict, path: Path, figures: Path, root: Path, record: Path, quick: bool = False
+) -> Path:
     """Write the report (the signature of the paper report's ``write_report``; ``figures``, ``root`` and
     ``quick`` are unused: this report has no figures and no quick mode)."""
     del figures, root, quick
@@ -93,7 +101,7 @@ def write_demo_report(protocol, results: dict, path: Path, figures: Path, root: 
         f"Every run trains `{protocol.model}` (base width {protocol.width}) on all Fashion-MNIST training images "
         f"for {protocol.epochs} epochs (batch {protocol.batch_size}, SGD lr {protocol.lr} with cosine decay, "
         f"weight decay {protocol.weight_decay}: `make demo`'s schedule) and is measured once, on the 10,000 test "
-        "images. \"Per depth\" statistics are measured after training over "
+        'images. "Per depth" statistics are measured after training over '
         f"{protocol.recalibrate_bn} batches of training images (`adn recalibrate`; the default recipe stores "
         "them by itself at the end of training). Cells: mean ± standard deviation over seeds.",
         "",

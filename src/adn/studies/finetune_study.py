@@ -14,6 +14,7 @@ run leaves ``result.json`` (commands, accuracies, times) beside its checkpoint a
 ``log.jsonl`` in a record folder kept in version control; a run whose commands have not changed is not
 trained again, on this machine or another.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .reproduce import (CommandRunner, Protocol, cache_key, cached_result, collect_results, command_line, first_record,
-                        run_adn, run_arm, save_record, training_cpu_seconds, write_json)
+from .reproduce import (
+    CommandRunner,
+    Protocol,
+    cache_key,
+    cached_result,
+    collect_results,
+    command_line,
+    first_record,
+    run_adn,
+    run_arm,
+    save_record,
+    training_cpu_seconds,
+    write_json,
+)
 
-TEACHER = "individual-super"               # the reproduction's arm whose checkpoints are fine-tuned
+TEACHER = "individual-super"  # the reproduction's arm whose checkpoints are fine-tuned
 BASELINES = ("individual-super", "individual-base", "adn")  # the reproduction's arms the report compares with
-FRACTIONS = (0.1, 0.2, 0.3)                # of the from-scratch epochs
+FRACTIONS = (0.1, 0.2, 0.3)  # of the from-scratch epochs
 
 
 @dataclass
@@ -37,6 +50,7 @@ class FinetuneRecipe:
     0.1 divided by 10 twice); restarting at the from-scratch rate would undo what it learned, so the
     fine-tuning starts at a tenth of it and decays to zero with a cosine schedule over its few epochs.
     The head keeps its class count (same data set): no separate head learning rate is needed."""
+
     fractions: tuple[float, ...] = FRACTIONS
     lr: float = 0.01
     lr_scheduler: str = "cosineannealinglr"
@@ -52,16 +66,41 @@ def arm_name(fraction: float) -> str:
     return f"finetune-{round(fraction * 100)}"
 
 
-def train_args(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folder: Path,
-               teacher: Path) -> list[str]:
+def train_args(
+    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folder: Path, teacher: Path
+) -> list[str]:
     """``adn train`` from the teacher's checkpoint: the protocol's model, data and batch; the recipe's
     schedule; Algorithm 1."""
-    args = ["train", "--model", protocol.model, "--width", str(protocol.width), "--data", protocol.data,
-            "--init-from", str(teacher), "--method", "adn",
-            "--epochs", str(recipe.epochs(protocol, fraction)), "-b", str(protocol.batch_size),
-            "--lr", str(recipe.lr), "--lr-scheduler", recipe.lr_scheduler, "--wd", str(protocol.weight_decay),
-            "--val-from-train", str(protocol.val_from_train), "--seed", str(seed),
-            "--output-dir", str(folder), "--no-progress"]
+    args = [
+        "train",
+        "--model",
+        protocol.model,
+        "--width",
+        str(protocol.width),
+        "--data",
+        protocol.data,
+        "--init-from",
+        str(teacher),
+        "--method",
+        "adn",
+        "--epochs",
+        str(recipe.epochs(protocol, fraction)),
+        "-b",
+        str(protocol.batch_size),
+        "--lr",
+        str(recipe.lr),
+        "--lr-scheduler",
+        recipe.lr_scheduler,
+        "--wd",
+        str(protocol.weight_decay),
+        "--val-from-train",
+        str(protocol.val_from_train),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(folder),
+        "--no-progress",
+    ]
     if recipe.lr_warmup_epochs:
         args += ["--lr-warmup-epochs", str(recipe.lr_warmup_epochs)]
     if recipe.body_lr_scale != 1.0:
@@ -69,8 +108,9 @@ def train_args(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed
     return args + protocol.data_and_device_args() + list(protocol.extra)
 
 
-def commands(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folder: Path,
-             teacher: Path) -> list[list[str]]:
+def commands(
+    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folder: Path, teacher: Path
+) -> list[list[str]]:
     """The train command, then the reproduction's eval commands (every sub-network; recalibrated too)."""
     checkpoint = folder / "checkpoint.pt"
     arm = arm_name(fraction)
@@ -88,22 +128,32 @@ def finetune_key(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, se
     return [*cache_key(protocol, TEACHER, seed), *map(command_line, own)]
 
 
-def cached_finetune(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int,
-                    folders: list[Path]) -> dict | None:
-    return first_record(finetune_key(protocol, recipe, fraction, seed),
-                        [folder / arm_name(fraction) / f"seed{seed}" for folder in folders])
+def cached_finetune(
+    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folders: list[Path]
+) -> dict | None:
+    return first_record(
+        finetune_key(protocol, recipe, fraction, seed),
+        [folder / arm_name(fraction) / f"seed{seed}" for folder in folders],
+    )
 
 
 # ----- the teachers ------------------------------------------------------------------------------------------
 @dataclass
 class Reproduction:
     """Where ``adn reproduce`` keeps its runs: checkpoints in ``root``, results in ``record``."""
+
     root: Path = Path("runs/reproduce")
     record: Path = Path("results/reproduction/runs")
 
 
-def teacher_checkpoint(protocol: Protocol, seed: int, reproduction: Reproduction, train_missing: bool = False,
-                       log=print, run_command: CommandRunner | None = None) -> Path | None:
+def teacher_checkpoint(
+    protocol: Protocol,
+    seed: int,
+    reproduction: Reproduction,
+    train_missing: bool = False,
+    log=print,
+    run_command: CommandRunner | None = None,
+) -> Path | None:
     """The checkpoint of the reproduction's individual super-net of ``seed``, or None while it does not
     exist. ``train_missing``: train it first, as ``adn reproduce --train-only --arms individual-super``
     would (same folders, same cache; not while ``adn reproduce`` is training it)."""
@@ -114,16 +164,27 @@ def teacher_checkpoint(protocol: Protocol, seed: int, reproduction: Reproduction
     if not train_missing:
         return None
     if finished:  # recorded on another machine: the checkpoint itself is not here
-        raise FileNotFoundError(f"{TEACHER} seed {seed} has finished (its result is recorded) but its checkpoint "
-                                f"{checkpoint} is not on this machine; copy it here, or delete its result.json in "
-                                f"{reproduction.record} to train it again")
+        raise FileNotFoundError(
+            f"{TEACHER} seed {seed} has finished (its result is recorded) but its checkpoint "
+            f"{checkpoint} is not on this machine; copy it here, or delete its result.json in "
+            f"{reproduction.record} to train it again"
+        )
     run_arm(protocol, TEACHER, seed, reproduction.root, reproduction.record, log=log, run_command=run_command)
     return checkpoint
 
 
 # ----- one fine-tuning run -------------------------------------------------------------------------------------
-def run_finetune(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, teacher: Path, root: Path,
-                 record: Path, log=print, run_command: CommandRunner | None = None) -> dict:
+def run_finetune(
+    protocol: Protocol,
+    recipe: FinetuneRecipe,
+    fraction: float,
+    seed: int,
+    teacher: Path,
+    root: Path,
+    record: Path,
+    log=print,
+    run_command: CommandRunner | None = None,
+) -> dict:
     """Fine-tune the teacher of ``seed`` for ``fraction`` of the epochs and evaluate every sub-network, or
     return the cached result. The result has the reproduction's fields (``accuracy``,
     ``accuracy_recalibrated``, ``macs``, ``params``, ``train_s``, ``eval_s``) and ``epochs``."""
@@ -143,19 +204,28 @@ def run_finetune(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, se
     train_s = time.perf_counter() - started
     rows = json.loads(run_adn(steps[1], run_command))
     recalibrated = json.loads(run_adn(steps[2], run_command)) if len(steps) > 2 else []
-    result = {"arm": arm, "seed": seed, "fraction": fraction, "epochs": recipe.epochs(protocol, fraction),
-              "key": finetune_key(protocol, recipe, fraction, seed), "teacher": str(teacher),
-              "commands": [command_line(c) for c in steps], "train_s": train_s,
-              "train_cpu_s": training_cpu_seconds(folder / "log.jsonl"),
-              "eval_s": time.perf_counter() - started - train_s,
-              "accuracy": {row["skip"]: row["acc1"] for row in rows},
-              "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},
-              "macs": {row["skip"]: row["macs"] for row in rows},
-              "params": {row["skip"]: row["params"] for row in rows}}
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "fraction": fraction,
+        "epochs": recipe.epochs(protocol, fraction),
+        "key": finetune_key(protocol, recipe, fraction, seed),
+        "teacher": str(teacher),
+        "commands": [command_line(c) for c in steps],
+        "train_s": train_s,
+        "train_cpu_s": training_cpu_seconds(folder / "log.jsonl"),
+        "eval_s": time.perf_counter() - started - train_s,
+        "accuracy": {row["skip"]: row["acc1"] for row in rows},
+        "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},
+        "macs": {row["skip"]: row["macs"] for row in rows},
+        "params": {row["skip"]: row["params"] for row in rows},
+    }
     write_json(folder / "result.json", result)
     save_record(folder, record / arm / f"seed{seed}", result)
-    log(f"{arm} seed {seed}: done in {train_s + result['eval_s']:.0f}s; "
-        + ", ".join(f"{k}={v:.2f}%" for k, v in result["accuracy"].items()))
+    log(
+        f"{arm} seed {seed}: done in {train_s + result['eval_s']:.0f}s; "
+        + ", ".join(f"{k}={v:.2f}%" for k, v in result["accuracy"].items())
+    )
     return result
 
 
@@ -164,8 +234,8 @@ def run_finetune(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, se
 class Study:
     protocol: Protocol
     recipe: FinetuneRecipe
-    root: Path                      # fine-tuning checkpoints
-    record: Path                    # fine-tuning results, kept in version control
+    root: Path  # fine-tuning checkpoints
+    record: Path  # fine-tuning results, kept in version control
     reproduction: Reproduction
 
 
@@ -174,43 +244,61 @@ def collect(study: Study) -> dict[str, list[dict]]:
     results = collect_results(study.protocol, study.reproduction.root, study.reproduction.record, arms=BASELINES)
     for fraction in study.recipe.fractions:
         results[arm_name(fraction)] = [
-            r for seed in study.protocol.seeds
-            if (r := cached_finetune(study.protocol, study.recipe, fraction, seed, [study.record, study.root]))]
+            r
+            for seed in study.protocol.seeds
+            if (r := cached_finetune(study.protocol, study.recipe, fraction, seed, [study.record, study.root]))
+        ]
     return results
 
 
 def _one_thread() -> None:
     import torch
+
     torch.set_num_threads(1)
 
 
 def _job(study: Study, fraction: float, seed: int, teacher: Path, run_command: CommandRunner | None) -> dict:
-    return run_finetune(study.protocol, study.recipe, fraction, seed, teacher, study.root, study.record,
-                        log=lambda m: print(m, file=sys.stderr, flush=True), run_command=run_command)
+    return run_finetune(
+        study.protocol,
+        study.recipe,
+        fraction,
+        seed,
+        teacher,
+        study.root,
+        study.record,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        run_command=run_command,
+    )
 
 
-def run_study(study: Study, train_teachers: bool = False, jobs: int = 1, log=print,
-              run_command: CommandRunner | None = None) -> list[str]:
+def run_study(
+    study: Study, train_teachers: bool = False, jobs: int = 1, log=print, run_command: CommandRunner | None = None
+) -> list[str]:
     """Fine-tune (or reuse) every (fraction, seed) whose teacher exists; returns what is still missing.
     ``jobs`` runs train at once, one thread each (as ``adn reproduce --jobs``)."""
     missing, tasks = [], []
     for seed in study.protocol.seeds:
         teacher = teacher_checkpoint(study.protocol, seed, study.reproduction, train_teachers, log, run_command)
         if teacher is None:
-            missing.append(f"{TEACHER} seed {seed} (`adn reproduce --train-only --arms {TEACHER} --seeds {seed}`, "
-                           f"or `adn reproduce-finetune --train-teachers`)")
+            missing.append(
+                f"{TEACHER} seed {seed} (`adn reproduce --train-only --arms {TEACHER} --seeds {seed}`, "
+                f"or `adn reproduce-finetune --train-teachers`)"
+            )
             continue
         tasks += [(fraction, seed, teacher) for fraction in study.recipe.fractions]
     if jobs <= 1:
         for fraction, seed, teacher in tasks:
-            run_finetune(study.protocol, study.recipe, fraction, seed, teacher, study.root, study.record, log,
-                         run_command)
+            run_finetune(
+                study.protocol, study.recipe, fraction, seed, teacher, study.root, study.record, log, run_command
+            )
     else:
         import concurrent.futures
         import multiprocessing
+
         os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when the spawned workers import it
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_one_thread) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
+        ) as pool:
             for future in [pool.submit(_job, study, *task, run_command) for task in tasks]:
                 future.result()
     return missing

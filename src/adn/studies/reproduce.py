@@ -20,6 +20,7 @@ individual-base     a plain network of the base-net's depth            Table 1, 
 adn-pooled          Algorithm 1 with pooled feature distillation       feature-KD comparison
 ==================  =================================================  ==========================
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,13 +72,14 @@ class Protocol:
     5,000 of them held out for validation, final numbers on the 10,000 test images); :meth:`quick` is the
     harness check the test suite runs. The recipe (lr, weight decay, batch, epochs, schedule) was chosen
     once for the individual baseline on the held-out split (docs/reproduction.md, "Recipe")."""
+
     model: str = "resnet20"
     width: int = 8
     data: str = "fashion-mnist"
-    data_path: str | None = None             # default: the Debian package or torchvision's download
-    val_from_train: int | None = 5000        # monitoring and recipe choice; never the test set
+    data_path: str | None = None  # default: the Debian package or torchvision's download
+    val_from_train: int | None = 5000  # monitoring and recipe choice; never the test set
     train_subset: int | None = None
-    final_val_subset: int | None = None      # None: the whole test set
+    final_val_subset: int | None = None  # None: the whole test set
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1
@@ -85,26 +87,34 @@ class Protocol:
     # last phase at lr 0.001 is where a plateau can show; a cosine schedule still gains 0.7 points in its
     # last 20% at 20 and 30 epochs alike (docs/reproduction/notes.md).
     lr_steps: tuple[int, ...] = (15, 23)
-    lr_scheduler: str = "multisteplr"        # with lr_steps; any other adn train --lr-scheduler ignores them
+    lr_scheduler: str = "multisteplr"  # with lr_steps; any other adn train --lr-scheduler ignores them
     weight_decay: float = 5e-4
     seeds: tuple[int, ...] = (0, 1, 2)
     max_steps_per_epoch: int | None = None
-    recalibrate_bn: int = 50                 # batches of 256 training images per sub-network; 0: off
-    device: str | None = None                # None: adn train's default (a GPU if there is one)
+    recalibrate_bn: int = 50  # batches of 256 training images per sub-network; 0: off
+    device: str | None = None  # None: adn train's default (a GPU if there is one)
     extra: list[str] = field(default_factory=list)
     arms: dict[str, list[str]] = field(default_factory=lambda: dict(ARMS))
 
     @classmethod
     def quick(cls) -> "Protocol":
-        return cls(train_subset=128, val_from_train=64, final_val_subset=128, epochs=2, lr_steps=(1,), batch_size=32,
-                   seeds=(0, 1), max_steps_per_epoch=2, recalibrate_bn=2)
+        return cls(
+            train_subset=128,
+            val_from_train=64,
+            final_val_subset=128,
+            epochs=2,
+            lr_steps=(1,),
+            batch_size=32,
+            seeds=(0, 1),
+            max_steps_per_epoch=2,
+            recalibrate_bn=2,
+        )
 
     @classmethod
     def demo(cls) -> "Protocol":
         """``make demo``'s schedule: every training image (no held-out split), 10 epochs, cosine decay, the
         test set; the arms are the recipes a user chooses between (:data:`DEMO_ARMS`)."""
-        return cls(val_from_train=None, epochs=10, lr_scheduler="cosineannealinglr", lr_steps=(),
-                   arms=dict(DEMO_ARMS))
+        return cls(val_from_train=None, epochs=10, lr_scheduler="cosineannealinglr", lr_steps=(), arms=dict(DEMO_ARMS))
 
     def train_args(self, arm: str, seed: int, output_dir: Path) -> list[str]:
         # (the order of the flags is part of each run's cache key: keep it)
@@ -112,10 +122,30 @@ class Protocol:
         if self.lr_scheduler == "multisteplr":
             schedule += ["--lr-steps", *map(str, self.lr_steps)]
         held_out = ["--val-from-train", str(self.val_from_train)] if self.val_from_train else []
-        args = ["train", "--model", self.model, "--width", str(self.width), "--data", self.data,
-                "--epochs", str(self.epochs), "-b", str(self.batch_size), "--lr", str(self.lr), *schedule,
-                "--wd", str(self.weight_decay), *held_out, "--seed", str(seed),
-                "--output-dir", str(output_dir), "--no-progress"]
+        args = [
+            "train",
+            "--model",
+            self.model,
+            "--width",
+            str(self.width),
+            "--data",
+            self.data,
+            "--epochs",
+            str(self.epochs),
+            "-b",
+            str(self.batch_size),
+            "--lr",
+            str(self.lr),
+            *schedule,
+            "--wd",
+            str(self.weight_decay),
+            *held_out,
+            "--seed",
+            str(seed),
+            "--output-dir",
+            str(output_dir),
+            "--no-progress",
+        ]
         return args + self.data_and_device_args() + self.arms[arm] + list(self.extra)
 
     def data_and_device_args(self) -> list[str]:
@@ -236,8 +266,15 @@ def training_cpu_seconds(log_path: Path) -> float | None:
     return sum(row["epoch_cpu_s"] for row in rows)
 
 
-def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | None = None, log=print,
-            run_command: CommandRunner | None = None) -> dict:
+def run_arm(
+    protocol: Protocol,
+    arm: str,
+    seed: int,
+    root: Path,
+    record: Path | None = None,
+    log=print,
+    run_command: CommandRunner | None = None,
+) -> dict:
     """Train and evaluate one (arm, seed), or return its cached result. ``result.json`` holds the
     commands, per-sub-network accuracy (with the networks' own and with recalibrated batch-norm
     statistics), MACs, params, the skip-aware norm distances, and wall time. ``record`` (a folder kept
@@ -269,20 +306,28 @@ def run_arm(protocol: Protocol, arm: str, seed: int, root: Path, record: Path | 
     eval_started = time.perf_counter()
     rows = json.loads(run_adn(commands[1], run_command))
     recalibrated = json.loads(run_adn(commands[2], run_command)) if len(commands) > 2 else []
-    result = {"arm": arm, "seed": seed, "key": key, "resumed": resume is not None,
-              "commands": [command_line(c) for c in commands], "train_s": train_s,
-              "train_cpu_s": training_cpu_seconds(folder / "log.jsonl"),
-              "eval_s": time.perf_counter() - eval_started,
-              "accuracy": {row["skip"]: row["acc1"] for row in rows},
-              "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},
-              "macs": {row["skip"]: row["macs"] for row in rows},
-              "params": {row["skip"]: row["params"] for row in rows}}
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "key": key,
+        "resumed": resume is not None,
+        "commands": [command_line(c) for c in commands],
+        "train_s": train_s,
+        "train_cpu_s": training_cpu_seconds(folder / "log.jsonl"),
+        "eval_s": time.perf_counter() - eval_started,
+        "accuracy": {row["skip"]: row["acc1"] for row in rows},
+        "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},
+        "macs": {row["skip"]: row["macs"] for row in rows},
+        "params": {row["skip"]: row["params"] for row in rows},
+    }
     result.update(_checkpoint_facts(folder / "checkpoint.pt"))
     write_json(folder / "result.json", result)
     (folder / PENDING).unlink(missing_ok=True)
     save_record(folder, record / arm / f"seed{seed}", result)
-    log(f"{arm} seed {seed}: done in {train_s + result['eval_s']:.0f}s; "
-        + ", ".join(f"{k}={v:.2f}%" for k, v in result["accuracy"].items()))
+    log(
+        f"{arm} seed {seed}: done in {train_s + result['eval_s']:.0f}s; "
+        + ", ".join(f"{k}={v:.2f}%" for k, v in result["accuracy"].items())
+    )
     return result
 
 
@@ -291,6 +336,7 @@ def _checkpoint_facts(checkpoint: Path) -> dict:
     distances (Fig. 3b) and the precision the run trained in."""
     from ..vision.analyze import AnalysisError, norm_distances
     from ..vision.checkpoint import load_network
+
     net, ckpt = load_network(checkpoint)
     try:
         distances = norm_distances(net)
@@ -313,14 +359,23 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run_arm_job(protocol: Protocol, arm: str, seed: int, root: Path, record: Path,
-                 run_command: CommandRunner | None) -> dict:
-    return run_arm(protocol, arm, seed, root, record, log=lambda m: print(m, file=sys.stderr, flush=True),
-                   run_command=run_command)
+def _run_arm_job(
+    protocol: Protocol, arm: str, seed: int, root: Path, record: Path, run_command: CommandRunner | None
+) -> dict:
+    return run_arm(
+        protocol, arm, seed, root, record, log=lambda m: print(m, file=sys.stderr, flush=True), run_command=run_command
+    )
 
 
-def run_all(protocol: Protocol, root: Path, record: Path | None = None, arms=None, jobs: int = 1,
-            log=print, run_command: CommandRunner | None = None) -> dict[str, list[dict]]:
+def run_all(
+    protocol: Protocol,
+    root: Path,
+    record: Path | None = None,
+    arms=None,
+    jobs: int = 1,
+    log=print,
+    run_command: CommandRunner | None = None,
+) -> dict[str, list[dict]]:
     """Every (arm, seed), seeds outermost: an interrupted run has all arms at the first seeds. ``jobs``
     runs train at once, each in its own process with one thread (on 2 cores, two one-thread runs train
     1.7x faster than one two-thread run: this small network does not keep two threads busy)."""
@@ -331,10 +386,14 @@ def run_all(protocol: Protocol, root: Path, record: Path | None = None, arms=Non
     else:
         import concurrent.futures
         import multiprocessing
+
         os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when the spawned workers import it
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_one_thread) as pool:
-            futures = {task: pool.submit(_run_arm_job, protocol, *task, root, record or root, run_command) for task in tasks}
+        with concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread
+        ) as pool:
+            futures = {
+                task: pool.submit(_run_arm_job, protocol, *task, root, record or root, run_command) for task in tasks
+            }
             done = {task: future.result() for task, future in futures.items()}
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for (arm, _seed), result in done.items():
@@ -346,14 +405,29 @@ def collect_results(protocol: Protocol, root: Path, record: Path | None = None, 
     """The finished runs of the current protocol (from ``record`` or ``root``), without training any."""
     results: dict[str, list[dict]] = {}
     for arm in arms or protocol.arms:
-        results[arm] = [r for seed in protocol.seeds
-                        if (r := cached_result(protocol, arm, seed, [record or root, root])) is not None]
+        results[arm] = [
+            r
+            for seed in protocol.seeds
+            if (r := cached_result(protocol, arm, seed, [record or root, root])) is not None
+        ]
     return results
 
 
-def reproduce(protocol: Protocol, root: Path, docs: Path, record: Path | None = None, figures: Path | None = None,
-              quick: bool = False, train_only: bool = False, report_only: bool = False, jobs: int = 1,
-              arms=None, log=print, run_command: CommandRunner | None = None, report=write_report) -> Path | None:
+def reproduce(
+    protocol: Protocol,
+    root: Path,
+    docs: Path,
+    record: Path | None = None,
+    figures: Path | None = None,
+    quick: bool = False,
+    train_only: bool = False,
+    report_only: bool = False,
+    jobs: int = 1,
+    arms=None,
+    log=print,
+    run_command: CommandRunner | None = None,
+    report=write_report,
+) -> Path | None:
     """The whole reproduction: train (or reuse) every arm, then write the report. ``record``: where each
     finished run's ``result.json`` and ``log.jsonl`` are kept (default: ``runs/`` beside the figures, in
     version control). ``report_only``: write the report from the finished runs, train nothing. ``report``:

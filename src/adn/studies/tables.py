@@ -1,6 +1,7 @@
 """What the study reports share: per-seed accuracies of an arm, their mean and spread, verdicts, table
 cells, the machine line, and the protocol's stage count. One definition, so that the reproduction's and
 the fine-tuning study's tables format and judge numbers the same way."""
+
 from __future__ import annotations
 
 import contextlib

@@ -10,6 +10,7 @@ extend it; each redeclares the defaults that differ (output folder, learning rat
 In ``adn train-lm``, ``keep_last`` / ``--keep-last`` keep their meaning: the decoder layers kept out of
 every stage (as in :func:`adn.convert.llama.convert_decoder`).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,11 @@ def need(ok: bool, message: str) -> None:
 @dataclass
 class RunConfig:
     """The fields shared by every training command's settings (see the module's docstring)."""
+
     output_dir: str = "runs/adn"
-    resume: str | None = None        # checkpoint to continue from (the run in output_dir)
-    overwrite: bool = False          # a fresh run may delete another run's files in output_dir
-    keep_checkpoints: int = 0        # numbered checkpoints kept beside checkpoint.pt (0: only checkpoint.pt)
+    resume: str | None = None  # checkpoint to continue from (the run in output_dir)
+    overwrite: bool = False  # a fresh run may delete another run's files in output_dir
+    keep_checkpoints: int = 0  # numbered checkpoints kept beside checkpoint.pt (0: only checkpoint.pt)
     seed: int = 0
     lr: float = 0.1
     batch_size: int = 1
@@ -36,10 +38,15 @@ class RunConfig:
 
     def validate(self) -> None:
         """The checks of the shared fields; a subclass adds its own after calling this."""
-        need(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: --resume continues "
-                                                   "the run in --output-dir, --overwrite replaces it")
+        need(
+            not (self.overwrite and self.resume),
+            "--overwrite and --resume exclude each other: --resume continues "
+            "the run in --output-dir, --overwrite replaces it",
+        )
         need(math.isfinite(self.lr), f"--lr must be a finite number, got {self.lr}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        need(self.keep_checkpoints >= 0, f"--keep-checkpoints (--keep-last) must be >= 0 (0: only checkpoint.pt), "
-                                         f"got {self.keep_checkpoints}")
+        need(
+            self.keep_checkpoints >= 0,
+            f"--keep-checkpoints (--keep-last) must be >= 0 (0: only checkpoint.pt), got {self.keep_checkpoints}",
+        )

@@ -14,6 +14,7 @@ averages them once per step, in flat buckets, as DDP's reducer would. What is gi
 overlap of communication with the backward pass; the traffic is the same. Buffers (batch-norm running
 statistics) are averaged before every evaluation and checkpoint instead of DDP's per-forward broadcast.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,12 @@ BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket_cap_mb
 @dataclass
 class Distributed:
     """This process's place in the run. ``world_size == 1``: a single process, no collectives."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")  # where collectives' tensors must live (NCCL: the GPU)
-    owns_group: bool = False                    # True when setup() created the process group
+    owns_group: bool = False  # True when setup() created the process group
 
     @property
     def enabled(self) -> bool:
@@ -154,8 +156,10 @@ def setup(device_name: str) -> tuple[Distributed, torch.device]:
     device = _device(device_name)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
-                             f"start at most that many processes per node (torchrun --nproc_per_node)")
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
+                f"start at most that many processes per node (torchrun --nproc_per_node)"
+            )
         device = torch.device("cuda", local_rank)  # one GPU per process, whatever --device said
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
@@ -163,9 +167,11 @@ def setup(device_name: str) -> tuple[Distributed, torch.device]:
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except (RuntimeError, ValueError) as error:
-            raise ValueError(f"cannot join the process group (RANK={rank}, WORLD_SIZE={world_size}): {error}. "
-                             f"Start multi-process training with torchrun, which sets MASTER_ADDR and "
-                             f"MASTER_PORT") from error
+            raise ValueError(
+                f"cannot join the process group (RANK={rank}, WORLD_SIZE={world_size}): {error}. "
+                f"Start multi-process training with torchrun, which sets MASTER_ADDR and "
+                f"MASTER_PORT"
+            ) from error
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device, owns), device
 
 
@@ -177,6 +183,7 @@ def _device(name: str) -> torch.device:
     except RuntimeError as error:
         raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:<index>") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asks for a GPU but torch sees none (torch.cuda.is_available() is "
-                         f"False); use --device cpu")
+        raise ValueError(
+            f"--device {name} asks for a GPU but torch sees none (torch.cuda.is_available() is False); use --device cpu"
+        )
     return device

@@ -18,6 +18,7 @@
 A :class:`Task` supplies the rest: its periods (epochs; a step-based task has one), their batches, the
 step (forward and backward, then the update), log records and checkpoint payloads.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,14 +37,7 @@ from tqdm import tqdm
 from ..errors import TrainingDiverged, TrainingInterrupted
 from ..utils.checkpoint_file import LATEST
 from .distributed import Distributed
-from .run_folder import (
-    LOG_NAME,
-    RunLock,
-    check_writable,
-    claim,
-    remove_stale_temporaries,
-    save_rotating,
-)
+from .run_folder import LOG_NAME, RunLock, check_writable, claim, remove_stale_temporaries, save_rotating
 from .run_log import append_log, reconcile_log
 from .signals import StopSignals
 
@@ -55,15 +49,17 @@ def say(message: str) -> None:
 @dataclass
 class Period:
     """One period of a task (an epoch): the batches still to train and how the progress bar shows them."""
+
     batches: Iterable
-    total: int | None = None   # steps of the whole period
-    done: int = 0              # steps already trained (a period resumed in the middle)
+    total: int | None = None  # steps of the whole period
+    done: int = 0  # steps already trained (a period resumed in the middle)
     label: str = ""
 
 
 @dataclass
 class Checkpoint:
     """What a task saves: the payload, and the position that names its numbered copy (both from 1)."""
+
     payload: dict
     epoch: int
     step: int
@@ -73,6 +69,7 @@ class Checkpoint:
 class Resumed:
     """Where a resumed run starts: the log keeps the records up to ``position`` (of the task's
     ``log_key``), plus ``last`` if the run died between writing the checkpoint and its log line."""
+
     position: int
     last: dict | None = None
 
@@ -81,9 +78,9 @@ class Task(Protocol):
     """A training task as :class:`RunLoop` sees it. Every method runs on every process (those that
     communicate must); the loop writes files on rank 0 only."""
 
-    module: nn.Module   # the weights checked before every save
-    log_key: str        # the field of log records that orders them ("epoch" or "step")
-    advice: str         # what to try when the loss diverges, e.g. "try a lower --lr"
+    module: nn.Module  # the weights checked before every save
+    log_key: str  # the field of log records that orders them ("epoch" or "step")
+    advice: str  # what to try when the loss diverges, e.g. "try a lower --lr"
 
     def resumed(self) -> Resumed | None:
         """Where a resumed run starts, or None for a fresh run."""
@@ -124,15 +121,24 @@ class RunLoop:
     """Runs a :class:`Task` in an output folder. Build the task first (a failed set-up leaves no folder
     behind; call :func:`check_output_dir` before slow set-up), then :meth:`run`."""
 
-    def __init__(self, task: Task, output_dir: str | os.PathLike, *, world: Distributed | None = None,
-                 resume: str | None = None, overwrite: bool = False, keep_checkpoints: int = 0,
-                 progress: bool = True, log: Callable[[str], None] = say):
+    def __init__(
+        self,
+        task: Task,
+        output_dir: str | os.PathLike,
+        *,
+        world: Distributed | None = None,
+        resume: str | None = None,
+        overwrite: bool = False,
+        keep_checkpoints: int = 0,
+        progress: bool = True,
+        log: Callable[[str], None] = say,
+    ):
         self.task, self.output, self.world = task, Path(output_dir), world or Distributed()
         self.resume, self.overwrite, self.keep_checkpoints = resume, overwrite, keep_checkpoints
         self.progress, self.log = progress, log
         self.stop = StopSignals()
         self.lock: RunLock | None = None  # rank 0's hold on the folder
-        self.claimed = False              # every process: claim() ran (it is collective, so it runs once)
+        self.claimed = False  # every process: claim() ran (it is collective, so it runs once)
         self.agreed: float | None = None  # a task's sum of asked() over the processes, this step
 
     # ----- the folder -------------------------------------------------------------------------------------
@@ -189,8 +195,15 @@ class RunLoop:
 
     def _period(self, index: int) -> None:
         period = self.task.period(index)
-        bar = tqdm(period.batches, total=period.total, initial=period.done, desc=period.label, file=sys.stderr,
-                   leave=False, disable=not (self.progress and self.world.is_main))
+        bar = tqdm(
+            period.batches,
+            total=period.total,
+            initial=period.done,
+            desc=period.label,
+            file=sys.stderr,
+            leave=False,
+            disable=not (self.progress and self.world.is_main),
+        )
         try:
             for batch in bar:
                 terms = self.task.step(batch)
@@ -243,9 +256,11 @@ class RunLoop:
 
     def check_loss(self, terms: dict[str, float]) -> None:
         if not all(math.isfinite(v) for v in terms.values()):
-            raise TrainingDiverged(f"loss is not finite {self.task.where(True)}: "
-                                   + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                                   + f". {self.kept()}; {self.task.advice}")
+            raise TrainingDiverged(
+                f"loss is not finite {self.task.where(True)}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                + f". {self.kept()}; {self.task.advice}"
+            )
 
     def check_weights(self) -> None:
         check_finite_weights(self.task.module, self.task.where(False), f"{self.kept()}; {self.task.advice}")
@@ -269,8 +284,9 @@ def interrupted(signum: int | None, output: Path, where: str) -> TrainingInterru
     """The error that stops a run after SIGINT/SIGTERM, once the steps done are saved in ``output``."""
     signum = signum or signal.SIGINT  # (another process of the run may have got it)
     checkpoint = output / LATEST
-    return TrainingInterrupted(f"{signal.Signals(signum).name} {where}: the steps done are saved in {checkpoint}",
-                               signum, checkpoint)
+    return TrainingInterrupted(
+        f"{signal.Signals(signum).name} {where}: the steps done are saved in {checkpoint}", signum, checkpoint
+    )
 
 
 def kept_message(output: Path) -> str:
@@ -287,5 +303,6 @@ def check_finite_weights(module: nn.Module, where: str, then: str) -> None:
     tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
     if tensors and not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
         bad = sum(not bool(t.isfinite().all()) for t in tensors)
-        raise TrainingDiverged(f"{bad} of {len(tensors)} weight tensors became NaN or infinite {where}; they were "
-                               f"not saved. {then}")
+        raise TrainingDiverged(
+            f"{bad} of {len(tensors)} weight tensors became NaN or infinite {where}; they were not saved. {then}"
+        )

@@ -6,6 +6,7 @@
 - ``joint`` (ablation without specialization): (CE(super) + CE(base)) / 2, also in two passes.
 - ``individual`` (baseline): plain training of one fixed sub-network.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,12 +40,24 @@ def single_norms(net: nn.Module) -> list[nn.Module]:
     """Batch norms with no skip-aware twin (the stem's, the shortcut projections', the head's) and
     that are not twins themselves: each serves every sub-network with one set of running statistics."""
     twins = {id(m.twin) for m in net.modules() if isinstance(m, SkipAwareNorm)}
-    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and not isinstance(m, SkipAwareNorm) and id(m) not in twins and m.momentum is not None]
+    return [
+        m
+        for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, SkipAwareNorm)
+        and id(m) not in twins
+        and m.momentum is not None
+    ]
 
 
-def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_from: str = "super",
-             precision: Precision = FLOAT32) -> dict:
+def adn_step(
+    net,
+    images,
+    targets,
+    criterion: SubPathDistillationLoss,
+    bn_stats_from: str = "super",
+    precision: Precision = FLOAT32,
+) -> dict:
     """One step of Algorithm 1 (without the optimizer update); leaves gradients in ``.grad`` and the
     network at the depth it had. ``precision``: autocast and loss scaling (``--amp``)."""
     n = net.num_stages
@@ -61,8 +74,9 @@ def adn_step(net, images, targets, criterion: SubPathDistillationLoss, bn_stats_
         freeze = single_norms(net) if bn_stats_from == "super" else []
         with frozen_running_stats(freeze), precision.autocast():
             base_logits = net(images)
-            student_loss, student_terms = criterion.student_loss(base_logits, list(stage_outputs), super_logits,
-                                                                 super_features, targets)
+            student_loss, student_terms = criterion.student_loss(
+                base_logits, list(stage_outputs), super_logits, super_features, targets
+            )
         precision.backward(student_loss)
     terms.update(student_terms)
     terms["loss"] = teacher_loss.detach() + student_loss.detach()

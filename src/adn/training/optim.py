@@ -1,5 +1,6 @@
 """Optimizer parameter groups, EMA and learning-rate schedules, named as in torchvision's reference scripts.
 ``cfg`` is any run config with the fields used (weight_decay, lr_scheduler, ...)."""
+
 from __future__ import annotations
 
 import torch
@@ -35,6 +36,7 @@ def build_ema(net: nn.Module, cfg, world_size: int = 1):
     """An exponential moving average of the weights (and buffers), updated every ``model_ema_steps``
     steps, with torchvision's adjustment of the decay to the (global) batch size and run length."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
     adjust = world_size * cfg.batch_size * cfg.model_ema_steps / cfg.epochs
     alpha = min(1.0, (1.0 - cfg.model_ema_decay) * adjust)
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(1.0 - alpha), use_buffers=True)
@@ -57,9 +59,11 @@ def build_scheduler(optimizer, cfg):
     if cfg.lr_warmup_epochs == 0:
         return main
     if cfg.lr_warmup_method == "linear":
-        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=cfg.lr_warmup_decay,
-                                                   total_iters=cfg.lr_warmup_epochs)
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=cfg.lr_warmup_decay, total_iters=cfg.lr_warmup_epochs
+        )
     else:
-        warmup = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=cfg.lr_warmup_decay,
-                                                     total_iters=cfg.lr_warmup_epochs)
+        warmup = torch.optim.lr_scheduler.ConstantLR(
+            optimizer, factor=cfg.lr_warmup_decay, total_iters=cfg.lr_warmup_epochs
+        )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[cfg.lr_warmup_epochs])

@@ -7,6 +7,7 @@ or AMX, GPUs from Ampere on): there ``adn train`` turns mixed precision on by de
 autocast trained an individual ResNet-20 to the same held-out accuracy as float32 in a seeded comparison
 (92.92 vs 93.06%, docs/reproduction.md) and, with channels-last, ran training steps 1.66-1.70x faster on
 a 2-core AVX512-BF16 EPYC (benchmarks/training_speed.py, batch 128, 1 thread)."""
+
 from __future__ import annotations
 
 import contextlib

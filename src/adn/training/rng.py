@@ -1,5 +1,6 @@
 """Random number generator states as plain tensors and numbers, so that checkpoints holding them still
 load with ``torch.load(weights_only=True)`` (numpy arrays and arbitrary tuples would not)."""
+
 from __future__ import annotations
 
 import random
@@ -12,7 +13,7 @@ def seed_all(seed: int) -> None:
     """Seed torch (CPU and CUDA), Python's ``random`` and numpy's global generator."""
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
 
 
 def capture() -> dict:
@@ -22,8 +23,13 @@ def capture() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
     }
 
 
@@ -34,9 +40,10 @@ def restore(state: dict) -> None:
         return
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     py = state["python"]
     random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["position"], npy["has_gauss"],
-                         npy["cached"]))
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["position"], npy["has_gauss"], npy["cached"])
+    )

@@ -10,6 +10,7 @@ checkpoints even outlived the new ones). So a run
 - refuses a folder holding another run's files (checkpoints, ``log.jsonl``) unless it resumes
   (``--resume``) or is told to replace them (``--overwrite``).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,15 @@ def check_writable(folder: str | os.PathLike) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputDirError(f"cannot write to output directory {folder}: {existing} is a file, not a folder; "
-                             f"choose another --output-dir")
+        raise OutputDirError(
+            f"cannot write to output directory {folder}: {existing} is a file, not a folder; "
+            f"choose another --output-dir"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputDirError(f"cannot write to output directory {folder}: {existing} is not writable "
-                             f"(permission denied); choose another --output-dir")
+        raise OutputDirError(
+            f"cannot write to output directory {folder}: {existing} is not writable "
+            f"(permission denied); choose another --output-dir"
+        )
 
 
 def previous_run_files(folder: str | os.PathLike) -> list[Path]:
@@ -85,9 +90,11 @@ class RunLock:
                 return self
             handle.close()
             if owner is not None:
-                raise OutputDirError(f"output directory {self.path.parent} is in use by another adn train "
-                                     f"({owner}); two runs in one folder overwrite each other's checkpoints. Wait for "
-                                     f"it to finish or stop it, or choose another --output-dir")
+                raise OutputDirError(
+                    f"output directory {self.path.parent} is in use by another adn train "
+                    f"({owner}); two runs in one folder overwrite each other's checkpoints. Wait for "
+                    f"it to finish or stop it, or choose another --output-dir"
+                )
         raise OutputDirError(f"could not lock {self.path}: it keeps being replaced; choose another --output-dir")
 
     def _lock(self, handle) -> str | None:
@@ -111,8 +118,10 @@ class RunLock:
     def _announce_takeover(self, handle) -> None:
         previous = _describe(handle)
         if previous:  # a lock file nobody holds: its run was killed before it could remove it
-            self.log(f"adn: taking over the lock of a run that is no longer running ({previous}; it was "
-                     f"killed or crashed): {self.path}")
+            self.log(
+                f"adn: taking over the lock of a run that is no longer running ({previous}; it was "
+                f"killed or crashed): {self.path}"
+            )
 
     def _write_owner(self, handle) -> None:
         handle.seek(0)
@@ -159,7 +168,8 @@ def claim(folder: str | os.PathLike, resume: str | None, overwrite: bool, log=pr
                 raise OutputDirError(
                     f"output directory {folder} holds another run's files ({_names(found)}); a new run there would "
                     f"mix its checkpoints and log with them. Continue that run with --resume "
-                    f"{Path(folder) / LATEST}, replace it with --overwrite, or choose another --output-dir")
+                    f"{Path(folder) / LATEST}, replace it with --overwrite, or choose another --output-dir"
+                )
             for path in found:
                 path.unlink(missing_ok=True)
             log(f"adn: --overwrite: deleted the previous run's {_names(found)} in {folder}")

@@ -1,4 +1,5 @@
 """A run's ``log.jsonl``: one JSON line per finished epoch (or step), rewritten atomically (never a half line)."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ That one property gives three guarantees: a run resumed mid-epoch continues with
 it would have seen; K processes together train on the same global batches as one process with a K
 times larger batch; and the number of data-loading workers does not change what is trained on.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,11 +26,22 @@ class EpochBatches(Sampler[list[int]]):
     ``start`` skips batches already trained on (resuming mid-epoch) without loading them; ``steps``
     caps the number of batches (``--max-steps-per-epoch``)."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                 start: int = 0, steps: int | None = None):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        steps: int | None = None,
+    ):
         if size < world_size:
-            raise ValueError(f"the training set has {size} images, fewer than the {world_size} processes; "
-                             f"every process needs at least one")
+            raise ValueError(
+                f"the training set has {size} images, fewer than the {world_size} processes; "
+                f"every process needs at least one"
+            )
         self.size, self.seed, self.epoch = size, seed, epoch
         self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * world_size
@@ -48,14 +60,14 @@ class EpochBatches(Sampler[list[int]]):
         """``(step, global batch, this process's slice of it)`` for each remaining step."""
         order = epoch_order(self.size, self.seed, self.epoch)
         for step in range(self.start, self.steps):
-            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
             share = len(batch)  # smaller than global_batch only for a data set smaller than one batch
             yield step, batch, slice(share * self.rank // self.world_size, share * (self.rank + 1) // self.world_size)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     # Distinct, reproducible seeds per (run seed, epoch, image); kept below 2**63 for torch.manual_seed.
-    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63)
 
 
 class SeededSamples(Dataset):

@@ -1,4 +1,5 @@
 """Ctrl-C and SIGTERM ask a run to stop cleanly: the loop saves a resumable checkpoint first."""
+
 from __future__ import annotations
 
 import signal

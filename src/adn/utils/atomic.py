@@ -5,6 +5,7 @@ the target when complete. The writer holds an OS lock (``flock``) on its tempora
 process killed mid-write (kill -9, a power cut) leaves its temporary behind, unlocked, and the next
 command that writes the same target removes it (:func:`remove_stale_temporaries`); a temporary another
 process is still writing stays locked and is left alone."""
+
 from __future__ import annotations
 
 import os
@@ -67,6 +68,7 @@ def _in_use(path: Path) -> bool:
     """Whether a live writer holds the temporary ``path`` (its lock; without OS locks: touched recently)."""
     if fcntl is None:  # pragma: no cover
         import time
+
         try:
             return time.time() - path.stat().st_mtime < UNLOCKED_STALE_SECONDS
         except OSError:

@@ -12,6 +12,7 @@ A run keeps ``checkpoint.pt`` (the latest) and, with ``--keep-last K``, the last
 ``checkpoint-e<epoch>-s<step>.pt`` beside it (:mod:`adn.training.run_folder` rotates them). What a
 classification checkpoint's ``meta`` builds is :mod:`adn.vision.checkpoint`'s job.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def atomic_save(obj, path: str | os.PathLike, flag: str = "--output-dir") -> Non
 def write_failure(error: BaseException, flag: str) -> str:
     """Why a write failed, and what to do, from the error itself (a full disk is one cause among several)."""
     import errno
+
     number = getattr(error, "errno", None)
     detail = f"{type(error).__name__}: {first_line(error, 200)}"
     if number in (errno.ENOSPC, errno.EDQUOT):
@@ -76,20 +78,27 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         hint = f"; it holds {path / LATEST}" if (path / LATEST).is_file() else ""
-        raise CheckpointError(f"checkpoint {path} is a folder, not a file: give the checkpoint file itself, e.g. "
-                              f"{path / LATEST}{hint}")
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a file: give the checkpoint file itself, e.g. {path / LATEST}{hint}"
+        )
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (adn train writes <output-dir>/checkpoint.pt)"
-                              f"{_earlier(path) if path.parent.is_dir() else ''}")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (adn train writes <output-dir>/checkpoint.pt)"
+            f"{_earlier(path) if path.parent.is_dir() else ''}"
+        )
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its writer was stopped before writing anything, "
-                              f"or a copy failed{_earlier(path)}")
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): its writer was stopped before writing anything, "
+            f"or a copy failed{_earlier(path)}"
+        )
     check_integrity(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, corrupted, or a pickle that needs code execution
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not an adn checkpoint "
-                              f"({type(error).__name__}: {first_line(error, 200)}){_earlier(path)}") from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated, corrupted or not an adn checkpoint "
+            f"({type(error).__name__}: {first_line(error, 200)}){_earlier(path)}"
+        ) from error
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data or "meta" not in data:
         raise CheckpointError(f"{path} is not an adn checkpoint (expected a file written by adn train)")
     return data
@@ -113,9 +122,11 @@ def check_integrity(path: str | os.PathLike) -> None:
                     while stream.read(1 << 24):
                         pass
     except Exception as error:  # noqa: BLE001  (BadZipFile, a broken header, ...: all mean damage)
-        raise CheckpointError(f"checkpoint {path} is damaged: {first_line(error, 200)} (its bytes changed "
-                              f"after it was written: a disk, transfer or copy error). Copy it again from where it "
-                              f"came from, or use an earlier checkpoint{_earlier(path)}") from error
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {first_line(error, 200)} (its bytes changed "
+            f"after it was written: a disk, transfer or copy error). Copy it again from where it "
+            f"came from, or use an earlier checkpoint{_earlier(path)}"
+        ) from error
 
 
 def _earlier(path: Path) -> str:
@@ -136,18 +147,25 @@ def check_finite(state_dict: dict, source: str) -> None:
     """Refuse NaN or infinite weights: they evaluate to plausible-looking (chance-level) accuracy."""
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(v.isfinite().all())]
     if bad:
-        raise CheckpointError(f"{source} holds NaN or infinite weights in {len(bad)} tensor(s), e.g. {bad[:3]}: the "
-                              f"run that wrote it diverged. Use an earlier checkpoint, or retrain with a lower --lr")
+        raise CheckpointError(
+            f"{source} holds NaN or infinite weights in {len(bad)} tensor(s), e.g. {bad[:3]}: the "
+            f"run that wrote it diverged. Use an earlier checkpoint, or retrain with a lower --lr"
+        )
 
 
 def check_variances(state_dict: dict, source: str, fix: str) -> None:
     """Refuse negative batch-norm variances (``*running_var``): a variance is never negative, and a norm
     dividing by the square root of one gives NaN, or plausible-looking wrong accuracy at every depth."""
-    bad = [k for k, v in state_dict.items() if k.endswith("running_var") and isinstance(v, torch.Tensor)
-           and v.is_floating_point() and bool((v < 0).any())]
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if k.endswith("running_var") and isinstance(v, torch.Tensor) and v.is_floating_point() and bool((v < 0).any())
+    ]
     if bad:
-        raise CheckpointError(f"{source} holds negative batch-norm variances in {len(bad)} tensor(s), e.g. {bad[:3]}: "
-                              f"a variance is never negative, so the file was damaged or altered. {fix}")
+        raise CheckpointError(
+            f"{source} holds negative batch-norm variances in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+            f"a variance is never negative, so the file was damaged or altered. {fix}"
+        )
 
 
 def check_dtypes(own: dict, state_dict: dict, source: str) -> list[str]:
@@ -158,17 +176,21 @@ def check_dtypes(own: dict, state_dict: dict, source: str) -> list[str]:
     wrong = [k for k, v in state_dict.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
     if wrong:
         shown = ", ".join(f"{k} ({str(state_dict[k].dtype).replace('torch.', '')})" for k in wrong[:3])
-        raise CheckpointError(f"{source} holds {len(wrong)} tensor(s) that are not floating point where the model's "
-                              f"are, e.g. {shown}: loading them would make wrong weights (an integer weight is "
-                              f"truncated, a complex one loses its imaginary part). Give a file with the original "
-                              f"floating-point weights")
+        raise CheckpointError(
+            f"{source} holds {len(wrong)} tensor(s) that are not floating point where the model's "
+            f"are, e.g. {shown}: loading them would make wrong weights (an integer weight is "
+            f"truncated, a complex one loses its imaginary part). Give a file with the original "
+            f"floating-point weights"
+        )
     pairs: dict[tuple[str, str], int] = {}
     for k, v in state_dict.items():
         if k in own and own[k].is_floating_point() and v.dtype != own[k].dtype:
             pair = (str(v.dtype).replace("torch.", ""), str(own[k].dtype).replace("torch.", ""))
             pairs[pair] = pairs.get(pair, 0) + 1
-    return [f"{count} tensor(s) converted from {a} to {b}" + (" (exact)" if a in ("float16", "bfloat16") else "")
-            for (a, b), count in pairs.items()]
+    return [
+        f"{count} tensor(s) converted from {a} to {b}" + (" (exact)" if a in ("float16", "bfloat16") else "")
+        for (a, b), count in pairs.items()
+    ]
 
 
 def numbered_name(epoch: int, step: int) -> str:
@@ -178,8 +200,11 @@ def numbered_name(epoch: int, step: int) -> str:
 
 def numbered_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """The numbered checkpoints in ``folder``, oldest first."""
-    found = [(tuple(map(int, m.groups())), p) for p in Path(folder).glob("checkpoint-e*-s*.pt")
-             if (m := NUMBERED.match(p.name))]
+    found = [
+        (tuple(map(int, m.groups())), p)
+        for p in Path(folder).glob("checkpoint-e*-s*.pt")
+        if (m := NUMBERED.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -196,34 +221,48 @@ def load_weights_only(path: str | os.PathLike, what: str, fix: str) -> object:
     with open(path, "rb") as handle:
         head = handle.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a zip (torch.save) or a pickle (older torch)
-        raise CheckpointError(f"{what} is not a torch file: it starts with neither a zip header (torch.save) nor a "
-                              f"pickle ({'it is empty' if not head else f'its first bytes are {head!r}'}). Give a "
-                              f"file written by torch.save")
+        raise CheckpointError(
+            f"{what} is not a torch file: it starts with neither a zip header (torch.save) nor a "
+            f"pickle ({'it is empty' if not head else f'its first bytes are {head!r}'}). Give a "
+            f"file written by torch.save"
+        )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "global" not in str(error).lower():  # a broken pickle stream, not a forbidden object
-            raise CheckpointError(f"{what}: cannot read it: it is truncated, corrupted or not a torch file "
-                                  f"({_unpickling_reason(error)})") from error
+            raise CheckpointError(
+                f"{what}: cannot read it: it is truncated, corrupted or not a torch file ({_unpickling_reason(error)})"
+            ) from error
         raise CheckpointError(
             f"{what} holds objects other than tensors, numbers, strings and containers ({_unpickling_reason(error)}). adn "
             f"reads weights only, so that opening a file cannot run code hidden in it. If you trust the file, {fix}"
         ) from error
     except Exception as error:  # noqa: BLE001  (a truncated or non-torch file: torch raises many kinds)
-        raise CheckpointError(f"{what}: cannot read it: it is truncated, corrupted or not a torch file "
-                              f"({type(error).__name__}: {first_line(error)})") from error
+        raise CheckpointError(
+            f"{what}: cannot read it: it is truncated, corrupted or not a torch file "
+            f"({type(error).__name__}: {first_line(error)})"
+        ) from error
 
 
 def _unpickling_reason(error: BaseException) -> str:
     """The line of torch's long weights-only message that says what failed ("Unsupported operand 84")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
-                                                              "Check the documentation", "In PyTorch"))]
+    useful = [
+        line
+        for line in lines
+        if not line.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
+        )
+    ]
     return (useful[-1] if useful else first_line(error))[:200]
 
 
 def is_state_dict(data) -> bool:
     """A non-empty mapping of parameter names to tensors."""
-    return (isinstance(data, dict) and bool(data) and all(isinstance(k, str) for k in data)
-            and all(isinstance(v, torch.Tensor) for v in data.values()))
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and all(isinstance(k, str) for k in data)
+        and all(isinstance(v, torch.Tensor) for v in data.values())
+    )

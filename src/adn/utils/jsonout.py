@@ -1,5 +1,6 @@
 """JSON that other programs can read: NaN and Infinity are not JSON (Python writes them anyway, and
 strict parsers such as JavaScript's or jq's reject the file), so non-finite numbers become ``null``."""
+
 from __future__ import annotations
 
 import json
@@ -28,5 +29,7 @@ def loads(text: str | bytes, source: str = "JSON") -> object:
     try:
         return json.loads(text)
     except RecursionError:
-        raise ValueError(f"{source}: the JSON is nested too deeply to read (thousands of levels of [ or {{); it is "
-                         f"not a file adn wrote") from None
+        raise ValueError(
+            f"{source}: the JSON is nested too deeply to read (thousands of levels of [ or {{); it is "
+            f"not a file adn wrote"
+        ) from None

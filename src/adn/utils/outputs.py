@@ -14,6 +14,7 @@
 :func:`output_path` checks all of this before a command loads anything, so that a wrong ``--output``
 costs nothing; it returns the path to hand to the writer.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,22 @@ class OutputError(ValueError):
 class OutputKind:
     """What a command writes: ``what`` names it in messages ("an adn checkpoint"), ``example`` is a file
     name to suggest, and ``recognise(path)`` says whether an existing file is such output."""
+
     what: str
     example: str
     recognise: Callable[[Path], bool]
 
 
-def output_path(path, kind: OutputKind, *, flag: str = "--output", overwrite: bool = False,
-                inputs: Iterable[tuple[str, object]] = (), in_place: bool = False,
-                log: Callable[[str], None] | None = None) -> Path:
+def output_path(
+    path,
+    kind: OutputKind,
+    *,
+    flag: str = "--output",
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, object]] = (),
+    in_place: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """The file to write for ``flag path`` (a symbolic link resolved to its target), after checking the
     rule of this module; raises :class:`OutputError` naming the real problem and a fix. ``inputs`` are
     ``(flag, path)`` pairs the command reads: none may be replaced, unless ``in_place`` allows it for the
@@ -63,26 +72,34 @@ def output_path(path, kind: OutputKind, *, flag: str = "--output", overwrite: bo
         raise OutputError(f"{shown}: cannot use it ({error.strerror or error}); choose another path") from error
     if info is not None:
         if stat.S_ISDIR(info.st_mode):
-            raise OutputError(f"{shown} is a folder; give the path of a file to write, e.g. {flag} "
-                              f"{given / kind.example}")
+            raise OutputError(
+                f"{shown} is a folder; give the path of a file to write, e.g. {flag} {given / kind.example}"
+            )
         if not stat.S_ISREG(info.st_mode):
-            raise OutputError(f"{shown} is {_special(info.st_mode)}, not a regular file: adn writes only regular "
-                              f"files (or new paths); give the path of a file, e.g. {flag} {kind.example}")
+            raise OutputError(
+                f"{shown} is {_special(info.st_mode)}, not a regular file: adn writes only regular "
+                f"files (or new paths); give the path of a file, e.g. {flag} {kind.example}"
+            )
         for input_flag, input_path in inputs:
             if input_path is not None and _same_file(target, Path(input_path).expanduser()):
                 if in_place and kind.recognise(target):
                     break
-                raise OutputError(f"{shown} is this command's input ({input_flag} {input_path}); adn never replaces "
-                                  f"what it reads: choose another path for {flag}")
+                raise OutputError(
+                    f"{shown} is this command's input ({input_flag} {input_path}); adn never replaces "
+                    f"what it reads: choose another path for {flag}"
+                )
         else:
             if not overwrite and not kind.recognise(target):
-                raise OutputError(f"{shown} exists and is not {kind.what} (adn replaces only its own earlier output); "
-                                  f"choose another path, or add --overwrite to replace it")
+                raise OutputError(
+                    f"{shown} exists and is not {kind.what} (adn replaces only its own earlier output); "
+                    f"choose another path, or add --overwrite to replace it"
+                )
     _check_folder(target, shown)
     removed = remove_stale_temporaries(target.parent, (target.name + ".",))
     if removed:
-        (log or _stderr)(f"removed {len(removed)} temporary file(s) that an interrupted write of {target} left "
-                         f"in {target.parent}")
+        (log or _stderr)(
+            f"removed {len(removed)} temporary file(s) that an interrupted write of {target} left in {target.parent}"
+        )
     return target
 
 
@@ -106,11 +123,15 @@ def _check_folder(target: Path, shown: str, folder_itself: bool = False) -> None
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"{shown}: {existing} is a file, not a folder, so nothing can be written "
-                          f"{'there' if folder_itself else 'under it'}; choose another path")
+        raise OutputError(
+            f"{shown}: {existing} is a file, not a folder, so nothing can be written "
+            f"{'there' if folder_itself else 'under it'}; choose another path"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{shown}: the folder {existing} is not writable (permission denied); choose a path in a "
-                          f"folder you can write to")
+        raise OutputError(
+            f"{shown}: the folder {existing} is not writable (permission denied); choose a path in a "
+            f"folder you can write to"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -7,6 +7,7 @@
 - :func:`gradcam` — Grad-CAM maps after each block of one stage, at any depth (the paper's Fig. 4):
   the blocks a sub-network skips have no map.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,11 +39,21 @@ def norm_distances(net: nn.Module) -> list[dict]:
             if mine is None or twin is None:
                 continue
             distance = (mine.float() - twin.float()).pow(2).mean().sqrt().item()
-            rows.append({"stage": stage_index, "stage_name": stage.name, "index": index, "name": names[id(norm)],
-                         "channels": mine.numel(), "distance": distance})
+            rows.append(
+                {
+                    "stage": stage_index,
+                    "stage_name": stage.name,
+                    "index": index,
+                    "name": names[id(norm)],
+                    "channels": mine.numel(),
+                    "distance": distance,
+                }
+            )
     if not rows:
-        raise AnalysisError("no skip-aware norm with running statistics: the norm distance needs BatchNorm twins "
-                            "(the network was converted with --no-skip-aware-norm, or its norms are LayerNorms)")
+        raise AnalysisError(
+            "no skip-aware norm with running statistics: the norm distance needs BatchNorm twins "
+            "(the network was converted with --no-skip-aware-norm, or its norms are LayerNorms)"
+        )
     return rows
 
 
@@ -57,6 +68,7 @@ def plot_norm_distances(series: dict[str, list[dict]], path: str | os.PathLike, 
     """Bars of the distance of every skip-aware norm (x: norms in forward order, stages separated),
     one bar group per labelled network; first norms of stages hatched."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -90,6 +102,7 @@ def plot_norm_distances(series: dict[str, list[dict]], path: str | os.PathLike, 
 
 def save_figure(fig, path) -> Path:
     import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -126,10 +139,13 @@ def gradcam(net: nn.Module, images: torch.Tensor, stage: int, skip, targets: tor
     def keep(index):
         def hook(_module, _inputs, output):
             if output.dim() != 4:
-                raise AnalysisError(f"Grad-CAM needs convolutional feature maps (N, C, H, W); block {index} of stage "
-                                    f"{controller.name} gives shape {tuple(output.shape)}")
+                raise AnalysisError(
+                    f"Grad-CAM needs convolutional feature maps (N, C, H, W); block {index} of stage "
+                    f"{controller.name} gives shape {tuple(output.shape)}"
+                )
             output.retain_grad()
             activations[index] = output
+
         return hook
 
     handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
@@ -163,11 +179,13 @@ def gradcam(net: nn.Module, images: torch.Tensor, stage: int, skip, targets: tor
     return maps
 
 
-def plot_gradcam(images: torch.Tensor, rows: dict[str, list], path: str | os.PathLike, title: str = "",
-                 mean=(0.0,), std=(1.0,)) -> Path:
+def plot_gradcam(
+    images: torch.Tensor, rows: dict[str, list], path: str | os.PathLike, title: str = "", mean=(0.0,), std=(1.0,)
+) -> Path:
     """A grid: for each image, one row per labelled network, columns = the image then each block's map
     (blank where the block is skipped)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -193,7 +211,7 @@ def plot_gradcam(images: torch.Tensor, rows: dict[str, list], path: str | os.Pat
             for ax in line:
                 ax.set_xticks([])
                 ax.set_yticks([])
-            for ax in line[len(maps) + 1:]:
+            for ax in line[len(maps) + 1 :]:
                 ax.axis("off")
     fig.suptitle(title or "Grad-CAM after each block", fontsize=9)
     fig.tight_layout()

@@ -15,6 +15,7 @@ classes. Their files are torch pickles of tensors whose keys differ from ours in
 their weights and, with ``output``, writes an ``adn`` checkpoint that every command reads. Files are read
 with ``torch.load(weights_only=True)``: no code in them runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,15 @@ from torch import nn
 from ..convert import convert
 from ..errors import CheckpointError
 from ..models import build_model
-from ..utils.checkpoint_file import (atomic_save, check_dtypes, check_finite, check_variances, checkpoint_payload,
-                                    is_state_dict, load_weights_only)
+from ..utils.checkpoint_file import (
+    atomic_save,
+    check_dtypes,
+    check_finite,
+    check_variances,
+    checkpoint_payload,
+    is_state_dict,
+    load_weights_only,
+)
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 ARCHITECTURES = ("resnet50", "mobilenet_v2", "vit_b_16", "swin_t")
@@ -49,7 +57,7 @@ def rename_key(key: str, model: str) -> str:
     parts = key.split(".")
     skip = [i for i, part in enumerate(parts[:-1]) if part.endswith(SKIP_SUFFIX)]
     if skip:  # rename the norm itself, then hang the twin under it: <norm>_skip.<param> -> <norm>.twin.<param>
-        parts[skip[0]] = parts[skip[0]][:-len(SKIP_SUFFIX)]
+        parts[skip[0]] = parts[skip[0]][: -len(SKIP_SUFFIX)]
     renamed = _STRUCTURE[model](".".join(parts))
     if skip:
         head, param = renamed.rsplit(".", 1)
@@ -64,7 +72,7 @@ def _same(key: str) -> str:
 def _swin(key: str) -> str:
     """Their stem ``pre.*`` is our ``features.0``; every later ``features.i`` moves up by one."""
     if key.startswith("pre."):
-        return "features.0." + key[len("pre."):]
+        return "features.0." + key[len("pre.") :]
     match = re.match(r"features\.(\d+)\.(.*)$", key)
     return f"features.{int(match[1]) + 1}.{match[2]}" if match else key
 
@@ -80,7 +88,7 @@ def _mobilenet(key: str) -> str:
         return f"features.{flat}.{_conv_unit(rest)}"
     if not 1 <= index < last:
         return key
-    start = 1 + sum(MOBILENET_STAGE_BLOCKS[:index - 1])  # flat index of the stage's first block
+    start = 1 + sum(MOBILENET_STAGE_BLOCKS[: index - 1])  # flat index of the stage's first block
     if MOBILENET_STAGE_BLOCKS[index - 1] > 1:  # nested: features.<stage>.<block>.conv...
         nested = re.match(r"(\d+)\.(.*)$", rest)
         if not nested:
@@ -118,8 +126,10 @@ def rename_state_dict(state_dict: dict, model: str) -> dict:
     for key, value in state_dict.items():
         ours = rename_key(key, model)
         if ours in renamed:
-            raise CheckpointError(f"two of the file's keys map to {ours!r} (one of them is {key!r}); the file is not "
-                                  f"an authors' {model} state dict. Check --model")
+            raise CheckpointError(
+                f"two of the file's keys map to {ours!r} (one of them is {key!r}); the file is not "
+                f"an authors' {model} state dict. Check --model"
+            )
         renamed[ours] = value
     return renamed
 
@@ -135,8 +145,10 @@ def read_authors_file(source, which: str | None = None) -> tuple[dict, str]:
     data = _load_file(source) if isinstance(source, (str, os.PathLike)) else source
     name = str(source) if isinstance(source, (str, os.PathLike)) else "the given dict"
     if not isinstance(data, dict):
-        raise CheckpointError(f"{name} holds a {type(data).__name__}, not a state dict; expected the authors' weights "
-                              f"(a dict of tensors) or a training file {{'model': ..., 'model_ema': ...}}")
+        raise CheckpointError(
+            f"{name} holds a {type(data).__name__}, not a state dict; expected the authors' weights "
+            f"(a dict of tensors) or a training file {{'model': ..., 'model_ema': ...}}"
+        )
     if is_state_dict(data):
         if which is not None:
             raise ValueError(f"{name} is a plain state dict (no 'model' or 'model_ema' entries); drop --which")
@@ -146,9 +158,11 @@ def read_authors_file(source, which: str | None = None) -> tuple[dict, str]:
     if chosen not in data:
         found = ", ".join(map(repr, list(data)[:8])) or "nothing"
         wanted = repr(chosen) if chosen else " or ".join(map(repr, ENTRIES))
-        raise CheckpointError(f"{name} has no {wanted} entry (it holds {found}); "
-                              f"expected the authors' weights: a plain state dict, or a training file with 'model' "
-                              f"and/or 'model_ema'" + (f". Use --which {present[0]}" if present else ""))
+        raise CheckpointError(
+            f"{name} has no {wanted} entry (it holds {found}); "
+            f"expected the authors' weights: a plain state dict, or a training file with 'model' "
+            f"and/or 'model_ema'" + (f". Use --which {present[0]}" if present else "")
+        )
     state_dict = data[chosen]
     if not isinstance(state_dict, dict) or not is_state_dict(state_dict):
         raise CheckpointError(f"{name}: its {chosen!r} entry is not a dict of tensors; expected a state dict")
@@ -159,8 +173,12 @@ def _load_file(path) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file; give the authors' .pth file")
-    return load_weights_only(path, str(path), "save its state dict alone with the code that wrote it, e.g. "
-                             "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), and import that")
+    return load_weights_only(
+        path,
+        str(path),
+        "save its state dict alone with the code that wrote it, e.g. "
+        "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), and import that",
+    )
 
 
 def _clean(state_dict: dict) -> dict:
@@ -168,7 +186,7 @@ def _clean(state_dict: dict) -> dict:
     the ``module.`` prefix on every key (DataParallel adds the same prefix)."""
     state_dict = {k: v for k, v in state_dict.items() if k != "n_averaged"}
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -195,31 +213,57 @@ def check_fits(net: nn.Module, state_dict: dict, model: str, source: str) -> Non
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
     if shapes:
-        problems.append(f"{len(shapes)} key(s) with another shape, e.g. " + ", ".join(
-            f"{k}: ours {tuple(own[k].shape)}, file {tuple(state_dict[k].shape)}" for k in shapes[:3]))
+        problems.append(
+            f"{len(shapes)} key(s) with another shape, e.g. "
+            + ", ".join(f"{k}: ours {tuple(own[k].shape)}, file {tuple(state_dict[k].shape)}" for k in shapes[:3])
+        )
     if missing and all(".twin." in k for k in missing) and not unexpected:
-        hint = (f"The file has no skip norms ('_skip' keys): it is a plain {model}, not an adaptive depth network; "
-                f"fine-tune it into one with adn train instead")
+        hint = (
+            f"The file has no skip norms ('_skip' keys): it is a plain {model}, not an adaptive depth network; "
+            f"fine-tune it into one with adn train instead"
+        )
     else:
-        hint = (f"Expected every key of the authors' {model} ImageNet model (docs/pretrained.md lists the naming "
-                f"rules). Check --model, and that the file holds the authors' ADN weights")
+        hint = (
+            f"Expected every key of the authors' {model} ImageNet model (docs/pretrained.md lists the naming "
+            f"rules). Check --model, and that the file holds the authors' ADN weights"
+        )
     raise CheckpointError(f"{source} does not fit the authors' {model} layout: " + "; ".join(problems) + ". " + hint)
 
 
 def authors_meta(model: str, source: str, entry: str) -> dict:
     """Checkpoint metadata in the form ``adn train`` writes, for an ImageNet network of the authors'."""
     return {
-        "model": model, "model_kwargs": {}, "num_classes": NUM_CLASSES, "in_channels": 3, "image_size": IMAGE_SIZE,
-        "skip_aware_norm": True, "method": "adn", "trained_skip": None,
+        "model": model,
+        "model_kwargs": {},
+        "num_classes": NUM_CLASSES,
+        "in_channels": 3,
+        "image_size": IMAGE_SIZE,
+        "skip_aware_norm": True,
+        "method": "adn",
+        "trained_skip": None,
         # ImageNet as an image folder; where it lives is the user's: adn eval --data-path
-        "dataset": "imagefolder", "data_path": None, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "config": {"seed": 0, "train_crop_size": IMAGE_SIZE, "val_resize_size": None,
-                   "imported_from": "authors", "source": source, "entry": entry},
+        "dataset": "imagefolder",
+        "data_path": None,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "config": {
+            "seed": 0,
+            "train_crop_size": IMAGE_SIZE,
+            "val_resize_size": None,
+            "imported_from": "authors",
+            "source": source,
+            "entry": entry,
+        },
     }
 
 
-def import_authors_weights(source, model: str, output: str | os.PathLike | None = None,
-                           which: str | None = None, output_flag: str = "output path") -> nn.Module:
+def import_authors_weights(
+    source,
+    model: str,
+    output: str | os.PathLike | None = None,
+    which: str | None = None,
+    output_flag: str = "output path",
+) -> nn.Module:
     """Our converted ``model`` network with the authors' published weights from ``source`` (a path to
     their ``.pth`` file, or the dict ``torch.load`` returned), in eval mode. ``which``: in a training
     file, "model" (the default when present) or "model_ema". With ``output``, also write an ``adn``

@@ -1,6 +1,7 @@
 """Classification checkpoints -> networks: check a checkpoint's metadata like user input, build the
 adaptive depth network it describes, and load its weights and per-depth statistics (``adn.load``).
 The file itself is read by :mod:`adn.utils.checkpoint_file`."""
+
 from __future__ import annotations
 
 import math
@@ -30,23 +31,33 @@ _TIMM_NAME = re.compile(r"^timm/[A-Za-z0-9_.\-]{1,100}$")
 
 def validate_meta(meta, source: str = "checkpoint") -> dict:
     """Raise :class:`CheckpointError` unless ``meta`` is the metadata of an adn classification checkpoint."""
+
     def bad(key: str, expected: str, value=None):
         if value is None:
             value = meta.get(key) if isinstance(meta, dict) else meta
-        raise CheckpointError(f"{source} has invalid metadata: {key} = {_short(value)}, expected {expected}; it was not "
-                              f"written by adn train or was altered. Use a checkpoint written by adn train")
+        raise CheckpointError(
+            f"{source} has invalid metadata: {key} = {_short(value)}, expected {expected}; it was not "
+            f"written by adn train or was altered. Use a checkpoint written by adn train"
+        )
+
     if not isinstance(meta, dict):
         bad("meta", "a dict")
     task = meta.get("task")
     if task == "causal-lm":
-        raise CheckpointError(f"{source} is a language model's checkpoint (written by adn train-lm), not an image "
-                              f"classifier's: use it with adn eval-lm --checkpoint {source} or adn generate "
-                              f"--checkpoint {source}")
+        raise CheckpointError(
+            f"{source} is a language model's checkpoint (written by adn train-lm), not an image "
+            f"classifier's: use it with adn eval-lm --checkpoint {source} or adn generate "
+            f"--checkpoint {source}"
+        )
     if task == "detection":
-        raise CheckpointError(f"{source} is a detector's checkpoint (written by adn detect train), not an image "
-                              f"classifier's: use it with adn detect eval --checkpoint {source}")
+        raise CheckpointError(
+            f"{source} is a detector's checkpoint (written by adn detect train), not an image "
+            f"classifier's: use it with adn detect eval --checkpoint {source}"
+        )
     model = meta.get("model")
-    if not isinstance(model, str) or not (model in SMALL_MODELS or model in TORCHVISION_MODELS or _TIMM_NAME.match(model)):
+    if not isinstance(model, str) or not (
+        model in SMALL_MODELS or model in TORCHVISION_MODELS or _TIMM_NAME.match(model)
+    ):
         bad("model", "the name of a model adn builds")
     for key, low, high in (("num_classes", 1, 1_000_000), ("in_channels", 1, 64)):
         if not _int_in(meta.get(key), low, high):
@@ -68,18 +79,22 @@ def _check_optional_fields(meta: dict, bad) -> None:
         "method": (lambda v: v is None or v in TRAINING_METHODS, f"one of {', '.join(TRAINING_METHODS)}"),
         "trained_skip": (lambda v: v is None or (isinstance(v, str) and len(v) <= 64), "a skip string or null"),
         "dataset": (lambda v: v is None or v in DATASETS, f"one of {', '.join(DATASETS)}"),
-        "data_path": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) < 4096 and "\0" not in v),
-                      "a path or null"),
+        "data_path": (
+            lambda v: v is None or (isinstance(v, str) and 0 < len(v) < 4096 and "\0" not in v),
+            "a path or null",
+        ),
         "mean": (lambda v: _floats(v, meta.get("in_channels")), "one number per input channel"),
-        "std": (lambda v: _floats(v, meta.get("in_channels")) and all(x > 0 for x in v),
-                "one positive number per input channel"),
+        "std": (
+            lambda v: _floats(v, meta.get("in_channels")) and all(x > 0 for x in v),
+            "one positive number per input channel",
+        ),
         "config": (lambda v: isinstance(v, dict), "a dict"),
     }
     for key, (ok, expected) in checks.items():
         if key in meta and not ok(meta[key]):
             bad(key, expected)
     config = meta.get("config", {})
-    if "seed" in config and not _int_in(config["seed"], 0, 2 ** 63 - 1):
+    if "seed" in config and not _int_in(config["seed"], 0, 2**63 - 1):
         bad("config.seed", "a non-negative integer", config["seed"])
     for key in ("train_crop_size", "val_resize_size"):
         if config.get(key) is not None and not _int_in(config[key], 1, 8192):
@@ -91,8 +106,11 @@ def _int_in(value, low: int, high: int) -> bool:
 
 
 def _floats(value, count) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == count
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value))
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    )
 
 
 def _short(value) -> str:
@@ -102,8 +120,9 @@ def _short(value) -> str:
 
 def build_network(meta: dict) -> nn.Module:
     """The (untrained) adaptive depth network a checkpoint's metadata describes."""
-    model = build_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-                        **meta.get("model_kwargs", {}))
+    model = build_model(
+        meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], **meta.get("model_kwargs", {})
+    )
     return convert(model, skip_aware_norm=meta.get("skip_aware_norm", True))
 
 
@@ -111,8 +130,9 @@ def load_weights(net: nn.Module, state_dict: dict, source: str = "checkpoint", c
     """Load a state_dict, naming the mismatch (architecture, class count, skip-aware norms) if any.
     ``check_only``: only compare names and shapes (``net`` may live on the meta device)."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{source} does not hold a state dict of tensors; it was not written by adn train or "
-                              f"was altered")
+        raise CheckpointError(
+            f"{source} does not hold a state dict of tensors; it was not written by adn train or was altered"
+        )
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -120,14 +140,18 @@ def load_weights(net: nn.Module, state_dict: dict, source: str = "checkpoint", c
     if missing or unexpected or shape_diffs:
         problems = []
         if any(".twin." in k for k in missing) and not any(".twin." not in k for k in missing):
-            problems.append("the model has skip-aware norm twins the checkpoint lacks (trained with --no-skip-aware-norm?)")
+            problems.append(
+                "the model has skip-aware norm twins the checkpoint lacks (trained with --no-skip-aware-norm?)"
+            )
         elif missing:
             problems.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
         for key in shape_diffs[:3]:
-            problems.append(f"{key}: model {tuple(own[key].shape)} vs checkpoint {tuple(state_dict[key].shape)}"
-                            + (" (different number of classes)" if key.endswith(("fc.weight", "fc.bias")) else ""))
+            problems.append(
+                f"{key}: model {tuple(own[key].shape)} vs checkpoint {tuple(state_dict[key].shape)}"
+                + (" (different number of classes)" if key.endswith(("fc.weight", "fc.bias")) else "")
+            )
         raise CheckpointError(f"{source} does not fit {type(net).__name__}: " + "; ".join(problems))
     if not check_only:
         net.load_state_dict(state_dict)
@@ -140,8 +164,10 @@ def load_network(path: str | os.PathLike, map_location="cpu", depth_statistics: 
     data = load_checkpoint(path, map_location)
     meta = validate_meta(data["meta"], source=str(path))
     if not isinstance(data["model"], dict):
-        raise CheckpointError(f"{path} has no weights (its 'model' entry is not a state dict); it was not written by "
-                              f"adn train or was altered")
+        raise CheckpointError(
+            f"{path} has no weights (its 'model' entry is not a state dict); it was not written by "
+            f"adn train or was altered"
+        )
     # First a skeleton without memory (the "meta" device): weights that do not fit the architecture the
     # metadata names are refused before anything of that size is allocated.
     with torch.device("meta"):
@@ -166,5 +192,3 @@ def load(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     ``load_network`` also returns the checkpoint's other contents."""
     net, _ = load_network(path, map_location)
     return net.eval()
-
-

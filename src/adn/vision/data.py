@@ -5,6 +5,7 @@ uint8 tensor and augmented a batch at a time (:mod:`adn.memory_data`); image fol
 torchvision's per-image transforms. Fashion-MNIST is taken from the Debian package
 ``dataset-fashion-mnist`` when installed (offline), else downloaded by torchvision.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -31,8 +32,12 @@ from .memory_data import BatchAugment, EvalBatches, TensorImages
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "fake")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                       "t10k-labels-idx1-ubyte")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -44,13 +49,16 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 class Augmentation:
     """Training-time augmentation beyond each dataset's crop and flip, named as in torchvision's
     reference scripts: ``--auto-augment``, ``--random-erase``, ``--interpolation``."""
+
     auto_augment: str | None = None
     random_erase: float = 0.0
     interpolation: str = "bilinear"
 
     def __post_init__(self):
         if self.auto_augment is not None and self.auto_augment not in AUTO_AUGMENT_POLICIES:
-            raise DataError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENT_POLICIES)}, got {self.auto_augment!r}")
+            raise DataError(
+                f"--auto-augment must be one of {', '.join(AUTO_AUGMENT_POLICIES)}, got {self.auto_augment!r}"
+            )
         if not 0.0 <= self.random_erase <= 1.0:
             raise DataError(f"--random-erase is a probability in [0, 1], got {self.random_erase}")
         if self.interpolation not in INTERPOLATIONS:
@@ -100,11 +108,20 @@ def default_cache() -> Path:
     return Path(os.environ.get("ADN_DATA", Path.home() / ".cache" / "adn" / "datasets"))
 
 
-def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train_subset: int | None = None,
-                 val_subset: int | None = None, seed: int = 0, image_size: int | None = None,
-                 val_resize_size: int | None = None, augment: bool | Augmentation = True,
-                 skip_bad_images: bool = False, val_from_train: int | None = None,
-                 download: bool = True) -> DataBundle:
+def load_dataset(
+    name: str,
+    data_path: str | os.PathLike | None = None,
+    *,
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    val_resize_size: int | None = None,
+    augment: bool | Augmentation = True,
+    skip_bad_images: bool = False,
+    val_from_train: int | None = None,
+    download: bool = True,
+) -> DataBundle:
     """Build train and validation datasets. ``train_subset``/``val_subset`` keep a fixed random subset
     (seeded) of that many images, for quick runs. ``augment``: ``True`` for each dataset's standard
     crop and flip, an :class:`Augmentation` for more, ``False`` for none (evaluation).
@@ -126,16 +143,34 @@ def load_dataset(name: str, data_path: str | os.PathLike | None = None, *, train
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if val_from_train:
-        bundle = _hold_out(bundle, val_from_train, lambda: load_dataset(
-            name, data_path, image_size=image_size, val_resize_size=val_resize_size, augment=False,
-            skip_bad_images=skip_bad_images, download=download).train)
+        bundle = _hold_out(
+            bundle,
+            val_from_train,
+            lambda: (
+                load_dataset(
+                    name,
+                    data_path,
+                    image_size=image_size,
+                    val_resize_size=val_resize_size,
+                    augment=False,
+                    skip_bad_images=skip_bad_images,
+                    download=download,
+                ).train
+            ),
+        )
     bundle.train = _subset(bundle.train, train_subset, seed, "train")
     bundle.val = _subset(bundle.val, val_subset, seed + 1, "val")
     return bundle
 
 
-def checkpoint_data(meta: dict, source, data: str | None = None, data_path: str | None = None,
-                    val_subset: int | None = None, skip_bad_images: bool = False) -> DataBundle:
+def checkpoint_data(
+    meta: dict,
+    source,
+    data: str | None = None,
+    data_path: str | None = None,
+    val_subset: int | None = None,
+    skip_bad_images: bool = False,
+) -> DataBundle:
     """The data set a checkpoint was trained on (or ``data``/``data_path``), un-augmented, checked
     against the checkpoint's class count: what eval and recalibrate read, and what ``adn train`` measures
     per-depth statistics on at its end. ``source``: the checkpoint's path, for messages."""
@@ -143,12 +178,21 @@ def checkpoint_data(meta: dict, source, data: str | None = None, data_path: str 
     if not (data or meta.get("dataset")):
         raise CheckpointError(f"{source} does not say which dataset it was trained on; pass --data")
     # What the checkpoint names is read where it already is; downloads need --data or --data-path from the user.
-    bundle = load_dataset(data or meta["dataset"], data_path or meta.get("data_path"),
-                          val_subset=val_subset, seed=cfg.get("seed", 0), augment=False,
-                          image_size=cfg.get("train_crop_size"), val_resize_size=cfg.get("val_resize_size"),
-                          skip_bad_images=skip_bad_images, download=bool(data or data_path))
+    bundle = load_dataset(
+        data or meta["dataset"],
+        data_path or meta.get("data_path"),
+        val_subset=val_subset,
+        seed=cfg.get("seed", 0),
+        augment=False,
+        image_size=cfg.get("train_crop_size"),
+        val_resize_size=cfg.get("val_resize_size"),
+        skip_bad_images=skip_bad_images,
+        download=bool(data or data_path),
+    )
     if bundle.num_classes != meta["num_classes"]:
-        raise DataError(f"the dataset has {bundle.num_classes} classes but the checkpoint predicts {meta['num_classes']}")
+        raise DataError(
+            f"the dataset has {bundle.num_classes} classes but the checkpoint predicts {meta['num_classes']}"
+        )
     return bundle
 
 
@@ -168,8 +212,14 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, collate_fn=
     in-memory set, a ``DataLoader`` otherwise."""
     if isinstance(dataset, TensorImages):
         return EvalBatches(dataset, batch_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_fn or default_collate, worker_init_fn=ignore_interrupts)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn or default_collate,
+        worker_init_fn=ignore_interrupts,
+    )
 
 
 def _subset(dataset: Dataset, size: int | None, seed: int, split: str) -> Dataset:
@@ -191,8 +241,10 @@ def _hold_out(bundle: DataBundle, size: int, plain_train: Callable[[], Dataset])
     """Move ``size`` training images (a fixed random choice) to the validation split. ``plain_train``
     gives the training split without augmentation, for data sets that cannot drop it themselves."""
     if not 1 <= size < len(bundle.train):
-        raise DataError(f"--val-from-train must be between 1 and {len(bundle.train) - 1} (the training set has "
-                        f"{len(bundle.train)} images), got {size}")
+        raise DataError(
+            f"--val-from-train must be between 1 and {len(bundle.train) - 1} (the training set has "
+            f"{len(bundle.train)} images), got {size}"
+        )
     order = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     held, kept = order[:size].sort().values.tolist(), order[size:].sort().values.tolist()
     if isinstance(bundle.train, TensorImages):
@@ -211,17 +263,21 @@ def fashion_mnist_root(data_path: str | os.PathLike | None = None) -> tuple[Path
     root), then the Debian package, then the cache."""
     candidates = [Path(data_path)] if data_path else [DEBIAN_FASHION_MNIST, default_cache()]
     if data_path and not Path(data_path).exists():
-        raise DataError(f"Fashion-MNIST path {data_path} does not exist; give a folder holding "
-                        f"{', '.join(FASHION_MNIST_FILES)} (optionally .gz), or omit --data-path to use the "
-                        f"Debian package dataset-fashion-mnist or torchvision's download")
+        raise DataError(
+            f"Fashion-MNIST path {data_path} does not exist; give a folder holding "
+            f"{', '.join(FASHION_MNIST_FILES)} (optionally .gz), or omit --data-path to use the "
+            f"Debian package dataset-fashion-mnist or torchvision's download"
+        )
     for folder in candidates:
         if _has_idx_files(folder / "FashionMNIST" / "raw"):
             return folder, False
         if _has_idx_files(folder):
             return _stage_idx_files(folder), False
     if data_path:
-        raise DataError(f"{data_path} holds no Fashion-MNIST IDX files; expected {', '.join(FASHION_MNIST_FILES)} "
-                        f"(or .gz) directly inside it, or in FashionMNIST/raw/")
+        raise DataError(
+            f"{data_path} holds no Fashion-MNIST IDX files; expected {', '.join(FASHION_MNIST_FILES)} "
+            f"(or .gz) directly inside it, or in FashionMNIST/raw/"
+        )
     return default_cache(), True
 
 
@@ -256,36 +312,45 @@ def _copy_idx(plain: Path, destination: str) -> None:
 def _fashion_mnist(data_path, augment: Augmentation | None, allow_download: bool = True) -> DataBundle:
     root, download = fashion_mnist_root(data_path)
     if download and not allow_download:
-        raise DataError("Fashion-MNIST is not on this machine (no --data-path, no Debian package dataset-fashion-mnist, "
-                        "nothing in the cache) and a checkpoint's settings never start a download: pass "
-                        "--data fashion-mnist to download it, or --data-path DIR")
+        raise DataError(
+            "Fashion-MNIST is not on this machine (no --data-path, no Debian package dataset-fashion-mnist, "
+            "nothing in the cache) and a checkpoint's settings never start a download: pass "
+            "--data fashion-mnist to download it, or --data-path DIR"
+        )
     mean, std = (0.2860,), (0.3530,)
     try:
         train = datasets.FashionMNIST(str(root), train=True, download=download)
         val = datasets.FashionMNIST(str(root), train=False, download=download)
     except (RuntimeError, OSError) as error:
         if not download:  # the files are there but unreadable
-            raise DataError(f"could not read the Fashion-MNIST IDX files in {data_path or root} ({error}): they are "
-                            f"truncated or corrupt; replace them (Debian package dataset-fashion-mnist, or "
-                            f"torchvision's download)") from error
-        raise DataError(f"could not load Fashion-MNIST ({error}). Offline, install the Debian package: "
-                        f"apt-get install dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST})") from error
+            raise DataError(
+                f"could not read the Fashion-MNIST IDX files in {data_path or root} ({error}): they are "
+                f"truncated or corrupt; replace them (Debian package dataset-fashion-mnist, or "
+                f"torchvision's download)"
+            ) from error
+        raise DataError(
+            f"could not load Fashion-MNIST ({error}). Offline, install the Debian package: "
+            f"apt-get install dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST})"
+        ) from error
     source = "torchvision download" if download else str(root)
-    train_set, val_set = _in_memory(train.data[:, None], train.targets, val.data[:, None], val.targets, mean, std,
-                                    augment, padding=2)
+    train_set, val_set = _in_memory(
+        train.data[:, None], train.targets, val.data[:, None], val.targets, mean, std, augment, padding=2
+    )
     return DataBundle(train_set, val_set, 10, 1, 28, mean, std, f"Fashion-MNIST ({source})")
 
 
-def _in_memory(train_images, train_targets, val_images, val_targets, mean, std, augment: Augmentation | None,
-               padding: int) -> tuple[TensorImages, TensorImages]:
+def _in_memory(
+    train_images, train_targets, val_images, val_targets, mean, std, augment: Augmentation | None, padding: int
+) -> tuple[TensorImages, TensorImages]:
     """Both splits as in-memory uint8 tensors. Crop and flip run on whole batches; an augmentation that
     needs PIL (AutoAugment, random erasing) makes the training split serve PIL-transformed images."""
     batch_augment = transform = None
     if augment is not None:
         size = train_images.shape[-1]
         if augment.auto_augment or augment.random_erase > 0:
-            transform = _train_transform([T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()], mean, std,
-                                         augment)
+            transform = _train_transform(
+                [T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()], mean, std, augment
+            )
         else:
             batch_augment = BatchAugment(padding=padding, flip=True)
     train = TensorImages(train_images, torch.as_tensor(train_targets), mean, std, batch_augment, transform)
@@ -302,14 +367,19 @@ def _cifar(name: str, data_path, augment: Augmentation | None, download: bool = 
         val = cls(str(root), train=False, download=download)
     except (RuntimeError, OSError) as error:
         if not download:
-            raise DataError(f"{name} is not in {root} and a checkpoint's settings never start a download: pass "
-                            f"--data {name} to download it, or --data-path DIR with torchvision's extracted "
-                            f"{name} folder") from error
-        raise DataError(f"could not load {name} from {root} ({error}). Without internet, place torchvision's "
-                        f"extracted CIFAR folder there and pass --data-path") from error
+            raise DataError(
+                f"{name} is not in {root} and a checkpoint's settings never start a download: pass "
+                f"--data {name} to download it, or --data-path DIR with torchvision's extracted "
+                f"{name} folder"
+            ) from error
+        raise DataError(
+            f"could not load {name} from {root} ({error}). Without internet, place torchvision's "
+            f"extracted CIFAR folder there and pass --data-path"
+        ) from error
     as_tensor = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()  # noqa: E731  (NHWC -> NCHW)
-    train_set, val_set = _in_memory(as_tensor(train.data), train.targets, as_tensor(val.data), val.targets, mean, std,
-                                    augment, padding=4)
+    train_set, val_set = _in_memory(
+        as_tensor(train.data), train.targets, as_tensor(val.data), val.targets, mean, std, augment, padding=4
+    )
     return DataBundle(train_set, val_set, classes, 3, 32, mean, std, f"{name.upper()} ({root})")
 
 
@@ -336,8 +406,10 @@ def to_8bit(image: Image.Image) -> Image.Image:
             raise PixelRangeError("its floating-point pixels include NaN or infinite values")
         low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
         if low < 0 or high > 255:
-            raise PixelRangeError(f"its floating-point pixels range from {low:g} to {high:g}, neither within [0, 1] "
-                                  f"nor within [0, 255]; save it as an 8- or 16-bit image, scaled as it should look")
+            raise PixelRangeError(
+                f"its floating-point pixels range from {low:g} to {high:g}, neither within [0, 1] "
+                f"nor within [0, 255]; save it as an 8- or 16-bit image, scaled as it should look"
+            )
         scale = 255.0 if high <= 1.0 else 1.0
         return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8))
     if image.mode not in SIXTEEN_BIT_MODES:
@@ -364,13 +436,20 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
 
 
 def _report_decoder_warnings(path, caught: list) -> None:
-    messages = list(dict.fromkeys(str(w.message) for w in caught
-                                  if not issubclass(w.category, (DeprecationWarning, ResourceWarning))))
+    messages = list(
+        dict.fromkeys(
+            str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, ResourceWarning))
+        )
+    )
     if not messages or str(path) in _warned_images:
         return
     _warned_images.add(str(path))
-    print(f"adn: warning: image {path} may be damaged; the decoder reported: {'; '.join(messages)}. It is used "
-          f"as decoded; check it, and replace or delete it if it looks wrong", file=sys.stderr, flush=True)
+    print(
+        f"adn: warning: image {path} may be damaged; the decoder reported: {'; '.join(messages)}. It is used "
+        f"as decoded; check it, and replace or delete it if it looks wrong",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class CheckedImageFolder(datasets.ImageFolder):
@@ -388,8 +467,10 @@ class CheckedImageFolder(datasets.ImageFolder):
             image = self.loader(path)
         except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # what PIL raises for bad files
             if not self.skip_bad:
-                raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); replace or delete "
-                                f"the file, or pass --skip-bad-images to skip unreadable images") from error
+                raise DataError(
+                    f"cannot read image {path} ({type(error).__name__}: {error}); replace or delete "
+                    f"the file, or pass --skip-bad-images to skip unreadable images"
+                ) from error
             print(f"adn: warning: skipping unreadable image {path} ({error})", file=sys.stderr, flush=True)
             return None
         return (image if self.transform is None else self.transform(image)), target
@@ -439,34 +520,47 @@ def first_readable(dataset: Dataset):
     raise DataError(f"none of the {len(dataset)} images could be read; check the image folder")
 
 
-def _image_folder(data_path, crop: int, resize: int | None, augment: Augmentation | None,
-                  skip_bad: bool = False) -> DataBundle:
+def _image_folder(
+    data_path, crop: int, resize: int | None, augment: Augmentation | None, skip_bad: bool = False
+) -> DataBundle:
     if not data_path:
-        raise DataError("--data imagefolder needs --data-path DIR, a folder with train/ and val/ holding one "
-                        "sub-folder of images per class (the ImageNet layout)")
+        raise DataError(
+            "--data imagefolder needs --data-path DIR, a folder with train/ and val/ holding one "
+            "sub-folder of images per class (the ImageNet layout)"
+        )
     root = Path(data_path)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataError(f"{root / split} is not a folder; --data-path must hold train/ and val/, each with one "
-                            f"sub-folder of images per class")
+            raise DataError(
+                f"{root / split} is not a folder; --data-path must hold train/ and val/, each with one "
+                f"sub-folder of images per class"
+            )
     resize = resize or int(round(crop / 0.875))
     mode = (augment or Augmentation()).mode
     center = [T.Resize(resize, interpolation=mode), T.CenterCrop(crop)]
     if augment is None:  # evaluation-style transforms for both splits
         train_tf = T.Compose(center + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     else:
-        train_tf = _train_transform([T.RandomResizedCrop(crop, interpolation=mode), T.RandomHorizontalFlip()],
-                                    IMAGENET_MEAN, IMAGENET_STD, augment)
+        train_tf = _train_transform(
+            [T.RandomResizedCrop(crop, interpolation=mode), T.RandomHorizontalFlip()],
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            augment,
+        )
     val_tf = T.Compose(center + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     try:
         train = CheckedImageFolder(str(root / "train"), train_tf, skip_bad)
         val = CheckedImageFolder(str(root / "val"), val_tf, skip_bad)
     except (FileNotFoundError, OSError) as error:
-        raise DataError(f"could not read image folders under {root}: {error} (expected train/ and val/, each with "
-                        f"one sub-folder of images per class, the ImageNet layout)") from error
+        raise DataError(
+            f"could not read image folders under {root}: {error} (expected train/ and val/, each with "
+            f"one sub-folder of images per class, the ImageNet layout)"
+        ) from error
     if train.classes != val.classes:
-        raise DataError(f"train/ and val/ under {root} have different class folders "
-                        f"({len(train.classes)} vs {len(val.classes)}); they must match")
+        raise DataError(
+            f"train/ and val/ under {root} have different class folders "
+            f"({len(train.classes)} vs {len(val.classes)}); they must match"
+        )
     return DataBundle(train, val, len(train.classes), 3, crop, IMAGENET_MEAN, IMAGENET_STD, f"image folders ({root})")
 
 

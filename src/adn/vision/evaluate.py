@@ -1,4 +1,5 @@
 """Accuracy of sub-networks, and the full per-sub-network report of ``adn eval``."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,16 @@ from ..core.skip import SkipConfig
 
 
 @torch.no_grad()
-def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu", progress: bool = False,
-                      description: str = "eval", sum_over_processes=None,
-                      recalibrate: tuple | None = None) -> dict[str, dict[str, float]]:
+def evaluate_accuracy(
+    net: nn.Module,
+    loader: DataLoader,
+    configs,
+    device="cpu",
+    progress: bool = False,
+    description: str = "eval",
+    sum_over_processes=None,
+    recalibrate: tuple | None = None,
+) -> dict[str, dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of each sub-network in ``configs``, reading the data once:
     every batch is run through every requested sub-network. In distributed training each process
     passes its own shard of the data and ``sum_over_processes`` (a function summing a tensor over the
@@ -32,8 +40,9 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu",
         try:
             for config in configs:
                 recalibrate_norms(net, calibration, num_batches, skip=config, device=device)
-                results.update(evaluate_accuracy(net, loader, [config], device, progress, description,
-                                                 sum_over_processes))
+                results.update(
+                    evaluate_accuracy(net, loader, [config], device, progress, description, sum_over_processes)
+                )
         finally:
             load_norm_state(net, saved)
         return results
@@ -52,9 +61,11 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu",
                 except RuntimeError as error:
                     if seen > targets.numel():  # not the first batch: not a mismatch of the input's shape
                         raise
-                    raise ValueError(f"the network cannot process images of shape {tuple(images.shape[1:])} "
-                                     f"({str(error).splitlines()[0][:200]}); evaluate on images like those it was "
-                                     f"trained on (same channels and size)") from error
+                    raise ValueError(
+                        f"the network cannot process images of shape {tuple(images.shape[1:])} "
+                        f"({str(error).splitlines()[0][:200]}); evaluate on images like those it was "
+                        f"trained on (same channels and size)"
+                    ) from error
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
                 hits = top.eq(targets[:, None])
@@ -67,15 +78,25 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader, configs, device="cpu",
         counts = [seen] + [correct1[k] for k in keys] + [correct5[k] for k in keys]
         counts = sum_over_processes(torch.tensor(counts, dtype=torch.int64)).tolist()
         seen, n = counts[0], len(keys)
-        correct1, correct5 = dict(zip(keys, counts[1:1 + n])), dict(zip(keys, counts[1 + n:]))
+        correct1, correct5 = dict(zip(keys, counts[1 : 1 + n])), dict(zip(keys, counts[1 + n :]))
     if seen == 0:
         raise ValueError("the evaluation dataset is empty")
     return {key: {"acc1": 100.0 * correct1[key] / seen, "acc5": 100.0 * correct5[key] / seen} for key in correct1}
 
 
-def evaluate_subnetworks(net: nn.Module, loader: DataLoader, configs, example: torch.Tensor, device="cpu",
-                         latency: bool = True, warmup: int = 3, repeats: int = 10, progress: bool = True,
-                         backend: str = "eager", recalibrate: tuple | None = None) -> list[dict]:
+def evaluate_subnetworks(
+    net: nn.Module,
+    loader: DataLoader,
+    configs,
+    example: torch.Tensor,
+    device="cpu",
+    latency: bool = True,
+    warmup: int = 3,
+    repeats: int = 10,
+    progress: bool = True,
+    backend: str = "eager",
+    recalibrate: tuple | None = None,
+) -> list[dict]:
     """``adn eval``'s rows: skip, acc1, acc5, params, macs, latency_ms (+ spread, batch size, threads).
     ``recalibrate``: as in :func:`evaluate_accuracy`."""
     configs = list(dict.fromkeys(SkipConfig(c, net.num_stages) for c in configs))

@@ -16,6 +16,7 @@ its first mismatched keys and shapes.
 
 :func:`scale_body_lr` gives the pretrained body a lower learning rate than the head (``--body-lr-scale``).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..utils.checkpoint_file import (FORMAT, check_dtypes, check_finite, check_variances, is_state_dict,
-                                    load_weights_only)
+from ..utils.checkpoint_file import (
+    FORMAT,
+    check_dtypes,
+    check_finite,
+    check_variances,
+    is_state_dict,
+    load_weights_only,
+)
 from ..errors import CheckpointError, first_line
 from .checkpoint import validate_meta
 from ..core.layers import SkipAwareNorm
@@ -39,6 +46,7 @@ ENTRIES = ("state_dict", "model")  # where timm's and torchvision's training scr
 @dataclass
 class InitWeights:
     """The state dict a file holds, what kind of file it was, and its adn metadata (adn checkpoints only)."""
+
     state_dict: dict
     kind: str
     meta: dict | None = None
@@ -49,29 +57,38 @@ def read_init_file(path: str | os.PathLike) -> InitWeights:
     """The weights in ``path``, read without running any code from it."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--init-from {path}: no such file; give a .pth/.pt state dict, a .safetensors file, "
-                              f"a timm checkpoint or an adn checkpoint")
+        raise CheckpointError(
+            f"--init-from {path}: no such file; give a .pth/.pt state dict, a .safetensors file, "
+            f"a timm checkpoint or an adn checkpoint"
+        )
     if _is_safetensors(path):
         return InitWeights(_read_safetensors(path), "safetensors file")
     data = _torch_load(path)
     if not isinstance(data, dict):
-        raise CheckpointError(f"--init-from {path} holds a {type(data).__name__}, not a state dict; expected a dict of "
-                              f"tensors (torch.save(model.state_dict(), path)) or a checkpoint that holds one")
+        raise CheckpointError(
+            f"--init-from {path} holds a {type(data).__name__}, not a state dict; expected a dict of "
+            f"tensors (torch.save(model.state_dict(), path)) or a checkpoint that holds one"
+        )
     if data.get("format") == FORMAT:
         meta = validate_meta(data.get("meta"), source=str(path))
         method = meta.get("method") or "adn"
         trained = f" --skip {meta['trained_skip']}" if method == "individual" else ""
-        return InitWeights(_tensors(data.get("model"), path, "its 'model' entry"), f"adn checkpoint (--method {method}{trained})",
-                           meta)
+        return InitWeights(
+            _tensors(data.get("model"), path, "its 'model' entry"), f"adn checkpoint (--method {method}{trained})", meta
+        )
     if is_state_dict(data):
         return InitWeights(_strip_module_prefix(data), "state dict")
     for entry in ENTRIES:
         if entry in data:
-            return InitWeights(_strip_module_prefix(_tensors(data[entry], path, f"its {entry!r} entry")),
-                               f"checkpoint ({entry!r} entry)")
+            return InitWeights(
+                _strip_module_prefix(_tensors(data[entry], path, f"its {entry!r} entry")),
+                f"checkpoint ({entry!r} entry)",
+            )
     found = ", ".join(map(repr, list(data)[:8])) or "nothing"
-    raise CheckpointError(f"--init-from {path}: found no weights in it (it holds {found}); expected a state dict, or a "
-                          f"checkpoint with a 'state_dict' or 'model' entry")
+    raise CheckpointError(
+        f"--init-from {path}: found no weights in it (it holds {found}); expected a state dict, or a "
+        f"checkpoint with a 'state_dict' or 'model' entry"
+    )
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -86,6 +103,7 @@ def _is_safetensors(path: Path) -> bool:
 def _read_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     try:
         return _strip_module_prefix(load_file(str(path), device="cpu"))
     except (SafetensorError, OSError, ValueError) as error:
@@ -93,8 +111,12 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def _torch_load(path: Path):
-    return load_weights_only(path, f"--init-from {path}", "save its state dict alone with the code that wrote it "
-                             "(torch.save(model.state_dict(), 'weights.pth')) and start from that")
+    return load_weights_only(
+        path,
+        f"--init-from {path}",
+        "save its state dict alone with the code that wrote it "
+        "(torch.save(model.state_dict(), 'weights.pth')) and start from that",
+    )
 
 
 def _tensors(value, path: Path, where: str) -> dict:
@@ -107,7 +129,7 @@ def _strip_module_prefix(state_dict: dict) -> dict:
     """DataParallel, DistributedDataParallel and EMA wrappers prefix every key with ``module.``."""
     state_dict = {k: v for k, v in state_dict.items() if k != "n_averaged"}
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -126,8 +148,10 @@ def used_norms_of_individual(net: nn.Module, state_dict: dict, trained_skip: str
     its stage skipped) becomes the norm, and the twins are dropped (they start as copies of it)."""
     config = SkipConfig(trained_skip, net.num_stages)
     if any(config) and any(TWIN in k for k in state_dict) and not any(stage.norms for stage in net.adn_stages):
-        raise CheckpointError(f"the file's network was trained at depth {config}, with the twins of skip-aware norms; "
-                              f"this run has none (--no-skip-aware-norm): drop that flag to start from it")
+        raise CheckpointError(
+            f"the file's network was trained at depth {config}, with the twins of skip-aware norms; "
+            f"this run has none (--no-skip-aware-norm): drop that flag to start from it"
+        )
     names = {module: name for name, module in net.named_modules()}
     from_twin = {names[norm] for stage, skipped in zip(net.adn_stages, config) if skipped for norm in stage.norms}
     plain = {k: v for k, v in state_dict.items() if TWIN not in k}
@@ -161,18 +185,25 @@ def fit_report(net: nn.Module, state_dict: dict, source: str, model: str) -> tup
     if missing or unexpected or shapes:
         problems = []
         if shapes:
-            problems.append(f"{len(shapes)} key(s) of another shape, first " + ", ".join(
-                f"{k}: model {tuple(own[k].shape)}, file {tuple(state_dict[k].shape)}" for k in shapes[:3]))
+            problems.append(
+                f"{len(shapes)} key(s) of another shape, first "
+                + ", ".join(f"{k}: model {tuple(own[k].shape)}, file {tuple(state_dict[k].shape)}" for k in shapes[:3])
+            )
         if missing:
             problems.append(f"{len(missing)} key(s) of the model missing from the file, first {missing[:3]}")
         if unexpected:
             problems.append(f"{len(unexpected)} key(s) of the file the model lacks, first {unexpected[:3]}")
-        twin_hint = (" The file has skip-aware twins and this run has none: drop --no-skip-aware-norm."
-                     if with_twins and not any(TWIN in k for k in own) else "")
+        twin_hint = (
+            " The file has skip-aware twins and this run has none: drop --no-skip-aware-norm."
+            if with_twins and not any(TWIN in k for k in own)
+            else ""
+        )
         raise CheckpointError(
-            f"--init-from {source} does not fit --model {model} as built for this data set: " + "; ".join(problems)
+            f"--init-from {source} does not fit --model {model} as built for this data set: "
+            + "; ".join(problems)
             + f".{twin_hint} Give the --model (and --width) the file was trained with and a data set with the same "
-              f"number of image channels; only a classification head with another class count is replaced")
+            f"number of image channels; only a classification head with another class count is replaced"
+        )
     return state_dict, replaced
 
 
@@ -183,8 +214,10 @@ def init_from(net: nn.Module, path: str | os.PathLike, model: str, log: Callable
     state_dict = weights.state_dict
     if weights.meta is not None:
         if weights.meta["model"] != model:
-            raise CheckpointError(f"--init-from {path} is an adn checkpoint of --model {weights.meta['model']}; this "
-                                  f"run has --model {model}: use the same model")
+            raise CheckpointError(
+                f"--init-from {path} is an adn checkpoint of --model {weights.meta['model']}; this "
+                f"run has --model {model}: use the same model"
+            )
         if weights.meta.get("method") == "individual" and weights.meta.get("trained_skip"):
             state_dict = used_norms_of_individual(net, state_dict, weights.meta["trained_skip"])
     state_dict, replaced = fit_report(net, state_dict, str(path), model)

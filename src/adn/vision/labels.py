@@ -5,6 +5,7 @@ output order) so that ``adn predict``, ``adn serve`` and exported manifests can 
 of "7". Checkpoints written before that, and imported weights, have none: their classes are named by
 index ("0", "1", ...).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,20 +13,120 @@ from pathlib import Path
 
 # torchvision's names for these data sets: FashionMNIST.classes, and the label names CIFAR's own
 # batches.meta / meta files hold (torchvision reads those from disk, so they are written out here).
-FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot")
+FASHION_MNIST = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR100 = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
-    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
-    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest",
-    "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard",
-    "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
-    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum",
-    "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper",
-    "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
-    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf",
-    "woman", "worm",
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
 )
 _KNOWN = {"fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10, "cifar100": CIFAR100}
 MAX_NAME_LENGTH = 200
@@ -48,7 +149,7 @@ def dataset_class_names(dataset: str, data_path: str | os.PathLike | None, num_c
 
 
 def index_names(num_classes: int) -> list[str]:
-    """"0", "1", ...: the names of classes nobody named."""
+    """ "0", "1", ...: the names of classes nobody named."""
     return [str(i) for i in range(num_classes)]
 
 
@@ -59,11 +160,16 @@ def class_names(meta: dict, source: str = "checkpoint") -> list[str]:
     names = meta.get("class_names")
     if names is None:
         return index_names(count)
-    valid = (isinstance(names, (list, tuple)) and len(names) == count
-             and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_LENGTH for n in names))
+    valid = (
+        isinstance(names, (list, tuple))
+        and len(names) == count
+        and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_LENGTH for n in names)
+    )
     if not valid:
         shown = repr(names) if len(repr(names)) <= 80 else repr(names)[:77] + "..."
-        raise ValueError(f"{source} has invalid metadata: class_names = {shown}, expected {count} non-empty strings "
-                         f"(one per class, at most {MAX_NAME_LENGTH} characters); it was altered. Remove the key to "
-                         f"name the classes by index")
+        raise ValueError(
+            f"{source} has invalid metadata: class_names = {shown}, expected {count} non-empty strings "
+            f"(one per class, at most {MAX_NAME_LENGTH} characters); it was altered. Remove the key to "
+            f"name the classes by index"
+        )
     return list(names)

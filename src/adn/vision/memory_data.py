@@ -10,6 +10,7 @@ Augmentations beyond crop and flip (AutoAugment, random erasing) need PIL images
 :class:`TensorImages` built with ``transform`` then serves PIL-transformed samples one at a time
 through an ordinary ``DataLoader`` instead.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from ..training.sampling import EpochBatches, sample_seed
 class BatchAugment:
     """Random crop of the image size after zero padding by ``padding`` pixels (as torchvision's
     ``RandomCrop(size, padding)``), then a horizontal flip with probability 1/2."""
+
     padding: int = 0
     flip: bool = True
 
@@ -37,11 +39,20 @@ class TensorImages(Dataset):
     ``dataset[i]`` is the normalized, un-augmented image (or, with ``transform``, that transform of the
     PIL image); :meth:`batch` gives whole normalized batches, augmented with ``augment`` if set."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean, std, augment: BatchAugment | None = None,
-                 transform: Callable | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        mean,
+        std,
+        augment: BatchAugment | None = None,
+        transform: Callable | None = None,
+    ):
         if images.dtype != torch.uint8 or images.dim() != 4 or targets.shape != images.shape[:1]:
-            raise ValueError(f"expected uint8 images [N, C, H, W] and N labels, got {images.dtype} "
-                             f"{tuple(images.shape)} and {tuple(targets.shape)}")
+            raise ValueError(
+                f"expected uint8 images [N, C, H, W] and N labels, got {images.dtype} "
+                f"{tuple(images.shape)} and {tuple(targets.shape)}"
+            )
         self.images, self.targets = images, targets.long()
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment, self.transform = augment, transform
@@ -52,10 +63,13 @@ class TensorImages(Dataset):
     def __getitem__(self, index: int):
         if self.transform is not None:
             image = self.images[index].cpu()
-            pil = Image.fromarray(image[0].numpy(), mode="L") if image.shape[0] == 1 else \
-                Image.fromarray(image.permute(1, 2, 0).numpy(), mode="RGB")
+            pil = (
+                Image.fromarray(image[0].numpy(), mode="L")
+                if image.shape[0] == 1
+                else Image.fromarray(image.permute(1, 2, 0).numpy(), mode="RGB")
+            )
             return self.transform(pil), int(self.targets[index])
-        return self.normalize(self.images[index:index + 1])[0], int(self.targets[index])
+        return self.normalize(self.images[index : index + 1])[0], int(self.targets[index])
 
     @property
     def batched(self) -> bool:
@@ -68,13 +82,15 @@ class TensorImages(Dataset):
 
     def to(self, device) -> "TensorImages":
         """The same images on ``device`` (a GPU keeps the whole set resident)."""
-        return TensorImages(self.images.to(device), self.targets.to(device), self.mean, self.std, self.augment,
-                            self.transform)
+        return TensorImages(
+            self.images.to(device), self.targets.to(device), self.mean, self.std, self.augment, self.transform
+        )
 
     def subset(self, indices) -> "TensorImages":
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
-        return TensorImages(self.images[indices], self.targets[indices], self.mean, self.std, self.augment,
-                            self.transform)
+        return TensorImages(
+            self.images[indices], self.targets[indices], self.mean, self.std, self.augment, self.transform
+        )
 
     def without_augmentation(self) -> "TensorImages":
         return TensorImages(self.images, self.targets, self.mean, self.std)
@@ -84,8 +100,9 @@ class TensorImages(Dataset):
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images.float() / 255.0 - mean) / std
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None,
-              part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None, part: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized images and labels of ``indices[part]``. With an augmentation and a ``generator``
         (CPU), the random crops and flips are drawn for all of ``indices`` (the global batch) and
         ``part`` keeps this process's share, so the split over processes does not change them."""
@@ -102,8 +119,8 @@ class TensorImages(Dataset):
         if pad:
             height, width = images.shape[-2:]
             padded = F.pad(images, (pad, pad, pad, pad))  # zeros, as RandomCrop's default fill
-            rows = offsets[:, :1] + torch.arange(height, device=device)      # [B, H]
-            cols = offsets[:, 1:] + torch.arange(width, device=device)       # [B, W]
+            rows = offsets[:, :1] + torch.arange(height, device=device)  # [B, H]
+            cols = offsets[:, 1:] + torch.arange(width, device=device)  # [B, W]
             picked = torch.arange(images.shape[0], device=device)[:, None, None]
             # Advanced indexing around a slice puts the indexed dims first: [B, H, W, C]. The permuted view
             # keeps NHWC memory, which convolutions take as channels-last even where the run chose not to

@@ -17,6 +17,7 @@ take ``--image-formats``): the format is recognised from the file's first bytes 
 of another format (EPS, which Pillow hands to Ghostscript; PSD, ICO and other rarely audited decoders) is refused
 with :class:`UnsupportedImageFormat`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,11 +65,13 @@ def image_formats(value: str | Iterable[str], flag: str = "--image-formats") -> 
     Image.init()
     unknown = [name for name in names if name not in Image.OPEN]
     if unknown or not names:
-        raise ValueError(f"{flag} {value if isinstance(value, str) else ','.join(map(str, value))!r}: "
-                         f"{'unknown format(s) ' + ', '.join(unknown) if unknown else 'no format given'}; give a "
-                         f"comma-separated list of formats this Pillow reads, such as "
-                         f"{','.join(DEFAULT_IMAGE_FORMATS).lower()} (the default); known: "
-                         f"{', '.join(sorted(Image.OPEN)).lower()}")
+        raise ValueError(
+            f"{flag} {value if isinstance(value, str) else ','.join(map(str, value))!r}: "
+            f"{'unknown format(s) ' + ', '.join(unknown) if unknown else 'no format given'}; give a "
+            f"comma-separated list of formats this Pillow reads, such as "
+            f"{','.join(DEFAULT_IMAGE_FORMATS).lower()} (the default); known: "
+            f"{', '.join(sorted(Image.OPEN)).lower()}"
+        )
     return tuple(names)
 
 
@@ -107,17 +110,25 @@ class Preprocessing:
     def __post_init__(self):
         problems = []
         if not _int_in(self.image_size, 1, 8192) or not _int_in(self.resize_size, 1, 8192):
-            problems.append(f"image_size and resize_size must be integers in [1, 8192], got {self.image_size!r} and "
-                            f"{self.resize_size!r}")
+            problems.append(
+                f"image_size and resize_size must be integers in [1, 8192], got {self.image_size!r} and "
+                f"{self.resize_size!r}"
+            )
         elif self.resize_size < self.image_size:
-            problems.append(f"resize_size ({self.resize_size}) is below image_size ({self.image_size}): the center "
-                            f"crop would not fit")
+            problems.append(
+                f"resize_size ({self.resize_size}) is below image_size ({self.image_size}): the center "
+                f"crop would not fit"
+            )
         if self.channels not in MODES:
-            problems.append(f"channels = {self.channels!r}: images convert to 1 (grayscale), 3 (RGB) or 4 (RGBA) "
-                            f"channels only; feed tensors to such a network yourself")
+            problems.append(
+                f"channels = {self.channels!r}: images convert to 1 (grayscale), 3 (RGB) or 4 (RGBA) "
+                f"channels only; feed tensors to such a network yourself"
+            )
         if not (_floats(self.mean, self.channels) and _floats(self.std, self.channels) and min(self.std) > 0):
-            problems.append(f"mean and std must hold one number per channel ({self.channels}), std positive; got "
-                            f"{self.mean!r} and {self.std!r}")
+            problems.append(
+                f"mean and std must hold one number per channel ({self.channels}), std positive; got "
+                f"{self.mean!r} and {self.std!r}"
+            )
         if self.interpolation not in INTERPOLATIONS:
             problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if problems:
@@ -133,15 +144,19 @@ class Preprocessing:
             try:
                 return cls._from_older_meta(meta)
             except ValueError as error:
-                raise ValueError(f"{source}: image files cannot be made into this network's inputs ({error})") from error
+                raise ValueError(
+                    f"{source}: image files cannot be made into this network's inputs ({error})"
+                ) from error
         try:
             if not isinstance(recorded, dict):
                 raise ValueError(f"expected a dict, got {type(recorded).__name__}")
             known = {"image_size", "resize_size", "channels", "mean", "std", "interpolation"}
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known})
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{source} has invalid preprocessing metadata ({error}); it was altered or written by "
-                             f"another tool. Use a checkpoint written by adn train") from error
+            raise ValueError(
+                f"{source} has invalid preprocessing metadata ({error}); it was altered or written by "
+                f"another tool. Use a checkpoint written by adn train"
+            ) from error
 
     @classmethod
     def _from_older_meta(cls, meta: dict) -> Preprocessing:
@@ -153,26 +168,47 @@ class Preprocessing:
         if meta.get("dataset") == "fake":  # fake data is fed as ToTensor gives it, not normalized
             mean, std = (0.0,) * channels, (1.0,) * channels
         else:
-            default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels,
-                                                                                           (0.5,) * channels)
+            default_mean, default_std = (
+                (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+            )
             mean, std = tuple(meta.get("mean") or default_mean), tuple(meta.get("std") or default_std)
         interpolation = (meta.get("config") or {}).get("interpolation") or "bilinear"
         return cls(size, resize, channels, mean, std, interpolation)
 
     @classmethod
-    def for_training(cls, dataset: str, image_size: int, channels: int, mean, std, val_resize_size: int | None = None,
-                     interpolation: str = "bilinear") -> Preprocessing:
+    def for_training(
+        cls,
+        dataset: str,
+        image_size: int,
+        channels: int,
+        mean,
+        std,
+        val_resize_size: int | None = None,
+        interpolation: str = "bilinear",
+    ) -> Preprocessing:
         """What ``adn train``'s validation data of ``dataset`` goes through (see adn.data), for its checkpoint."""
         if dataset == "imagefolder":
-            return cls(image_size, val_resize_size or int(round(image_size / 0.875)), channels, tuple(mean), tuple(std),
-                       interpolation)
+            return cls(
+                image_size,
+                val_resize_size or int(round(image_size / 0.875)),
+                channels,
+                tuple(mean),
+                tuple(std),
+                interpolation,
+            )
         if dataset == "fake":  # FakeData images are only converted to tensors
             return cls(image_size, image_size, channels, (0.0,) * channels, (1.0,) * channels)
         return cls(image_size, image_size, channels, tuple(mean), tuple(std))  # in-memory sets: native size
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "resize_size": self.resize_size, "channels": self.channels,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+        return {
+            "image_size": self.image_size,
+            "resize_size": self.resize_size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
 
     @property
     def mode(self) -> str:
@@ -184,8 +220,13 @@ class Preprocessing:
         return self.channels, self.image_size, self.image_size
 
     # ----- images to tensors -----------------------------------------------------------------------------
-    def decode(self, source: bytes | str | os.PathLike, name: str | None = None, max_pixels: int | None = None,
-               formats: Iterable[str] = DEFAULT_IMAGE_FORMATS) -> Image.Image:
+    def decode(
+        self,
+        source: bytes | str | os.PathLike,
+        name: str | None = None,
+        max_pixels: int | None = None,
+        formats: Iterable[str] = DEFAULT_IMAGE_FORMATS,
+    ) -> Image.Image:
         """Decode an image file (path or bytes) into this preprocessing's mode. Raises :class:`ImageError`
         (naming ``name``, default the path) when it is not an image, or too large or too narrow to use, and
         :class:`UnsupportedImageFormat` for a format not in ``formats`` (checked before decoding)."""
@@ -195,8 +236,9 @@ class Preprocessing:
             try:
                 image.load()
             except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
-                raise ImageError(f"{name} is not an image that can be read ({error}); use a "
-                                 f"{_format_list(tuple(formats))} file") from error
+                raise ImageError(
+                    f"{name} is not an image that can be read ({error}); use a {_format_list(tuple(formats))} file"
+                ) from error
             try:
                 return to_8bit(image).convert(self.mode)
             except PixelRangeError as error:  # a float image whose values are not pixels
@@ -207,13 +249,17 @@ class Preprocessing:
         :class:`ImageError` for one too narrow to resize and crop usefully."""
         width, height = size
         if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLarge(f"{name} is {width}x{height} = {width * height / 1e6:.1f} Mpixels; at most "
-                                f"{max_pixels / 1e6:.1f} Mpixels are accepted. Downscale it first "
-                                f"(the network sees {self.image_size}x{self.image_size})")
+            raise ImageTooLarge(
+                f"{name} is {width}x{height} = {width * height / 1e6:.1f} Mpixels; at most "
+                f"{max_pixels / 1e6:.1f} Mpixels are accepted. Downscale it first "
+                f"(the network sees {self.image_size}x{self.image_size})"
+            )
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ImageError(f"{name} is {width}x{height}: an aspect ratio above {MAX_ASPECT_RATIO}:1 cannot be "
-                             f"resized and center-cropped to {self.image_size}x{self.image_size} usefully; "
-                             f"crop it to the object first")
+            raise ImageError(
+                f"{name} is {width}x{height}: an aspect ratio above {MAX_ASPECT_RATIO}:1 cannot be "
+                f"resized and center-cropped to {self.image_size}x{self.image_size} usefully; "
+                f"crop it to the object first"
+            )
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """A decoded image (in :attr:`mode`) as a normalized ``[channels, image_size, image_size]`` tensor."""
@@ -224,24 +270,36 @@ class Preprocessing:
         from torchvision.transforms import v2
 
         # Resized and cropped as a PIL image, as adn.data's validation transform does (PIL's resampling).
-        return v2.Compose([v2.Resize(self.resize_size, interpolation=v2.InterpolationMode(self.interpolation),
-                                     antialias=True),
-                           v2.CenterCrop(self.image_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(self.mean, self.std)])
+        return v2.Compose(
+            [
+                v2.Resize(self.resize_size, interpolation=v2.InterpolationMode(self.interpolation), antialias=True),
+                v2.CenterCrop(self.image_size),
+                v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+            ]
+        )
 
-    def load(self, source: bytes | str | os.PathLike, name: str | None = None, max_pixels: int | None = None,
-             formats: Iterable[str] = DEFAULT_IMAGE_FORMATS) -> torch.Tensor:
+    def load(
+        self,
+        source: bytes | str | os.PathLike,
+        name: str | None = None,
+        max_pixels: int | None = None,
+        formats: Iterable[str] = DEFAULT_IMAGE_FORMATS,
+    ) -> torch.Tensor:
         """Decode and transform one image file (path or bytes)."""
         return self.transform(self.decode(source, name, max_pixels, formats))
 
-    def load_files(self, paths: list[str | os.PathLike],
-                   formats: Iterable[str] = DEFAULT_IMAGE_FORMATS) -> torch.Tensor:
+    def load_files(
+        self, paths: list[str | os.PathLike], formats: Iterable[str] = DEFAULT_IMAGE_FORMATS
+    ) -> torch.Tensor:
         """Image files as one batch ``[N, channels, image_size, image_size]``."""
         return torch.stack([self.load(path, formats=formats) for path in paths])
 
 
-def image_dimensions(source: bytes | str | os.PathLike, name: str | None = None,
-                     formats: Iterable[str] = DEFAULT_IMAGE_FORMATS) -> tuple[int, int]:
+def image_dimensions(
+    source: bytes | str | os.PathLike, name: str | None = None, formats: Iterable[str] = DEFAULT_IMAGE_FORMATS
+) -> tuple[int, int]:
     """``(width, height)`` of an image file from its header, without decoding its pixels; the same errors as
     :meth:`Preprocessing.decode` for files that are not images of an accepted format."""
     name = name or (str(source) if not isinstance(source, bytes) else "image")
@@ -265,15 +323,19 @@ def open_image(source: bytes | str | os.PathLike, name: str, formats: Iterable[s
     except UnidentifiedImageError as error:
         other = _recognised_format(_prefix(source), formats)
         if other is not None:
-            raise UnsupportedImageFormat(f"{name} is in {other} format, which is not accepted here (accepted: "
-                                         f"{_format_list(formats)}; --image-formats changes the list); convert it "
-                                         f"to one of these first") from error
+            raise UnsupportedImageFormat(
+                f"{name} is in {other} format, which is not accepted here (accepted: "
+                f"{_format_list(formats)}; --image-formats changes the list); convert it "
+                f"to one of these first"
+            ) from error
         # PIL's message for unknown data names the file object ("<_io.BytesIO object at 0x...>"): say it plainly.
-        raise ImageError(f"{name} is not an image that can be read (not a known image format); use a "
-                         f"{_format_list(formats)} file") from error
+        raise ImageError(
+            f"{name} is not an image that can be read (not a known image format); use a {_format_list(formats)} file"
+        ) from error
     except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for files it cannot read
-        raise ImageError(f"{name} is not an image that can be read ({error}); use a {_format_list(formats)} "
-                         f"file") from error
+        raise ImageError(
+            f"{name} is not an image that can be read ({error}); use a {_format_list(formats)} file"
+        ) from error
     try:
         yield image
     finally:
@@ -296,5 +358,8 @@ def _int_in(value, low: int, high: int) -> bool:
 
 
 def _floats(values, count: int) -> bool:
-    return (isinstance(values, tuple) and len(values) == count
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values))
+    return (
+        isinstance(values, tuple)
+        and len(values) == count
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values)
+    )

@@ -9,6 +9,7 @@ every depth) and stores them in the checkpoint, atomically, where every command 
 them (:mod:`adn.core.depth_statistics`). :func:`after_training` is the end of ``adn train``: it stores them
 for the runs that want them (:func:`wants_depth_statistics`), unless the checkpoint holds them already.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,14 +25,25 @@ from ..utils.checkpoint_file import LATEST
 from .checkpoint import load_network
 from .data import calibration_loader, checkpoint_data, collate_readable_pairs
 
-BATCHES = 50        # training batches per depth: adn recalibrate --batches, adn train --depth-statistics-batches
-BATCH_SIZE = 256    # images per batch: adn recalibrate -b (adn train measures with the same)
+BATCHES = 50  # training batches per depth: adn recalibrate --batches, adn train --depth-statistics-batches
+BATCH_SIZE = 256  # images per batch: adn recalibrate -b (adn train measures with the same)
 
 
-def store_depth_statistics(source: str | Path, output: str | Path | None = None, *, batches: int = BATCHES,
-                           batch_size: int = BATCH_SIZE, workers: int = 0, device: torch.device | str = "cpu",
-                           data: str | None = None, data_path: str | None = None, skip_bad_images: bool = False,
-                           by: str = "adn recalibrate", progress=None, unless_stored: bool = False) -> dict:
+def store_depth_statistics(
+    source: str | Path,
+    output: str | Path | None = None,
+    *,
+    batches: int = BATCHES,
+    batch_size: int = BATCH_SIZE,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    data: str | None = None,
+    data_path: str | None = None,
+    skip_bad_images: bool = False,
+    by: str = "adn recalibrate",
+    progress=None,
+    unless_stored: bool = False,
+) -> dict:
     """Measure the batch-norm statistics of every depth of the network in checkpoint ``source`` on
     ``batches`` batches of ``batch_size`` training images (of its data set, or ``data``/``data_path``) and
     store them in ``output`` (default: replace ``source``, atomically). ``by`` names what measured them
@@ -43,14 +55,21 @@ def store_depth_statistics(source: str | Path, output: str | Path | None = None,
     output = Path(output or source)
     before = _identity(source)
     net, ckpt = load_network(source, depth_statistics=False)  # stored rows are replaced, damaged or not
-    summary = {"checkpoint": str(output), "depths": 2 ** net.num_stages, "batches": batches, "images_per_depth": 0,
-               "seconds": 0.0}
+    summary = {
+        "checkpoint": str(output),
+        "depths": 2**net.num_stages,
+        "batches": batches,
+        "images_per_depth": 0,
+        "seconds": 0.0,
+    }
     if unless_stored and ckpt.get(CHECKPOINT_KEY) is not None:
         return {**summary, "already_stored": True}
     if not batch_norms(net):  # a ViT, say: nothing to measure
         return {**summary, "depths": 0}
     train = checkpoint_data(ckpt["meta"], source, data, data_path, skip_bad_images=skip_bad_images).train
-    loader = calibration_loader(train, batch_size, batches, workers, collate_readable_pairs if skip_bad_images else None)
+    loader = calibration_loader(
+        train, batch_size, batches, workers, collate_readable_pairs if skip_bad_images else None
+    )
     device = torch.device(device)
     net.to(device)
     start = time.perf_counter()
@@ -58,9 +77,11 @@ def store_depth_statistics(source: str | Path, output: str | Path | None = None,
     summary.update(images_per_depth=images, seconds=round(time.perf_counter() - start, 1))
     net.to("cpu")
     if output.resolve() == source.resolve() and _identity(source) != before:
-        raise CheckpointError(f"{source} changed while its statistics were measured (is a training run still writing "
-                              f"it?); it was not replaced. Run adn recalibrate again once it is finished, or write "
-                              f"a copy with --output")
+        raise CheckpointError(
+            f"{source} changed while its statistics were measured (is a training run still writing "
+            f"it?); it was not replaced. Run adn recalibrate again once it is finished, or write "
+            f"a copy with --output"
+        )
     replace_checkpoint(output, {**ckpt, CHECKPOINT_KEY: depth_statistics_payload(net)})
     return summary
 
@@ -101,20 +122,34 @@ def after_training(cfg, device: torch.device | str = "cpu", log=print) -> dict |
     def announce(config) -> None:  # once, when the measurement really starts
         if not started:
             started.append(config)
-            log(f"measuring each depth's batch-norm statistics on {cfg.depth_statistics_batches} x {BATCH_SIZE} "
-                f"training images (--no-depth-statistics skips this) ...")
+            log(
+                f"measuring each depth's batch-norm statistics on {cfg.depth_statistics_batches} x {BATCH_SIZE} "
+                f"training images (--no-depth-statistics skips this) ..."
+            )
+
     try:
-        summary = store_depth_statistics(checkpoint, batches=cfg.depth_statistics_batches, workers=cfg.workers,
-                                         device=device, skip_bad_images=cfg.skip_bad_images, by="adn train",
-                                         progress=announce, unless_stored=True)
+        summary = store_depth_statistics(
+            checkpoint,
+            batches=cfg.depth_statistics_batches,
+            workers=cfg.workers,
+            device=device,
+            skip_bad_images=cfg.skip_bad_images,
+            by="adn train",
+            progress=announce,
+            unless_stored=True,
+        )
     except KeyboardInterrupt:
-        log(f"adn: interrupted while measuring per-depth batch-norm statistics; {checkpoint} is whole, without them. "
-            f"Measure them with: adn recalibrate --checkpoint {checkpoint}")
+        log(
+            f"adn: interrupted while measuring per-depth batch-norm statistics; {checkpoint} is whole, without them. "
+            f"Measure them with: adn recalibrate --checkpoint {checkpoint}"
+        )
         raise
     except Exception as error:  # the run itself succeeded: say what is missing and how to add it
-        log(f"adn: warning: could not store per-depth batch-norm statistics in {checkpoint} ({type(error).__name__}: "
+        log(
+            f"adn: warning: could not store per-depth batch-norm statistics in {checkpoint} ({type(error).__name__}: "
             f"{first_line(error, 200)}); the trained checkpoint is whole. Measure them with: adn recalibrate "
-            f"--checkpoint {checkpoint}")
+            f"--checkpoint {checkpoint}"
+        )
         return None
     if summary.get("already_stored"):
         log(f"per-depth batch-norm statistics: {checkpoint} holds them already")
@@ -122,7 +157,9 @@ def after_training(cfg, device: torch.device | str = "cpu", log=print) -> dict |
     if summary["depths"] == 0:
         log(f"per-depth batch-norm statistics: {cfg.model} has no batch norms, nothing to store")
         return None
-    log(f"stored the batch-norm statistics of {summary['depths']} depths ({summary['images_per_depth']} training "
+    log(
+        f"stored the batch-norm statistics of {summary['depths']} depths ({summary['images_per_depth']} training "
         f"images each, {summary['seconds']} s) in {checkpoint}: adn eval, predict, serve and export run each depth "
-        f"with its own")
+        f"with its own"
+    )
     return summary

@@ -15,27 +15,26 @@ rotation. :class:`Trainer` adds what is classification's own: data parallelism o
 epoch and every ``save_every_steps`` steps from which ``resume`` continues exactly where the run stopped
 (model, EMA, optimizer, scaler, schedule, position in the epoch, RNG states, and the epoch's partial metrics).
 """
+
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..convert import convert
 from ..core.distill import SubPathDistillationLoss
 from ..core.recalibrate import batch_norms
 from ..core.skip import SkipConfig
 from ..core.sync_bn import convert_sync_batchnorm
 from ..errors import CheckpointError, DataError
-from ..models import NEEDS_IMAGE_SIZE, build_model
+from ..models import build_model
 from ..training import rng
 from ..training.distributed import Distributed
 from ..training.distributed import setup as setup_distributed
@@ -57,82 +56,22 @@ from .data import (
 )
 from .evaluate import evaluate_accuracy
 from .init_from import init_from
-from .labels import dataset_class_names
 from .memory_data import TensorImages, training_batches
-from .preprocess import Preprocessing
 from .stored_statistics import after_training
 from .train_config import TrainConfig
-from .train_setup import build_batch_mixer, build_optimizer, speed_settings
-
-
-def _meta(cfg: TrainConfig, data) -> dict:
-    model_kwargs = {"width": cfg.width} if cfg.width else {}
-    if cfg.model in NEEDS_IMAGE_SIZE:
-        model_kwargs["image_size"] = data.image_size
-    return {
-        "model": cfg.model, "model_kwargs": model_kwargs, "num_classes": data.num_classes,
-        "in_channels": data.in_channels, "image_size": data.image_size, "skip_aware_norm": cfg.skip_aware_norm,
-        "method": cfg.method, "trained_skip": cfg.skip if cfg.method == "individual" else None,
-        # absolute, so that `adn eval` finds the data from any working directory
-        "dataset": cfg.data, "data_path": os.path.abspath(cfg.data_path) if cfg.data_path else None,
-        "mean": list(data.mean), "std": list(data.std),
-        "config": asdict(cfg),
-        # what adn predict / adn serve need to answer about image files: output names, input preprocessing
-        "class_names": dataset_class_names(cfg.data, cfg.data_path, data.num_classes),
-        "preprocess": Preprocessing.for_training(cfg.data, data.image_size, data.in_channels, data.mean, data.std,
-                                                 cfg.val_resize_size, cfg.interpolation).to_dict(),
-    }
-
-
-def _convert(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    try:
-        return convert(model, skip_aware_norm=cfg.skip_aware_norm)
-    except TypeError as error:  # a model family adn cannot give adaptive depth (the message lists those it can)
-        raise ValueError(f"--model {cfg.model}: {error}") from error
-
-
-def _check_input_fits(net: nn.Module, data, cfg: TrainConfig, device) -> None:
-    """Run one image through the network before training, so that a size or channel mismatch is
-    reported as such, not as an error from deep inside the model."""
-    image = _first_readable(data.train)[0]
-    try:
-        with torch.no_grad():
-            net.eval()(image[None].to(device))
-    except (RuntimeError, AssertionError, ValueError) as error:
-        raise ValueError(f"{cfg.model} cannot process images of shape {tuple(image.shape)} from "
-                         f"{data.description.split(' (')[0]} ({str(error).splitlines()[0][:200]}). Pick a model that fits the data "
-                         f"(e.g. resnet20 for 28x28 images) or set the image size with --train-crop-size") from error
-    finally:
-        net.train()
-
-
-def _first_readable(dataset):
-    """The first sample that is not an unreadable image (``None``), for the input check."""
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        if sample is not None:
-            return sample
-    raise DataError("none of the training images could be read")
+from .train_setup import (
+    build_batch_mixer,
+    build_optimizer,
+    check_input_fits,
+    convert_for_training,
+    run_meta,
+    speed_settings,
+)
+from .train_state import MAX_EPOCHS, EpochProgress, check_position, restore_rng  # noqa: F401  (MAX_EPOCHS: adn.train's API)
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class EpochProgress:
-    """Where the current epoch stands. Mid-epoch checkpoints hold it, so that a resumed epoch skips the
-    batches already trained on and its metrics still cover every step of the epoch."""
-    steps: int = 0
-    seen: int = 0
-    skipped_images: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    correct: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    # CPU time of this process (all its threads): unlike wall time, it does not grow while the process
-    # is paused or waits for a core another process holds, so it measures the compute a run really took.
-    cpu_seconds: float = 0.0
-    global_batch: int = 0  # images per step over all processes; a mid-epoch resume needs the same
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -160,6 +99,7 @@ class Trainer:
     """One training run, as a :class:`~adn.training.loop.Task` of its :class:`RunLoop` (``self.loop``):
     :meth:`__init__` sets everything up (restoring a checkpoint when resuming) and claims the output
     folder, :meth:`run` trains the remaining epochs, :meth:`close` releases the folder."""
+
     log_key = "epoch"
     advice = "try a lower --lr"
 
@@ -171,19 +111,32 @@ class Trainer:
         rng.seed_all(cfg.seed)  # the same on every process: the same initial weights
 
         augmentation = Augmentation(cfg.auto_augment, cfg.random_erase, cfg.interpolation)
-        data = load_dataset(cfg.data, cfg.data_path, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
-                            seed=cfg.seed, image_size=cfg.train_crop_size, val_resize_size=cfg.val_resize_size,
-                            augment=augmentation, skip_bad_images=cfg.skip_bad_images,
-                            val_from_train=cfg.val_from_train)
-        self.meta = _meta(cfg, data)
-        model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                            weights=cfg.weights, **self.meta["model_kwargs"])
-        net = self.net = _convert(model, cfg).to(device)
+        data = load_dataset(
+            cfg.data,
+            cfg.data_path,
+            train_subset=cfg.train_subset,
+            val_subset=cfg.val_subset,
+            seed=cfg.seed,
+            image_size=cfg.train_crop_size,
+            val_resize_size=cfg.val_resize_size,
+            augment=augmentation,
+            skip_bad_images=cfg.skip_bad_images,
+            val_from_train=cfg.val_from_train,
+        )
+        self.meta = run_meta(cfg, data)
+        model = build_model(
+            cfg.model,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            weights=cfg.weights,
+            **self.meta["model_kwargs"],
+        )
+        net = self.net = convert_for_training(model, cfg).to(device)
         if cfg.init_from and resume is None:  # (on resume, the checkpoint's weights are the starting point)
             init_from(net, cfg.init_from, cfg.model, log=self.say)
         if cfg.method == "individual":
             net.skip = SkipConfig(cfg.skip, net.num_stages)
-        _check_input_fits(net, data, cfg, device)
+        check_input_fits(net, data, cfg, device)
         self.amp, self.channels_last, speed_note = speed_settings(cfg, net, device)
         self.meta["speed"] = {"amp": self.amp, "channels_last": self.channels_last}
         if self.channels_last:
@@ -219,13 +172,22 @@ class Trainer:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         if cfg.method == "adn":
             self.step_fn = functools.partial(adn_step, bn_stats_from=cfg.bn_stats_from, precision=self.precision)
-            self.loss_fn = SubPathDistillationLoss(cfg.alpha, cfg.temperature, cfg.feature_kd, cfg.label_smoothing,
-                                                   channel_dim=net.adn_info["channel_dim"], base_ce=cfg.base_ce)
+            self.loss_fn = SubPathDistillationLoss(
+                cfg.alpha,
+                cfg.temperature,
+                cfg.feature_kd,
+                cfg.label_smoothing,
+                channel_dim=net.adn_info["channel_dim"],
+                base_ce=cfg.base_ce,
+            )
         else:
             step = joint_step if cfg.method == "joint" else individual_step
             self.step_fn, self.loss_fn = functools.partial(step, precision=self.precision), criterion
-        self.eval_configs = [net.skip] if cfg.method == "individual" else [SkipConfig.super_net(net.num_stages),
-                                                                          SkipConfig.base_net(net.num_stages)]
+        self.eval_configs = (
+            [net.skip]
+            if cfg.method == "individual"
+            else [SkipConfig.super_net(net.num_stages), SkipConfig.base_net(net.num_stages)]
+        )
         # In-memory data sets (Fashion-MNIST, CIFAR) train from whole-tensor batches kept on the device;
         # others (and PIL-only augmentations) go through a DataLoader, one image at a time.
         self.in_memory = isinstance(data.train, TensorImages) and data.train.batched
@@ -237,8 +199,9 @@ class Trainer:
             val = val.subset(list(shard)) if isinstance(val, TensorImages) else Subset(val, shard)
         if isinstance(val, TensorImages):
             val = val.to(device)
-        self.val_loader = eval_loader(val, cfg.batch_size, cfg.workers,
-                                      collate_readable_pairs if cfg.skip_bad_images else None)
+        self.val_loader = eval_loader(
+            val, cfg.batch_size, cfg.workers, collate_readable_pairs if cfg.skip_bad_images else None
+        )
         # Validation with recalibrated batch-norm statistics next to the running ones: early in training at a
         # high learning rate the running averages lag the weights and the accuracy they give can collapse
         # (docs/evaluation.md); the recalibrated figure shows what the weights themselves do.
@@ -255,20 +218,33 @@ class Trainer:
         # Only now, with every setting, the data and the model checked, is the folder made and claimed, so
         # that a failed start leaves nothing behind; the lock is held until the run ends or close().
         if rng_state is not None:
-            _restore_rng(rng_state, cfg.resume)
+            restore_rng(rng_state, cfg.resume)
         elif world.rank > 0:  # dropout, MixUp, ... differ between processes (augmentation is per image)
             rng.seed_all(cfg.seed + 100_003 * world.rank)
-        self.loop = RunLoop(self, self.output, world=world, resume=cfg.resume, overwrite=cfg.overwrite,
-                            keep_checkpoints=cfg.keep_checkpoints, progress=cfg.progress, log=_log)
+        self.loop = RunLoop(
+            self,
+            self.output,
+            world=world,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            keep_checkpoints=cfg.keep_checkpoints,
+            progress=cfg.progress,
+            log=_log,
+        )
         self.loop.claim()
-        self.say(f"training {cfg.model} ({net.num_stages} stages, {2 ** net.num_stages} sub-networks) with "
-                 f"method={cfg.method} on {data.description}: {len(data.train)} train / {len(data.val)} val images, "
-                 f"device={device}, threads={torch.get_num_threads()}"
-                 + (f", {world.world_size} processes x batch {cfg.batch_size}" + (" (sync-bn)" if cfg.sync_bn else "")
-                    if world.enabled else "")
-                 + (f", {self.precision}" if self.amp else ", float32")
-                 + (", channels-last" if self.channels_last else "")
-                 + (f", compiled ({cfg.compile_backend})" if cfg.compile else ""))
+        self.say(
+            f"training {cfg.model} ({net.num_stages} stages, {2**net.num_stages} sub-networks) with "
+            f"method={cfg.method} on {data.description}: {len(data.train)} train / {len(data.val)} val images, "
+            f"device={device}, threads={torch.get_num_threads()}"
+            + (
+                f", {world.world_size} processes x batch {cfg.batch_size}" + (" (sync-bn)" if cfg.sync_bn else "")
+                if world.enabled
+                else ""
+            )
+            + (f", {self.precision}" if self.amp else ", float32")
+            + (", channels-last" if self.channels_last else "")
+            + (f", compiled ({cfg.compile_backend})" if cfg.compile else "")
+        )
         if speed_note:
             self.say(speed_note)
 
@@ -281,15 +257,17 @@ class Trainer:
         entries) reported as such instead of a KeyError or TypeError from deep inside."""
         source = self.cfg.resume
         validate_meta(resume["meta"], source=str(source))
-        _check_position(resume, source)
+        check_position(resume, source)
         try:
             return self._restore(resume)
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
-            raise CheckpointError(f"cannot resume from {source}: its training state is malformed ({type(error).__name__}: "
-                                  f"{str(error).strip()[:200]}); it was not written by adn train or was altered. "
-                                  f"Resume from another checkpoint") from error
+            raise CheckpointError(
+                f"cannot resume from {source}: its training state is malformed ({type(error).__name__}: "
+                f"{str(error).strip()[:200]}); it was not written by adn train or was altered. "
+                f"Resume from another checkpoint"
+            ) from error
 
     def run(self) -> dict:
         """Train the remaining epochs; returns the last epoch's record. Releases the folder when done."""
@@ -305,9 +283,15 @@ class Trainer:
         cfg, source = self.cfg, self.cfg.resume
         for key in ("model", "num_classes", "in_channels", "skip_aware_norm", "method", "model_kwargs"):
             if resume["meta"].get(key) != self.meta.get(key):
-                hint = f"; add --method {resume['meta'][key]}" if key == "method" and resume["meta"][key] in METHODS else ""
-                raise CheckpointError(f"cannot resume from {source}: it was trained with {key}="
-                                      f"{resume['meta'].get(key)!r}, this run has {key}={self.meta.get(key)!r}{hint}")
+                hint = (
+                    f"; add --method {resume['meta'][key]}"
+                    if key == "method" and resume["meta"][key] in METHODS
+                    else ""
+                )
+                raise CheckpointError(
+                    f"cannot resume from {source}: it was trained with {key}="
+                    f"{resume['meta'].get(key)!r}, this run has {key}={self.meta.get(key)!r}{hint}"
+                )
         load_weights(self.net, resume["model"], source=source)
         self.optimizer.load_state_dict(resume["optimizer"])
         if self.ema is not None:
@@ -331,7 +315,8 @@ class Trainer:
                     f"cannot resume mid-epoch from {source}: it was saved with {self.progress.global_batch} "
                     f"images per step (batch size x processes), this run has {cfg.batch_size} x "
                     f"{self.world.world_size}; use the same -b and number of processes, or resume from an "
-                    f"epoch-end checkpoint")
+                    f"epoch-end checkpoint"
+                )
             where = f"epoch {self.start_epoch + 1}, step {self.progress.steps + 1}"
         self.say(f"resumed from {source} at {where}")
         if self.start_epoch >= cfg.epochs:
@@ -340,8 +325,10 @@ class Trainer:
         if self.world.rank < len(states):
             return states[self.world.rank]
         if states:
-            self.say(f"the checkpoint holds RNG states of {len(states)} processes, this run has "
-                     f"{self.world.world_size}: the others start from fresh seeds")
+            self.say(
+                f"the checkpoint holds RNG states of {len(states)} processes, this run has "
+                f"{self.world.world_size}: the others start from fresh seeds"
+            )
         return None
 
     # ----- the Task protocol: the loop calls these ---------------------------------------------------------
@@ -360,21 +347,36 @@ class Trainer:
         if epoch != self.start_epoch:
             self.progress = EpochProgress(global_batch=self.progress.global_batch)
         self.epoch = epoch
-        self.batches = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, epoch, world.rank,
-                                    world.world_size, start=self.progress.steps, steps=cfg.max_steps_per_epoch)
+        self.batches = EpochBatches(
+            len(self.train_set),
+            cfg.batch_size,
+            cfg.seed,
+            epoch,
+            world.rank,
+            world.world_size,
+            start=self.progress.steps,
+            steps=cfg.max_steps_per_epoch,
+        )
         if self.in_memory:
             loader = training_batches(self.train_set, self.batches)
         else:
             self.train_set.epoch = epoch
             # The loader's own generator (seeded per epoch) seeds its workers, so creating it mid-epoch on
             # resume does not draw from the global RNG stream that dropout and MixUp use.
-            loader = DataLoader(self.train_set, batch_sampler=self.batches, num_workers=cfg.workers,
-                                collate_fn=collate_readable, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                                worker_init_fn=ignore_interrupts)
+            loader = DataLoader(
+                self.train_set,
+                batch_sampler=self.batches,
+                num_workers=cfg.workers,
+                collate_fn=collate_readable,
+                generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                worker_init_fn=ignore_interrupts,
+            )
         self.net.train()
         self.started = time.perf_counter() - self.progress.seconds
         self.cpu_started = time.process_time() - self.progress.cpu_seconds
-        return Period(loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}")
+        return Period(
+            loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}"
+        )
 
     def step(self, batch) -> dict[str, float] | None:
         images, targets, skipped = batch
@@ -387,8 +389,10 @@ class Trainer:
         world = self.world
         if images is None:  # every image of this batch was unreadable (--skip-bad-images)
             if world.enabled:
-                raise DataError(f"every image of a batch on process {world.rank} was unreadable; the processes "
-                                f"cannot stay in step. Remove the unreadable files (named above)")
+                raise DataError(
+                    f"every image of a batch on process {world.rank} was unreadable; the processes "
+                    f"cannot stay in step. Remove the unreadable files (named above)"
+                )
             self.progress.skipped_images += skipped
             return None
         images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
@@ -402,11 +406,17 @@ class Trainer:
         result = self.step_fn(self.net, images, targets, self.loss_fn)
         # One small all-reduce for the metrics: loss terms averaged, counts summed over processes; its last
         # number is the loop's stop request, so that all processes stop after the same step at no extra cost.
-        names, correct = list(result["terms"]), {k: int((v.argmax(1) == labels).sum()) for k, v in result["logits"].items()}
+        names, correct = (
+            list(result["terms"]),
+            {k: int((v.argmax(1) == labels).sum()) for k, v in result["logits"].items()},
+        )
         totals = world.sum([*result["terms"].values(), *correct.values(), labels.numel(), skipped, self.loop.asked()])
         self.loop.agree(totals.pop())
-        self.counts = {"skipped": int(totals.pop()), "seen": int(totals.pop()),
-                       "correct": dict(zip(correct, map(int, totals[len(names):])))}
+        self.counts = {
+            "skipped": int(totals.pop()),
+            "seen": int(totals.pop()),
+            "correct": dict(zip(correct, map(int, totals[len(names) :]))),
+        }
         return {k: v / world.world_size for k, v in zip(names, totals)}
 
     def update(self, terms: dict[str, float]) -> None:
@@ -438,10 +448,16 @@ class Trainer:
         progress = self.progress
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        record = {"epoch": epoch + 1, "lr": lr, "steps": progress.steps,
-                  **{f"train_{k}": v / max(progress.steps, 1) for k, v in progress.sums.items()},
-                  **{f"train_acc1_{_label(k, self.net)}": 100.0 * v / max(progress.seen, 1)
-                     for k, v in progress.correct.items()}}
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "steps": progress.steps,
+            **{f"train_{k}": v / max(progress.steps, 1) for k, v in progress.sums.items()},
+            **{
+                f"train_acc1_{_label(k, self.net)}": 100.0 * v / max(progress.seen, 1)
+                for k, v in progress.correct.items()
+            },
+        }
         if self.cfg.skip_bad_images:
             record["train_skipped_images"] = progress.skipped_images
         for skip, accs in self.evaluate(self.net).items():
@@ -480,8 +496,13 @@ class Trainer:
         rng_states = self.world.gather(rng.capture())
         if not self.world.is_main:
             return None
-        state = {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
-                 "step_in_epoch": progress.steps if mid_epoch else None, "rng": rng_states}
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "step_in_epoch": progress.steps if mid_epoch else None,
+            "rng": rng_states,
+        }
         if mid_epoch:
             state["progress"] = asdict(progress)
         else:
@@ -495,43 +516,14 @@ class Trainer:
     # ----- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, recalibrate: bool = False) -> dict:
         self.world.average_buffers(model)
-        return evaluate_accuracy(model, self.val_loader, self.eval_configs, device=self.device,
-                                 sum_over_processes=self.world.sum_tensor if self.world.enabled else None,
-                                 recalibrate=(self.calibration, self.cfg.recalibrate_bn) if recalibrate else None)
-
-
-MAX_EPOCHS = 1_000_000  # a bound on positions read from checkpoints (the schedule is replayed epoch by epoch)
-
-
-def _check_position(resume: dict, source) -> None:
-    """The position fields of a checkpoint to resume from, before anything loops over them."""
-    def bad(key: str, expected: str):
-        raise CheckpointError(f"cannot resume from {source}: {key} = {str(resume.get(key))[:80]}, expected {expected}; "
-                              f"it was not written by adn train or was altered")
-    def count(value, high=2 ** 62) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
-    if not count(resume.get("epoch"), MAX_EPOCHS):
-        bad("epoch", f"an epoch number in [0, {MAX_EPOCHS}]")
-    if "global_step" in resume and not count(resume["global_step"]):
-        bad("global_step", "a step count")
-    step = resume.get("step_in_epoch")
-    if step is not None:
-        if not count(step):
-            bad("step_in_epoch", "a step count or null")
-        progress = resume.get("progress")
-        names = {f.name for f in fields(EpochProgress)}
-        if not isinstance(progress, dict) or not set(progress) <= names:
-            bad("progress", f"a dict with keys among {sorted(names)}")
-    if not isinstance(resume.get("optimizer"), dict):
-        bad("optimizer", "an optimizer state dict")
-
-
-def _restore_rng(state, source) -> None:
-    try:
-        rng.restore(state)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-        raise CheckpointError(f"cannot resume from {source}: its RNG state is malformed ({type(error).__name__}); it "
-                              f"was not written by adn train or was altered") from error
+        return evaluate_accuracy(
+            model,
+            self.val_loader,
+            self.eval_configs,
+            device=self.device,
+            sum_over_processes=self.world.sum_tensor if self.world.enabled else None,
+            recalibrate=(self.calibration, self.cfg.recalibrate_bn) if recalibrate else None,
+        )
 
 
 def _label(skip: str, net) -> str:
@@ -542,11 +534,16 @@ def _label(skip: str, net) -> str:
 
 def _summary(record: dict) -> str:
     def accs(suffix: str) -> str:
-        return " ".join(f"{k[len('val_acc1_'):len(k) - len(suffix)]}={v:.2f}%" for k, v in record.items()
-                        if k.startswith("val_acc1_") and k.endswith(suffix) and (suffix or not k.endswith(("_recal", "_ema"))))
+        return " ".join(
+            f"{k[len('val_acc1_') : len(k) - len(suffix)]}={v:.2f}%"
+            for k, v in record.items()
+            if k.startswith("val_acc1_") and k.endswith(suffix) and (suffix or not k.endswith(("_recal", "_ema")))
+        )
+
     recal, ema = accs("_recal"), accs("_ema")
-    return (f"epoch {record['epoch']}: loss {record.get('train_loss', float('nan')):.4f}, val acc@1 {accs('')}"
-            + (f" (recalibrated BN: {recal})" if recal else "") + (f" (EMA: {ema})" if ema else "")
-            + f", {record['epoch_time_s']:.1f}s")
-
-
+    return (
+        f"epoch {record['epoch']}: loss {record.get('train_loss', float('nan')):.4f}, val acc@1 {accs('')}"
+        + (f" (recalibrated BN: {recal})" if recal else "")
+        + (f" (EMA: {ema})" if ema else "")
+        + f", {record['epoch_time_s']:.1f}s"
+    )
