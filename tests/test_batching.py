@@ -12,7 +12,9 @@ import time
 import pytest
 
 import adn
-from adn.serve import BatchPolicy, Pending, Plan
+
+pytest.importorskip("starlette", reason="the batcher is part of the serve extra (pip install 'adn[serve]')")
+from adn.serve import BatchPolicy, Pending, Plan  # noqa: E402
 from adn.serve.batcher import Batcher
 
 from .test_serve import SIM_ACC, SIM_P50, sim_table
