@@ -79,3 +79,39 @@ def test_target_needs_every_seed_and_reads_the_difference():
     assert target_status([89.5, 89.6, 89.7], [90.0, 90.1, 90.2], 3).startswith("**not met** (-0.50 points")
     # the super-net's target allows 0.3 points below the individual network
     assert target_status([89.9, 89.8, 89.7], [90.0, 90.1, 90.2], 3, margin=0.3).startswith("**met** (-0.30 points")
+
+
+def test_methods_fine_tune_the_same_teacher_and_are_screened_on_held_out_images(tmp_path, fashion_dir):
+    # Algorithm 1 with the base-net's label loss and joint training, from one teacher: each its own arm, with
+    # its own command, and the report's screen table from the fine-tuning's held-out images
+    argv = _argv(
+        tmp_path, fashion_dir, "--train-teachers", "--fractions", "0.5", "--methods", "adn-base-ce0.5", "joint"
+    )
+    assert main(argv) == 0
+    runs = {
+        method: json.loads((tmp_path / "ft" / arm_name(0.5, method) / "seed0" / "result.json").read_text())
+        for method in ("adn-base-ce0.5", "joint")
+    }
+    assert "--method adn --base-ce 0.5" in runs["adn-base-ce0.5"]["commands"][0]
+    assert "--method joint --no-depth-statistics" in runs["joint"]["commands"][0]
+    for method, result in runs.items():
+        assert result["method"] == method and len(result["accuracy_recalibrated"]) == 8
+        assert {"val_acc1_super", "val_acc1_base"} <= set(result["held_out"])
+    report = (tmp_path / "docs" / "finetune.md").read_text()
+    assert "**2 of 2 fine-tuning runs** (1 lengths x 2 methods x 1 seeds)" in report
+    screen = report.split("## The screen")[1].split("##")[0]
+    assert "| 50%, adn-base-ce0.5 |" in screen and "| 50%, joint |" in screen
+    assert "fine-tuned 50%, joint" in report
+
+
+def test_the_demo_protocol_reads_the_demo_study_and_refuses_quick(tmp_path, capsys):
+    assert main(["reproduce-finetune", "--protocol", "demo", "--quick"]) != 0
+    assert "leave out --protocol demo" in capsys.readouterr().err
+    # with no demo networks anywhere every run is pending and the report says which teachers to train
+    docs = tmp_path / "demo-finetune.md"
+    argv = ["reproduce-finetune", "--protocol", "demo", "--docs", str(docs), "--reproduce-runs", str(tmp_path / "r")]
+    assert main([*argv, "--reproduce-record", str(tmp_path / "rr"), "--runs", str(tmp_path / "ft")]) == 0
+    report = docs.read_text()
+    assert "**0 of 9 fine-tuning runs** (1 lengths x 3 methods x 3 seeds)" in report
+    assert "make demo`'s schedule" in report and "--val-from-train 5000" in report
+    assert "--method adn --base-ce 0.5" in report and "--method joint --no-depth-statistics" in report

@@ -42,6 +42,15 @@ from .reproduce import (
 TEACHER = "individual-super"  # the reproduction's arm whose checkpoints are fine-tuned
 BASELINES = ("individual-super", "individual-base", "adn")  # the reproduction's arms the report compares with
 FRACTIONS = (0.1, 0.2, 0.3)  # of the from-scratch epochs
+# How the converted network is trained, by name (``adn reproduce-finetune --methods``): the paper's Algorithm 1
+# (the first study's only method, whose runs keep their arm names), Algorithm 1 with the base-net's label loss,
+# and joint training, whose per-depth statistics the report reads from the recalibrated evaluation (the same
+# measurement ``adn train`` stores by default).
+METHODS: dict[str, list[str]] = {
+    "adn": ["--method", "adn"],
+    "adn-base-ce0.5": ["--method", "adn", "--base-ce", "0.5"],
+    "joint": ["--method", "joint", "--no-depth-statistics"],
+}
 
 
 @dataclass
@@ -52,25 +61,45 @@ class FinetuneRecipe:
     The head keeps its class count (same data set): no separate head learning rate is needed."""
 
     fractions: tuple[float, ...] = FRACTIONS
+    methods: tuple[str, ...] = ("adn",)  # keys of METHODS
     lr: float = 0.01
     lr_scheduler: str = "cosineannealinglr"
     lr_warmup_epochs: int = 0
     body_lr_scale: float = 1.0
+    # images of the training set the fine-tuning leaves out to monitor itself (None: the protocol's own split).
+    # The demo protocol's teachers trained on every image, so there it is a split the fine-tuning never saw,
+    # not one the teacher never saw.
+    val_from_train: int | None = None
 
     def epochs(self, protocol: Protocol, fraction: float) -> int:
         return max(1, round(fraction * protocol.epochs))
 
+    def held_out(self, protocol: Protocol) -> int | None:
+        return self.val_from_train or protocol.val_from_train
 
-def arm_name(fraction: float) -> str:
-    """``finetune-20`` for 20% of the from-scratch epochs."""
-    return f"finetune-{round(fraction * 100)}"
+    def arms(self) -> list[tuple[float, str, str]]:
+        """``(fraction, method, arm name)`` of every fine-tuning arm, methods innermost."""
+        return [(f, m, arm_name(f, m)) for f in self.fractions for m in self.methods]
+
+
+def arm_name(fraction: float, method: str = "adn") -> str:
+    """``finetune-20`` for 20% of the from-scratch epochs with Algorithm 1, ``finetune-20-joint`` with
+    another method."""
+    return f"finetune-{round(fraction * 100)}" + ("" if method == "adn" else f"-{method}")
 
 
 def train_args(
-    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folder: Path, teacher: Path
+    protocol: Protocol,
+    recipe: FinetuneRecipe,
+    fraction: float,
+    seed: int,
+    folder: Path,
+    teacher: Path,
+    method: str = "adn",
 ) -> list[str]:
     """``adn train`` from the teacher's checkpoint: the protocol's model, data and batch; the recipe's
-    schedule; Algorithm 1."""
+    schedule; the method (:data:`METHODS`)."""
+    held_out = recipe.held_out(protocol)
     args = [
         "train",
         "--model",
@@ -81,8 +110,7 @@ def train_args(
         protocol.data,
         "--init-from",
         str(teacher),
-        "--method",
-        "adn",
+        *METHODS[method],
         "--epochs",
         str(recipe.epochs(protocol, fraction)),
         "-b",
@@ -93,8 +121,7 @@ def train_args(
         recipe.lr_scheduler,
         "--wd",
         str(protocol.weight_decay),
-        "--val-from-train",
-        str(protocol.val_from_train),
+        *(["--val-from-train", str(held_out)] if held_out else []),
         "--seed",
         str(seed),
         "--output-dir",
@@ -109,31 +136,39 @@ def train_args(
 
 
 def commands(
-    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folder: Path, teacher: Path
+    protocol: Protocol,
+    recipe: FinetuneRecipe,
+    fraction: float,
+    seed: int,
+    folder: Path,
+    teacher: Path,
+    method: str = "adn",
 ) -> list[list[str]]:
     """The train command, then the reproduction's eval commands (every sub-network; recalibrated too)."""
     checkpoint = folder / "checkpoint.pt"
-    arm = arm_name(fraction)
+    arm = arm_name(fraction, method)
     evals = [protocol.eval_args(arm, checkpoint)]
     if protocol.recalibrate_bn:
         evals.append(protocol.eval_args(arm, checkpoint, recalibrate=True))
-    return [train_args(protocol, recipe, fraction, seed, folder, teacher), *evals]
+    return [train_args(protocol, recipe, fraction, seed, folder, teacher, method), *evals]
 
 
-def finetune_key(protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int) -> list[str]:
+def finetune_key(
+    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, method: str = "adn"
+) -> list[str]:
     """What a cached result must have been made by: the teacher's commands and the fine-tuning's, with the
     folders left out (a moved results folder stays valid)."""
-    arm = arm_name(fraction)
-    own = commands(protocol, recipe, fraction, seed, Path("RUNS") / arm / f"seed{seed}", Path("TEACHER"))
+    arm = arm_name(fraction, method)
+    own = commands(protocol, recipe, fraction, seed, Path("RUNS") / arm / f"seed{seed}", Path("TEACHER"), method)
     return [*cache_key(protocol, TEACHER, seed), *map(command_line, own)]
 
 
 def cached_finetune(
-    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folders: list[Path]
+    protocol: Protocol, recipe: FinetuneRecipe, fraction: float, seed: int, folders: list[Path], method: str = "adn"
 ) -> dict | None:
     return first_record(
-        finetune_key(protocol, recipe, fraction, seed),
-        [folder / arm_name(fraction) / f"seed{seed}" for folder in folders],
+        finetune_key(protocol, recipe, fraction, seed, method),
+        [folder / arm_name(fraction, method) / f"seed{seed}" for folder in folders],
     )
 
 
@@ -184,20 +219,22 @@ def run_finetune(
     record: Path,
     log=print,
     run_command: CommandRunner | None = None,
+    method: str = "adn",
 ) -> dict:
-    """Fine-tune the teacher of ``seed`` for ``fraction`` of the epochs and evaluate every sub-network, or
-    return the cached result. The result has the reproduction's fields (``accuracy``,
-    ``accuracy_recalibrated``, ``macs``, ``params``, ``train_s``, ``eval_s``) and ``epochs``."""
-    arm = arm_name(fraction)
+    """Fine-tune the teacher of ``seed`` for ``fraction`` of the epochs with ``method`` and evaluate every
+    sub-network, or return the cached result. The result has the reproduction's fields (``accuracy``,
+    ``accuracy_recalibrated``, ``macs``, ``params``, ``train_s``, ``eval_s``), ``epochs``, ``method`` and
+    ``held_out`` (the fine-tuning's last held-out accuracies, when it had a held-out split)."""
+    arm = arm_name(fraction, method)
     folder = root / arm / f"seed{seed}"
-    cached = cached_finetune(protocol, recipe, fraction, seed, [record, root])
+    cached = cached_finetune(protocol, recipe, fraction, seed, [record, root], method)
     if cached is not None:
         if not (record / arm / f"seed{seed}" / "result.json").is_file():
             save_record(folder, record / arm / f"seed{seed}", cached)
         return cached
     for name in ("checkpoint.pt", "log.jsonl"):  # a run that died before its result was written: start afresh
         (folder / name).unlink(missing_ok=True)
-    steps = commands(protocol, recipe, fraction, seed, folder, teacher)
+    steps = commands(protocol, recipe, fraction, seed, folder, teacher, method)
     log(f"{arm} seed {seed}: {command_line(steps[0])}")
     started = time.perf_counter()
     run_adn(steps[0], run_command)
@@ -208,8 +245,9 @@ def run_finetune(
         "arm": arm,
         "seed": seed,
         "fraction": fraction,
+        "method": method,
         "epochs": recipe.epochs(protocol, fraction),
-        "key": finetune_key(protocol, recipe, fraction, seed),
+        "key": finetune_key(protocol, recipe, fraction, seed, method),
         "teacher": str(teacher),
         "commands": [command_line(c) for c in steps],
         "train_s": train_s,
@@ -219,6 +257,7 @@ def run_finetune(
         "accuracy_recalibrated": {row["skip"]: row["acc1"] for row in recalibrated},
         "macs": {row["skip"]: row["macs"] for row in rows},
         "params": {row["skip"]: row["params"] for row in rows},
+        "held_out": last_held_out(folder / "log.jsonl"),
     }
     write_json(folder / "result.json", result)
     save_record(folder, record / arm / f"seed{seed}", result)
@@ -227,6 +266,18 @@ def run_finetune(
         + ", ".join(f"{k}={v:.2f}%" for k, v in result["accuracy"].items())
     )
     return result
+
+
+def last_held_out(log_path: Path) -> dict[str, float]:
+    """The last epoch's held-out accuracies of the log (``val_acc1_super``, ``val_acc1_base`` and their
+    ``_recal`` forms), the numbers a method is screened on before the test set; {} without a held-out split."""
+    rows = (
+        [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
+    )
+    epochs = [row for row in rows if "epoch" in row]
+    if not epochs:
+        return {}
+    return {k: v for k, v in epochs[-1].items() if k.startswith("val_acc1_")}
 
 
 # ----- the whole study -----------------------------------------------------------------------------------------
@@ -242,11 +293,12 @@ class Study:
 def collect(study: Study) -> dict[str, list[dict]]:
     """Every finished run the report uses: the reproduction's baselines and the fine-tuning arms."""
     results = collect_results(study.protocol, study.reproduction.root, study.reproduction.record, arms=BASELINES)
-    for fraction in study.recipe.fractions:
-        results[arm_name(fraction)] = [
+    folders = [study.record, study.root]
+    for fraction, method, arm in study.recipe.arms():
+        results[arm] = [
             r
             for seed in study.protocol.seeds
-            if (r := cached_finetune(study.protocol, study.recipe, fraction, seed, [study.record, study.root]))
+            if (r := cached_finetune(study.protocol, study.recipe, fraction, seed, folders, method))
         ]
     return results
 
@@ -257,7 +309,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _job(study: Study, fraction: float, seed: int, teacher: Path, run_command: CommandRunner | None) -> dict:
+def _job(
+    study: Study, fraction: float, method: str, seed: int, teacher: Path, run_command: CommandRunner | None
+) -> dict:
     return run_finetune(
         study.protocol,
         study.recipe,
@@ -268,6 +322,7 @@ def _job(study: Study, fraction: float, seed: int, teacher: Path, run_command: C
         study.record,
         log=lambda m: print(m, file=sys.stderr, flush=True),
         run_command=run_command,
+        method=method,
     )
 
 
@@ -285,11 +340,20 @@ def run_study(
                 f"or `adn reproduce-finetune --train-teachers`)"
             )
             continue
-        tasks += [(fraction, seed, teacher) for fraction in study.recipe.fractions]
+        tasks += [(fraction, method, seed, teacher) for fraction, method, _ in study.recipe.arms()]
     if jobs <= 1:
-        for fraction, seed, teacher in tasks:
+        for fraction, method, seed, teacher in tasks:
             run_finetune(
-                study.protocol, study.recipe, fraction, seed, teacher, study.root, study.record, log, run_command
+                study.protocol,
+                study.recipe,
+                fraction,
+                seed,
+                teacher,
+                study.root,
+                study.record,
+                log,
+                run_command,
+                method,
             )
     else:
         import concurrent.futures

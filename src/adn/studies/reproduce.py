@@ -113,8 +113,19 @@ class Protocol:
     @classmethod
     def demo(cls) -> "Protocol":
         """``make demo``'s schedule: every training image (no held-out split), 10 epochs, cosine decay, the
-        test set; the arms are the recipes a user chooses between (:data:`DEMO_ARMS`)."""
-        return cls(val_from_train=None, epochs=10, lr_scheduler="cosineannealinglr", lr_steps=(), arms=dict(DEMO_ARMS))
+        test set; the arms are the recipes a user chooses between (:data:`DEMO_ARMS`).
+
+        The precision is pinned (bfloat16 autocast, channels-last: what ``adn train`` picks by itself on a CPU
+        with native bfloat16) so that seeds trained on different machines compare: left automatic, a CPU
+        without native bfloat16 trains in float32, and the cache key (the command line) would not show it."""
+        return cls(
+            val_from_train=None,
+            epochs=10,
+            lr_scheduler="cosineannealinglr",
+            lr_steps=(),
+            arms=dict(DEMO_ARMS),
+            extra=["--amp", "--channels-last"],
+        )
 
     def train_args(self, arm: str, seed: int, output_dir: Path) -> list[str]:
         # (the order of the flags is part of each run's cache key: keep it)
