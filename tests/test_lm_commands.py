@@ -342,6 +342,8 @@ def test_bfloat16_weights_for_decoding_keep_the_rotary_buffers_in_float32(model_
     net = cast_weights(adn.convert(tiny()), torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
     assert all(b.dtype == torch.float32 for name, b in net.named_buffers() if "inv_freq" in name)
+    # single-token steps take the matrix-vector kernel; the full forward below (many rows) the usual one
+    assert not [m for m in net.modules() if type(m) is torch.nn.Linear]
     prompt = torch.tensor([[3, 5, 7, 11]])
     for config in ("FF", "TT"):
         out = greedy_generate(net, prompt, 6, skip=config)
@@ -487,3 +489,18 @@ def test_draft_vocab_is_checked_before_loading(model_dir, no_model_load, tmp_pat
     assert "add --speculative" in _error(capsys)
     assert main([*common, "--speculative", "--text", str(tmp_path / "nothing")]) == 2
     assert "no such file or folder" in _error(capsys)
+
+
+def test_the_matrix_vector_path_gives_what_the_linear_layer_gives():
+    from adn.lm.matvec import MatVecLinear, use_matvec_for_single_tokens
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 20).bfloat16()
+    fast = torch.nn.Sequential(torch.nn.Linear(48, 20)).bfloat16()
+    fast[0].load_state_dict(plain.state_dict())
+    assert use_matvec_for_single_tokens(fast) == 1 and isinstance(fast[0], MatVecLinear)
+    for shape in ((1, 1, 48), (48,), (1, 3, 48), (2, 1, 48)):  # one row: torch.mv; more: nn.Linear's kernel
+        x = torch.randn(shape).bfloat16()
+        assert torch.equal(fast(x), plain(x)) and fast(x).shape == plain(x).shape
+    x = torch.randn(1, 48)  # float32 weights: the usual kernel, whatever the rows
+    assert torch.equal(fast.float()(x), plain.float()(x))

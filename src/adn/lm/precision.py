@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..training.precision import native_bfloat16
+from .matvec import use_matvec_for_single_tokens
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
@@ -30,13 +31,16 @@ def decoding_dtype(choice: str = "auto", device: str = "cpu") -> torch.dtype:
 
 def cast_weights(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``net`` with its floating-point parameters in ``dtype`` and its floating-point buffers as they were
-    (module docstring). In place; returns ``net``."""
+    (module docstring). With bfloat16, single-token steps also go through a matrix-vector product
+    (:mod:`adn.lm.matvec`: the fast bfloat16 kernel for one row). In place; returns ``net``."""
     buffers = {name: b for name, b in net.named_buffers() if b.is_floating_point()}
     net.to(dtype)
     for name, buffer in buffers.items():
         owner, _, leaf = name.rpartition(".")
         module = net.get_submodule(owner) if owner else net
         module._buffers[leaf] = buffer  # noqa: SLF001  (torch's own registry: no public setter keeps the dtype)
+    if dtype == torch.bfloat16:
+        use_matvec_for_single_tokens(net)
     return net
 
 
