@@ -18,13 +18,11 @@ sub-network's.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..core.distill import feature_kl
 from ..core.skip import SkipConfig
@@ -32,11 +30,11 @@ from ..errors import CheckpointError
 from ..training import rng
 from ..training.distributed import Distributed
 from ..training.distributed import setup as setup_distributed
-from ..training.loop import Checkpoint, Period, Resumed, RunLoop, check_output_dir
+from ..training.epochs import EpochTask
+from ..training.loop import Checkpoint, Period, RunLoop, check_output_dir
 from ..training.methods import frozen_running_stats, single_norms
-from ..training.sampling import EpochBatches, SeededSamples
-from ..training.signals import ignore_interrupts
-from ..utils.checkpoint_file import checkpoint_payload, load_checkpoint
+from ..training.sampling import SeededSamples
+from ..utils.checkpoint_file import load_checkpoint
 from ..vision.checkpoint import load_weights
 from .backbone import DetectorName, build_detector, capture_backbone, stage_levels
 from .checkpoint import TASK, build_from_meta, detector_meta
@@ -182,7 +180,7 @@ class EpochProgress:
     global_batch: int = 0  # images per step over all processes; a mid-epoch resume needs the same
 
 
-class DetectionTask:
+class DetectionTask(EpochTask):
     """``adn detect train`` as a :class:`~adn.training.loop.Task`: set-up (data, detector, optimizer,
     resuming), the step of the chosen method, evaluation and checkpoints."""
 
@@ -260,10 +258,6 @@ class DetectionTask:
             + (f", {world.world_size} processes" if world.enabled else "")
         )
 
-    def say(self, message: str) -> None:
-        if self.world.is_main:
-            print(message, file=sys.stderr, flush=True)
-
     def _datasets(self, masks: bool):
         cfg, found, annotations = self.cfg, {}, {}
         for split in ("train", "val"):
@@ -312,15 +306,11 @@ class DetectionTask:
             self.global_step = int(resume.get("global_step", 0))
             step = resume.get("step_in_epoch")
             if step is None:  # an epoch-end checkpoint
-                self.start_epoch = int(resume["epoch"]) + 1
-                self.resumed_at = Resumed(self.start_epoch, resume.get("metrics"))
-                where = f"epoch {self.start_epoch + 1}"
+                where = self.resume_at(int(resume["epoch"]), resume.get("metrics"))
             else:
-                self.start_epoch = int(resume["epoch"])
-                self.progress = EpochProgress(**resume["progress"])
-                self.progress.steps = int(step)
-                self.resumed_at = Resumed(self.start_epoch, None)
-                where = f"epoch {self.start_epoch + 1}, step {self.progress.steps + 1}"
+                progress = EpochProgress(**resume["progress"])
+                progress.steps = int(step)
+                where = self.resume_at(int(resume["epoch"]), progress=progress)
             states = resume.get("rng") or []
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(
@@ -328,58 +318,20 @@ class DetectionTask:
                 f"{str(error).strip()[:200]}); it was not written by adn detect train or was "
                 f"altered"
             ) from error
-        if self.progress.global_batch != self.cfg.batch_size * self.world.world_size:
-            raise CheckpointError(
-                f"cannot resume mid-epoch from {source}: it was saved with "
-                f"{self.progress.global_batch} images per step (batch size x processes), this run "
-                f"has {self.cfg.batch_size} x {self.world.world_size}; use the same -b and number of "
-                f"processes, or resume from an epoch-end checkpoint"
-            )
+        self.check_global_batch(source)  # (outside the try: its CheckpointError is a ValueError)
         self.say(f"resumed from {source} at {where}")
         if self.world.rank < len(states):
             rng.restore(states[self.world.rank])
             return True
         return False
 
-    # ----- the Task protocol ----------------------------------------------------------------------------------
-    def resumed(self) -> Resumed | None:
-        return self.resumed_at
-
-    def start(self) -> None:
-        return None
-
-    def periods(self) -> range:
-        return range(self.start_epoch, self.cfg.epochs)
-
+    # ----- the Task protocol (resumed, start, periods: EpochTask's) ---------------------------------------------
     def period(self, epoch: int) -> Period:
-        cfg, world = self.cfg, self.world
-        if epoch != self.start_epoch:
-            self.progress = EpochProgress(global_batch=self.progress.global_batch)
-        self.epoch = epoch
-        self.batches = EpochBatches(
-            len(self.train_set),
-            cfg.batch_size,
-            cfg.seed,
-            epoch,
-            world.rank,
-            world.world_size,
-            start=self.progress.steps,
-            steps=cfg.max_steps_per_epoch,
-        )
-        self.train_set.epoch = epoch
-        loader = DataLoader(
-            self.train_set,
-            batch_sampler=self.batches,
-            num_workers=cfg.workers,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-            worker_init_fn=ignore_interrupts,
-        )
+        self.begin_epoch(epoch)
+        loader = self.epoch_loader(collate)
         self.detector.train()
         self.started = time.perf_counter() - self.progress.seconds
-        return Period(
-            loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}"
-        )
+        return self.epoch_period(loader)
 
     def step(self, batch) -> dict[str, float]:
         images, targets = batch
@@ -437,19 +389,9 @@ class DetectionTask:
         states = self.world.gather(rng.capture())
         if not self.world.is_main:
             return None
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "step_in_epoch": self.progress.steps if mid_epoch else None,
-            "rng": states,
-        }
         if mid_epoch:
             self.progress.seconds = time.perf_counter() - self.started
-            state["progress"] = asdict(self.progress)
-        else:
-            state["metrics"] = record
-        return Checkpoint(checkpoint_payload(self.detector, self.meta, **state), self.epoch + 1, self.progress.steps)
+        return self.epoch_checkpoint(record, states)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """AP of the trained depths on the validation set; each process detects on its share of the

@@ -22,12 +22,11 @@ import functools
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from ..core.distill import SubPathDistillationLoss
 from ..core.recalibrate import batch_norms
@@ -38,22 +37,15 @@ from ..models import build_model
 from ..training import rng
 from ..training.distributed import Distributed
 from ..training.distributed import setup as setup_distributed
-from ..training.loop import Checkpoint, Period, Resumed, RunLoop, check_output_dir
+from ..training.epochs import EpochTask
+from ..training.loop import Checkpoint, Period, RunLoop, check_output_dir
 from ..training.methods import METHODS, adn_step, individual_step, joint_step
 from ..training.optim import build_ema, build_scheduler
 from ..training.precision import Precision
-from ..training.sampling import EpochBatches, SeededSamples
-from ..utils.checkpoint_file import checkpoint_payload, load_checkpoint
+from ..training.sampling import SeededSamples
+from ..utils.checkpoint_file import load_checkpoint
 from .checkpoint import load_weights, validate_meta
-from .data import (
-    Augmentation,
-    calibration_loader,
-    collate_readable,
-    collate_readable_pairs,
-    eval_loader,
-    ignore_interrupts,
-    load_dataset,
-)
+from .data import Augmentation, calibration_loader, collate_readable, collate_readable_pairs, eval_loader, load_dataset
 from .evaluate import evaluate_accuracy
 from .init_from import init_from
 from .memory_data import TensorImages, training_batches
@@ -95,7 +87,7 @@ def train(cfg: TrainConfig) -> dict:
         world.close()
 
 
-class Trainer:
+class Trainer(EpochTask):
     """One training run, as a :class:`~adn.training.loop.Task` of its :class:`RunLoop` (``self.loop``):
     :meth:`__init__` sets everything up (restoring a checkpoint when resuming) and claims the output
     folder, :meth:`run` trains the remaining epochs, :meth:`close` releases the folder."""
@@ -248,10 +240,6 @@ class Trainer:
         if speed_note:
             self.say(speed_note)
 
-    def say(self, message: str) -> None:
-        if self.world.is_main:
-            _log(message)
-
     def _load_state(self, resume: dict):
         """:meth:`_restore`, with a checkpoint whose training state is malformed (wrong types, missing
         entries) reported as such instead of a KeyError or TypeError from deep inside."""
@@ -303,21 +291,10 @@ class Trainer:
             group["lr"] = group["initial_lr"] = cfg.lr * group.get("lr_scale", 1.0)
         self.global_step = resume.get("global_step", 0)
         if resume.get("step_in_epoch") is None:  # an epoch-end checkpoint
-            self.start_epoch = resume["epoch"] + 1
-            self.resumed_at = Resumed(self.start_epoch, resume.get("metrics"))
-            where = f"epoch {self.start_epoch + 1}"
+            where = self.resume_at(resume["epoch"], resume.get("metrics"))
         else:
-            self.start_epoch = resume["epoch"]
-            self.resumed_at = Resumed(self.start_epoch)
-            self.progress = EpochProgress(**resume["progress"])
-            if self.progress.global_batch != cfg.batch_size * self.world.world_size:
-                raise CheckpointError(
-                    f"cannot resume mid-epoch from {source}: it was saved with {self.progress.global_batch} "
-                    f"images per step (batch size x processes), this run has {cfg.batch_size} x "
-                    f"{self.world.world_size}; use the same -b and number of processes, or resume from an "
-                    f"epoch-end checkpoint"
-                )
-            where = f"epoch {self.start_epoch + 1}, step {self.progress.steps + 1}"
+            where = self.resume_at(resume["epoch"], progress=EpochProgress(**resume["progress"]))
+            self.check_global_batch(source)
         self.say(f"resumed from {source} at {where}")
         if self.start_epoch >= cfg.epochs:
             self.say(f"nothing to do: the checkpoint already finished {self.start_epoch} of {cfg.epochs} epochs")
@@ -331,52 +308,15 @@ class Trainer:
             )
         return None
 
-    # ----- the Task protocol: the loop calls these ---------------------------------------------------------
-    def resumed(self) -> Resumed | None:
-        return self.resumed_at
-
-    def start(self) -> None:
-        return None
-
-    def periods(self) -> range:
-        return range(self.start_epoch, self.cfg.epochs)
-
+    # ----- the Task protocol: the loop calls these (resumed, start, periods: EpochTask's) ----------------------
     def period(self, epoch: int) -> Period:
         """The batches of an epoch still to train (all of them, unless resumed in its middle)."""
-        cfg, world = self.cfg, self.world
-        if epoch != self.start_epoch:
-            self.progress = EpochProgress(global_batch=self.progress.global_batch)
-        self.epoch = epoch
-        self.batches = EpochBatches(
-            len(self.train_set),
-            cfg.batch_size,
-            cfg.seed,
-            epoch,
-            world.rank,
-            world.world_size,
-            start=self.progress.steps,
-            steps=cfg.max_steps_per_epoch,
-        )
-        if self.in_memory:
-            loader = training_batches(self.train_set, self.batches)
-        else:
-            self.train_set.epoch = epoch
-            # The loader's own generator (seeded per epoch) seeds its workers, so creating it mid-epoch on
-            # resume does not draw from the global RNG stream that dropout and MixUp use.
-            loader = DataLoader(
-                self.train_set,
-                batch_sampler=self.batches,
-                num_workers=cfg.workers,
-                collate_fn=collate_readable,
-                generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                worker_init_fn=ignore_interrupts,
-            )
+        batches = self.begin_epoch(epoch)
+        loader = training_batches(self.train_set, batches) if self.in_memory else self.epoch_loader(collate_readable)
         self.net.train()
         self.started = time.perf_counter() - self.progress.seconds
         self.cpu_started = time.process_time() - self.progress.cpu_seconds
-        return Period(
-            loader, total=self.batches.steps, done=self.progress.steps, label=f"epoch {epoch + 1}/{cfg.epochs}"
-        )
+        return self.epoch_period(loader)
 
     def step(self, batch) -> dict[str, float] | None:
         images, targets, skipped = batch
@@ -496,22 +436,12 @@ class Trainer:
         rng_states = self.world.gather(rng.capture())
         if not self.world.is_main:
             return None
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "step_in_epoch": progress.steps if mid_epoch else None,
-            "rng": rng_states,
-        }
-        if mid_epoch:
-            state["progress"] = asdict(progress)
-        else:
-            state["metrics"] = record
+        state = {}
         if self.ema is not None:
             state["model_ema"] = self.ema.state_dict()
         if self.precision.scaler is not None:
             state["scaler"] = self.precision.state_dict()
-        return Checkpoint(checkpoint_payload(self.net, self.meta, **state), self.epoch + 1, progress.steps)
+        return self.epoch_checkpoint(record, rng_states, **state)
 
     # ----- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, recalibrate: bool = False) -> dict:
