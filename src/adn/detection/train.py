@@ -156,15 +156,7 @@ def train_detector(cfg: DetectTrainConfig) -> dict:
     try:
         world.on_main(lambda: check_output_dir(cfg.output_dir))  # before the slow set-up; creates nothing
         task = DetectionTask(cfg, world, device)
-        return RunLoop(
-            task,
-            cfg.output_dir,
-            world=world,
-            resume=cfg.resume,
-            overwrite=cfg.overwrite,
-            keep_checkpoints=cfg.keep_checkpoints,
-            progress=cfg.progress,
-        ).run()
+        return RunLoop.of(task, cfg, world=world).run()
     finally:
         world.close()
 

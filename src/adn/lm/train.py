@@ -106,14 +106,7 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     check_output_dir(out)  # before the slow set-up; creates nothing
     resume = read_lm_checkpoint(cfg.resume) if cfg.resume else None  # an image checkpoint fails before the load
     task = LMTask(cfg, resume)
-    RunLoop(
-        task,
-        out,
-        resume=cfg.resume,
-        overwrite=cfg.overwrite,
-        keep_checkpoints=cfg.keep_checkpoints,
-        progress=cfg.progress,
-    ).run()
+    RunLoop.of(task, cfg).run()
     summary = task.summary()
     (out / "summary.json").write_text(jsonout.dumps(summary, indent=2) + "\n")
     say(

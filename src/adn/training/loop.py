@@ -141,6 +141,20 @@ class RunLoop:
         self.claimed = False  # every process: claim() ran (it is collective, so it runs once)
         self.agreed: float | None = None  # a task's sum of asked() over the processes, this step
 
+    @classmethod
+    def of(cls, task: Task, cfg, **options) -> RunLoop:
+        """The loop of a run set by ``cfg``: the run flags every training command shares (``output_dir``,
+        ``resume``, ``overwrite``, ``keep_checkpoints``, ``progress``); ``options``: ``world``, ``log``."""
+        return cls(
+            task,
+            cfg.output_dir,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            keep_checkpoints=cfg.keep_checkpoints,
+            progress=cfg.progress,
+            **options,
+        )
+
     # ----- the folder -------------------------------------------------------------------------------------
     def claim(self) -> None:
         """Lock the output folder (refusing another run's), then tidy what an interrupted run left there.

@@ -213,16 +213,7 @@ class Trainer(EpochTask):
             restore_rng(rng_state, cfg.resume)
         elif world.rank > 0:  # dropout, MixUp, ... differ between processes (augmentation is per image)
             rng.seed_all(cfg.seed + 100_003 * world.rank)
-        self.loop = RunLoop(
-            self,
-            self.output,
-            world=world,
-            resume=cfg.resume,
-            overwrite=cfg.overwrite,
-            keep_checkpoints=cfg.keep_checkpoints,
-            progress=cfg.progress,
-            log=_log,
-        )
+        self.loop = RunLoop.of(self, cfg, world=world, log=_log)
         self.loop.claim()
         self.say(
             f"training {cfg.model} ({net.num_stages} stages, {2**net.num_stages} sub-networks) with "
