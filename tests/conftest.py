@@ -67,3 +67,37 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: i
                 pixels = rng.integers(0, 255, (size, size, 3)).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def tiny_flags(data_path, steps: int = 1, data: str | None = "fashion-mnist", width: int = 4) -> list[str]:
+    """The `adn train` flags of a tiny run: ResNet-20 at ``width`` for one epoch of ``steps`` steps on ``data``
+    (None: the default data set, no ``--data`` flag) at ``data_path``."""
+    return [
+        "--model",
+        "resnet20",
+        "--width",
+        str(width),
+        *(["--data", data] if data is not None else []),
+        "--data-path",
+        str(data_path),
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        str(steps),
+    ]
+
+
+def tiny_train(data_path, output_dir, *extra: str, batch: int = 32, **flags) -> list[str]:
+    """The argv of ``adn train`` for a tiny run (:func:`tiny_flags`: ``steps``, ``data``, ``width``) of
+    ``batch`` images per step into ``output_dir``, without a progress bar; then ``extra`` (a repeated flag
+    overrides the one before it)."""
+    return [
+        "train",
+        *tiny_flags(data_path, **flags),
+        "-b",
+        str(batch),
+        "--output-dir",
+        str(output_dir),
+        "--no-progress",
+        *extra,
+    ]

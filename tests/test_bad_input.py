@@ -17,40 +17,14 @@ from adn.utils.checkpoint_file import load_checkpoint
 from adn.cli import main
 from adn.errors import DataError
 from adn.vision.data import load_dataset
-from tests.conftest import write_idx, write_image_folder
+from tests.conftest import tiny_train, write_idx, write_image_folder
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, fashion_dir) -> Path:
     """An output folder holding a finished run, which failed commands must leave untouched."""
     out = tmp_path_factory.mktemp("finished")
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "resnet20",
-                "--width",
-                "4",
-                "--data-path",
-                str(fashion_dir),
-                "--epochs",
-                "1",
-                "-b",
-                "32",
-                "--max-steps-per-epoch",
-                "1",
-                "--val-subset",
-                "32",
-                "--output-dir",
-                str(out),
-                "--no-progress",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(_train(fashion_dir, out)) == 0
     return out
 
 
@@ -69,29 +43,7 @@ def _fails(capsys, argv: list[str], *fragments: str) -> str:
 
 
 def _train(fashion_dir, out, *extra) -> list[str]:
-    return [
-        "train",
-        "--model",
-        "resnet20",
-        "--width",
-        "4",
-        "--data-path",
-        str(fashion_dir),
-        "--epochs",
-        "1",
-        "-b",
-        "32",
-        "--max-steps-per-epoch",
-        "1",
-        "--val-subset",
-        "32",
-        "--output-dir",
-        str(out),
-        "--no-progress",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return tiny_train(fashion_dir, out, "--val-subset", "32", "--device", "cpu", *extra, data=None)
 
 
 @pytest.mark.parametrize(
@@ -281,37 +233,19 @@ def test_decoder_warnings_are_reported_once_per_file_and_truncated_jpegs_are_unr
 
 def test_eval_skips_and_counts_unreadable_images_when_asked(capsys, tmp_path):
     root = write_image_folder(tmp_path / "images", classes=3, per_class=4, size=20)
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "resnet20",
-                "--width",
-                "4",
-                "--data",
-                "imagefolder",
-                "--data-path",
-                str(root),
-                "--train-crop-size",
-                "16",
-                "--epochs",
-                "1",
-                "-b",
-                "4",
-                "--max-steps-per-epoch",
-                "1",
-                "--recalibrate-bn",
-                "0",
-                "--output-dir",
-                str(tmp_path / "run"),
-                "--no-progress",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
+    run = tiny_train(
+        root,
+        tmp_path / "run",
+        "--train-crop-size",
+        "16",
+        "--recalibrate-bn",
+        "0",
+        "--device",
+        "cpu",
+        data="imagefolder",
+        batch=4,
     )
+    assert main(run) == 0
     bad = root / "val" / "class1" / "2.png"
     bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG
     evaluate = [

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from adn.cli import main
+from tests.conftest import tiny_train
 
 COMMANDS = ("train", "eval", "profile", "export")
 
@@ -15,31 +16,7 @@ COMMANDS = ("train", "eval", "profile", "export")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, fashion_dir) -> Path:
     out = tmp_path_factory.mktemp("cli-run")
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "resnet20",
-                "--width",
-                "4",
-                "--data",
-                "fashion-mnist",
-                "--data-path",
-                str(fashion_dir),
-                "--epochs",
-                "1",
-                "-b",
-                "32",
-                "--max-steps-per-epoch",
-                "4",
-                "--output-dir",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_train(fashion_dir, out, steps=4)) == 0
     return out / "checkpoint.pt"
 
 

@@ -13,39 +13,25 @@ from adn.core.depth_statistics import CHECKPOINT_KEY
 from adn.utils.checkpoint_file import load_checkpoint
 from adn.vision.stored_statistics import BATCHES
 from adn.vision.train_config import TrainConfig
+from tests.conftest import tiny_train
 
 EVAL = ["eval", "--no-latency", "--no-plot", "--json", "--skip", "all"]
 
 
 def _train(folder, fashion_dir, *extra):
     return main(
-        [
-            "train",
-            "--model",
-            "resnet20",
-            "--width",
-            "4",
-            "--data",
-            "fashion-mnist",
-            "--data-path",
-            str(fashion_dir),
-            "--epochs",
-            "1",
-            "-b",
-            "32",
+        tiny_train(
+            fashion_dir,
+            folder,
             "--lr",
             "0.5",
-            "--max-steps-per-epoch",
-            "3",
-            "--output-dir",
-            str(folder),
-            "--no-progress",
             "--recalibrate-bn",
             "0",
             "--depth-statistics-batches",
             "1",
             *extra,
-        ]
+            steps=3,
+        )
     )
 
 

@@ -15,6 +15,7 @@ from adn.errors import CheckpointError
 from adn.vision.checkpoint import load_network
 from adn.cli import main
 from adn.core.recalibrate import norm_state
+from tests.conftest import tiny_train
 
 from .test_recalibrate import _batches, _trained_net
 
@@ -180,34 +181,7 @@ def test_networks_without_batch_norm_have_nothing_to_record():
 def trained(tmp_path_factory, fashion_dir):
     out = tmp_path_factory.mktemp("depthstats") / "run"
     assert (
-        main(
-            [
-                "train",
-                "--model",
-                "resnet20",
-                "--width",
-                "8",
-                "--data",
-                "fashion-mnist",
-                "--data-path",
-                str(fashion_dir),
-                "--epochs",
-                "1",
-                "-b",
-                "32",
-                "--lr",
-                "0.5",
-                "--max-steps-per-epoch",
-                "6",
-                "--method",
-                "adn",
-                "--output-dir",
-                str(out),
-                "--no-progress",
-                "--recalibrate-bn",
-                "0",
-            ]
-        )
+        main(tiny_train(fashion_dir, out, "--lr", "0.5", "--method", "adn", "--recalibrate-bn", "0", steps=6, width=8))
         == 0
     )
     return out / "checkpoint.pt"  # (Algorithm 1: no per-depth statistics until adn recalibrate stores them)
@@ -284,36 +258,8 @@ def test_damaged_stored_statistics_are_refused_and_the_fix_works(trained, tmp_pa
 
 def test_a_joint_network_without_them_gets_a_note_naming_the_fix(tmp_path, fashion_dir, capsys):
     out = tmp_path / "joint"  # (told not to store them: adn train stores them itself by default)
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "resnet20",
-                "--width",
-                "4",
-                "--data",
-                "fashion-mnist",
-                "--data-path",
-                str(fashion_dir),
-                "--epochs",
-                "1",
-                "-b",
-                "32",
-                "--max-steps-per-epoch",
-                "2",
-                "--method",
-                "joint",
-                "--no-depth-statistics",
-                "--output-dir",
-                str(out),
-                "--no-progress",
-                "--recalibrate-bn",
-                "0",
-            ]
-        )
-        == 0
-    )
+    joint = tiny_train(fashion_dir, out, "--method", "joint", "--no-depth-statistics", "--recalibrate-bn", "0", steps=2)
+    assert main(joint) == 0
     checkpoint = str(out / "checkpoint.pt")
     assert f"next: adn recalibrate --checkpoint {checkpoint}" in capsys.readouterr().err
     eval_args = ["eval", "--checkpoint", checkpoint, "--no-latency", "--no-plot", "--skip", "TFT", "--json"]
@@ -329,36 +275,8 @@ def test_a_joint_network_without_twins_needs_no_note(tmp_path, fashion_dir, caps
     # without skip-aware twins the running statistics serve every depth (docs/reproduction.md), so neither
     # train nor eval should send the user to adn recalibrate
     out = tmp_path / "joint-no-san"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "resnet20",
-                "--width",
-                "4",
-                "--data",
-                "fashion-mnist",
-                "--data-path",
-                str(fashion_dir),
-                "--epochs",
-                "1",
-                "-b",
-                "32",
-                "--max-steps-per-epoch",
-                "2",
-                "--method",
-                "joint",
-                "--no-skip-aware-norm",
-                "--output-dir",
-                str(out),
-                "--no-progress",
-                "--recalibrate-bn",
-                "0",
-            ]
-        )
-        == 0
-    )
+    joint = tiny_train(fashion_dir, out, "--method", "joint", "--no-skip-aware-norm", "--recalibrate-bn", "0", steps=2)
+    assert main(joint) == 0
     assert "adn recalibrate" not in capsys.readouterr().err
     assert (
         main(

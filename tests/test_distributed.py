@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import RandomSampler
 
 from adn.training.sampling import EpochBatches, epoch_order
+from tests.conftest import tiny_flags
 
 
 def _free_port() -> int:
@@ -107,18 +108,7 @@ def test_torchrun_two_processes_end_where_one_process_ends(tmp_path, fashion_dir
     from adn.vision.train import train
 
     common = [
-        "--model",
-        "resnet20",
-        "--width",
-        "4",
-        "--data",
-        "fashion-mnist",
-        "--data-path",
-        str(fashion_dir),
-        "--epochs",
-        "1",
-        "--max-steps-per-epoch",
-        "3",
+        *tiny_flags(fashion_dir, steps=3),
         "--lr",
         "0.01",
         "--val-subset",

@@ -18,6 +18,7 @@ from PIL import Image
 import adn
 from adn.cli import main
 from adn.vision.checkpoint import load_network
+from tests.conftest import tiny_train
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -29,33 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def checkpoint(tmp_path_factory, fashion_dir) -> Path:
     """ResNet-20 (width 4, 1x28x28 images) trained for one step, with per-depth statistics (adn recalibrate)."""
     run = tmp_path_factory.mktemp("switchable-run")
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "resnet20",
-                "--width",
-                "4",
-                "--data",
-                "fashion-mnist",
-                "--data-path",
-                str(fashion_dir),
-                "--epochs",
-                "1",
-                "-b",
-                "32",
-                "--max-steps-per-epoch",
-                "1",
-                "--recalibrate-bn",
-                "0",
-                "--output-dir",
-                str(run),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_train(fashion_dir, run, "--recalibrate-bn", "0")) == 0
     assert main(["recalibrate", "--checkpoint", str(run / "checkpoint.pt"), "--batches", "2", "-b", "32"]) == 0
     # A depth table next to it (the governor's; any latencies do here): adn export --switchable takes it along.
     table = {
