@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: train a small adaptive depth ResNet on Fashion-MNIST with adn train's default
 # (joint training of both depths, then each depth's batch-norm statistics stored in the checkpoint), then
-# evaluate all of its sub-networks. Sized to finish in about 13-14 minutes on 2 CPU cores.
+# evaluate all of its sub-networks. Took 21 minutes on 2 cores of an Intel Xeon (session 12), where an earlier
+# 2-core AMD EPYC trained the same schedule in about 12 (README, "What make demo printed").
 set -euo pipefail
 ADN=.venv/bin/adn
 OUT=runs/demo

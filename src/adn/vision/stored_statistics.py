@@ -160,6 +160,6 @@ def after_training(cfg, device: torch.device | str = "cpu", log=print) -> dict |
     log(
         f"stored the batch-norm statistics of {summary['depths']} depths ({summary['images_per_depth']} training "
         f"images each, {summary['seconds']} s) in {checkpoint}: adn eval, predict, serve and export run each depth "
-        f"with its own"
+        f"with its own statistics"
     )
     return summary
