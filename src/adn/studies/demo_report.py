@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..utils.atomic import atomic_write
-from .tables import accuracies, machine_description, mean_cell, mean_std, num_stages, verdict
+from .tables import accuracies, machine_description, time_key, mean_cell, mean_std, num_stages, verdict
 
 TITLES = {
     "individual-super": "individual network, super-net depth",
@@ -144,9 +144,9 @@ def write_demo_report(
     done = sum(len(runs) for runs in results.values())
     total = len(protocol.arms) * seeds
     finished = [r for runs in results.values() for r in runs]
-    # CPU seconds where every run has them: wall time also counts the minutes a run was paused or shared
-    cpu = bool(finished) and all(r.get("train_cpu_s") for r in finished)
-    train_h = sum(r["train_cpu_s"] if cpu else r["train_s"] for r in finished) / 3600
+    key = time_key(finished)
+    cpu = key == "train_cpu_s"
+    train_h = sum(r[key] for r in finished) / 3600
     lines = [
         "# Which recipe should `adn train` run? The demo's schedule, 3 seeds",
         "",

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..utils.atomic import atomic_write
 from .finetune_study import BASELINES, METHODS, TEACHER, Study, commands
 from .reproduce import command_line
-from .tables import accuracies, cell, machine_description, mean_cell, mean_std, num_stages, verdict
+from .tables import accuracies, cell, time_key, machine_description, mean_cell, mean_std, num_stages, verdict
 from ..core.skip import SkipConfig
 
 TARGET_FRACTION = 0.2  # the issue's target: with at most 20% of the from-scratch epochs ...
@@ -194,16 +194,9 @@ def _mean_train_s(results: dict, arm: str, key: str = "train_s") -> float | None
     return mean_std(times)[0] if times else None
 
 
-def _time_key(results: dict, arms: list[str]) -> str:
-    """``train_cpu_s`` (the training's CPU seconds) where every run compared has it, else wall ``train_s``:
-    CPU time does not count the minutes a run waited while the machine did other work (or was paused)."""
-    measured = [r for arm in arms for r in results.get(arm, [])]
-    return "train_cpu_s" if measured and all(r.get("train_cpu_s") for r in measured) else "train_s"
-
-
 def _cost(results, runs, recipe, study) -> list[str]:
     protocol = study.protocol
-    key = _time_key(results, ["adn", TEACHER, *[arm for _, _, arm in runs]])
+    key = time_key([r for arm in ["adn", TEACHER, *[arm for _, _, arm in runs]] for r in results.get(arm, [])])
     adn_s, teacher_s = _mean_train_s(results, "adn", key), _mean_train_s(results, TEACHER, key)
     what = "CPU time" if key == "train_cpu_s" else "training time (wall)"
     lines = [

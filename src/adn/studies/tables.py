@@ -69,3 +69,9 @@ def machine_description() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {sys.version.split()[0]}"
+
+
+def time_key(runs: list[dict]) -> str:
+    """``train_cpu_s`` (the training's CPU seconds) where every run has it, else wall ``train_s``: CPU time
+    does not count the minutes a run waited while the machine did other work (or was paused)."""
+    return "train_cpu_s" if runs and all(r.get("train_cpu_s") for r in runs) else "train_s"
