@@ -28,7 +28,8 @@ original model therefore loads into the converted model's super-net path unchang
 A flag may also be a 0-dim bool *tensor* (and the row a 0-dim integer tensor): then the depth is an input of
 the computation, not a Python constant, and the mixins choose with ``torch.cond``, which ``torch.export`` and
 the ONNX exporter keep as a conditional (ONNX ``If``): a skipped part is still not executed. This is how one
-exported program runs every depth (:mod:`adn.switchable`).
+exported program runs every depth (:mod:`adn.switchable`). An exporter that builds its conditionals itself
+sets :data:`TRACED_CHOICE` (the switchable ONNX file: tracing ``torch.cond`` branches costs twice the export).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ ACTIVE_DEPTH: ContextVar[dict | None] = ContextVar("adn_active_depth", default=N
 STATISTICS_ROW: ContextVar[int | torch.Tensor | None] = ContextVar("adn_statistics_row", default=None)
 
 
+# How a traced (tensor) flag chooses between skipping and running a part: None (the default) for torch.cond,
+# else a function ``choice(flag, skipped, run, x)`` that returns the chosen output. The switchable ONNX export
+# sets one that runs the part unconditionally and marks the choice, and turns each mark into an ONNX ``If``
+# afterwards (adn.runtime.onnx_choice): one flat trace instead of Dynamo tracing every branch.
+TRACED_CHOICE: ContextVar = ContextVar("adn_traced_choice", default=None)
+
+
 def is_skipped(module: nn.Module) -> bool | torch.Tensor:
     """Whether a skippable block or skip-aware norm is skipped right now: by the depth of the current call
     or ``skipping`` block if one covers it, else by its network's default depth (``net.skip``). A 0-dim bool
@@ -71,6 +79,9 @@ def is_skipped(module: nn.Module) -> bool | torch.Tensor:
 def _choose(flag: torch.Tensor, skipped, run, x: torch.Tensor):
     """``skipped(x)`` if the traced flag is set, else ``run(x)``, as a conditional of the traced program, so
     that only the branch taken is executed (a multiply by the flag would run both)."""
+    choice = TRACED_CHOICE.get()
+    if choice is not None:
+        return choice(flag, skipped, run, x)
     # The branches are closures: the module's parameters and the forward's other arguments are captured,
     # and torch.cond lifts the tensors among them into inputs of its branch graphs.
     # torch.cond traces its branches with Dynamo. Non-strict torch.export traces with torch.fx, which swaps the

@@ -8,9 +8,12 @@ are both stored (they are different parameters), and so are the per-depth statis
 that has them.
 
 How: :class:`SwitchableNetwork` runs the network with each stage's flag taken from the ``skip`` tensor. The
-skip machinery (:mod:`adn.layers`) sees tensor flags and chooses with ``torch.cond``, which the exporter
-turns into ONNX ``If``: a skipped block is not executed, as in a per-depth file. A stage's skippable blocks
-share one conditional where they follow each other in an ``nn.Sequential`` (ResNet, MobileNetV2, ViT, Swin).
+skip machinery (:mod:`adn.layers`) sees tensor flags and chooses with ``torch.cond`` (the ``torch.export``
+program, :func:`export_switchable_pt2`). For ONNX the network is traced once with every part run and each
+choice marked, and the marks become ONNX ``If`` nodes in the exported graph (:mod:`adn.runtime.onnx_choice`;
+tracing ``torch.cond`` branches made the export about twice as slow): a skipped block is not executed, as in a
+per-depth file. A stage's skippable blocks share one conditional where they follow each other in an
+``nn.Sequential`` (ResNet, MobileNetV2, ViT, Swin).
 Two rewrites of the exported graph let ONNX Runtime optimize the branches as it does a per-depth file
 (:func:`branch_local_weights`, :func:`branch_entry_pools`); they change no result. A network with per-depth
 batch-norm statistics reads the row of its depth with a gather indexed by the flags (row = sum of flag_i
@@ -34,11 +37,12 @@ import torch
 from torch import nn
 
 from ..core.depth_statistics import rows_apply
-from ..core.layers import ACTIVE_DEPTH, STATISTICS_ROW, SkippedTogether, sequential_run
+from ..core.layers import ACTIVE_DEPTH, STATISTICS_ROW, TRACED_CHOICE, SkippedTogether, sequential_run
 from ..core.network import AdaptiveDepthNetwork
 from ..core.skip import SkipConfig
 from ..utils.atomic import atomic_write
 from .graph_export import ONNX_TOLERANCE, compare
+from .onnx_choice import CHOOSE_DOMAIN, choices_to_if, traced_choice, translations
 
 INPUT_NAMES = ["images", "skip"]
 # At most this share of the weights is moved into If branches (see branch_local_weights).
@@ -111,17 +115,26 @@ def write_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.
     switchable = SwitchableNetwork(net).eval()
     skip = torch.zeros(net.num_stages, dtype=torch.bool)
     batch = torch.export.Dim("batch", min=1)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
-        program = torch.onnx.export(
-            switchable,
-            (_traced_example(example), skip),
-            dynamo=True,
-            dynamic_shapes=({0: batch}, None),
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            verbose=False,
-        )
-    branch_entry_pools(program.model.graph, branch_local_weights(program.model.graph))
+    # One flat trace with each choice marked, the marks made into If afterwards (adn.runtime.onnx_choice).
+    choice_token = TRACED_CHOICE.set(traced_choice)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; keep stdout for results
+            program = torch.onnx.export(
+                switchable,
+                (_traced_example(example), skip),
+                dynamo=True,
+                dynamic_shapes=({0: batch}, None),
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                custom_translation_table=translations(),
+                verbose=False,
+            )
+    finally:
+        TRACED_CHOICE.reset(choice_token)
+    graph = program.model.graph
+    choices_to_if(graph)
+    program.model.opset_imports.pop(CHOOSE_DOMAIN, None)
+    branch_entry_pools(graph, branch_local_weights(graph))
     # external_data=False: the weights inside the file, so that the file alone is the model.
     program.save(str(path), external_data=False)
 
@@ -329,7 +342,7 @@ def export_switchable_pt2(
     ``torch.cond``), load it back and check the depths in ``configs`` (default: all 2^N) against ``net`` at
     batch sizes 1 and 3 before it is kept. Returns ``file``, ``bytes``, ``depths``, ``tolerance``,
     ``differences`` and ``max_difference``. Raises :class:`SwitchableExportError` when torch cannot export,
-    save or load the program (Swin, in torch 2.14: see docs/evaluation.md)."""
+    save or load the program (Swin, in torch 2.14: see docs/evaluation.md; its ONNX file exports)."""
     path = Path(path)
     configs = SkipConfig.all(net.num_stages) if configs is None else [SkipConfig(c, net.num_stages) for c in configs]
     was_training = net.training
