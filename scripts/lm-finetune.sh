@@ -7,7 +7,9 @@
 #   2. Algorithm 1 fine-tuning (--train near-skipped) for at most $MINUTES minutes;
 #   3. perplexity of every sub-network after, next to naive removal, and tokens/s per depth;
 #   4. self-speculative decoding (base-net and TTFF drafts, k = 2, 3, 4) against plain greedy decoding:
-#      acceptance rate, speed-up, identical output.
+#      acceptance rate, speed-up, identical output;
+#   5. the baseline (BASELINE=1, the default): the base-net alone (the model with the same layers removed)
+#      fine-tuned on the same tokens (adn train-lm --method alone, same steps and settings), and its perplexity.
 # Results in $OUT: before.{txt,json}, train/ (checkpoint.pt, log.jsonl, summary.json), after.{txt,json},
 # speculative-{before,after}.{txt,json}, sample.txt. Settings through the environment, e.g. THREADS=2 MINUTES=60.
 set -euo pipefail
@@ -40,4 +42,11 @@ $PY benchmarks/lm_speculative.py --checkpoint "$OUT/train/checkpoint.pt" --threa
     --draft-tokens 2,3,4 --save-json "$OUT/speculative-after.json" | tee "$OUT/speculative-after.txt"
 $ADN generate --checkpoint "$OUT/train/checkpoint.pt" --threads "$THREADS" --chat --max-new-tokens 64 --speculative \
     --prompt "What is a Python list comprehension?" 2>&1 | tee "$OUT/sample.txt"
+if [ "${BASELINE:-1}" = 1 ]; then
+  echo "== 5. the baseline: the base-net alone, fine-tuned on the same tokens =="
+  $ADN train-lm --skippable "$SKIPPABLE" --threads "$THREADS" --output-dir "$OUT/alone" --method alone --train near-skipped \
+      --steps "$STEPS" -b 4 --seq-len 256 --lr 1e-4 --eval-every 100 --eval-tokens 2048 --save-every 25 --overwrite
+  $ADN eval-lm --checkpoint "$OUT/alone/checkpoint.pt" --threads "$THREADS" --eval-tokens "$EVAL_TOKENS" --skip super,base \
+      --no-speed --save-json "$OUT/alone.json" | tee "$OUT/alone.txt"
+fi
 echo "experiment took $(( $(date +%s) - start )) s; results in $OUT"

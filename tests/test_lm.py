@@ -21,7 +21,7 @@ from adn.core.layers import SkipAwareNorm  # noqa: E402
 from adn.lm.cache import DepthCache, DepthMismatch  # noqa: E402
 from adn.lm.corpus import CorpusError, load_corpus, training_batch  # noqa: E402
 from adn.lm.generate import greedy_generate, speculative_generate  # noqa: E402
-from adn.lm.train import lm_adn_step, trainable_names  # noqa: E402
+from adn.lm.train import lm_adn_step, lm_alone_step, trainable_names  # noqa: E402
 
 VOCAB = 128
 
@@ -251,6 +251,26 @@ def test_one_training_step_trains_the_selected_parameters_with_the_papers_gradie
     assert all((p.grad is not None) == (".twin." in n) for n, p in net.named_parameters())
 
 
+def test_the_alone_baseline_trains_the_base_net_on_the_next_token_and_nothing_else():
+    """``--method alone``: the model with the skippable layers removed learns the labels by itself; the skipped
+    layers and the norms only the super-net uses get no gradient, and the loss is the base-net's own."""
+    net = adn.convert(tiny())
+    names = trainable_names(net, "near-skipped")
+    for name, p in net.named_parameters():
+        p.requires_grad_(name in names)
+    ids = tokens(batch=2, length=16)
+    terms = lm_alone_step(net.train(), ids)
+    with torch.no_grad():
+        logits = net(input_ids=ids, skip="TT").logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert terms["loss"] == pytest.approx(float(expected), rel=1e-5)
+    graded = {n for n, p in net.named_parameters() if p.grad is not None}
+    assert graded and graded < names
+    assert any(".twin." in n for n in graded) and "model.layers.2.mlp.up_proj.weight" in graded
+    assert "model.layers.3.mlp.up_proj.weight" not in graded  # a skippable layer: not in the base-net
+    assert str(net.skip) == "FF"  # the network is left at its depth
+
+
 # ----- self-speculative decoding -----------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_speculative_decoding_equals_greedy_super_net(k):
@@ -406,6 +426,14 @@ def test_train_eval_generate_commands_and_resume(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train-lm", *args[1:]]) == 2  # the folder holds a run: refused without --overwrite or --resume
     assert "--overwrite" in capsys.readouterr().err
+
+    # The baseline: the base-net alone, same command otherwise.
+    alone = tmp_path / "alone"
+    assert main(["train-lm", *args[1:], "--output-dir", str(alone), "--method", "alone", "--steps", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 1 and summary["ppl_base"] > 1
+    assert load_lm(alone / "checkpoint.pt")[2]["meta"]["method"] == "alone"
+    assert json.loads((alone / "log.jsonl").read_text().splitlines()[1])["base_ce"] > 0
 
     assert (
         main(

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..core.distill import FEATURE_KD_MODES
-from ..lm.config import TRAIN_MODES, LMTrainConfig
+from ..lm.config import METHODS, TRAIN_MODES, LMTrainConfig
 from ..utils import jsonout
 from .common import positive_int
 from .lm_flags import add_model_flags, add_text_flags, grouping
@@ -45,6 +45,14 @@ def add(sub) -> None:
         choices=TRAIN_MODES,
         help="what trains: twins (skip-aware RMSNorm twins only), near-skipped (twins + the last shared "
         "layer and the skippable layers of each stage), all",
+    )
+    g.add_argument(
+        "--method",
+        default=d.method,
+        choices=METHODS,
+        help="adn: Algorithm 1 (the super-net learns the next token, the base-net distils it); alone: the "
+        "baseline, the base-net (the model with the skippable layers removed) learning the next token by itself "
+        "from the same tokens, the same parameters trainable",
     )
     g.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (the schedule's length)")
     g.add_argument(
@@ -119,6 +127,7 @@ def run(args) -> int:
         temperature=args.temperature,
         feature_kd=args.feature_kd,
         train=args.train,
+        method=args.method,
         skip_aware_norm=args.skip_aware_norm,
         amp=args.amp,
         max_train_tokens=args.max_train_tokens,

@@ -10,6 +10,10 @@ from ..core.distill import FEATURE_KD_MODES
 from ..training.config import RunConfig, need
 
 TRAIN_MODES = ("twins", "near-skipped", "all")
+# adn: Algorithm 1 (the super-net learns the next token, the base-net distils it). alone: the baseline issue 26
+# names, the base-net alone (the model with the skippable layers removed) learning the next token from the
+# same tokens, with the same parameters trainable; nothing distils.
+METHODS = ("adn", "alone")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class LMTrainConfig(RunConfig):
     temperature: float = 1.0
     feature_kd: str = "spatial"
     train: str = "near-skipped"
+    method: str = "adn"
     layers_per_stage: int | None = None
     skippable: int | None = DEFAULT_SKIPPABLE  # None: the last half of each stage
     keep_first: int = DEFAULT_KEEP_FIRST
@@ -47,6 +52,7 @@ class LMTrainConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         need(self.train in TRAIN_MODES, f"--train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}")
         need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
         need(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")

@@ -7,6 +7,9 @@ Per batch of token windows, as for images (:func:`adn.train.adn_step`):
    + sum over stages of KL(h_super^s || h_base^s))``, the super-net side detached. Stage outputs are hidden
    states; ``feature_kd="spatial"`` takes the softmax over channels at every token.
 
+``method="alone"`` is the baseline instead: the base-net alone (the model with the skippable layers removed)
+learns the next token from the same tokens, nothing distils (:func:`lm_alone_step`).
+
 Two backward passes: the peak memory is that of one sub-network. The loss is
 :class:`adn.distill.SubPathDistillationLoss` with tokens in place of images.
 
@@ -91,6 +94,17 @@ def lm_adn_step(
     return {k: float(v) for k, v in terms.items()}
 
 
+def lm_alone_step(net, input_ids: torch.Tensor, precision: Precision = FLOAT32) -> dict[str, float]:
+    """One step of the baseline ``--method alone`` (without the optimizer update): the base-net, i.e. the model
+    with every skippable layer removed, learns the next token on its own; gradients in ``.grad``."""
+    targets = input_ids[:, 1:].flatten()
+    with precision.autocast():
+        logits = net(input_ids=input_ids, use_cache=False, skip=SkipConfig.base_net(net.num_stages)).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets)
+    precision.backward(loss)
+    return {"loss": float(loss.detach()), "base_ce": float(loss.detach())}
+
+
 def learning_rate(cfg: LMTrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of ``lr`` at ``steps`` (``step`` counts from 0)."""
     if step < cfg.warmup_steps:
@@ -160,6 +174,7 @@ class LMTask:
             "grouping": net.adn_info["grouping"],
             "skip_aware_norm": cfg.skip_aware_norm,
             "train": cfg.train,
+            "method": cfg.method,
             "stages": net.adn_info["stages"],
             "corpus": corpus.description,
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")},
@@ -175,7 +190,9 @@ class LMTask:
         say(
             f"training {base['model']} as an adaptive depth network: {net.num_stages} stages "
             f"({', '.join(s['name'] for s in net.adn_info['stages'])}; {skippable_text(cfg.skippable)} of each "
-            f"skippable), {2**net.num_stages} sub-networks; --train {cfg.train}: {n_trained / 1e6:.2f}M of "
+            f"skippable), {2**net.num_stages} sub-networks; --method {cfg.method}"
+            + (" (the base-net alone, the baseline)" if cfg.method == "alone" else "")
+            + f"; --train {cfg.train}: {n_trained / 1e6:.2f}M of "
             f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters"
         )
         say(
@@ -226,6 +243,8 @@ class LMTask:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.steps_done)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.method == "alone":
+            return lm_alone_step(self.net, batch, self.precision)
         return lm_adn_step(self.net, batch, self.criterion, self.precision, self.teacher_trains)
 
     def update(self, terms: dict[str, float]) -> dict:
