@@ -23,8 +23,9 @@ def add(sub) -> None:
         "weights on disk and in memory; best for one or a few fixed depths. --switchable "
         "(onnx, pt2): one file with the weights once and the depth chosen per call by "
         "its 'skip' input (every depth, memory about one network's, one session), at a "
-        "small latency cost (1.1-1.25x per depth measured for ResNet-50 in ONNX Runtime, "
-        "1 thread: docs/evaluation.md); best for serving many depths. Every depth "
+        "latency cost (ResNet-50 in ONNX Runtime, 1 thread: 1.1-1.2x per depth on an AMD "
+        "EPYC, 1.2-1.4x on an AVX-512 Intel Xeon; ViT about 1.0x: docs/evaluation.md); best "
+        "for serving many depths. Every depth "
         "exported is run from the file and compared with PyTorch before it is kept.",
     )
     p.add_argument("--checkpoint", required=True, help="file written by adn train (or adn import-weights)")
