@@ -102,7 +102,8 @@ def lm_alone_step(net, input_ids: torch.Tensor, precision: Precision = FLOAT32) 
         logits = net(input_ids=input_ids, use_cache=False, skip=SkipConfig.base_net(net.num_stages)).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets)
     precision.backward(loss)
-    return {"loss": float(loss.detach()), "base_ce": float(loss.detach())}
+    value = float(loss.detach())
+    return {"loss": value, "base_ce": value}
 
 
 def learning_rate(cfg: LMTrainConfig, step: int) -> float:

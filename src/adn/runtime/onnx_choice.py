@@ -1,10 +1,11 @@
 """Conditionals for the switchable ONNX file, built from one flat trace instead of traced ``torch.cond`` branches.
 
 ``torch.cond`` keeps a skipped part out of the computation, but the exporter pays for it: Dynamo traces every
-branch, and the decompositions trace them again (ResNet-50: 39 s to export the switchable file against 23 s
-for one depth, docs/benchmarks.md). Here the network is traced once, with every part run and each choice
-marked by ``adn::choose(flag, skipped, run)`` (:func:`traced_choice`, set as :data:`adn.core.layers.TRACED_CHOICE`).
-The exporter translates the mark to an ``adn.Choose`` node (:data:`TRANSLATIONS`); :func:`choices_to_if` then
+branch, and the decompositions trace them again (ResNet-50, 1 thread: 11.8 s to export the switchable file
+that way against 6.1 s from one flat trace on a 2-core Intel Xeon; docs/benchmarks.md). Here the network is
+traced once, with every part run and each choice marked by ``adn::choose(flag, skipped, run)``
+(:func:`traced_choice`, set as :data:`adn.core.layers.TRACED_CHOICE`).
+The exporter translates the mark to an ``adn.Choose`` node (:func:`translations`); :func:`choices_to_if` then
 moves the nodes that only the ``run`` input needs into the ``else`` branch of an ONNX ``If`` on ``flag``, whose
 ``then`` branch passes ``skipped`` through. The file keeps no ``adn`` node: a skipped part is not executed, and
 the file loads anywhere ONNX does.
@@ -65,14 +66,15 @@ def translations() -> dict:
     return {torch.ops.adn.choose.default: to_choose}
 
 
-def choices_to_if(graph) -> int:
-    """Replace each ``adn.Choose(flag, skipped, run)`` node of ``graph`` (an ``onnx_ir.Graph``) by an ``If``
+def choices_to_if(model) -> int:
+    """Replace each ``adn.Choose(flag, skipped, run)`` node of ``model``'s graph (an ``onnx_ir.Model``) by an ``If``
     on ``flag``: ``then`` passes ``skipped`` through, ``else`` holds every node whose outputs only ``run``
     needs (nodes also needed elsewhere stay outside and are read from the outer graph). Marks nested in
     others come first in graph order, so an inner ``If`` moves into its outer branch whole. Returns how many
-    were replaced; the graph keeps no ``adn`` node or opset."""
+    were replaced; the model keeps no ``adn`` node or opset."""
     import onnx_ir as ir
 
+    graph = model.graph
     marks = [node for node in graph if node.domain == CHOOSE_DOMAIN and node.op_type == CHOOSE_OP]
     for number, mark in enumerate(marks):
         flag, skipped, run = mark.inputs
@@ -113,6 +115,7 @@ def choices_to_if(graph) -> int:
         graph.remove(mark)
         output.name = result.name
     graph.opset_imports.pop(CHOOSE_DOMAIN, None)
+    model.opset_imports.pop(CHOOSE_DOMAIN, None)
     return len(marks)
 
 

@@ -42,7 +42,7 @@ from ..core.network import AdaptiveDepthNetwork
 from ..core.skip import SkipConfig
 from ..utils.atomic import atomic_write
 from .graph_export import ONNX_TOLERANCE, compare
-from .onnx_choice import CHOOSE_DOMAIN, choices_to_if, traced_choice, translations
+from .onnx_choice import choices_to_if, traced_choice, translations
 
 INPUT_NAMES = ["images", "skip"]
 # At most this share of the weights is moved into If branches (see branch_local_weights).
@@ -131,9 +131,8 @@ def write_switchable_onnx(net: nn.Module, example: torch.Tensor, path: str | os.
             )
     finally:
         TRACED_CHOICE.reset(choice_token)
+    choices_to_if(program.model)
     graph = program.model.graph
-    choices_to_if(graph)
-    program.model.opset_imports.pop(CHOOSE_DOMAIN, None)
     branch_entry_pools(graph, branch_local_weights(graph))
     # external_data=False: the weights inside the file, so that the file alone is the model.
     program.save(str(path), external_data=False)
