@@ -6,14 +6,18 @@ Batch-1 decoding on a CPU reads every weight of the depth that runs once per tok
 few passes of summing, and of copying, a tensor far larger than the caches, on the threads decoding uses),
 then, interleaved (repeat after repeat, every depth and dtype in turn, the best of ``--repeats`` kept), the
 decoding tokens/s of every ``--depths`` depth with float32 and with bfloat16 weights
-(:func:`adn.lm.precision.cast_weights`), and prints the ratios: bfloat16 over float32, each depth over the
-super-net, and each speed over its bandwidth bound. ``--ppl-tokens N`` also measures held-out perplexity
-(the default corpus or ``--text``) in both dtypes, for the "within 1% of float32" check.
+(:func:`adn.lm.precision.cast_weights`), each decoded by the model's own forward (``forward``: what decoding
+was before the engine, the baseline) and by the decoding engine (``engine``: :mod:`adn.lm.engine`, merged
+projections, static KV cache, packed bfloat16 weights), and prints the ratios: each speed over the float32
+forward at the same depth ("today's float32"), each depth over the first depth's float32 forward, and each
+speed over its bandwidth bound. ``--ppl-tokens N`` also measures held-out perplexity (the default corpus or
+``--text``) for each dtype and path (the engine's through its own prefill), for the "within 1% of float32"
+check.
 
 bfloat16 only pays where the CPU computes it natively (AVX512-BF16, AMX); the script says whether it does.
 
     python benchmarks/lm_decode.py [--checkpoint C | --model smollm2] [--depths super,base] [--dtypes float32,bfloat16]
-        [--new-tokens 32] [--prompt-tokens 64] [--repeats 3] [--threads 1] [--bandwidth-mb 512] [--ppl-tokens 0]
+        [--paths forward,engine] [--new-tokens 32] [--prompt-tokens 64] [--repeats 3] [--threads 1] [--bandwidth-mb 512] [--ppl-tokens 0]
         [--json] [--save-json FILE]
 """
 
@@ -37,6 +41,9 @@ from adn.lm.evaluate import decoding_speed, layers_run, perplexity
 from adn.lm.model import load_causal_lm
 from adn.lm.precision import cast_weights, dtype_name
 from adn.training.precision import native_bfloat16
+
+
+PATHS = {"forward": False, "engine": True}  # the decoding path: the model's own forward, or adn.lm.engine
 
 
 def git_commit() -> str | None:
@@ -97,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skippable", default="half", help="without --checkpoint: skippable layers per stage, N or half")
     p.add_argument("--depths", default="super,base", help="comma-separated depths")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    p.add_argument(
+        "--paths", default="forward,engine", help="comma-separated: forward (the model's own), engine (adn.lm.engine)"
+    )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument(
         "--prompt-tokens", type=int, default=64, help="a fixed pseudo-random prompt (speed does not depend on the text)"
@@ -126,31 +136,43 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
 
     bw = bandwidth(args.bandwidth_mb)
-    speed = {(str(d), dt): 0.0 for d in depths for dt in dtypes}
-    for _ in range(args.repeats):  # interleaved: a change of load touches every depth and dtype alike
+    paths = args.paths.split(",")
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        p.error(f"--paths: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PATHS)}")
+    variants = [(dt, path) for dt in dtypes for path in paths]
+    speed = {(str(d), dt, path): 0.0 for d in depths for dt, path in variants}
+    for _ in range(args.repeats):  # interleaved: a change of load touches every depth, dtype and path alike
         for depth in depths:
-            for dtype in dtypes:
-                key = (str(depth), dtype)
-                speed[key] = max(speed[key], decoding_speed(nets[dtype], prompt, args.new_tokens, depth))
+            for dtype, path in variants:
+                key = (str(depth), dtype, path)
+                tps = decoding_speed(nets[dtype], prompt, args.new_tokens, depth, engine=PATHS[path])
+                speed[key] = max(speed[key], tps)
     ppl = {}
     if args.ppl_tokens:
         from adn.lm.corpus import load_corpus, token_stream, windows
 
         stream = token_stream(tokenizer, load_corpus(args.text).heldout, args.ppl_tokens)
         held = windows(stream, min(256, stream.numel()))
-        ppl = {(str(d), dt): perplexity(nets[dt], held, d) for d in depths for dt in dtypes}
+        ppl = {
+            (str(d), dt, path): perplexity(nets[dt], held, d, engine=PATHS[path])
+            for d in depths
+            for dt, path in variants
+        }
 
     total_layers = len(layers_run(net, "super"))
-    reference = speed.get((str(depths[0]), torch.float32)) or next(iter(speed.values()))
+    baseline = (torch.float32, "forward")
+    reference = speed.get((str(depths[0]), *baseline)) or next(iter(speed.values()))
     rows = []
     for depth in depths:
-        for dtype in dtypes:
+        for dtype, path in variants:
             nbytes = weight_bytes(nets[dtype], depth)
             bound = bw["read_gb_s"] * 1e9 / nbytes
-            tps = speed[(str(depth), dtype)]
+            tps = speed[(str(depth), dtype, path)]
             row = {
                 "skip": str(depth),
                 "dtype": dtype_name(dtype),
+                "path": path,
                 "layers": f"{len(layers_run(net, depth))}/{total_layers}",
                 "weights_mb_per_token": nbytes / 1e6,
                 "tokens_per_s": tps,
@@ -158,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 "share_of_bound": tps / bound,
                 "speed_vs_first": tps / reference,
             }
-            if torch.float32 in dtypes:
-                row["speed_vs_float32"] = tps / speed[(str(depth), torch.float32)]
+            if baseline in variants:  # against today's float32: the model's own forward, same depth
+                row["speed_vs_float32"] = tps / speed[(str(depth), *baseline)]
             if ppl:
-                row["ppl"] = ppl[(str(depth), dtype)]
-                if torch.float32 in dtypes:
-                    row["ppl_vs_float32"] = row["ppl"] / ppl[(str(depth), torch.float32)]
+                row["ppl"] = ppl[(str(depth), dtype, path)]
+                if baseline in variants:
+                    row["ppl_vs_float32"] = row["ppl"] / ppl[(str(depth), *baseline)]
             rows.append(row)
     setting = {
         "model": what,
@@ -192,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({bw['megabytes']} MB tensor)"
         )
         print(
-            f"{'skip':>6} {'dtype':>9} {'layers':>7} {'MB/token':>9} {'tok/s':>7} {'bound':>7} {'of bound':>8} "
+            f"{'skip':>6} {'dtype':>9} {'path':>8} {'layers':>7} {'MB/token':>9} {'tok/s':>7} {'bound':>7} {'of bound':>8} "
             f"{'vs fp32':>7} {'vs first':>8}" + (f" {'ppl':>8} {'ppl/fp32':>8}" if ppl else "")
         )
         for r in rows:
             print(
-                f"{r['skip']:>6} {r['dtype']:>9} {r['layers']:>7} {r['weights_mb_per_token']:>9.1f} "
+                f"{r['skip']:>6} {r['dtype']:>9} {r['path']:>8} {r['layers']:>7} {r['weights_mb_per_token']:>9.1f} "
                 f"{r['tokens_per_s']:>7.1f} {r['bound_tokens_per_s']:>7.1f} {r['share_of_bound']:>8.1%} "
                 f"{r.get('speed_vs_float32', float('nan')):>6.2f}x {r['speed_vs_first']:>7.2f}x"
                 + (f" {r['ppl']:>8.3f} {r.get('ppl_vs_float32', float('nan')):>8.4f}" if ppl else "")

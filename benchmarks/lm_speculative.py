@@ -15,9 +15,13 @@ tokens per round ``(1 - a^(k+1)) / (1 - a)``; time per round ``k c + v`` target 
 cost of one verifying pass over k + 1 tokens, is taken as 1 step: optimistic on a CPU), next to the
 acceptance measured.
 
+Weights in ``--dtype`` (``auto``: bfloat16 where the CPU computes it natively, as ``adn generate``), decoded
+by the decoding engine where it runs the model (``--engine auto``; :mod:`adn.lm.engine`) or by the model's
+own forward (``--engine off``).
+
     python benchmarks/lm_speculative.py [--checkpoint runs/lm/smollm2-adn/checkpoint.pt | --model smollm2]
         [--draft base,TTFF] [--draft-tokens 2,4] [--draft-vocab 0,8192] [--prompts 8] [--new-tokens 64]
-        [--threads 2] [--text DIR] [--json] [--save-json FILE]
+        [--threads 2] [--dtype auto] [--engine auto] [--text DIR] [--json] [--save-json FILE]
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from adn.convert.llama import convert_decoder
 from adn.lm.checkpoint import load_lm
 from adn.lm.depth_table import cpu_name
 from adn.lm.corpus import load_corpus, token_stream
-from adn.lm.generate import DraftHead, frequent_tokens, greedy_generate, speculative_generate
-from adn.lm.cache import DepthCache
+from adn.lm.generate import DraftHead, frequent_tokens, greedy_generate, open_stream, speculative_generate
 from adn.lm.model import load_causal_lm
+from adn.lm.precision import DTYPE_CHOICES, cast_weights, decoding_dtype, dtype_name
 from adn.core.skip import SkipConfig
 
 
@@ -74,21 +78,20 @@ def break_even(cost: float, k: int, speed_up: float, v: float = 1.0) -> float | 
     return high
 
 
-def draft_speed(net, prompt, new_tokens: int, depth: SkipConfig, head: DraftHead | None) -> float:
+ENGINE = {"auto": None, "on": True, "off": False}
+
+
+def draft_speed(net, prompt, new_tokens: int, depth: SkipConfig, head: DraftHead | None, engine) -> float:
     """Tokens/s of drafting alone (greedy at ``depth`` with ``head``), the prefill not counted."""
-    cache, pending = DepthCache(net), prompt
+    stream, pending = open_stream(net, depth, prompt.shape[1] + new_tokens + 1, engine=engine), prompt
     with torch.no_grad():
         for step in range(new_tokens + 1):
             if step == 1:
                 start = time.perf_counter()
             if head is None:
-                pending = (
-                    net(input_ids=pending, past_key_values=cache, use_cache=True, logits_to_keep=1, skip=depth)
-                    .logits[:, -1]
-                    .argmax(-1, keepdim=True)
-                )
+                pending = stream.logits(stream.hidden(pending)[:, -1]).argmax(-1, keepdim=True)
             else:
-                pending = head.next_token(net, pending, cache, depth)
+                pending = head.next_token(stream, pending)
     return new_tokens / (time.perf_counter() - start)
 
 
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights while decoding")
+    p.add_argument("--engine", choices=tuple(ENGINE), default="auto", help="decode with adn.lm.engine")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON to FILE")
     args = p.parse_args(argv)
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, tokenizer = load_causal_lm(args.model)
         net, what = convert_decoder(model).eval(), f"{args.model or 'smollm2'} (converted, not fine-tuned)"
+    cast_weights(net, decoding_dtype(args.dtype))
+    engine = ENGINE[args.engine]
     corpus = load_corpus(args.text)
     stream = token_stream(tokenizer, corpus.heldout)
     spacing = max(args.prompt_tokens, (stream.numel() - args.prompt_tokens) // args.prompts)
@@ -134,18 +141,18 @@ def main(argv: list[str] | None = None) -> int:
             heads[size] = DraftHead(net, ids)
         else:
             heads[0] = None
-    greedy_generate(net, prompts[0], 4)  # warm-up
+    greedy_generate(net, prompts[0], 4, engine=engine)  # warm-up
     plain_seconds, runs = 0.0, {(str(d), k, v): [] for d in drafts for k in ks for v in heads}
     identical = True
     for prompt in prompts:
         start = time.perf_counter()
-        want = greedy_generate(net, prompt, args.new_tokens, eos_token_id=None)
+        want, plain_stats = greedy_generate(net, prompt, args.new_tokens, return_stats=True, engine=engine)
         plain_seconds += time.perf_counter() - start
         for draft in drafts:
             for k in ks:
                 for size, head in heads.items():
                     got, stats = speculative_generate(
-                        net, prompt, args.new_tokens, draft=draft, draft_tokens=k, draft_head=head
+                        net, prompt, args.new_tokens, draft=draft, draft_tokens=k, draft_head=head, engine=engine
                     )
                     identical &= torch.equal(got, want)
                     runs[(str(draft), k, size)].append(stats)
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             ("target", super_net, None),
             *(((str(d), size), d, head) for d in drafts for size, head in heads.items()),
         ]:
-            best[key] = max(best.get(key, 0.0), draft_speed(net, prompts[0], args.new_tokens, depth, head))
+            speed = draft_speed(net, prompts[0], args.new_tokens, depth, head, engine)
+            best[key] = max(best.get(key, 0.0), speed)
     cost = {key: best["target"] / tps for key, tps in best.items() if key != "target"}
     tokens = args.prompts * args.new_tokens
     rows = []
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     header = (
         f"{what}: {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, "
-        f"greedy, batch 1, {torch.get_num_threads()} threads; outputs identical to plain greedy: {identical}"
+        f"greedy, batch 1, {torch.get_num_threads()} threads, {dtype_name(next(net.parameters()).dtype)} weights, "
+        f"{'decoding engine' if plain_stats.engine else 'model forward'}; outputs identical to plain greedy: {identical}"
     )
     result = json.dumps(
         {
@@ -190,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "identical": identical,
             "commit": git_commit(),
             "threads": torch.get_num_threads(),
+            "dtype": dtype_name(next(net.parameters()).dtype),
+            "engine": plain_stats.engine,
             "cpu": cpu_name(),
             "rows": rows,
         },

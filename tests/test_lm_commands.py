@@ -107,7 +107,7 @@ def _count_passes(monkeypatch, fail_at: int | None = None) -> list[int]:
     import adn.lm.generate as generate
 
     passes = [0]
-    real = generate._next_logits
+    real = generate._greedy_next
 
     def counted(*args, **kwargs):
         passes[0] += 1
@@ -115,7 +115,7 @@ def _count_passes(monkeypatch, fail_at: int | None = None) -> list[int]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "_next_logits", counted)
+    monkeypatch.setattr(generate, "_greedy_next", counted)
     return passes
 
 
@@ -370,7 +370,7 @@ def test_bfloat16_weights_for_decoding_keep_the_rotary_buffers_in_float32(model_
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
 
 
-def test_decode_benchmark_measures_bandwidth_and_both_dtypes(model_dir, tmp_path, capsys):
+def test_decode_benchmark_measures_bandwidth_both_dtypes_and_both_paths(model_dir, tmp_path, capsys):
     import importlib.util
     import json
 
@@ -409,18 +409,20 @@ def test_decode_benchmark_measures_bandwidth_and_both_dtypes(model_dir, tmp_path
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "decode.json").read_text())
     assert result["setting"]["bandwidth"]["read_gb_s"] > 0 and result["setting"]["threads"] == 1
-    assert [(r["skip"], r["dtype"]) for r in result["rows"]] == [
-        ("FF", "float32"),
-        ("FF", "bfloat16"),
-        ("TT", "float32"),
-        ("TT", "bfloat16"),
+    assert [(r["skip"], r["dtype"], r["path"]) for r in result["rows"]] == [
+        (skip, dtype, path)
+        for skip in ("FF", "TT")
+        for dtype in ("float32", "bfloat16")
+        for path in ("forward", "engine")
     ]
-    fp32, bf16 = result["rows"][:2]
+    fp32, fp32_engine, bf16, bf16_engine = result["rows"][:4]
     assert bf16["weights_mb_per_token"] < 0.6 * fp32["weights_mb_per_token"]  # (the norms stay small either way)
     assert all(
         r["tokens_per_s"] > 0 and r["bound_tokens_per_s"] > r["tokens_per_s"] and r["ppl"] > 1 for r in result["rows"]
     )
-    assert abs(bf16["ppl_vs_float32"] - 1) < 0.05
+    assert fp32["speed_vs_float32"] == 1.0  # the baseline: float32 through the model's own forward
+    assert abs(fp32_engine["ppl_vs_float32"] - 1) < 1e-4  # the engine computes the same function
+    assert abs(bf16["ppl_vs_float32"] - 1) < 0.05 and abs(bf16_engine["ppl_vs_float32"] - 1) < 0.05
     assert "memory bandwidth" in capsys.readouterr().out
 
 

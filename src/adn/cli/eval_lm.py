@@ -14,7 +14,7 @@ from ..utils.atomic import atomic_write
 from ..utils.outputs import OutputKind, json_file, output_path
 from ..lm.precision import DTYPE_CHOICES
 from .common import positive_int, skip_configs
-from .lm_flags import add_model_flags, add_text_flags, fresh_network, planned_network
+from .lm_flags import add_engine_flag, add_model_flags, add_text_flags, engine_choice, fresh_network, planned_network
 
 COLUMNS = [  # key, header, format
     ("skip", "skip", "{}"),
@@ -50,6 +50,7 @@ def add(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_flags(p)
+    add_engine_flag(p)
     add_text_flags(p)
     p.add_argument("--skip", default="all", help="'all', or comma-separated configs such as TTFF,super,base")
     p.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens evaluated")
@@ -98,6 +99,7 @@ def run(args) -> int:
     from ..lm.checkpoint import apply_trained_state, base_network, read_lm_checkpoint
     from ..lm.corpus import load_corpus, token_stream, windows
     from ..lm.depth_table import FORMAT, VERSION, conditions
+    from ..lm.engine import unsupported_reason
     from ..lm.evaluate import decoding_speed, layers_run, perplexity_table
     from ..lm.precision import cast_weights, decoding_dtype, dtype_name
 
@@ -146,7 +148,9 @@ def run(args) -> int:
     prompt = stream[: args.prompt_tokens][None]
     if args.speed:
         for row, config in zip(rows, configs):
-            row["tokens_per_s"] = decoding_speed(net, prompt, args.new_tokens, config, args.repeats)
+            row["tokens_per_s"] = decoding_speed(
+                net, prompt, args.new_tokens, config, args.repeats, engine=engine_choice(args)
+            )
     _add_ratios(rows)
     what = (
         f"{args.checkpoint} (fine-tuned)"
@@ -173,6 +177,10 @@ def run(args) -> int:
                 what,
                 new_tokens=args.new_tokens if args.speed else None,
                 prompt_tokens=prompt.shape[1] if args.speed else None,
+                # which path decoded: adn's engine, or the model's forward (--engine off, or a model it cannot run)
+                engine=(args.engine != "off" and unsupported_reason(net, prompt.shape[1] + args.new_tokens) is None)
+                if args.speed
+                else None,
             ),
             "rows": rows,
         }

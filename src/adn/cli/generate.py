@@ -12,7 +12,15 @@ import torch
 from ..utils import jsonout
 from ..lm.precision import DTYPE_CHOICES
 from .common import positive_int
-from .lm_flags import add_model_flags, add_text_flags, check_depth, network, planned_network
+from .lm_flags import (
+    add_engine_flag,
+    add_model_flags,
+    add_text_flags,
+    check_depth,
+    engine_choice,
+    network,
+    planned_network,
+)
 
 
 def add(sub) -> None:
@@ -22,6 +30,7 @@ def add(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_flags(p)
+    add_engine_flag(p)
     add_text_flags(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument(
@@ -257,14 +266,25 @@ def run(args) -> int:
 
     try:
         plain, plain_stats = greedy_generate(
-            net, ids, args.max_new_tokens, skip=depth, eos_token_id=eos, return_stats=True, on_token=on_token
+            net,
+            ids,
+            args.max_new_tokens,
+            skip=depth,
+            eos_token_id=eos,
+            return_stats=True,
+            on_token=on_token,
+            engine=engine_choice(args),
         )
     except KeyboardInterrupt:
         return _interrupted(args, result, tokenizer, collected, stream)
     if stream is not None:
         stream.finish()
     plain_seconds = plain_stats.prefill_seconds + plain_stats.decode_seconds
-    result.update(new_tokens=plain_stats.new_tokens, tokens_per_second=plain_stats.new_tokens / plain_seconds)
+    result.update(
+        new_tokens=plain_stats.new_tokens,
+        tokens_per_second=plain_stats.new_tokens / plain_seconds,
+        engine=plain_stats.engine,
+    )
     output = plain
     if args.speculative:
         try:
@@ -277,6 +297,7 @@ def run(args) -> int:
                 draft_tokens=args.draft_tokens,
                 eos_token_id=eos,
                 draft_head=draft_head,
+                engine=engine_choice(args),
             )
         except KeyboardInterrupt:
             print(
@@ -296,7 +317,8 @@ def run(args) -> int:
     else:
         print(
             f"{description}; depth {depth}: {result['new_tokens']} tokens at {result['tokens_per_second']:.1f} tokens/s "
-            f"(greedy, KV cache, prefill included, {result['dtype']} weights, {torch.get_num_threads()} threads)",
+            f"(greedy, KV cache, prefill included, {result['dtype']} weights, {torch.get_num_threads()} threads, "
+            f"{'decoding engine' if result['engine'] else 'model forward'})",
             file=sys.stderr,
         )
         if args.speculative:

@@ -29,6 +29,24 @@ def skippable_layers(text: str) -> int | None:
     return value
 
 
+ENGINE_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def add_engine_flag(p) -> None:
+    p.add_argument(
+        "--engine",
+        choices=tuple(ENGINE_CHOICES),
+        default="auto",
+        help="decode with adn's decoding engine (merged projections, static KV cache, packed bfloat16 weights; "
+        "Llama-layout models): auto uses it where it runs the model, off uses the model's own forward",
+    )
+
+
+def engine_choice(args) -> bool | None:
+    """``--engine`` as ``open_stream`` takes it: None (auto), True or False."""
+    return ENGINE_CHOICES[args.engine]
+
+
 def add_model_flags(p, checkpoint: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument(

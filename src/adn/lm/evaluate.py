@@ -20,20 +20,27 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..convert.llama import decoder
 from ..core.skip import SkipConfig
-from .generate import greedy_generate
+from .engine import running_layers
+from .generate import greedy_generate, open_stream
 
 
 @torch.no_grad()
-def perplexity(net, windows: torch.Tensor, skip="super", batch_size: int = 2, autocast=None) -> float:
-    """Perplexity of sub-network ``skip`` over ``windows`` ([count, seq_len] token ids)."""
+def perplexity(
+    net, windows: torch.Tensor, skip="super", batch_size: int = 2, autocast=None, engine: bool = False
+) -> float:
+    """Perplexity of sub-network ``skip`` over ``windows`` ([count, seq_len] token ids), computed by the
+    model's forward or, with ``engine``, by the decoding engine (:mod:`adn.lm.engine`: to check its numerics)."""
     depth = SkipConfig(skip, num_stages=net.num_stages)
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size]
-        with autocast() if autocast else contextlib.nullcontext():
-            logits = net(input_ids=batch, use_cache=False, skip=depth).logits
+        if engine:
+            stream = open_stream(net, depth, batch.shape[1], batch.shape[0], engine=True)
+            logits = stream.logits(stream.hidden(batch, keep=batch.shape[1]))
+        else:
+            with autocast() if autocast else contextlib.nullcontext():
+                logits = net(input_ids=batch, use_cache=False, skip=depth).logits
         nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         total += float(nll)
         count += batch[:, 1:].numel()
@@ -42,9 +49,7 @@ def perplexity(net, windows: torch.Tensor, skip="super", batch_size: int = 2, au
 
 def layers_run(net, skip) -> list[int]:
     """Indices of the decoder layers sub-network ``skip`` runs."""
-    depth = SkipConfig(skip, num_stages=net.num_stages)
-    skipped = {id(block) for stage, flag in zip(net.adn_stages, depth) if flag for block in stage.skippable}
-    return [i for i, layer in enumerate(decoder(net).layers) if id(layer) not in skipped]
+    return running_layers(net, skip)
 
 
 def perplexity_table(
@@ -63,12 +68,14 @@ def perplexity_table(
     return results
 
 
-def decoding_speed(net, prompt: torch.Tensor, new_tokens: int, skip, repeats: int = 1) -> float:
+def decoding_speed(
+    net, prompt: torch.Tensor, new_tokens: int, skip, repeats: int = 1, engine: bool | None = None
+) -> float:
     """Decode tokens/s of greedy decoding with a KV cache at depth ``skip`` (the prefill not counted),
-    the best of ``repeats`` runs after one untimed warm-up."""
-    greedy_generate(net, prompt, min(new_tokens, 4), skip=skip)
+    the best of ``repeats`` runs after one untimed warm-up; ``engine`` as for :func:`greedy_generate`."""
+    greedy_generate(net, prompt, min(new_tokens, 4), skip=skip, engine=engine)
     best = 0.0
     for _ in range(repeats):
-        _, stats = greedy_generate(net, prompt, new_tokens, skip=skip, return_stats=True)
+        _, stats = greedy_generate(net, prompt, new_tokens, skip=skip, return_stats=True, engine=engine)
         best = max(best, stats.decode_tokens_per_second)
     return best

@@ -30,6 +30,8 @@ import torch
 
 from ..core.skip import SkipConfig
 from .cache import DepthCache
+from .engine import engine_for, unsupported_reason
+from .matvec import Projection
 
 
 def _check_prompt(input_ids: torch.Tensor) -> torch.Tensor:
@@ -61,15 +63,15 @@ class DraftHead:
             raise ValueError("draft vocabulary: output heads with a bias are not supported")
         self.token_ids = token_ids
         self.weight = head.weight.detach()[token_ids].contiguous()
+        self.projection = Projection(self.weight)
 
     def __len__(self) -> int:
         return self.token_ids.numel()
 
-    def next_token(self, net, tokens: torch.Tensor, cache: DepthCache, depth: SkipConfig) -> torch.Tensor:
-        """Feed ``tokens`` at ``depth``; the draft's greedy choice ([batch, 1]) among the head's tokens."""
-        with net.skipping(depth):
-            hidden = net.model(input_ids=tokens, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-        scores = hidden.to(self.weight.dtype) @ self.weight.T
+    def next_token(self, stream, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` to ``stream`` (a :func:`open_stream`); the draft's greedy choice ([batch, 1])
+        among the head's tokens."""
+        scores = stream.logits(stream.hidden(tokens)[:, -1], self.projection)
         return self.token_ids[scores.argmax(-1)][:, None]
 
 
@@ -82,10 +84,50 @@ def frequent_tokens(stream: torch.Tensor, count: int, vocab_size: int) -> torch.
     return torch.tensor(sorted(order), dtype=torch.long)
 
 
-def _next_logits(net, tokens: torch.Tensor, cache: DepthCache, depth: SkipConfig, keep: int = 1) -> torch.Tensor:
-    """Feed ``tokens`` (the ones the cache has not seen) at ``depth``; logits of the last ``keep`` positions."""
-    out = net(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=keep, skip=depth)
-    return out.logits
+class ForwardStream:
+    """Decoding at one depth through the model's own forward and a :class:`DepthCache`: what runs any
+    model ``transformers`` runs. The same interface as :class:`adn.lm.engine.DepthStream`."""
+
+    is_engine = False
+
+    def __init__(self, net, depth: SkipConfig):
+        self.net, self.depth, self.cache = net, depth, DepthCache(net)
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def hidden(self, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        with self.net.skipping(self.depth):
+            out = self.net.model(input_ids=tokens, past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state[:, -keep:]
+
+    def logits(self, hidden: torch.Tensor, head: Projection | None = None) -> torch.Tensor:
+        return head(hidden) if head is not None else self.net.lm_head(hidden)
+
+    def keep(self, length: int) -> None:
+        self.cache.keep(length)
+
+
+def open_stream(net, depth, capacity: int, batch: int = 1, engine: bool | None = None):
+    """A decoding stream at ``depth`` for ``batch`` sequences of up to ``capacity`` tokens: the decoding
+    engine (:mod:`adn.lm.engine`) where it runs the model, else the model's own forward
+    (:class:`ForwardStream`). ``engine=True`` requires the engine (a ValueError says why it cannot),
+    ``False`` refuses it."""
+    depth = SkipConfig(depth, num_stages=net.num_stages)
+    if engine is False:
+        return ForwardStream(net, depth)
+    found = engine_for(net, capacity)
+    if found is None:
+        if engine:
+            raise ValueError(f"the decoding engine cannot run this model: {unsupported_reason(net, capacity)}")
+        return ForwardStream(net, depth)
+    return found.stream(depth, capacity, batch)
+
+
+def _greedy_next(stream, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """Feed ``tokens`` (the ones the stream has not seen); the greedy choice after each of the last ``keep``."""
+    return stream.logits(stream.hidden(tokens, keep)).argmax(-1)
 
 
 @dataclass
@@ -94,6 +136,7 @@ class GreedyStats:
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    engine: bool = False  # decoded by adn.lm.engine (else by the model's own forward)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -111,20 +154,20 @@ def greedy_generate(
     eos_token_id: int | None = None,
     return_stats: bool = False,
     on_token: Callable[[torch.Tensor], object] | None = None,
+    engine: bool | None = None,
 ):
     """Greedy decoding at depth ``skip`` with a KV cache; returns the prompt followed by the new tokens
     (and :class:`GreedyStats` with ``return_stats``). Stops early when every row has produced ``eos_token_id``.
-    ``on_token`` is called with each new token (``[batch, 1]``) as soon as it is chosen (streaming)."""
+    ``on_token`` is called with each new token (``[batch, 1]``) as soon as it is chosen (streaming).
+    ``engine``: decode with :mod:`adn.lm.engine` (None: where it runs the model; see :func:`open_stream`)."""
     input_ids = _check_prompt(input_ids)
-    depth = SkipConfig(skip, num_stages=net.num_stages)
-    cache = DepthCache(net)
+    stream = open_stream(net, skip, input_ids.shape[1] + max_new_tokens, input_ids.shape[0], engine)
     start = time.perf_counter()
-    logits = _next_logits(net, input_ids, cache, depth)
+    token = _greedy_next(stream, input_ids)
     prefill = time.perf_counter() - start
     tokens, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
         if on_token is not None:
             on_token(token)
@@ -133,11 +176,11 @@ def greedy_generate(
             if bool(done.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits = _next_logits(net, token, cache, depth)
+            token = _greedy_next(stream, token)
     decode = time.perf_counter() - start
     output = torch.cat([input_ids, *tokens], dim=1)
     if return_stats:
-        return output, GreedyStats(input_ids.shape[1], len(tokens), prefill, decode)
+        return output, GreedyStats(input_ids.shape[1], len(tokens), prefill, decode, stream.is_engine)
     return output
 
 
@@ -153,6 +196,7 @@ class SpeculativeStats:
     draft_passes: int
     seconds: float
     draft_vocab: int | None = None  # tokens the draft's head scores (None: the full vocabulary)
+    engine: bool = False  # decoded by adn.lm.engine (else by the model's own forward)
 
     @property
     def acceptance_rate(self) -> float:
@@ -185,11 +229,12 @@ def speculative_generate(
     draft_tokens: int = 4,
     eos_token_id: int | None = None,
     draft_head: DraftHead | None = None,
+    engine: bool | None = None,
 ):
     """Greedy decoding at depth ``target`` with drafts from depth ``draft`` (module docstring), the drafts
     scored by ``draft_head`` if given (the full head otherwise). Returns ``(tokens, SpeculativeStats)``;
     ``tokens`` is the prompt followed by the new tokens, as :func:`greedy_generate` returns. One prompt at a
-    time (batch 1)."""
+    time (batch 1). ``engine`` as for :func:`greedy_generate`."""
     input_ids = _check_prompt(input_ids)
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -199,7 +244,9 @@ def speculative_generate(
         raise ValueError(f"draft_tokens and max_new_tokens must be at least 1, got {draft_tokens} and {max_new_tokens}")
     n = net.num_stages
     draft_depth, target_depth = SkipConfig(draft, num_stages=n), SkipConfig(target, num_stages=n)
-    target_cache, draft_cache = DepthCache(net), DepthCache(net)
+    capacity = input_ids.shape[1] + max_new_tokens + draft_tokens
+    target_stream = open_stream(net, target_depth, capacity, 1, engine)
+    draft_stream = open_stream(net, draft_depth, capacity, 1, engine)
     stats = SpeculativeStats(
         str(draft_depth),
         str(target_depth),
@@ -211,28 +258,29 @@ def speculative_generate(
         0,
         0.0,
         len(draft_head) if draft_head is not None else None,
+        target_stream.is_engine,
     )
     start = time.perf_counter()
     sequence = input_ids
-    first = _next_logits(net, sequence, target_cache, target_depth)[:, -1].argmax(-1, keepdim=True)
+    first = _greedy_next(target_stream, sequence)
     stats.target_passes += 1
     sequence = torch.cat([sequence, first], dim=1)
     produced, finished = 1, eos_token_id is not None and int(first) == eos_token_id
     while produced < max_new_tokens and not finished:
         k = min(draft_tokens, max_new_tokens - produced)
         drafts = []
-        pending = sequence[:, draft_cache.get_seq_length() :]  # tokens the draft has not seen (>= 1)
+        pending = sequence[:, draft_stream.length :]  # tokens the draft has not seen (>= 1)
         for _ in range(k):
             if draft_head is None:
-                token = _next_logits(net, pending, draft_cache, draft_depth)[:, -1].argmax(-1, keepdim=True)
+                token = _greedy_next(draft_stream, pending)
             else:
-                token = draft_head.next_token(net, pending, draft_cache, draft_depth)
+                token = draft_head.next_token(draft_stream, pending)
             stats.draft_passes += 1
             drafts.append(token)
             pending = token
         proposal = torch.cat(drafts, dim=1)  # [1, k]
-        block = torch.cat([sequence[:, target_cache.get_seq_length() :], proposal], dim=1)
-        choices = _next_logits(net, block, target_cache, target_depth, keep=block.shape[1])[0].argmax(-1)
+        block = torch.cat([sequence[:, target_stream.length :], proposal], dim=1)
+        choices = _greedy_next(target_stream, block, keep=block.shape[1])[0]
         stats.target_passes += 1
         # choices[i] is the target's token after block[:i + 1]: the last of them follows the last draft.
         choices = choices[-(k + 1) :]
@@ -248,8 +296,8 @@ def speculative_generate(
         sequence = torch.cat([sequence, new[None]], dim=1)
         produced += new.numel()
         # The caches hold keys and values up to the token before the last one: that one is fed next round.
-        target_cache.keep(sequence.shape[1] - 1)
-        draft_cache.keep(sequence.shape[1] - 1)
+        target_stream.keep(sequence.shape[1] - 1)
+        draft_stream.keep(min(draft_stream.length, sequence.shape[1] - 1))
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = produced
     return sequence, stats

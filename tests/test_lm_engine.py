@@ -1,0 +1,174 @@
+"""The decoding engine (adn.lm.engine): the same function as the model's own forward at every depth, so
+greedy and speculative decoding pick the same tokens through either; the fallbacks where it cannot run.
+Tiny random Llama-layout models (tests/test_lm.py's), nothing downloaded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from adn.convert.llama import convert_decoder  # noqa: E402
+from adn.core.layers import SkipAwareNorm  # noqa: E402
+from adn.lm.engine import DecodingEngine, engine_for, running_layers, unsupported_reason  # noqa: E402
+from adn.lm.evaluate import perplexity  # noqa: E402
+from adn.lm.generate import DraftHead, greedy_generate, open_stream, speculative_generate  # noqa: E402
+from adn.lm.matvec import Projection, can_pack  # noqa: E402
+from adn.lm.precision import cast_weights  # noqa: E402
+from .test_lm import VOCAB, tiny, tokens  # noqa: E402
+
+
+def converted(family: str = "llama", seed: int = 0):
+    """A converted tiny model whose norm twins differ from their norms (as after training), so that a depth
+    using the wrong norm would give other numbers."""
+    net = convert_decoder(tiny(family=family, seed=seed))
+    generator = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, SkipAwareNorm):
+                module.twin.weight.copy_(torch.rand(module.twin.weight.shape, generator=generator) + 0.5)
+    return net
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_every_depth_computes_the_models_own_logits_fed_in_any_pieces(family):
+    net = converted(family)
+    ids = tokens(2, 12)
+    engine = DecodingEngine(net)
+    for depth in net.sub_networks():
+        want = net(input_ids=ids, skip=depth).logits
+        stream = engine.stream(depth, capacity=16, batch=2)
+        # a prompt, one token, then several: the three ways decoding feeds tokens
+        pieces = [stream.hidden(ids[:, :5], keep=5), stream.hidden(ids[:, 5:6]), stream.hidden(ids[:, 6:], keep=6)]
+        got = stream.logits(torch.cat(pieces, dim=1))
+        assert stream.length == 12
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{family} {depth}")
+
+
+def test_a_depth_runs_its_layers_with_the_norms_its_stages_choose():
+    net = converted()
+    engine = DecodingEngine(net)
+    plan = engine.plan("base")
+    assert list(plan.layers) == running_layers(net, "base")
+    assert len(plan.layers) < len(net.model.layers)
+    # the last shared layer of a skipped stage normalises with the twin, the super-net with the norm itself
+    stage = net.adn_stages[0]
+    index = list(net.model.layers).index(stage.shared[-1])
+    norm = net.model.layers[index].input_layernorm
+    assert isinstance(norm, SkipAwareNorm)
+    slot = list(plan.layers).index(index)
+    assert torch.equal(plan.input_norms[slot].weight, norm.twin.weight)
+    assert not torch.equal(norm.twin.weight, norm.weight)
+    super_plan = engine.plan("super")
+    assert torch.equal(super_plan.input_norms[list(super_plan.layers).index(index)].weight, norm.weight)
+
+
+def test_greedy_decoding_picks_the_same_tokens_with_and_without_the_engine():
+    net = converted()
+    prompt = tokens(2, 7)
+    for depth in ("super", "TF", "FT", "base"):
+        want, plain = greedy_generate(net, prompt, 15, skip=depth, engine=False, return_stats=True)
+        got, stats = greedy_generate(net, prompt, 15, skip=depth, engine=True, return_stats=True)
+        assert torch.equal(got, want), depth
+        assert stats.engine and not plain.engine
+        assert torch.equal(greedy_generate(net, prompt, 15, skip=depth), want)  # auto: the engine, same tokens
+
+
+def test_speculative_decoding_through_the_engine_is_plain_greedy_with_any_draft_head():
+    net = converted()
+    prompt = tokens(1, 6, seed=3)
+    want = greedy_generate(net, prompt, 25, engine=False)
+    for k in (1, 3):
+        got, stats = speculative_generate(net, prompt, 25, draft="base", draft_tokens=k, engine=True)
+        assert torch.equal(got, want) and stats.engine
+        assert stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
+    frequent = torch.arange(0, VOCAB, 3)  # a third of the vocabulary
+    got, stats = speculative_generate(
+        net, prompt, 25, draft="FT", draft_tokens=2, draft_head=DraftHead(net, frequent), engine=True
+    )
+    assert torch.equal(got, want) and stats.draft_vocab == frequent.numel()
+
+
+def test_bfloat16_decoding_through_the_engine_matches_the_models_forward():
+    net = cast_weights(converted(seed=2), torch.bfloat16)
+    prompt = tokens(1, 9, seed=4)
+    ids = torch.cat([prompt, tokens(1, 3, seed=5)], dim=1)
+    for depth in ("super", "base"):
+        stream = open_stream(net, depth, capacity=12, engine=True)
+        got = stream.logits(torch.cat([stream.hidden(ids[:, :9], keep=9), stream.hidden(ids[:, 9:], keep=3)], 1))
+        want = net(input_ids=ids, skip=depth).logits
+        # bfloat16 hidden states in both; merged matrices may round a few values one step differently
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
+        want_tokens = greedy_generate(net, prompt, 12, skip=depth, engine=False)
+        assert torch.equal(greedy_generate(net, prompt, 12, skip=depth, engine=True), want_tokens)
+
+
+def test_a_bfloat16_projection_is_packed_where_onednn_runs_and_computes_what_linear_computes():
+    weight = torch.randn(48, 32).bfloat16()
+    bias = torch.randn(48).bfloat16()
+    projection = Projection(weight, bias)
+    assert (projection.packed is not None) == can_pack(weight)
+    for rows in (1, 3, 17):
+        x = torch.randn(1, rows, 32).bfloat16()
+        torch.testing.assert_close(projection(x).float(), F.linear(x, weight, bias).float(), rtol=0.01, atol=0.02)
+    assert Projection(weight.float()).packed is None  # float32 keeps the plain kernel
+
+
+def test_the_engine_follows_the_weights_when_they_change():
+    net = converted()
+    prompt = tokens(1, 5)
+    first = engine_for(net)
+    assert engine_for(net) is first  # made once
+    with torch.no_grad():
+        net.model.layers[0].mlp.down_proj.weight.mul_(-3.0)  # an in-place update, as an optimizer step
+    assert not first.is_current()
+    assert engine_for(net) is not first
+    assert torch.equal(greedy_generate(net, prompt, 10, engine=True), greedy_generate(net, prompt, 10, engine=False))
+
+
+def test_models_the_engine_cannot_run_decode_through_their_own_forward():
+    net = converted()
+    unsupported = copy.deepcopy(net)
+    unsupported.model.layers[0].self_attn.q_norm = torch.nn.Identity()  # as Qwen3 has
+    assert "q/k norms" in unsupported_reason(unsupported)
+    prompt = tokens(1, 5)
+    _, stats = greedy_generate(unsupported, prompt, 4, return_stats=True)
+    assert not stats.engine
+    with pytest.raises(ValueError, match="cannot run this model: per-head q/k norms"):
+        greedy_generate(unsupported, prompt, 4, engine=True)
+
+
+def test_a_sliding_window_model_uses_the_engine_only_within_its_window():
+    net = converted("mistral")
+    net.config.sliding_window = 16
+    assert unsupported_reason(net, capacity=16) is None
+    assert "attention window (16 tokens)" in unsupported_reason(net, capacity=17)
+    prompt = tokens(1, 6)
+    _, short = greedy_generate(net, prompt, 10, return_stats=True)
+    _, long = greedy_generate(net, prompt, 11, return_stats=True)
+    assert short.engine and not long.engine
+    with pytest.raises(ValueError, match="exceeds the model's attention window"):
+        DecodingEngine(net).stream("super", capacity=32)
+
+
+def test_a_stream_refuses_more_tokens_than_its_cache_holds_and_keeps_what_it_is_told():
+    net = converted()
+    stream = DecodingEngine(net).stream("super", capacity=8)
+    stream.hidden(tokens(1, 6))
+    with pytest.raises(ValueError, match="holds 8 tokens; feeding 3 more after 6"):
+        stream.hidden(tokens(1, 3))
+    stream.keep(4)
+    assert stream.length == 4
+    with pytest.raises(ValueError, match="cannot keep 5 tokens of a cache holding 4"):
+        stream.keep(5)
+
+
+def test_perplexity_through_the_engine_equals_the_models():
+    net = converted()
+    windows = tokens(4, 16, seed=9)
+    for depth in ("super", "base"):
+        assert perplexity(net, windows, depth, engine=True) == pytest.approx(perplexity(net, windows, depth), rel=1e-5)
