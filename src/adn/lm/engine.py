@@ -95,10 +95,9 @@ class _Norm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # As LlamaRMSNorm: normalise in float32, back to the input's dtype, then scale by the weight.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # As LlamaRMSNorm: normalise in float32, back to the input's dtype, then scale by the weight (one
+        # fused kernel for the normalisation instead of four).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def _rms_norm(module: nn.Module) -> _Norm:
@@ -163,6 +162,27 @@ def depth_plan(net: nn.Module, skip="super") -> DepthPlan:
         tuple(_rms_norm(_norm_in_use(modules[i].post_attention_layernorm, depth, stage_of)) for i in indices),
         _rms_norm(_norm_in_use(decoder(net).norm, depth, stage_of)),
     )
+
+
+# Up to this many new tokens (a decoding step, a speculative verification), attention is computed by hand:
+# CPU's fused attention kernel costs ~170 µs per call whatever the size (measured, SmolLM2, one thread), ten
+# times the few small products it replaces; a prompt keeps the fused kernel.
+FEW_TOKENS = 16
+
+
+def _attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask) -> torch.Tensor:
+    """Attention of a few queries ([batch, heads, n, d]) over cached keys and values ([batch, kv_heads, L, d]),
+    grouped-query heads sharing their kv head, in float32 (as the fused kernel accumulates); ``mask``
+    ([n, L] bool, True = may attend) or None."""
+    batch, heads, count, dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads * count, dim).float()
+    scores = grouped @ keys.float().transpose(-1, -2) * scale  # [batch, kv_heads, group * n, L]
+    if mask is not None:
+        scores = scores.view(batch, kv_heads, heads // kv_heads, count, -1).masked_fill(~mask, float("-inf"))
+        scores = scores.view(batch, kv_heads, heads // kv_heads * count, -1)
+    out = scores.softmax(-1) @ values.float()
+    return out.view(batch, heads, count, dim).to(q.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +303,7 @@ class DepthStream:
         cos, sin = self.cos[start:end], self.sin[start:end]
         if count == 1:
             mask, causal = None, False
-        elif start == 0:
+        elif start == 0 and count > FEW_TOKENS:
             mask, causal = None, True
         else:  # queries start..end-1 see the cache and the new tokens up to themselves
             positions = torch.arange(end, device=tokens.device)
@@ -299,15 +319,20 @@ class DepthStream:
             q = q * cos + _rotate_half(q) * sin
             self.keys[slot][:, :, start:end] = k * cos + _rotate_half(k) * sin
             self.values[slot][:, :, start:end] = v
-            attended = F.scaled_dot_product_attention(
-                q,
-                self.keys[slot][:, :, :end],
-                self.values[slot][:, :, :end],
-                attn_mask=mask,
-                is_causal=causal,
-                scale=engine.scale,
-                enable_gqa=kv_heads != heads,
-            )
+            if count <= FEW_TOKENS:
+                attended = _attend_few(
+                    q, self.keys[slot][:, :, :end], self.values[slot][:, :, :end], engine.scale, mask
+                )
+            else:
+                attended = F.scaled_dot_product_attention(
+                    q,
+                    self.keys[slot][:, :, :end],
+                    self.values[slot][:, :, :end],
+                    attn_mask=mask,
+                    is_causal=causal,
+                    scale=engine.scale,
+                    enable_gqa=kv_heads != heads,
+                )
             attended = attended.transpose(1, 2).reshape(batch, count, q_size)
             x = x + layer.o(attended)
             gate, up = layer.gate_up(self.plan.post_norms[slot](x)).chunk(2, dim=-1)
