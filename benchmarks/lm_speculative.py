@@ -6,6 +6,9 @@ greedy decoding of ``--new-tokens`` tokens by the super-net alone, then speculat
 (drafts the super-net agreed with), tokens per verifying pass, tokens/s and speed-up (time of plain greedy /
 time of speculative, summed over prompts, prefill included), and checks every output equals plain greedy.
 
+``--min-confidence P1,P2`` also drafts with an adaptive length: a round stops drafting once the draft's
+probability for its token is below P (0 = always k; the break-even columns assume k drafts per round).
+
 ``--draft-vocab K1,K2`` also drafts with the output head restricted to the K most frequent tokens of the
 corpus's training documents (:class:`adn.lm.generate.DraftHead`; 0 = the full head), the verifier keeping
 the full head. The break-even table: for each draft, its measured cost per pass relative to a decoding step
@@ -107,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         default="0",
         help="comma-separated K: the draft's head restricted to the K most frequent training tokens (0: the full head)",
     )
+    p.add_argument(
+        "--min-confidence",
+        default="0",
+        help="comma-separated: adaptive draft length, a round stops drafting once the draft's probability for "
+        "its token is below this (0: always k drafts)",
+    )
     p.add_argument("--vocab-tokens", type=int, default=2_000_000, help="training tokens the frequencies are counted on")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -142,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             heads[0] = None
     greedy_generate(net, prompts[0], 4, engine=engine)  # warm-up
-    plain_seconds, runs = 0.0, {(str(d), k, v): [] for d in drafts for k in ks for v in heads}
+    confidences = [float(c) for c in args.min_confidence.split(",")]
+    plain_seconds, runs = 0.0, {(str(d), k, v, c): [] for d in drafts for k in ks for v in heads for c in confidences}
     identical = True
     for prompt in prompts:
         start = time.perf_counter()
@@ -150,12 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         plain_seconds += time.perf_counter() - start
         for draft in drafts:
             for k in ks:
-                for size, head in heads.items():
+                for (size, head), confidence in ((h, c) for h in heads.items() for c in confidences):
                     got, stats = speculative_generate(
-                        net, prompt, args.new_tokens, draft=draft, draft_tokens=k, draft_head=head, engine=engine
+                        net,
+                        prompt,
+                        args.new_tokens,
+                        draft=draft,
+                        draft_tokens=k,
+                        draft_head=head,
+                        engine=engine,
+                        min_confidence=confidence,
                     )
                     identical &= torch.equal(got, want)
-                    runs[(str(draft), k, size)].append(stats)
+                    runs[(str(draft), k, size, confidence)].append(stats)
     # Cost of a draft pass relative to a target decoding step: tokens/s of each alone, on the first prompt.
     # Interleaved, best of 3: a change of load touches the target and every draft alike.
     super_net = SkipConfig.super_net(net.num_stages)
@@ -170,14 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     cost = {key: best["target"] / tps for key, tps in best.items() if key != "target"}
     tokens = args.prompts * args.new_tokens
     rows = []
-    for (draft, k, size), stats in runs.items():
+    for (draft, k, size, confidence), stats in runs.items():
         seconds = sum(s.seconds for s in stats)
         c = cost[(draft, size)]
+        rounds = sum(s.target_passes - 1 for s in stats)  # the prefill pass drafts nothing
         rows.append(
             {
                 "draft": draft,
                 "k": k,
                 "draft_vocab": size or vocab,
+                "min_confidence": confidence,
+                "drafted_per_round": sum(s.drafted for s in stats) / max(rounds, 1),
                 "acceptance_rate": sum(s.accepted for s in stats) / sum(s.drafted for s in stats),
                 "tokens_per_target_pass": tokens / sum(s.target_passes for s in stats),
                 "tokens_per_s": tokens / seconds,
@@ -213,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(header)
         print(
-            f"{'draft':>8} {'k':>3} {'vocab':>6} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
+            f"{'draft':>8} {'k':>3} {'vocab':>6} {'conf':>4} {'drafts':>6} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
             f"{'speed-up':>8} {'cost c':>6} {'a@1.0x':>6} {'a@1.2x':>6}"
         )
         shown = lambda a: "never" if a is None else f"{a:.0%}"  # noqa: E731
         for r in rows:
             print(
-                f"{r['draft']:>8} {r['k']:>3} {r['draft_vocab']:>6} {r['acceptance_rate']:>7.1%} "
+                f"{r['draft']:>8} {r['k']:>3} {r['draft_vocab']:>6} {r['min_confidence']:>4.2f} "
+                f"{r['drafted_per_round']:>6.2f} {r['acceptance_rate']:>7.1%} "
                 f"{r['tokens_per_target_pass']:>8.2f} {r['tokens_per_s']:>7.1f} {r['plain_tokens_per_s']:>7.1f} "
                 f"{r['speed_up']:>7.2f}x {r['draft_cost']:>6.2f} {shown(r['acceptance_for_1.0x']):>6} "
                 f"{shown(r['acceptance_for_1.2x']):>6}"

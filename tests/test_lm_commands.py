@@ -483,6 +483,10 @@ def test_generate_speculative_with_a_restricted_draft_head_keeps_greedy_output(m
     assert result["speculative"]["draft_vocab"] == 30
     assert main([*common, "--speculative", "--draft-vocab", "30", "--text", TEXT]) == 0
     assert "head of 30 tokens" in capsys.readouterr().err
+    assert main([*common, "--speculative", "--draft-confidence", "0.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["speculative"]["identical_to_plain_greedy"] is True
+    assert result["speculative"]["min_confidence"] == 0.5 and result["engine"] is True
 
 
 def test_draft_vocab_is_checked_before_loading(model_dir, no_model_load, tmp_path, capsys):
@@ -491,6 +495,9 @@ def test_draft_vocab_is_checked_before_loading(model_dir, no_model_load, tmp_pat
     assert "add --speculative" in _error(capsys)
     assert main([*common, "--speculative", "--text", str(tmp_path / "nothing")]) == 2
     assert "no such file or folder" in _error(capsys)
+    plain = ["generate", "--model", str(model_dir), "--prompt", "x", "--draft-confidence", "0.5"]
+    assert main(plain) == 2
+    assert "--draft-confidence sets the draft length of --speculative decoding" in _error(capsys)
 
 
 def test_the_matrix_vector_path_gives_what_the_linear_layer_gives():

@@ -172,3 +172,17 @@ def test_perplexity_through_the_engine_equals_the_models():
     windows = tokens(4, 16, seed=9)
     for depth in ("super", "base"):
         assert perplexity(net, windows, depth, engine=True) == pytest.approx(perplexity(net, windows, depth), rel=1e-5)
+
+
+def test_an_adaptive_draft_length_drafts_less_and_changes_no_token():
+    net = converted()
+    prompt = tokens(1, 6, seed=3)
+    want = greedy_generate(net, prompt, 30)
+    _, fixed = speculative_generate(net, prompt, 30, draft="base", draft_tokens=4)
+    got, adaptive = speculative_generate(net, prompt, 30, draft="base", draft_tokens=4, min_confidence=0.9)
+    assert torch.equal(got, want)
+    # a random tiny model is never 90% sure: every round stops after its first draft
+    assert adaptive.drafted == adaptive.target_passes - 1 < fixed.drafted
+    assert adaptive.min_confidence == 0.9
+    with pytest.raises(ValueError, match=r"min_confidence is a probability in \[0, 1\), got 1.5"):
+        speculative_generate(net, prompt, 5, min_confidence=1.5)

@@ -78,7 +78,15 @@ def add(sub) -> None:
         "at --skip to check the output is identical and to measure the speed-up",
     )
     p.add_argument("--draft", default="base", help="the depth that drafts")
-    p.add_argument("--draft-tokens", type=positive_int, default=4, help="tokens drafted per round (k)")
+    p.add_argument("--draft-tokens", type=positive_int, default=4, help="tokens drafted per round (k, at most)")
+    p.add_argument(
+        "--draft-confidence",
+        type=probability,
+        default=0.0,
+        metavar="P",
+        help="adaptive draft length: a round stops drafting once the draft's probability for its token is below "
+        "P (0: always --draft-tokens); the output does not change",
+    )
     p.add_argument(
         "--draft-vocab",
         type=positive_int,
@@ -110,6 +118,17 @@ def positive_float(text: str) -> float:
         value = float("nan")
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability in [0, 1) (--draft-confidence: 1 would stop every round after one draft)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text}")
     return value
 
 
@@ -227,6 +246,10 @@ def run(args) -> int:
         raise ValueError(
             "--draft-vocab restricts the draft of --speculative decoding; add --speculative or leave it out"
         )
+    if args.draft_confidence and not args.speculative:
+        raise ValueError(
+            "--draft-confidence sets the draft length of --speculative decoding; add --speculative or leave it out"
+        )
     corpus = load_corpus(args.text, args.heldout_share) if args.draft_vocab is not None else None  # before the load
     _check_length(args.max_new_tokens, context)
 
@@ -298,6 +321,7 @@ def run(args) -> int:
                 eos_token_id=eos,
                 draft_head=draft_head,
                 engine=engine_choice(args),
+                min_confidence=args.draft_confidence,
             )
         except KeyboardInterrupt:
             print(

@@ -197,6 +197,7 @@ class SpeculativeStats:
     seconds: float
     draft_vocab: int | None = None  # tokens the draft's head scores (None: the full vocabulary)
     engine: bool = False  # decoded by adn.lm.engine (else by the model's own forward)
+    min_confidence: float = 0.0  # adaptive draft length: a round stops drafting below this probability
 
     @property
     def acceptance_rate(self) -> float:
@@ -230,11 +231,17 @@ def speculative_generate(
     eos_token_id: int | None = None,
     draft_head: DraftHead | None = None,
     engine: bool | None = None,
+    min_confidence: float = 0.0,
 ):
     """Greedy decoding at depth ``target`` with drafts from depth ``draft`` (module docstring), the drafts
     scored by ``draft_head`` if given (the full head otherwise). Returns ``(tokens, SpeculativeStats)``;
     ``tokens`` is the prompt followed by the new tokens, as :func:`greedy_generate` returns. One prompt at a
-    time (batch 1). ``engine`` as for :func:`greedy_generate`."""
+    time (batch 1). ``engine`` as for :func:`greedy_generate`.
+
+    ``min_confidence`` makes the draft length adaptive: a round stops drafting (before its ``draft_tokens``)
+    once the draft's probability for the token it just proposed is below it, since an unsure draft is
+    likely rejected and every further draft pass would be wasted. At least one token is drafted per round;
+    the output is unchanged (the verifier decides every token)."""
     input_ids = _check_prompt(input_ids)
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -242,6 +249,8 @@ def speculative_generate(
         )
     if draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"draft_tokens and max_new_tokens must be at least 1, got {draft_tokens} and {max_new_tokens}")
+    if not 0.0 <= min_confidence < 1.0:
+        raise ValueError(f"min_confidence is a probability in [0, 1), got {min_confidence}")
     n = net.num_stages
     draft_depth, target_depth = SkipConfig(draft, num_stages=n), SkipConfig(target, num_stages=n)
     capacity = input_ids.shape[1] + max_new_tokens + draft_tokens
@@ -259,7 +268,9 @@ def speculative_generate(
         0.0,
         len(draft_head) if draft_head is not None else None,
         target_stream.is_engine,
+        min_confidence,
     )
+    head = draft_head.projection if draft_head is not None else None
     start = time.perf_counter()
     sequence = input_ids
     first = _greedy_next(target_stream, sequence)
@@ -270,14 +281,16 @@ def speculative_generate(
         k = min(draft_tokens, max_new_tokens - produced)
         drafts = []
         pending = sequence[:, draft_stream.length :]  # tokens the draft has not seen (>= 1)
-        for _ in range(k):
-            if draft_head is None:
-                token = _greedy_next(draft_stream, pending)
-            else:
-                token = draft_head.next_token(draft_stream, pending)
+        for i in range(k):
+            scores = draft_stream.logits(draft_stream.hidden(pending)[:, -1], head)
+            best = scores.argmax(-1)
+            token = (best if draft_head is None else draft_head.token_ids[best])[:, None]
             stats.draft_passes += 1
             drafts.append(token)
             pending = token
+            if min_confidence and i + 1 < k and float(scores.float().softmax(-1).max()) < min_confidence:
+                break
+        k = len(drafts)
         proposal = torch.cat(drafts, dim=1)  # [1, k]
         block = torch.cat([sequence[:, target_stream.length :], proposal], dim=1)
         choices = _greedy_next(target_stream, block, keep=block.shape[1])[0]
