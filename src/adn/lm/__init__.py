@@ -6,8 +6,9 @@
     ids = greedy_generate(net, prompt_ids, 32, skip="TTFF")   # KV cache bound to one depth
     ids, stats = speculative_generate(net, prompt_ids, 32, draft="base")  # base-net drafts, super-net verifies
 
-One module per job: ``model`` (loading), ``cache`` (a KV cache bound to one depth), ``generate`` (greedy and
-self-speculative decoding), ``corpus`` (plain-text corpora and batches), ``evaluate`` (perplexity, naive
+One module per job: ``model`` (loading), ``cache`` (a KV cache bound to one depth), ``engine`` (the lean
+decoding loop: merged projections, static KV cache), ``matvec`` (the kernels a decoding step multiplies
+with), ``generate`` (greedy and self-speculative decoding), ``corpus`` (plain-text corpora and batches), ``evaluate`` (perplexity, naive
 layer removal, tokens/s), ``train`` (Algorithm 1 for language modelling), ``checkpoint``. ``transformers``
 is imported only by the modules that need it (``model``, ``cache``, and what uses them).
 """

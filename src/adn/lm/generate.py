@@ -16,8 +16,13 @@ tokens; the target keeps the full head, so the output does not change.
 
 Every emitted token is the target's greedy choice given the tokens before it, so the output equals plain
 greedy decoding at the target depth (up to float rounding between one-token and many-token passes, which
-can only matter where two logits tie). The two depths keep separate caches (:class:`adn.lm.cache.DepthCache`):
-their shared layers compute different keys and values.
+can only matter where two logits tie). The two depths keep separate caches: their shared layers compute
+different keys and values.
+
+Both loops decode through a *stream* at one depth (:func:`open_stream`): the decoding engine's
+(:class:`adn.lm.engine.DepthStream`: merged projections, a static KV cache, packed bfloat16 weights) where
+it runs the model, else the model's own forward with a :class:`adn.lm.cache.DepthCache`
+(:class:`ForwardStream`). Both pick the same tokens (tests/test_lm_engine.py).
 """
 
 from __future__ import annotations
