@@ -313,11 +313,12 @@ class DepthStream:
         for slot, index in enumerate(self.plan.layers):
             layer = engine.layers[index]
             qkv = layer.qkv(self.plan.input_norms[slot](x))
-            q = qkv[..., :q_size].view(batch, count, heads, head_dim).transpose(1, 2)
-            k = qkv[..., q_size : q_size + kv_size].view(batch, count, kv_heads, head_dim).transpose(1, 2)
+            # the rotary embedding of the queries and keys together: one set of small ops instead of two
+            qk = qkv[..., : q_size + kv_size].view(batch, count, heads + kv_heads, head_dim).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[..., q_size + kv_size :].view(batch, count, kv_heads, head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            self.keys[slot][:, :, start:end] = k * cos + _rotate_half(k) * sin
+            self.keys[slot][:, :, start:end] = k
             self.values[slot][:, :, start:end] = v
             if count <= FEW_TOKENS:
                 attended = _attend_few(
