@@ -15,8 +15,9 @@ the full head. The break-even table: for each draft, its measured cost per pass 
 of the target (``c``, from the tokens/s of drafting alone and of plain greedy decoding), and the acceptance
 rate each k needs for a speed-up of 1.0x and 1.2x under the usual model (independent acceptance ``a``;
 tokens per round ``(1 - a^(k+1)) / (1 - a)``; time per round ``k c + v`` target steps, where ``v``, the
-cost of one verifying pass over k + 1 tokens, is taken as 1 step: optimistic on a CPU), next to the
-acceptance measured.
+cost of one verifying pass over k + 1 tokens relative to a one-token step, is measured too, interleaved, best
+of 5), next to the acceptance measured. ``--plot FILE`` draws the break-even curves (acceptance needed against
+draft cost, for each k, at 1.0x and 1.2x) with every measured draft on them.
 
 Weights in ``--dtype`` (``auto``: bfloat16 where the CPU computes it natively, as ``adn generate``), decoded
 by the decoding engine where it runs the model (``--engine auto``; :mod:`adn.lm.engine`) or by the model's
@@ -24,7 +25,7 @@ own forward (``--engine off``).
 
     python benchmarks/lm_speculative.py [--checkpoint runs/lm/smollm2-adn/checkpoint.pt | --model smollm2]
         [--draft base,TTFF] [--draft-tokens 2,4] [--draft-vocab 0,8192] [--prompts 8] [--new-tokens 64]
-        [--threads 2] [--dtype auto] [--engine auto] [--text DIR] [--json] [--save-json FILE]
+        [--threads 2] [--dtype auto] [--engine auto] [--text DIR] [--json] [--save-json FILE] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -98,6 +99,64 @@ def draft_speed(net, prompt, new_tokens: int, depth: SkipConfig, head: DraftHead
     return new_tokens / (time.perf_counter() - start)
 
 
+def verify_cost(net, prompt, k: int, engine, repeats: int = 5) -> float:
+    """Time of one target pass over k + 1 new tokens (a verification) over that of a one-token step, best of
+    ``repeats`` each, interleaved, after the prompt is cached (the cache rolled back after every pass)."""
+    target = SkipConfig.super_net(net.num_stages)
+    stream = open_stream(net, target, prompt.shape[1] + k + 1, engine=engine)
+    with torch.no_grad():
+        stream.hidden(prompt)
+        cached = stream.length
+        best = {1: float("inf"), k + 1: float("inf")}
+        for _ in range(repeats):
+            for count in best:
+                start = time.perf_counter()
+                stream.logits(stream.hidden(prompt[:, :count], keep=count)).argmax(-1)
+                best[count] = min(best[count], time.perf_counter() - start)
+                stream.keep(cached)
+    return best[k + 1] / best[1]
+
+
+def plot_break_even(rows: list[dict], path: str, title: str) -> None:
+    """Acceptance needed against draft cost for each k (1.0x solid, 1.2x dashed; verification at its
+    measured cost), with each measured draft as a point at its cost and measured acceptance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    costs = [i / 100 for i in range(1, 100)]
+    for i, k in enumerate(sorted({r["k"] for r in rows})):
+        color = f"C{i}"
+        v = next(r["verify_cost"] for r in rows if r["k"] == k)
+        for speed_up, style in ((1.0, "-"), (1.2, "--")):
+            points = [(c, break_even(c, k, speed_up, v)) for c in costs]
+            points = [(c, a) for c, a in points if a is not None]
+            if points:
+                ax.plot(*zip(*points), style, color=color, label=f"k={k}: needed for {speed_up:.1f}x (v={v:.2f})")
+        for r in (r for r in rows if r["k"] == k):
+            marker = "o" if r["min_confidence"] == 0 else "^"
+            ax.scatter(r["draft_cost"], r["acceptance_rate"], color=color, marker=marker, zorder=3)
+            ax.annotate(
+                f"{r['speed_up']:.2f}x",
+                (r["draft_cost"], r["acceptance_rate"]),
+                fontsize=7,
+                xytext=(4, -10),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("draft cost c (a draft pass / a target decoding step)")
+    ax.set_ylabel("acceptance rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None)
@@ -125,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", choices=tuple(ENGINE), default="auto", help="decode with adn.lm.engine")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON to FILE")
+    p.add_argument("--plot", default=None, metavar="FILE", help="also draw the break-even curves to FILE (png)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             speed = draft_speed(net, prompts[0], args.new_tokens, depth, head, engine)
             best[key] = max(best.get(key, 0.0), speed)
     cost = {key: best["target"] / tps for key, tps in best.items() if key != "target"}
+    verify = {k: verify_cost(net, prompts[0], k, engine) for k in ks}
     tokens = args.prompts * args.new_tokens
     rows = []
     for (draft, k, size, confidence), stats in runs.items():
@@ -204,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 "plain_tokens_per_s": tokens / plain_seconds,
                 "speed_up": plain_seconds / seconds,
                 "draft_cost": c,
-                "acceptance_for_1.0x": break_even(c, k, 1.0),
-                "acceptance_for_1.2x": break_even(c, k, 1.2),
+                "verify_cost": verify[k],
+                "acceptance_for_1.0x": break_even(c, k, 1.0, verify[k]),
+                "acceptance_for_1.2x": break_even(c, k, 1.2, verify[k]),
             }
         )
     header = (
@@ -228,13 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.save_json:
         Path(args.save_json).write_text(result + "\n")
+    if args.plot:
+        plot_break_even(rows, args.plot, header)
     if args.json:
         print(result)
     else:
         print(header)
         print(
             f"{'draft':>8} {'k':>3} {'vocab':>6} {'conf':>4} {'drafts':>6} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
-            f"{'speed-up':>8} {'cost c':>6} {'a@1.0x':>6} {'a@1.2x':>6}"
+            f"{'speed-up':>8} {'cost c':>6} {'v':>5} {'a@1.0x':>6} {'a@1.2x':>6}"
         )
         shown = lambda a: "never" if a is None else f"{a:.0%}"  # noqa: E731
         for r in rows:
@@ -242,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['draft']:>8} {r['k']:>3} {r['draft_vocab']:>6} {r['min_confidence']:>4.2f} "
                 f"{r['drafted_per_round']:>6.2f} {r['acceptance_rate']:>7.1%} "
                 f"{r['tokens_per_target_pass']:>8.2f} {r['tokens_per_s']:>7.1f} {r['plain_tokens_per_s']:>7.1f} "
-                f"{r['speed_up']:>7.2f}x {r['draft_cost']:>6.2f} {shown(r['acceptance_for_1.0x']):>6} "
+                f"{r['speed_up']:>7.2f}x {r['draft_cost']:>6.2f} {r['verify_cost']:>5.2f} "
+                f"{shown(r['acceptance_for_1.0x']):>6} "
                 f"{shown(r['acceptance_for_1.2x']):>6}"
             )
     sys.stdout.flush()

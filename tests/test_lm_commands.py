@@ -461,6 +461,8 @@ def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model
                     "1",
                     "--save-json",
                     str(tmp_path / "spec.json"),
+                    "--plot",
+                    str(tmp_path / "break-even.png"),
                 ]
             )
             == 0
@@ -470,7 +472,8 @@ def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model
     result = json.loads((tmp_path / "spec.json").read_text())
     assert result["identical"] is True
     assert sorted(r["draft_vocab"] for r in result["rows"]) == [40, 256]
-    assert all(r["speed_up"] > 0 and r["draft_cost"] > 0 for r in result["rows"])
+    assert all(r["speed_up"] > 0 and r["draft_cost"] > 0 and r["verify_cost"] > 0 for r in result["rows"])
+    assert (tmp_path / "break-even.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_generate_speculative_with_a_restricted_draft_head_keeps_greedy_output(model_dir, capsys):
