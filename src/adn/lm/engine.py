@@ -10,15 +10,17 @@ concatenation, masks and keyword plumbing. :class:`DecodingEngine` computes the 
   layer instead of 7), built once from the model's weights;
 - a static KV cache (:class:`DepthStream`): preallocated keys and values for the tokens to come, written
   in place, so a step never copies the past;
+- bfloat16 weights packed once for oneDNN (:class:`adn.lm.matvec.Projection`), the kernel that reads them
+  fastest here, for one row and for several;
+- attention of a few new tokens by hand (:data:`FEW_TOKENS`), the fused kernel's fixed cost being larger;
 - a rotary table made once per length;
 - the skip-aware norms resolved per depth once: a depth is a list of the layers it runs and the norm
   weights it uses (:func:`depth_plan`), so a step runs no skip logic at all.
 
 Numerics follow the model's own modules: hidden states stay in the weights' dtype, each RMSNorm computes in
-float32, and single-token steps in bfloat16 go through ``torch.mv`` (:func:`adn.lm.matvec.project`), so
-the engine picks the tokens the model's forward picks (tests/test_lm_engine.py). Weights are copied when the
-engine is made (the merged matrices); :func:`engine_for` makes a new engine when the model's weights
-changed since (training, casting).
+float32, products accumulate in float32, so the engine picks the tokens the model's forward picks (tests/test_lm_engine.py). The projection weights are
+copied when the engine is made (merged, and packed in bfloat16: as many bytes again as the projections);
+:func:`engine_for` makes a new engine when the model's weights changed since (training, casting).
 
 Supported: the Llama layout (Llama, SmolLM2, Qwen2 with its q/k/v biases, Mistral up to its attention window).
 :func:`unsupported_reason` says why another model is not; callers then use the model's own forward.
