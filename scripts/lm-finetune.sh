@@ -18,7 +18,8 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/lm/smollm2}
 THREADS=${THREADS:-2}
 MINUTES=${MINUTES:-60}
-STEPS=${STEPS:-400}          # the cosine schedule's length; measured ~15 s/step on 1 busy core, so 60 min on 2 cores holds ~400
+STEPS=${STEPS:-400}          # the cosine schedule's length: 48 min on 2 idle cores of an AMD EPYC (7.2 s/step; ~28 est. on an Intel Xeon)
+LR=${LR:-2e-4}               # 2e-4 reached in 200 steps what 1e-4 reached in 300 (docs/language-models.md, session 14)
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
 SKIPPABLE=${SKIPPABLE:-half}  # skippable layers per stage: half, or a number (the speculative "before" run uses half)
 export OMP_NUM_THREADS=$THREADS
@@ -33,7 +34,7 @@ $PY benchmarks/lm_speculative.py --threads "$THREADS" --draft base,TTFF --draft-
     --save-json "$OUT/speculative-before.json" | tee "$OUT/speculative-before.txt"
 echo "== 2. Algorithm 1 fine-tuning, at most $MINUTES minutes =="
 $ADN train-lm --skippable "$SKIPPABLE" --threads "$THREADS" --output-dir "$OUT/train" --train near-skipped --steps "$STEPS" \
-    --time-limit "$MINUTES" -b 4 --seq-len 256 --lr 1e-4 --eval-every 100 --eval-tokens 2048 --save-every 25 --overwrite
+    --time-limit "$MINUTES" -b 4 --seq-len 256 --lr "$LR" --eval-every 100 --eval-tokens 2048 --save-every 25 --overwrite
 echo "== 3. after fine-tuning, next to naive removal =="
 $ADN eval-lm --checkpoint "$OUT/train/checkpoint.pt" --threads "$THREADS" --eval-tokens "$EVAL_TOKENS" --repeats 3 \
     --save-json "$OUT/after.json" | tee "$OUT/after.txt"
@@ -45,7 +46,7 @@ $ADN generate --checkpoint "$OUT/train/checkpoint.pt" --threads "$THREADS" --cha
 if [ "${BASELINE:-1}" = 1 ]; then
   echo "== 5. the baseline: the base-net alone, fine-tuned on the same tokens =="
   $ADN train-lm --skippable "$SKIPPABLE" --threads "$THREADS" --output-dir "$OUT/alone" --method alone --train near-skipped \
-      --steps "$STEPS" -b 4 --seq-len 256 --lr 1e-4 --eval-every 100 --eval-tokens 2048 --save-every 25 --overwrite
+      --steps "$STEPS" -b 4 --seq-len 256 --lr "$LR" --eval-every 100 --eval-tokens 2048 --save-every 25 --overwrite
   $ADN eval-lm --checkpoint "$OUT/alone/checkpoint.pt" --threads "$THREADS" --eval-tokens "$EVAL_TOKENS" --skip super,base \
       --no-speed --save-json "$OUT/alone.json" | tee "$OUT/alone.txt"
 fi

@@ -186,3 +186,44 @@ def test_an_adaptive_draft_length_drafts_less_and_changes_no_token():
     assert adaptive.min_confidence == 0.9
     with pytest.raises(ValueError, match=r"min_confidence is a probability in \[0, 1\), got 1.5"):
         speculative_generate(net, prompt, 5, min_confidence=1.5)
+
+
+def test_a_few_tokens_fed_at_once_compute_bit_for_bit_what_one_at_a_time_computes():
+    # What makes a bfloat16 speculative verification agree with plain decoding: logits tie often in bfloat16,
+    # so "close" is not enough (a batched product sums in another order and flips ties).
+    for dtype in (torch.float32, torch.bfloat16):
+        net = converted(seed=3)
+        if dtype is torch.bfloat16:
+            cast_weights(net, dtype)
+        engine = DecodingEngine(net)
+        ids = tokens(1, 20, seed=6)
+        for depth in ("super", "base"):
+            one, many = engine.stream(depth, 20), engine.stream(depth, 20)
+            one.hidden(ids[:, :10])
+            many.hidden(ids[:, :10])
+            singles = torch.cat([one.hidden(ids[:, i : i + 1]) for i in range(10, 14)], dim=1)
+            together = many.hidden(ids[:, 10:14], keep=4)
+            assert torch.equal(singles, together), (dtype, depth)
+            assert torch.equal(one.logits(singles), many.logits(together))
+
+
+def test_bfloat16_speculative_decoding_through_the_engine_is_plain_greedy():
+    net = cast_weights(converted(seed=4), torch.bfloat16)
+    for seed in range(3):
+        prompt = tokens(1, 7, seed=10 + seed)
+        want = greedy_generate(net, prompt, 30, engine=True)
+        for k in (1, 3, 4):
+            got, _ = speculative_generate(net, prompt, 30, draft="base", draft_tokens=k, engine=True)
+            assert torch.equal(got, want), (seed, k)
+
+
+def test_a_projection_of_a_few_tokens_is_computed_one_token_at_a_time():
+    from adn.lm.engine import per_token
+
+    torch.manual_seed(0)
+    # SmolLM2's down projection: on an AMD EPYC (Zen 4), oneDNN's packed product of these 4 rows differs in the
+    # last bit from 4 one-row products; one token at a time they are equal on any CPU
+    projection = Projection(torch.randn(576, 1536).bfloat16())
+    x = torch.randn(1, 4, 1536).bfloat16()
+    singles = torch.cat([projection(x[:, i : i + 1]) for i in range(4)], dim=1)
+    assert torch.equal(per_token(projection, x), singles)

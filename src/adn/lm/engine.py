@@ -18,9 +18,13 @@ concatenation, masks and keyword plumbing. :class:`DecodingEngine` computes the 
   weights it uses (:func:`depth_plan`), so a step runs no skip logic at all.
 
 Numerics follow the model's own modules: hidden states stay in the weights' dtype, each RMSNorm computes in
-float32, products accumulate in float32, so the engine picks the tokens the model's forward picks (tests/test_lm_engine.py). The projection weights are
-copied when the engine is made (merged, and packed in bfloat16: as many bytes again as the projections);
-:func:`engine_for` makes a new engine when the model's weights changed since (training, casting).
+float32, products accumulate in float32, so the engine picks the tokens the model's forward picks
+(tests/test_lm_engine.py). Feeding a few tokens (up to :data:`FEW_TOKENS`) computes, bit for bit, what feeding
+them one at a time computes (products and attention one token at a time: :func:`per_token`,
+:func:`_attend_few`), so a speculative verification agrees with plain decoding even in bfloat16, where logits
+often tie; a verification then costs more than one step (measured: 1.6x a step for 2 tokens, 2.0x for 3). The projection
+weights are copied when the engine is made (merged, and packed in bfloat16: as many bytes again as the
+projections); :func:`engine_for` makes a new engine when the model's weights changed since (training, casting).
 
 Supported: the Llama layout (Llama, SmolLM2, Qwen2 with its q/k/v biases, Mistral up to its attention window).
 :func:`unsupported_reason` says why another model is not; callers then use the model's own forward.
@@ -172,19 +176,40 @@ def depth_plan(net: nn.Module, skip="super") -> DepthPlan:
 FEW_TOKENS = 16
 
 
-def _attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask) -> torch.Tensor:
-    """Attention of a few queries ([batch, heads, n, d]) over cached keys and values ([batch, kv_heads, L, d]),
-    grouped-query heads sharing their kv head, in float32 (as the fused kernel accumulates); ``mask``
-    ([n, L] bool, True = may attend) or None."""
-    batch, heads, count, dim = q.shape
+def per_token(projection: Projection, x: torch.Tensor) -> torch.Tensor:
+    """``projection(x)`` for ``x`` of [batch, n, features], one token at a time when 1 < n <= FEW_TOKENS.
+
+    A product kernel picks its blocking by the number of rows, and another blocking sums in another order:
+    measured, oneDNN's packed bfloat16 product of 4 rows differs in the last bit from 4 products of one row
+    for a 576 x 1536 matrix. A speculative verification must compute what plain one-token steps computed,
+    or bfloat16 logits that tie pick another token; a few tokens at a time costs little more, since the
+    matrix read for the first token is still in the cache for the next."""
+    count = x.shape[-2]
+    if count == 1 or count > FEW_TOKENS:
+        return projection(x)
+    return torch.cat([projection(x[..., i : i + 1, :]) for i in range(count)], dim=-2)
+
+
+def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query per head ([batch, heads, 1, d]) over cached keys and values ([batch, kv_heads,
+    L, d]), grouped-query heads sharing their kv head, in float32 (as the fused kernel accumulates)."""
+    batch, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
-    grouped = q.reshape(batch, kv_heads, heads // kv_heads * count, dim).float()
-    scores = grouped @ keys.float().transpose(-1, -2) * scale  # [batch, kv_heads, group * n, L]
-    if mask is not None:
-        scores = scores.view(batch, kv_heads, heads // kv_heads, count, -1).masked_fill(~mask, float("-inf"))
-        scores = scores.view(batch, kv_heads, heads // kv_heads * count, -1)
-    out = scores.softmax(-1) @ values.float()
-    return out.view(batch, heads, count, dim).to(q.dtype)
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()
+    scores = grouped @ keys.float().transpose(-1, -2) * scale  # [batch, kv_heads, group, L]
+    return (scores.softmax(-1) @ values.float()).view(batch, heads, 1, dim).to(q.dtype)
+
+
+def _attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """Attention of the queries of positions ``start``, ``start + 1``, ... ([batch, heads, n, d]), each over the
+    cache up to itself. One query at a time, over exactly the keys a one-token step would see: a verification
+    then computes bit for bit what plain decoding computes, so speculative decoding emits the same tokens in
+    bfloat16 too (a masked pass over all keys sums in another order, and bfloat16 logits tie often)."""
+    rows = [
+        _attend_one(q[:, :, i : i + 1], keys[:, :, : start + i + 1], values[:, :, : start + i + 1], scale)
+        for i in range(q.shape[2])
+    ]
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +280,7 @@ class DecodingEngine:
     def logits(self, hidden: torch.Tensor, head: Projection | None = None) -> torch.Tensor:
         """Scores of the output head for ``hidden`` ([..., hidden]), or of ``head`` (a restricted draft head's
         rows)."""
-        return (head or self.head)(hidden)
+        return per_token(head or self.head, hidden)
 
 
 def _signature(net: nn.Module) -> tuple:
@@ -303,9 +328,9 @@ class DepthStream:
             )
         x = F.embedding(tokens, engine.embedding)
         cos, sin = self.cos[start:end], self.sin[start:end]
-        if count == 1:
-            mask, causal = None, False
-        elif start == 0 and count > FEW_TOKENS:
+        if count <= FEW_TOKENS:
+            mask, causal = None, False  # (each query attends to its own prefix: _attend_few)
+        elif start == 0:
             mask, causal = None, True
         else:  # queries start..end-1 see the cache and the new tokens up to themselves
             positions = torch.arange(end, device=tokens.device)
@@ -314,7 +339,7 @@ class DepthStream:
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         for slot, index in enumerate(self.plan.layers):
             layer = engine.layers[index]
-            qkv = layer.qkv(self.plan.input_norms[slot](x))
+            qkv = per_token(layer.qkv, self.plan.input_norms[slot](x))
             # the rotary embedding of the queries and keys together: one set of small ops instead of two
             qk = qkv[..., : q_size + kv_size].view(batch, count, heads + kv_heads, head_dim).transpose(1, 2)
             qk = qk * cos + _rotate_half(qk) * sin
@@ -323,9 +348,7 @@ class DepthStream:
             self.keys[slot][:, :, start:end] = k
             self.values[slot][:, :, start:end] = v
             if count <= FEW_TOKENS:
-                attended = _attend_few(
-                    q, self.keys[slot][:, :, :end], self.values[slot][:, :, :end], engine.scale, mask
-                )
+                attended = _attend_few(q, self.keys[slot], self.values[slot], engine.scale, start)
             else:
                 attended = F.scaled_dot_product_attention(
                     q,
@@ -337,9 +360,9 @@ class DepthStream:
                     enable_gqa=kv_heads != heads,
                 )
             attended = attended.transpose(1, 2).reshape(batch, count, q_size)
-            x = x + layer.o(attended)
-            gate, up = layer.gate_up(self.plan.post_norms[slot](x)).chunk(2, dim=-1)
-            x = x + layer.down(layer.act(gate) * up)
+            x = x + per_token(layer.o, attended)
+            gate, up = per_token(layer.gate_up, self.plan.post_norms[slot](x)).chunk(2, dim=-1)
+            x = x + per_token(layer.down, layer.act(gate) * up)
         self.length = end
         return self.plan.final_norm(x[:, -keep:])
 
