@@ -227,3 +227,14 @@ def test_a_projection_of_a_few_tokens_is_computed_one_token_at_a_time():
     x = torch.randn(1, 4, 1536).bfloat16()
     singles = torch.cat([projection(x[:, i : i + 1]) for i in range(4)], dim=1)
     assert torch.equal(per_token(projection, x), singles)
+
+
+def test_long_feeds_after_a_cached_prefix_use_the_fused_attention_with_the_right_mask():
+    net = converted()
+    ids = tokens(1, 40, seed=8)
+    engine = DecodingEngine(net)
+    for depth in ("super", "base"):
+        stream = engine.stream(depth, capacity=40)
+        pieces = [stream.hidden(ids[:, :20], keep=20), stream.hidden(ids[:, 20:], keep=20)]  # both > FEW_TOKENS
+        want = net(input_ids=ids, skip=depth).logits
+        torch.testing.assert_close(stream.logits(torch.cat(pieces, dim=1)), want, rtol=1e-4, atol=1e-5)
