@@ -37,7 +37,8 @@ from adn.convert.llama import convert_decoder
 from adn.core.skip import SkipConfig
 from adn.lm.checkpoint import load_lm
 from adn.lm.depth_table import cpu_name
-from adn.lm.evaluate import decoding_speed, layers_run, perplexity
+from adn.lm.engine import running_layers
+from adn.lm.evaluate import decoding_speed, perplexity
 from adn.lm.model import load_causal_lm
 from adn.lm.precision import cast_weights, dtype_name
 from adn.training.precision import native_bfloat16
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for dt, path in variants
         }
 
-    total_layers = len(layers_run(net, "super"))
+    total_layers = len(running_layers(net, "super"))
     baseline = (torch.float32, "forward")
     reference = speed.get((str(depths[0]), *baseline)) or next(iter(speed.values()))
     rows = []
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 "skip": str(depth),
                 "dtype": dtype_name(dtype),
                 "path": path,
-                "layers": f"{len(layers_run(net, depth))}/{total_layers}",
+                "layers": f"{len(running_layers(net, depth))}/{total_layers}",
                 "weights_mb_per_token": nbytes / 1e6,
                 "tokens_per_s": tps,
                 "bound_tokens_per_s": bound,

@@ -43,7 +43,15 @@ from adn.convert.llama import convert_decoder
 from adn.lm.checkpoint import load_lm
 from adn.lm.depth_table import cpu_name
 from adn.lm.corpus import load_corpus, token_stream
-from adn.lm.generate import DraftHead, frequent_tokens, greedy_generate, open_stream, speculative_generate
+from adn.lm.generate import (
+    ENGINE_CHOICES,
+    DraftHead,
+    draft_next,
+    frequent_tokens,
+    greedy_generate,
+    open_stream,
+    speculative_generate,
+)
 from adn.lm.model import load_causal_lm
 from adn.lm.precision import DTYPE_CHOICES, cast_weights, decoding_dtype, dtype_name
 from adn.core.skip import SkipConfig
@@ -83,9 +91,6 @@ def break_even(cost: float, k: int, speed_up: float, v: float = 1.0) -> float | 
     return high
 
 
-ENGINE = {"auto": None, "on": True, "off": False}
-
-
 def draft_speed(net, prompt, new_tokens: int, depth: SkipConfig, head: DraftHead | None, engine) -> float:
     """Tokens/s of drafting alone (greedy at ``depth`` with ``head``), the prefill not counted."""
     stream, pending = open_stream(net, depth, prompt.shape[1] + new_tokens + 1, engine=engine), prompt
@@ -93,10 +98,7 @@ def draft_speed(net, prompt, new_tokens: int, depth: SkipConfig, head: DraftHead
         for step in range(new_tokens + 1):
             if step == 1:
                 start = time.perf_counter()
-            if head is None:
-                pending = stream.logits(stream.hidden(pending)[:, -1]).argmax(-1, keepdim=True)
-            else:
-                pending = head.next_token(stream, pending)
+            pending = draft_next(stream, pending, head)[0]
     return new_tokens / (time.perf_counter() - start)
 
 
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights while decoding")
-    p.add_argument("--engine", choices=tuple(ENGINE), default="auto", help="decode with adn.lm.engine")
+    p.add_argument("--engine", choices=tuple(ENGINE_CHOICES), default="auto", help="decode with adn.lm.engine")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON to FILE")
     p.add_argument("--plot", default=None, metavar="FILE", help="also draw the break-even curves to FILE (png)")
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_causal_lm(args.model)
         net, what = convert_decoder(model).eval(), f"{args.model or 'smollm2'} (converted, not fine-tuned)"
     cast_weights(net, decoding_dtype(args.dtype))
-    engine = ENGINE[args.engine]
+    engine = ENGINE_CHOICES[args.engine]
     corpus = load_corpus(args.text)
     stream = token_stream(tokenizer, corpus.heldout)
     spacing = max(args.prompt_tokens, (stream.numel() - args.prompt_tokens) // args.prompts)

@@ -112,7 +112,7 @@ def _skipped_layers(net, config) -> list[int]:
 def test_default_conversion_skips_half_of_each_stage_as_the_paper_does():
     """SmolLM2's shape (30 layers): stages 1-7, 8-14, 15-21, 22-27, the last half of each skippable, so the
     base-net runs 18 of 30 layers (<= 60%); skippable=1 keeps the earlier split (26 of 30)."""
-    from adn.lm.evaluate import layers_run
+    from adn.lm.engine import running_layers as layers_run
 
     net = convert_decoder(tiny(layers=30))
     assert [s["name"] for s in net.adn_info["stages"]] == ["layers.1-7", "layers.8-14", "layers.15-21", "layers.22-27"]

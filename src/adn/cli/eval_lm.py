@@ -99,8 +99,9 @@ def run(args) -> int:
     from ..lm.checkpoint import apply_trained_state, base_network, read_lm_checkpoint
     from ..lm.corpus import load_corpus, token_stream, windows
     from ..lm.depth_table import FORMAT, VERSION, conditions
-    from ..lm.engine import unsupported_reason
-    from ..lm.evaluate import decoding_speed, layers_run, perplexity_table
+    from ..lm.engine import running_layers
+    from ..lm.evaluate import decoding_speed, perplexity_table
+    from ..lm.generate import engine_decodes
     from ..lm.precision import cast_weights, decoding_dtype, dtype_name
 
     save = None
@@ -132,14 +133,14 @@ def run(args) -> int:
     ppl = perplexity_table(net, held, configs, args.batch_size, autocast, label="perplexity")
     if data is None:
         naive = ppl  # not fine-tuned: every sub-network is the model with those layers dropped
-    total_layers = len(layers_run(net, "super"))
+    total_layers = len(running_layers(net, "super"))
     rows = []
     for config in configs:
         key = str(config)
         rows.append(
             {
                 "skip": key,
-                "layers": f"{len(layers_run(net, config))}/{total_layers}",
+                "layers": f"{len(running_layers(net, config))}/{total_layers}",
                 "params": net.active_parameters(config) / 1e6,
                 "ppl": ppl[key],
                 "naive_ppl": naive[key] if naive else None,
@@ -177,8 +178,7 @@ def run(args) -> int:
                 what,
                 new_tokens=args.new_tokens if args.speed else None,
                 prompt_tokens=prompt.shape[1] if args.speed else None,
-                # which path decoded: adn's engine, or the model's forward (--engine off, or a model it cannot run)
-                engine=(args.engine != "off" and unsupported_reason(net, prompt.shape[1] + args.new_tokens) is None)
+                engine=engine_decodes(net, prompt.shape[1] + args.new_tokens, engine_choice(args))
                 if args.speed
                 else None,
             ),

@@ -29,13 +29,10 @@ def skippable_layers(text: str) -> int | None:
     return value
 
 
-ENGINE_CHOICES = {"auto": None, "on": True, "off": False}
-
-
 def add_engine_flag(p) -> None:
     p.add_argument(
         "--engine",
-        choices=tuple(ENGINE_CHOICES),
+        choices=("auto", "on", "off"),
         default="auto",
         help="decode with adn's decoding engine (merged projections, static KV cache, packed bfloat16 weights; "
         "Llama-layout models): auto uses it where it runs the model, off uses the model's own forward",
@@ -44,6 +41,8 @@ def add_engine_flag(p) -> None:
 
 def engine_choice(args) -> bool | None:
     """``--engine`` as ``open_stream`` takes it: None (auto), True or False."""
+    from ..lm.generate import ENGINE_CHOICES
+
     return ENGINE_CHOICES[args.engine]
 
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core.skip import SkipConfig
-from .engine import running_layers
 from .generate import greedy_generate, open_stream
 
 
@@ -45,11 +44,6 @@ def perplexity(
         total += float(nll)
         count += batch[:, 1:].numel()
     return math.exp(total / count)
-
-
-def layers_run(net, skip) -> list[int]:
-    """Indices of the decoder layers sub-network ``skip`` runs."""
-    return running_layers(net, skip)
 
 
 def perplexity_table(

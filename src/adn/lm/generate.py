@@ -76,8 +76,15 @@ class DraftHead:
     def next_token(self, stream, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` to ``stream`` (a :func:`open_stream`); the draft's greedy choice ([batch, 1])
         among the head's tokens."""
-        scores = stream.logits(stream.hidden(tokens)[:, -1], self.projection)
-        return self.token_ids[scores.argmax(-1)][:, None]
+        return draft_next(stream, tokens, self)[0]
+
+
+def draft_next(stream, tokens: torch.Tensor, head: DraftHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed ``tokens`` to a draft's ``stream``; its greedy choice ([batch, 1]), among ``head``'s tokens if given,
+    and the scores it chose from ([batch, vocabulary or K])."""
+    scores = stream.logits(stream.hidden(tokens)[:, -1], head.projection if head is not None else None)
+    best = scores.argmax(-1)
+    return (best if head is None else head.token_ids[best])[:, None], scores
 
 
 def frequent_tokens(stream: torch.Tensor, count: int, vocab_size: int) -> torch.Tensor:
@@ -114,20 +121,28 @@ class ForwardStream:
         self.cache.keep(length)
 
 
+ENGINE_CHOICES = {"auto": None, "on": True, "off": False}  # the --engine flags, as ``engine=`` takes them
+
+
+def engine_decodes(net, capacity: int, engine: bool | None = None) -> bool:
+    """Whether :func:`open_stream` decodes ``net`` with the engine: ``engine=True`` requires it (a ValueError
+    says why it cannot), ``False`` refuses it, None uses it where it runs the model."""
+    if engine is False:
+        return False
+    reason = unsupported_reason(net, capacity)
+    if reason is not None and engine:
+        raise ValueError(f"the decoding engine cannot run this model: {reason}")
+    return reason is None
+
+
 def open_stream(net, depth, capacity: int, batch: int = 1, engine: bool | None = None):
     """A decoding stream at ``depth`` for ``batch`` sequences of up to ``capacity`` tokens: the decoding
-    engine (:mod:`adn.lm.engine`) where it runs the model, else the model's own forward
-    (:class:`ForwardStream`). ``engine=True`` requires the engine (a ValueError says why it cannot),
-    ``False`` refuses it."""
+    engine (:mod:`adn.lm.engine`) where :func:`engine_decodes`, else the model's own forward
+    (:class:`ForwardStream`)."""
     depth = SkipConfig(depth, num_stages=net.num_stages)
-    if engine is False:
-        return ForwardStream(net, depth)
-    found = engine_for(net, capacity)
-    if found is None:
-        if engine:
-            raise ValueError(f"the decoding engine cannot run this model: {unsupported_reason(net, capacity)}")
-        return ForwardStream(net, depth)
-    return found.stream(depth, capacity, batch)
+    if engine_decodes(net, capacity, engine):
+        return engine_for(net, capacity).stream(depth, capacity, batch)
+    return ForwardStream(net, depth)
 
 
 def _greedy_next(stream, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
@@ -275,7 +290,6 @@ def speculative_generate(
         target_stream.is_engine,
         min_confidence,
     )
-    head = draft_head.projection if draft_head is not None else None
     start = time.perf_counter()
     sequence = input_ids
     first = _greedy_next(target_stream, sequence)
@@ -287,9 +301,7 @@ def speculative_generate(
         drafts = []
         pending = sequence[:, draft_stream.length :]  # tokens the draft has not seen (>= 1)
         for i in range(k):
-            scores = draft_stream.logits(draft_stream.hidden(pending)[:, -1], head)
-            best = scores.argmax(-1)
-            token = (best if draft_head is None else draft_head.token_ids[best])[:, None]
+            token, scores = draft_next(draft_stream, pending, draft_head)
             stats.draft_passes += 1
             drafts.append(token)
             pending = token

@@ -57,14 +57,13 @@ class Projection:
     """``x @ weight.T + bias`` by the fastest kernel for decoding: a oneDNN-packed bfloat16 weight where
     :func:`can_pack` (any number of rows), else :func:`project`. ``pack=False`` keeps :func:`project`."""
 
-    __slots__ = ("weight", "bias", "packed", "out_features")
+    __slots__ = ("weight", "bias", "packed", "_linear")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
-        self.out_features = weight.shape[0]
         self.bias = bias
-        self.packed = None
+        self.packed = self._linear = None
         if pack and can_pack(weight):
-            reorder, _ = _pack_ops()
+            reorder, self._linear = _pack_ops()  # looked up once: __call__ is on every decoding step's path
             self.packed = reorder(weight.contiguous(), 1)  # laid out for one row; works for any number
             self.weight = None  # the packed copy holds the values: no second copy kept
         else:
@@ -73,8 +72,7 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return project(x, self.weight, self.bias)
-        _, linear = _pack_ops()
-        return linear(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+        return self._linear(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
 
 
 class MatVecLinear(nn.Linear):
