@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Session 14 measurements on the idle machine, after the fine-tunes: decoding speed (1 and 2 threads), then
 # self-speculative decoding with the fine-tuned checkpoint.
+# The license texts (/tmp/licenses): GPL-3, Apache-2.0, MPL-2.0, LGPL-3, Artistic from /usr/share/common-licenses, copied as .txt.
 set -euo pipefail
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 PY=.venv/bin/python
 OUT=runs/lm/long
 CK=$OUT/train/checkpoint.pt

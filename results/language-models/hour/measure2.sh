@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 14, after the exact verification: self-speculative decoding with the fine-tuned checkpoint, then
 # the per-depth table (perplexity and decoding speed through the engine).
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 PY=.venv/bin/python
 OUT=runs/lm/long
 CK=$OUT/train/checkpoint.pt
