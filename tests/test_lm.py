@@ -251,6 +251,30 @@ def test_one_training_step_trains_the_selected_parameters_with_the_papers_gradie
     assert all((p.grad is not None) == (".twin." in n) for n, p in net.named_parameters())
 
 
+def test_base_ce_adds_the_base_nets_own_next_token_loss_to_its_distillation():
+    """``--base-ce W``: the base-net's loss is its distillation plus W times its cross-entropy on the next token
+    (the last position of each window has no next token and counts for nothing)."""
+    ids = tokens(batch=2, length=16)
+    grads = {}
+    for weight in (0.0, 0.5):
+        net = adn.convert(tiny())
+        for p in net.parameters():
+            p.requires_grad_(True)
+        criterion = SubPathDistillationLoss(alpha=0.5, channel_dim=-1, base_ce=weight)
+        terms = lm_adn_step(net.train(), ids, criterion)
+        grads[weight] = {n: p.grad.clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        logits = net(input_ids=ids, skip="TT").logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert terms["ce_base"] == pytest.approx(float(expected), rel=1e-5)
+    # The label loss reaches the base-net's layers only: a skipped layer's gradient is unchanged.
+    skipped = "model.layers.3.mlp.up_proj.weight"
+    torch.testing.assert_close(grads[0.0][skipped], grads[0.5][skipped])
+    assert not torch.allclose(
+        grads[0.0]["model.layers.2.mlp.up_proj.weight"], grads[0.5]["model.layers.2.mlp.up_proj.weight"]
+    )
+
+
 def test_the_alone_baseline_trains_the_base_net_on_the_next_token_and_nothing_else():
     """``--method alone``: the model with the skippable layers removed learns the labels by itself; the skipped
     layers and the norms only the super-net uses get no gradient, and the loss is the base-net's own."""

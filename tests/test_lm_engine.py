@@ -217,16 +217,28 @@ def test_bfloat16_speculative_decoding_through_the_engine_is_plain_greedy():
             assert torch.equal(got, want), (seed, k)
 
 
-def test_a_projection_of_a_few_tokens_is_computed_one_token_at_a_time():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(576, 1536), (960, 576)])
+def test_a_projection_of_a_few_tokens_gives_each_token_what_it_gives_alone(dtype, shape):
+    """SmolLM2's down projection: on an AMD EPYC (Zen 4), oneDNN's packed product of 2 or 8 rows differs in the
+    last bit from one-row products (3, 4, 5 rows do not); a few tokens together must still give what each gives
+    alone, for any count, in either dtype, however the kernel blocks."""
     from adn.lm.engine import per_token
 
     torch.manual_seed(0)
-    # SmolLM2's down projection: on an AMD EPYC (Zen 4), oneDNN's packed product of these 4 rows differs in the
-    # last bit from 4 one-row products; one token at a time they are equal on any CPU
-    projection = Projection(torch.randn(576, 1536).bfloat16())
-    x = torch.randn(1, 4, 1536).bfloat16()
-    singles = torch.cat([projection(x[:, i : i + 1]) for i in range(4)], dim=1)
-    assert torch.equal(per_token(projection, x), singles)
+    weight = torch.randn(*shape).to(dtype)
+    projection = Projection(weight)
+    x = torch.randn(1, 16, shape[1]).to(dtype)
+    singles = torch.cat([projection(x[:, i : i + 1]) for i in range(16)], dim=1)
+    for count in range(2, 17):
+        assert torch.equal(per_token(projection, x[:, :count]), singles[:, :count]), count
+    counts = projection.agreeing_counts()
+    assert counts[-1] == 16 and all(1 <= m <= 16 for m in counts)
+    # padded or not, the values are the product's (to the dtype's rounding)
+    torch.testing.assert_close(singles.float(), F.linear(x.float(), weight.float()), rtol=1e-2, atol=0.25)
+    batched = torch.randn(3, 4, shape[1]).to(dtype)  # several sequences: one token of each at a time
+    alone = torch.cat([projection(batched[:, i : i + 1]) for i in range(4)], dim=1)
+    assert torch.equal(per_token(projection, batched), alone)
 
 
 def test_long_feeds_after_a_cached_prefix_use_the_fused_attention_with_the_right_mask():

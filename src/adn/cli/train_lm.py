@@ -72,6 +72,14 @@ def add(sub) -> None:
     g.add_argument("--clip-grad-norm", type=float, default=d.clip_grad_norm, help="clip gradients to this norm")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the super-net's next-token loss")
     g.add_argument(
+        "--base-ce",
+        type=float,
+        default=d.base_ce,
+        metavar="W",
+        help="a deviation from Algorithm 1: the base-net also learns the next token, adding W * CE to its "
+        "distillation loss (0: the paper, the base-net learns from the super-net only)",
+    )
+    g.add_argument(
         "--temperature", type=float, default=d.temperature, help="distillation temperature (KL scaled by T^2)"
     )
     g.add_argument(
@@ -124,6 +132,7 @@ def run(args) -> int:
         warmup_steps=args.warmup_steps,
         clip_grad_norm=args.clip_grad_norm,
         alpha=args.alpha,
+        base_ce=args.base_ce,
         temperature=args.temperature,
         feature_kd=args.feature_kd,
         train=args.train,

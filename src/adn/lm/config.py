@@ -35,6 +35,7 @@ class LMTrainConfig(RunConfig):
     warmup_steps: int = 10
     clip_grad_norm: float = 1.0
     alpha: float = 0.5
+    base_ce: float = 0.0  # a deviation from Algorithm 1: the base-net learns the next token too (weight)
     temperature: float = 1.0
     feature_kd: str = "spatial"
     train: str = "near-skipped"
@@ -57,6 +58,7 @@ class LMTrainConfig(RunConfig):
         need(self.feature_kd in FEATURE_KD_MODES, f"--feature-kd must be one of {', '.join(FEATURE_KD_MODES)}")
         need(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
         need(self.seq_len >= 2, f"--seq-len must be at least 2 (a token and the one after it), got {self.seq_len}")
+        need(0 <= self.base_ce <= 10, f"--base-ce must be in [0, 10], got {self.base_ce}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
         need(self.time_limit is None or self.time_limit > 0, "--time-limit must be a positive number of minutes")
         need(

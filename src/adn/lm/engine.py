@@ -20,9 +20,10 @@ concatenation, masks and keyword plumbing. :class:`DecodingEngine` computes the 
 Numerics follow the model's own modules: hidden states stay in the weights' dtype, each RMSNorm computes in
 float32, products accumulate in float32, so the engine picks the tokens the model's forward picks
 (tests/test_lm_engine.py). Feeding a few tokens (up to :data:`FEW_TOKENS`) computes, bit for bit, what feeding
-them one at a time computes (products and attention one token at a time: :func:`per_token`,
-:func:`_attend_few`), so a speculative verification agrees with plain decoding even in bfloat16, where logits
-often tie; a verification then costs more than one step (measured: 1.6x a step for 2 tokens, 2.0x for 3). The projection
+them one at a time computes, so a speculative verification agrees with plain decoding even in bfloat16, where
+logits often tie: the products pad their rows to counts whose results agree row for row
+(:class:`adn.lm.matvec.Projection`; one product for all the tokens where the kernel allows, one token at a time
+where it does not) and attention takes one query at a time (:func:`_attend_few`). The projection
 weights are copied when the engine is made (merged, and packed in bfloat16: as many bytes again as the
 projections); :func:`engine_for` makes a new engine when the model's weights changed since (training, casting).
 
@@ -101,9 +102,9 @@ class _Norm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # As LlamaRMSNorm: normalise in float32, back to the input's dtype, then scale by the weight (one
-        # fused kernel for the normalisation instead of four).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # As LlamaRMSNorm: normalise in float32, back to the input's dtype, then scale by the weight. rms_norm
+        # computes a bfloat16 input in float32 and rounds once, so no conversions around it (bit-identical).
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def _rms_norm(module: nn.Module) -> _Norm:
@@ -177,16 +178,15 @@ FEW_TOKENS = 16
 
 
 def per_token(projection: Projection, x: torch.Tensor) -> torch.Tensor:
-    """``projection(x)`` for ``x`` of [batch, n, features], one token at a time when 1 < n <= FEW_TOKENS.
-
-    A product kernel picks its blocking by the number of rows, and another blocking sums in another order:
-    measured, oneDNN's packed bfloat16 product of 4 rows differs in the last bit from 4 products of one row
-    for a 576 x 1536 matrix. A speculative verification must compute what plain one-token steps computed,
-    or bfloat16 logits that tie pick another token; a few tokens at a time costs little more, since the
-    matrix read for the first token is still in the cache for the next."""
-    count = x.shape[-2]
+    """``projection(x)`` for ``x`` of [batch, n, features]; for 1 < n <= FEW_TOKENS every token's result is
+    bit-identical to what a step of that token alone computes (:class:`Projection`: one product where its row
+    counts agree, else one token at a time). A speculative verification must compute what plain one-token
+    steps computed, or bfloat16 logits that tie pick another token."""
+    batch, count = x.shape[0], x.shape[-2]
     if count == 1 or count > FEW_TOKENS:
         return projection(x)
+    if batch == 1:
+        return projection.rows_alone(x[0])[None]
     return torch.cat([projection(x[..., i : i + 1, :]) for i in range(count)], dim=-2)
 
 

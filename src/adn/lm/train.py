@@ -5,7 +5,8 @@ Per batch of token windows, as for images (:func:`adn.train.adn_step`):
 1. super-net forward + backward: ``alpha * CE(next token)``;
 2. base-net forward + backward: ``(1 - alpha) * (KL(super || base) of every token's next-token distribution
    + sum over stages of KL(h_super^s || h_base^s))``, the super-net side detached. Stage outputs are hidden
-   states; ``feature_kd="spatial"`` takes the softmax over channels at every token.
+   states; ``feature_kd="spatial"`` takes the softmax over channels at every token. ``base_ce`` > 0 (a
+   deviation from the paper) adds ``base_ce * CE(next token)`` of the base-net.
 
 ``method="alone"`` is the baseline instead: the base-net alone (the model with the skippable layers removed)
 learns the next token from the same tokens, nothing distils (:func:`lm_alone_step`).
@@ -86,12 +87,23 @@ def lm_adn_step(
         with precision.autocast():
             base_logits = net(input_ids=inputs, use_cache=False, skip=SkipConfig.base_net(n)).logits
             student_loss, student_terms = criterion.student_loss(
-                base_logits.flatten(0, 1), list(stage_outputs), super_logits.flatten(0, 1), super_features
+                base_logits.flatten(0, 1),
+                list(stage_outputs),
+                super_logits.flatten(0, 1),
+                super_features,
+                _next_tokens_every_position(input_ids) if criterion.base_ce else None,
             )
         precision.backward(student_loss)
     terms.update(student_terms)
     terms["loss"] = teacher_loss.detach() + student_loss.detach()
     return {k: float(v) for k, v in terms.items()}
+
+
+def _next_tokens_every_position(input_ids: torch.Tensor) -> torch.Tensor:
+    """The next token at every position, flattened like the logits; the last position of each window has none
+    (cross-entropy's ignore index -100), so the base-net's label loss lines up with the logits it distils."""
+    last = input_ids.new_full((input_ids.shape[0], 1), -100)
+    return torch.cat([input_ids[:, 1:], last], dim=1).flatten()
 
 
 def lm_alone_step(net, input_ids: torch.Tensor, precision: Precision = FLOAT32) -> dict[str, float]:
@@ -167,7 +179,7 @@ class LMTask:
         amp = native_bfloat16("cpu") if cfg.amp is None else cfg.amp
         self.precision = Precision("cpu", amp=amp, dtype="bfloat16")
         self.criterion = SubPathDistillationLoss(
-            alpha=cfg.alpha, temperature=cfg.temperature, feature_kd=cfg.feature_kd, channel_dim=-1
+            alpha=cfg.alpha, temperature=cfg.temperature, feature_kd=cfg.feature_kd, channel_dim=-1, base_ce=cfg.base_ce
         )
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.meta = {
