@@ -19,12 +19,17 @@ cost of one verifying pass over k + 1 tokens relative to a one-token step, is me
 of 5), next to the acceptance measured. ``--plot FILE`` draws the break-even curves (acceptance needed against
 draft cost, for each k, at 1.0x and 1.2x) with every measured draft on them.
 
+``--lookup N1,N2`` also drafts from the context first (prompt lookup: what followed the last N tokens
+earlier in the text, no forward pass; 0 = off); ``--draft none`` with it drafts nothing else (rounds without a
+match are plain steps). Such rows report the share of drafts the context made and their acceptance; their
+point on the plot sits at the depth draft's cost (0 for ``none``), which the context drafts do not pay.
+
 Weights in ``--dtype`` (``auto``: bfloat16 where the CPU computes it natively, as ``adn generate``), decoded
 by the decoding engine where it runs the model (``--engine auto``; :mod:`adn.lm.engine`) or by the model's
 own forward (``--engine off``).
 
     python benchmarks/lm_speculative.py [--checkpoint runs/lm/smollm2-adn/checkpoint.pt | --model smollm2]
-        [--draft base,TTFF] [--draft-tokens 2,4] [--draft-vocab 0,8192] [--prompts 8] [--new-tokens 64]
+        [--draft base,TTFF,none] [--draft-tokens 2,4] [--draft-vocab 0,8192] [--lookup 0,2] [--prompts 8] [--new-tokens 64]
         [--threads 2] [--dtype auto] [--engine auto] [--text DIR] [--json] [--save-json FILE] [--plot FILE.png]
 """
 
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--model", default=None, help="without --checkpoint: converted, not fine-tuned (default smollm2)")
     p.add_argument("--text", default=None)
-    p.add_argument("--draft", default="base", help="comma-separated draft depths")
+    p.add_argument("--draft", default="base", help="comma-separated draft depths (none: only --lookup drafts)")
     p.add_argument("--draft-tokens", default="2,4", help="comma-separated k values")
     p.add_argument(
         "--draft-vocab",
@@ -177,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         default="0",
         help="comma-separated: adaptive draft length, a round stops drafting once the draft's probability for "
         "its token is below this (0: always k drafts)",
+    )
+    p.add_argument(
+        "--lookup",
+        default="0",
+        help="comma-separated n-gram lengths: draft from the context first (prompt lookup; 0: off)",
     )
     p.add_argument("--vocab-tokens", type=int, default=2_000_000, help="training tokens the frequencies are counted on")
     p.add_argument("--prompts", type=int, default=8)
@@ -203,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     stream = token_stream(tokenizer, corpus.heldout)
     spacing = max(args.prompt_tokens, (stream.numel() - args.prompt_tokens) // args.prompts)
     prompts = [stream[i * spacing : i * spacing + args.prompt_tokens][None] for i in range(args.prompts)]
-    drafts = [SkipConfig(d, num_stages=net.num_stages) for d in args.draft.split(",")]
+    drafts = [None if d == "none" else SkipConfig(d, num_stages=net.num_stages) for d in args.draft.split(",")]
+    lookups = [int(n) for n in args.lookup.split(",")]
     ks = [int(k) for k in args.draft_tokens.split(",")]
     vocab = net.config.vocab_size
     heads = {}
@@ -215,27 +226,36 @@ def main(argv: list[str] | None = None) -> int:
             heads[0] = None
     greedy_generate(net, prompts[0], 4, engine=engine)  # warm-up
     confidences = [float(c) for c in args.min_confidence.split(",")]
-    plain_seconds, runs = 0.0, {(str(d), k, v, c): [] for d in drafts for k in ks for v in heads for c in confidences}
+    # (draft None needs context drafts: something must draft)
+    settings = [
+        (d, k, v, c, n)
+        for d in drafts
+        for k in ks
+        for v in heads
+        for c in confidences
+        for n in lookups
+        if d is not None or n > 0
+    ]
+    plain_seconds, runs = 0.0, {(str(d), k, v, c, n): [] for d, k, v, c, n in settings}
     identical = True
     for prompt in prompts:
         start = time.perf_counter()
         want, plain_stats = greedy_generate(net, prompt, args.new_tokens, return_stats=True, engine=engine)
         plain_seconds += time.perf_counter() - start
-        for draft in drafts:
-            for k in ks:
-                for (size, head), confidence in ((h, c) for h in heads.items() for c in confidences):
-                    got, stats = speculative_generate(
-                        net,
-                        prompt,
-                        args.new_tokens,
-                        draft=draft,
-                        draft_tokens=k,
-                        draft_head=head,
-                        engine=engine,
-                        min_confidence=confidence,
-                    )
-                    identical &= torch.equal(got, want)
-                    runs[(str(draft), k, size, confidence)].append(stats)
+        for draft, k, size, confidence, lookup in settings:
+            got, stats = speculative_generate(
+                net,
+                prompt,
+                args.new_tokens,
+                draft=draft,
+                draft_tokens=k,
+                draft_head=heads[size],
+                engine=engine,
+                min_confidence=confidence,
+                lookup=lookup,
+            )
+            identical &= torch.equal(got, want)
+            runs[(str(draft), k, size, confidence, lookup)].append(stats)
     # Cost of a draft pass relative to a target decoding step: tokens/s of each alone, on the first prompt.
     # Interleaved, best of 3: a change of load touches the target and every draft alike.
     super_net = SkipConfig.super_net(net.num_stages)
@@ -243,26 +263,31 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(3):
         for key, depth, head in [
             ("target", super_net, None),
-            *(((str(d), size), d, head) for d in drafts for size, head in heads.items()),
+            *(((str(d), size), d, head) for d in drafts if d is not None for size, head in heads.items()),
         ]:
             speed = draft_speed(net, prompts[0], args.new_tokens, depth, head, engine)
             best[key] = max(best.get(key, 0.0), speed)
     cost = {key: best["target"] / tps for key, tps in best.items() if key != "target"}
+    cost.update({("None", size): 0.0 for size in heads})  # no depth drafts: no draft passes
     verify = {k: verify_cost(net, prompts[0], k, engine) for k in ks}
     tokens = args.prompts * args.new_tokens
     rows = []
-    for (draft, k, size, confidence), stats in runs.items():
+    for (draft, k, size, confidence, lookup), stats in runs.items():
         seconds = sum(s.seconds for s in stats)
+        drafted, context = sum(s.drafted for s in stats), sum(s.lookup_drafted for s in stats)
         c = cost[(draft, size)]
         rounds = sum(s.target_passes - 1 for s in stats)  # the prefill pass drafts nothing
         rows.append(
             {
-                "draft": draft,
+                "draft": "none" if draft == "None" else draft,
                 "k": k,
                 "draft_vocab": size or vocab,
                 "min_confidence": confidence,
                 "drafted_per_round": sum(s.drafted for s in stats) / max(rounds, 1),
-                "acceptance_rate": sum(s.accepted for s in stats) / sum(s.drafted for s in stats),
+                "acceptance_rate": sum(s.accepted for s in stats) / drafted if drafted else 0.0,
+                "lookup": lookup,
+                "context_share": context / drafted if drafted else 0.0,
+                "context_acceptance": sum(s.lookup_accepted for s in stats) / context if context else None,
                 "tokens_per_target_pass": tokens / sum(s.target_passes for s in stats),
                 "tokens_per_s": tokens / seconds,
                 "plain_tokens_per_s": tokens / plain_seconds,
@@ -300,13 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(header)
         print(
-            f"{'draft':>8} {'k':>3} {'vocab':>6} {'conf':>4} {'drafts':>6} {'accept':>7} {'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
+            f"{'draft':>8} {'k':>3} {'vocab':>6} {'conf':>4} {'look':>4} {'ctx':>4} {'drafts':>6} {'accept':>7} "
+            f"{'tok/pass':>8} {'tok/s':>7} {'plain':>7} "
             f"{'speed-up':>8} {'cost c':>6} {'v':>5} {'a@1.0x':>6} {'a@1.2x':>6}"
         )
         shown = lambda a: "never" if a is None else f"{a:.0%}"  # noqa: E731
         for r in rows:
             print(
                 f"{r['draft']:>8} {r['k']:>3} {r['draft_vocab']:>6} {r['min_confidence']:>4.2f} "
+                f"{r['lookup']:>4} {r['context_share']:>4.0%} "
                 f"{r['drafted_per_round']:>6.2f} {r['acceptance_rate']:>7.1%} "
                 f"{r['tokens_per_target_pass']:>8.2f} {r['tokens_per_s']:>7.1f} {r['plain_tokens_per_s']:>7.1f} "
                 f"{r['speed_up']:>7.2f}x {r['draft_cost']:>6.2f} {r['verify_cost']:>5.2f} "

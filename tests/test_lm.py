@@ -339,6 +339,34 @@ def test_a_draft_head_restricted_to_frequent_tokens_keeps_the_output_exactly_gre
             DraftHead(net, bad)
 
 
+def test_lookup_draft_proposes_what_followed_the_last_ngram_before():
+    from adn.lm.generate import lookup_draft
+
+    seq = torch.tensor([[4, 5, 6, 7, 1, 4, 5, 6, 2, 9, 4, 5]])
+    assert lookup_draft(seq, 2, 3).tolist() == [[6, 2, 9]]  # the latest earlier "4 5" (at 5), not the first
+    assert lookup_draft(seq, 3, 3) is None  # "9 4 5" occurs nowhere earlier
+    assert lookup_draft(torch.tensor([[1, 2, 3, 1, 2]]), 2, 4).tolist() == [[3, 1, 2]]  # up to the end
+    assert lookup_draft(torch.tensor([[3, 3]]), 2, 2) is None  # too short to hold the n-gram twice
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_context_drafts_keep_the_output_exactly_greedy(k):
+    """``lookup=n``: a round's draft is what followed the last n tokens earlier in the text (the depth drafts
+    when they never occurred; with ``draft=None`` such a round is a plain step). The output is still greedy."""
+    net = adn.convert(tiny(seed=3))
+    prompt = torch.tensor([[7, 8, 9, 10, 7, 8, 9, 10, 7, 8]])  # repeats itself: the context has drafts
+    want = greedy_generate(net, prompt, 25)
+    for draft in ("base", None):
+        got, stats = speculative_generate(net, prompt, 25, draft=draft, draft_tokens=k, lookup=2)
+        assert torch.equal(got, want), (draft, k)
+        assert stats.lookup == 2 and 0 < stats.lookup_drafted <= stats.drafted
+        assert 0 <= stats.lookup_accepted <= min(stats.accepted, stats.lookup_drafted)
+        if draft is None:
+            assert stats.draft_passes == 0 and stats.drafted == stats.lookup_drafted
+    with pytest.raises(ValueError, match="draft=None needs lookup"):
+        speculative_generate(net, prompt, 5, draft=None)
+
+
 def test_speculative_decoding_stops_at_end_of_text_like_greedy():
     net = adn.convert(tiny(seed=3))
     prompt = tokens(batch=1, length=5, seed=4)

@@ -446,11 +446,13 @@ def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model
                     "--text",
                     TEXT,
                     "--draft",
-                    "base",
+                    "base,none",
                     "--draft-tokens",
                     "2",
                     "--draft-vocab",
                     "0,40",
+                    "--lookup",
+                    "0,1",
                     "--prompts",
                     "2",
                     "--prompt-tokens",
@@ -471,8 +473,15 @@ def test_speculative_benchmark_with_a_restricted_draft_head_and_break_even(model
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "spec.json").read_text())
     assert result["identical"] is True
-    assert sorted(r["draft_vocab"] for r in result["rows"]) == [40, 256]
-    assert all(r["speed_up"] > 0 and r["draft_cost"] > 0 and r["verify_cost"] > 0 for r in result["rows"])
+    depth_rows = [r for r in result["rows"] if r["draft"] == "TT" and r["lookup"] == 0]
+    assert sorted(r["draft_vocab"] for r in depth_rows) == [40, 256]
+    assert all(r["speed_up"] > 0 and r["draft_cost"] > 0 and r["verify_cost"] > 0 for r in depth_rows)
+    # context drafts: with the base-net drafting the rest, or alone (no draft passes, no draft cost)
+    assert sorted((r["draft"], r["lookup"]) for r in result["rows"]) == sorted(
+        [("TT", 0), ("TT", 0), ("TT", 1), ("TT", 1), ("none", 1), ("none", 1)]
+    )
+    alone = [r for r in result["rows"] if r["draft"] == "none"]
+    assert all(r["draft_cost"] == 0 and r["context_share"] in (0.0, 1.0) for r in alone)
     assert (tmp_path / "break-even.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -490,6 +499,31 @@ def test_generate_speculative_with_a_restricted_draft_head_keeps_greedy_output(m
     result = json.loads(capsys.readouterr().out)
     assert result["speculative"]["identical_to_plain_greedy"] is True
     assert result["speculative"]["min_confidence"] == 0.5 and result["engine"] is True
+
+
+def test_generate_speculative_with_context_drafts_keeps_greedy_output(model_dir, capsys):
+    import json
+
+    common = ["generate", "--model", str(model_dir), "--prompt", "adaptive depth adaptive depth adaptive depth"]
+    for draft in ("none", "base"):
+        args = [*common, "--max-new-tokens", "12", "--speculative", "--lookup", "2", "--draft", draft, "--json"]
+        assert main(args) == 0
+        result = json.loads(capsys.readouterr().out)["speculative"]
+        assert result["identical_to_plain_greedy"] is True and result["lookup"] == 2
+        assert result["lookup_drafted"] > 0 and result["draft"] == ("none" if draft == "none" else "TT")
+    assert main([*common, "--speculative", "--lookup", "2"]) == 0
+    assert "context drafts of 2-grams" in capsys.readouterr().err
+
+
+def test_context_drafts_are_checked_before_loading(model_dir, no_model_load, capsys):
+    common = ["generate", "--model", str(model_dir), "--prompt", "x"]
+    assert main([*common, "--lookup", "2"]) == 2
+    assert "--lookup drafts --speculative decoding" in _error(capsys)
+    assert main([*common, "--speculative", "--draft", "none"]) == 2
+    assert "--draft none leaves nothing to draft" in _error(capsys)
+    with pytest.raises(SystemExit):
+        main([*common, "--speculative", "--lookup", "-1"])
+    assert "non-negative" in capsys.readouterr().err
 
 
 def test_draft_vocab_is_checked_before_loading(model_dir, no_model_load, tmp_path, capsys):

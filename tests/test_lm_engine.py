@@ -215,6 +215,9 @@ def test_bfloat16_speculative_decoding_through_the_engine_is_plain_greedy():
         for k in (1, 3, 4):
             got, _ = speculative_generate(net, prompt, 30, draft="base", draft_tokens=k, engine=True)
             assert torch.equal(got, want), (seed, k)
+        # context drafts: several tokens verified at once, more often accepted
+        got, stats = speculative_generate(net, prompt, 30, draft=None, draft_tokens=6, engine=True, lookup=1)
+        assert torch.equal(got, want) and stats.lookup_drafted > 0, seed
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

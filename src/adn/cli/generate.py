@@ -19,6 +19,7 @@ from .lm_flags import (
     check_depth,
     engine_choice,
     network,
+    non_negative_int,
     planned_network,
 )
 
@@ -77,7 +78,11 @@ def add(sub) -> None:
         help="draft with --draft, verify with --skip in one pass per round; also runs plain greedy decoding "
         "at --skip to check the output is identical and to measure the speed-up",
     )
-    p.add_argument("--draft", default="base", help="the depth that drafts")
+    p.add_argument(
+        "--draft",
+        default="base",
+        help="the depth that drafts (none: only --lookup drafts; other rounds are plain steps)",
+    )
     p.add_argument("--draft-tokens", type=positive_int, default=4, help="tokens drafted per round (k, at most)")
     p.add_argument(
         "--draft-confidence",
@@ -86,6 +91,14 @@ def add(sub) -> None:
         metavar="P",
         help="adaptive draft length: a round stops drafting once the draft's probability for its token is below "
         "P (0: always --draft-tokens); the output does not change",
+    )
+    p.add_argument(
+        "--lookup",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="with --speculative: draft from the context first: when the last N tokens occurred earlier, the "
+        "tokens that followed them are the draft (no forward pass); --draft drafts the other rounds. 0: off",
     )
     p.add_argument(
         "--draft-vocab",
@@ -240,7 +253,11 @@ def run(args) -> int:
     stages, context = planned_network(args, data["meta"] if data else None)
     skip, chosen = _chosen_depth(args, stages)
     check_depth(skip, stages, "--skip")
-    if args.speculative:
+    if args.lookup and not args.speculative:
+        raise ValueError("--lookup drafts --speculative decoding from the context; add --speculative or leave it out")
+    if args.speculative and args.draft == "none" and not args.lookup:
+        raise ValueError("--draft none leaves nothing to draft: add --lookup N (context drafts) or name a depth")
+    if args.speculative and args.draft != "none":
         check_depth(args.draft, stages, "--draft")
     if args.draft_vocab is not None and not args.speculative:
         raise ValueError(
@@ -256,7 +273,7 @@ def run(args) -> int:
     net, tokenizer, description = network(args, data)
     cast_weights(net, decoding_dtype(args.dtype))
     depth = check_depth(skip, net.num_stages, "--skip")
-    draft = check_depth(args.draft, net.num_stages, "--draft") if args.speculative else None
+    draft = check_depth(args.draft, net.num_stages, "--draft") if args.speculative and args.draft != "none" else None
     draft_head = None
     if corpus is not None:
         vocab = net.get_output_embeddings().weight.shape[0]
@@ -322,6 +339,7 @@ def run(args) -> int:
                 draft_head=draft_head,
                 engine=engine_choice(args),
                 min_confidence=args.draft_confidence,
+                lookup=args.lookup,
             )
         except KeyboardInterrupt:
             print(
@@ -348,6 +366,10 @@ def run(args) -> int:
         if args.speculative:
             s = result["speculative"]
             head = f", head of {s['draft_vocab']} tokens" if s.get("draft_vocab") else ""
+            if s["lookup"]:
+                head += (
+                    f"; context drafts of {s['lookup']}-grams: {s['lookup_accepted']}/{s['lookup_drafted']} accepted"
+                )
             print(
                 f"speculative: draft {s['draft']} (k={s['draft_tokens']}{head}) -> verify {s['target']}: acceptance "
                 f"{s['acceptance_rate']:.1%}, {s['tokens_per_target_pass']:.2f} tokens per verifying pass, "

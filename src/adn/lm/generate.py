@@ -218,6 +218,9 @@ class SpeculativeStats:
     draft_vocab: int | None = None  # tokens the draft's head scores (None: the full vocabulary)
     engine: bool = False  # decoded by adn.lm.engine (else by the model's own forward)
     min_confidence: float = 0.0  # adaptive draft length: a round stops drafting below this probability
+    lookup: int = 0  # context drafts: n-gram length matched in the tokens so far (0: none)
+    lookup_drafted: int = 0  # of ``drafted``, tokens the context proposed
+    lookup_accepted: int = 0  # of ``accepted``, context tokens the target agreed with
 
     @property
     def acceptance_rate(self) -> float:
@@ -241,6 +244,36 @@ class SpeculativeStats:
 
 
 @torch.no_grad()
+def lookup_draft(sequence: torch.Tensor, ngram: int, count: int) -> torch.Tensor | None:
+    """Up to ``count`` tokens that followed the latest earlier occurrence of the last ``ngram`` tokens of
+    ``sequence`` ([1, length]) in it, as [1, <= count]; None when they occur nowhere earlier. Text repeats
+    itself (names, code, phrases from the prompt): such a draft costs no forward pass (prompt lookup)."""
+    tokens = sequence[0]
+    if tokens.numel() <= ngram:
+        return None
+    earlier = tokens[:-1].unfold(0, ngram, 1)  # every n-gram that has a token after it
+    found = (earlier == tokens[-ngram:]).all(dim=1).nonzero()
+    if found.numel() == 0:
+        return None
+    start = int(found[-1]) + ngram
+    return tokens[start : start + count][None]
+
+
+def _draft_round(stream, sequence: torch.Tensor, k: int, head, min_confidence: float, stats) -> torch.Tensor:
+    """The draft depth's proposal for one round ([1, <= k]): one pass per token, stopping early below
+    ``min_confidence``."""
+    drafts = []
+    pending = sequence[:, stream.length :]  # tokens the draft has not seen (>= 1)
+    for i in range(k):
+        token, scores = draft_next(stream, pending, head)
+        stats.draft_passes += 1
+        drafts.append(token)
+        pending = token
+        if min_confidence and i + 1 < k and float(scores.float().softmax(-1).max()) < min_confidence:
+            break
+    return torch.cat(drafts, dim=1)
+
+
 def speculative_generate(
     net,
     input_ids: torch.Tensor,
@@ -252,6 +285,7 @@ def speculative_generate(
     draft_head: DraftHead | None = None,
     engine: bool | None = None,
     min_confidence: float = 0.0,
+    lookup: int = 0,
 ):
     """Greedy decoding at depth ``target`` with drafts from depth ``draft`` (module docstring), the drafts
     scored by ``draft_head`` if given (the full head otherwise). Returns ``(tokens, SpeculativeStats)``;
@@ -261,7 +295,11 @@ def speculative_generate(
     ``min_confidence`` makes the draft length adaptive: a round stops drafting (before its ``draft_tokens``)
     once the draft's probability for the token it just proposed is below it, since an unsure draft is
     likely rejected and every further draft pass would be wasted. At least one token is drafted per round;
-    the output is unchanged (the verifier decides every token)."""
+    the output is unchanged (the verifier decides every token).
+
+    ``lookup=n`` drafts from the context first: when the last ``n`` tokens occurred earlier, the tokens that
+    followed them are the round's draft (:func:`lookup_draft`), at no forward pass; the depth drafts only
+    when they did not (``draft=None``: never; such a round is a plain decoding step)."""
     input_ids = _check_prompt(input_ids)
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -271,13 +309,19 @@ def speculative_generate(
         raise ValueError(f"draft_tokens and max_new_tokens must be at least 1, got {draft_tokens} and {max_new_tokens}")
     if not 0.0 <= min_confidence < 1.0:
         raise ValueError(f"min_confidence is a probability in [0, 1), got {min_confidence}")
+    if lookup < 0 or (draft is None and lookup == 0):
+        raise ValueError(
+            f"lookup is an n-gram length (>= 1 to draft from the context, 0 for none), got {lookup}; "
+            f"draft=None needs lookup >= 1 (something must draft)"
+        )
     n = net.num_stages
-    draft_depth, target_depth = SkipConfig(draft, num_stages=n), SkipConfig(target, num_stages=n)
+    target_depth = SkipConfig(target, num_stages=n)
+    draft_depth = SkipConfig(draft, num_stages=n) if draft is not None else None
     capacity = input_ids.shape[1] + max_new_tokens + draft_tokens
     target_stream = open_stream(net, target_depth, capacity, 1, engine)
-    draft_stream = open_stream(net, draft_depth, capacity, 1, engine)
+    draft_stream = open_stream(net, draft_depth, capacity, 1, engine) if draft_depth is not None else None
     stats = SpeculativeStats(
-        str(draft_depth),
+        str(draft_depth) if draft_depth is not None else "none",
         str(target_depth),
         draft_tokens,
         0,
@@ -289,6 +333,7 @@ def speculative_generate(
         len(draft_head) if draft_head is not None else None,
         target_stream.is_engine,
         min_confidence,
+        lookup,
     )
     start = time.perf_counter()
     sequence = input_ids
@@ -298,17 +343,15 @@ def speculative_generate(
     produced, finished = 1, eos_token_id is not None and int(first) == eos_token_id
     while produced < max_new_tokens and not finished:
         k = min(draft_tokens, max_new_tokens - produced)
-        drafts = []
-        pending = sequence[:, draft_stream.length :]  # tokens the draft has not seen (>= 1)
-        for i in range(k):
-            token, scores = draft_next(draft_stream, pending, draft_head)
-            stats.draft_passes += 1
-            drafts.append(token)
-            pending = token
-            if min_confidence and i + 1 < k and float(scores.float().softmax(-1).max()) < min_confidence:
-                break
-        k = len(drafts)
-        proposal = torch.cat(drafts, dim=1)  # [1, k]
+        proposal = lookup_draft(sequence, lookup, k) if lookup else None
+        from_context = proposal is not None
+        if from_context:
+            stats.lookup_drafted += proposal.shape[1]
+        elif draft_stream is not None:
+            proposal = _draft_round(draft_stream, sequence, k, draft_head, min_confidence, stats)
+        else:
+            proposal = sequence[:, :0]  # nothing to propose: a plain decoding step
+        k = proposal.shape[1]
         block = torch.cat([sequence[:, target_stream.length :], proposal], dim=1)
         choices = _greedy_next(target_stream, block, keep=block.shape[1])[0]
         stats.target_passes += 1
@@ -320,6 +363,8 @@ def speculative_generate(
         new = torch.cat([proposal[0, :accepted], choices[accepted : accepted + 1]])[: max_new_tokens - produced]
         stats.drafted += k
         stats.accepted += accepted
+        if from_context:
+            stats.lookup_accepted += accepted
         if eos_token_id is not None and bool((new == eos_token_id).any()):
             new = new[: int((new == eos_token_id).nonzero()[0]) + 1]
             finished = True
@@ -327,7 +372,8 @@ def speculative_generate(
         produced += new.numel()
         # The caches hold keys and values up to the token before the last one: that one is fed next round.
         target_stream.keep(sequence.shape[1] - 1)
-        draft_stream.keep(min(draft_stream.length, sequence.shape[1] - 1))
+        if draft_stream is not None:
+            draft_stream.keep(min(draft_stream.length, sequence.shape[1] - 1))
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = produced
     return sequence, stats
