@@ -521,6 +521,8 @@ def test_context_drafts_are_checked_before_loading(model_dir, no_model_load, cap
     assert "--lookup drafts --speculative decoding" in _error(capsys)
     assert main([*common, "--speculative", "--draft", "none"]) == 2
     assert "--draft none leaves nothing to draft" in _error(capsys)
+    assert main([*common, "--speculative", "--draft-tokens", "16"]) == 2
+    assert "at most 15" in _error(capsys)
     with pytest.raises(SystemExit):
         main([*common, "--speculative", "--lookup", "-1"])
     assert "non-negative" in capsys.readouterr().err

@@ -243,6 +243,7 @@ class TextStream:
 def run(args) -> int:
     from ..lm.checkpoint import read_lm_checkpoint
     from ..lm.corpus import load_corpus, token_stream
+    from ..lm.engine import FEW_TOKENS
     from ..lm.generate import DraftHead, frequent_tokens, greedy_generate, speculative_generate
     from ..lm.precision import cast_weights, decoding_dtype, dtype_name
 
@@ -253,6 +254,11 @@ def run(args) -> int:
     stages, context = planned_network(args, data["meta"] if data else None)
     skip, chosen = _chosen_depth(args, stages)
     check_depth(skip, stages, "--skip")
+    if args.speculative and args.draft_tokens >= FEW_TOKENS:
+        raise ValueError(
+            f"--draft-tokens {args.draft_tokens}: at most {FEW_TOKENS - 1} (a verification of the drafts and one "
+            f"more token is computed exactly as one-token steps up to {FEW_TOKENS} tokens)"
+        )
     if args.lookup and not args.speculative:
         raise ValueError("--lookup drafts --speculative decoding from the context; add --speculative or leave it out")
     if args.speculative and args.draft == "none" and not args.lookup:

@@ -14,6 +14,9 @@ projection for the ``K`` tokens most frequent in a corpus (:func:`frequent_token
 most of the 49,152 x 576 projection SmolLM2 runs at every depth. The draft can then only propose those
 tokens; the target keeps the full head, so the output does not change.
 
+Drafts may also come from the context (``lookup=n``, prompt lookup): the tokens that followed an earlier
+occurrence of the last ``n`` tokens, at no forward pass (:func:`lookup_draft`).
+
 Every emitted token is the target's greedy choice given the tokens before it, so the output equals plain
 greedy decoding at the target depth (up to float rounding between one-token and many-token passes, which
 can only matter where two logits tie). The two depths keep separate caches: their shared layers compute
@@ -35,7 +38,7 @@ import torch
 
 from ..core.skip import SkipConfig
 from .cache import DepthCache
-from .engine import engine_for, unsupported_reason
+from .engine import FEW_TOKENS, engine_for, unsupported_reason
 from .matvec import Projection
 
 
@@ -307,6 +310,9 @@ def speculative_generate(
         )
     if draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"draft_tokens and max_new_tokens must be at least 1, got {draft_tokens} and {max_new_tokens}")
+    if draft_tokens >= FEW_TOKENS:
+        # a verification of more tokens would use kernels that sum them in another order than one-token steps
+        raise ValueError(f"draft_tokens must be below {FEW_TOKENS} (verified exactly in one pass), got {draft_tokens}")
     if not 0.0 <= min_confidence < 1.0:
         raise ValueError(f"min_confidence is a probability in [0, 1), got {min_confidence}")
     if lookup < 0 or (draft is None and lookup == 0):
