@@ -4,7 +4,8 @@
 #      each skippable, SKIPPABLE=half: the base-net runs 18 of 30 layers; SKIPPABLE=1 is the split measured in
 #      docs/language-models.md before issue 26, 26 of 30; 16 sub-networks); held-out perplexity of every sub-network before fine-tuning, which
 #      is exactly naive removal of the same layers; decoding tokens/s per depth;
-#   2. Algorithm 1 fine-tuning (--train near-skipped) for at most $MINUTES minutes;
+#   2. Algorithm 1 fine-tuning (--train near-skipped, with the base-net's own label loss --base-ce $BASE_CE) for at
+#      most $MINUTES minutes;
 #   3. perplexity of every sub-network after, next to naive removal, and tokens/s per depth;
 #   4. self-speculative decoding (base-net and TTFF drafts, k = 2, 3, 4) against plain greedy decoding:
 #      acceptance rate, speed-up, identical output;
@@ -20,6 +21,7 @@ THREADS=${THREADS:-2}
 MINUTES=${MINUTES:-60}
 STEPS=${STEPS:-400}          # the cosine schedule's length: 48 min on 2 idle cores of an AMD EPYC (7.2 s/step; ~28 est. on an Intel Xeon)
 LR=${LR:-2e-4}               # 2e-4 reached in 200 steps what 1e-4 reached in 300 (docs/language-models.md, session 14)
+BASE_CE=${BASE_CE:-0.5}      # the base-net's own label loss: 2.33x its super-net, 1.5% above the baseline (session 15); 0: the paper
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
 SKIPPABLE=${SKIPPABLE:-half}  # skippable layers per stage: half, or a number (the speculative "before" run uses half)
 export OMP_NUM_THREADS=$THREADS
@@ -34,7 +36,7 @@ $PY benchmarks/lm_speculative.py --threads "$THREADS" --draft base,TTFF --draft-
     --save-json "$OUT/speculative-before.json" | tee "$OUT/speculative-before.txt"
 echo "== 2. Algorithm 1 fine-tuning, at most $MINUTES minutes =="
 $ADN train-lm --skippable "$SKIPPABLE" --threads "$THREADS" --output-dir "$OUT/train" --train near-skipped --steps "$STEPS" \
-    --time-limit "$MINUTES" -b 4 --seq-len 256 --lr "$LR" --eval-every 100 --eval-tokens 2048 --save-every 25 --overwrite
+    --time-limit "$MINUTES" -b 4 --seq-len 256 --lr "$LR" --base-ce "$BASE_CE" --eval-every 100 --eval-tokens 2048 --save-every 25 --overwrite
 echo "== 3. after fine-tuning, next to naive removal =="
 $ADN eval-lm --checkpoint "$OUT/train/checkpoint.pt" --threads "$THREADS" --eval-tokens "$EVAL_TOKENS" --repeats 3 \
     --save-json "$OUT/after.json" | tee "$OUT/after.txt"

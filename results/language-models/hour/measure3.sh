@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran at commit 56099e6+, when single rows were padded to 2 for the down projection; kept as the record of that variant.)
 # Session 15 measurements on the idle machine, after the --base-ce fine-tune (run-base-ce.sh): decoding speed
 # (1 and 2 threads; the engine's products now pad rows to counts that agree, so a verification of a few tokens
 # is one product per matrix), self-speculative decoding with depth drafts for both fine-tuned checkpoints
@@ -7,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root
 PY=.venv/bin/python
-OUT=runs/lm/session15
+OUT=runs/lm/session15-padded
 mkdir -p $OUT
 CK=runs/lm/base-ce/train/checkpoint.pt
 $PY benchmarks/lm_decode.py --checkpoint $CK --threads 1 --depths super,base --dtypes float32,bfloat16 \

@@ -21,9 +21,9 @@ Numerics follow the model's own modules: hidden states stay in the weights' dtyp
 float32, products accumulate in float32, so the engine picks the tokens the model's forward picks
 (tests/test_lm_engine.py). Feeding a few tokens (up to :data:`FEW_TOKENS`) computes, bit for bit, what feeding
 them one at a time computes, so a speculative verification agrees with plain decoding even in bfloat16, where
-logits often tie: the products pad their rows to counts whose results agree row for row
-(:class:`adn.lm.matvec.Projection`; one product for all the tokens where the kernel allows, one token at a time
-where it does not) and attention takes one query at a time (:func:`_attend_few`). The projection
+logits often tie: the products of a few tokens give each token's one-token result (:meth:`adn.lm.matvec.Projection.rows_alone`:
+one product for all of them where the kernel allows, one token at a time where it does not) and attention
+takes one query at a time (:func:`_attend_few`). The projection
 weights are copied when the engine is made (merged, and packed in bfloat16: as many bytes again as the
 projections); :func:`engine_for` makes a new engine when the model's weights changed since (training, casting).
 
@@ -179,8 +179,8 @@ FEW_TOKENS = 16
 
 def per_token(projection: Projection, x: torch.Tensor) -> torch.Tensor:
     """``projection(x)`` for ``x`` of [batch, n, features]; for 1 < n <= FEW_TOKENS every token's result is
-    bit-identical to what a step of that token alone computes (:class:`Projection`: one product where its row
-    counts agree, else one token at a time). A speculative verification must compute what plain one-token
+    bit-identical to what a step of that token alone computes (:meth:`Projection.rows_alone`: one product where
+    the kernel allows, else one token at a time). A speculative verification must compute what plain one-token
     steps computed, or bfloat16 logits that tie pick another token."""
     batch, count = x.shape[0], x.shape[-2]
     if count == 1 or count > FEW_TOKENS:

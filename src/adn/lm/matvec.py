@@ -53,25 +53,19 @@ def can_pack(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _pack_ops() is not None
 
 
-# Most rows whose products are made to agree row for row (:class:`Projection`): a speculative verification's.
+# Most rows :meth:`Projection.rows_alone` is probed for: a speculative verification's tokens.
 MOST_ROWS = 16
 
-# (kernel, out features, in features, bias, threads) -> row counts whose products agree with MOST_ROWS rows'.
-_AGREEING_COUNTS: dict[tuple, tuple[int, ...]] = {}
+# (kernel, out features, in features, bias, threads) -> row counts whose products give one-row results.
+_ONE_ROW_COUNTS: dict[tuple, tuple[int, ...]] = {}
 
 
 class Projection:
     """``x @ weight.T + bias`` by the fastest kernel for decoding: a oneDNN-packed bfloat16 weight where
     :func:`can_pack` (any number of rows), else :func:`project`. ``pack=False`` keeps :func:`project`.
 
-    Up to :data:`MOST_ROWS` rows, a row's result does not depend on how many rows are multiplied with it
-    (:meth:`agreeing_counts`): a speculative verification of a few tokens then computes, bit for bit, what
-    one-token steps compute, so its output is exactly greedy decoding's even in bfloat16, where logits tie.
-    A product kernel picks its blocking by the number of rows, and another blocking can sum in another order:
-    on an AMD EPYC (Zen 4), oneDNN's packed bfloat16 product of SmolLM2's down projection (576 x 1536) of one
-    row differs in the last bits from the same row among 2 to 16 (which all agree), and MKL's float32 products
-    agree only for some counts of 4 rows or more. So a call pads its rows with zeros to the nearest agreeing count, when one row
-    or two agree; otherwise :meth:`rows_alone` computes a few rows one at a time."""
+    :meth:`rows_alone` multiplies a few rows so that each comes out bit-identical to a product of that row
+    alone (what a decoding step computes), in one product where the kernel allows it."""
 
     __slots__ = ("weight", "bias", "packed", "_linear", "shape", "_counts")
 
@@ -79,7 +73,7 @@ class Projection:
         self.bias = bias
         self.packed = self._linear = None
         self.shape = tuple(weight.shape)
-        self._counts: tuple[int, tuple[int, ...]] | None = None  # (threads, agreeing counts)
+        self._counts: tuple[int, tuple[int, ...]] | None = None  # (threads, counts giving one-row results)
         if pack and can_pack(weight):
             reorder, self._linear = _pack_ops()  # looked up once: __call__ is on every decoding step's path
             self.packed = reorder(weight.contiguous(), 1)  # laid out for one row; works for any number
@@ -87,52 +81,51 @@ class Projection:
         else:
             self.weight = weight
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel's product of ``x`` as it is: no padding, so rows may not agree across counts."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return project(x, self.weight, self.bias)
         return self._linear(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > MOST_ROWS:
-            return self.product(x)
-        counts = self.agreeing_counts()
-        if counts[0] > 2 or rows in counts:  # (padding a single row to 4 would slow every step)
-            return self.product(x)
-        fit = next((m for m in counts if m > rows), None)
-        if fit is None:
-            return self.product(x)
-        flat = x.reshape(rows, x.shape[-1])
-        return self.product(F.pad(flat, (0, 0, 0, fit - rows)))[:rows].view(*x.shape[:-1], self.shape[0])
-
     def rows_alone(self, x: torch.Tensor) -> torch.Tensor:
-        """``self(x)`` for ``x`` of [rows, features], every row bit-identical to ``self`` of that row alone:
-        one product where the row counts agree (:meth:`agreeing_counts`), else one row at a time."""
-        if x.shape[0] == 1 or self.agreeing_counts()[0] <= 2:
-            return self(x)
-        return torch.cat([self(x[i : i + 1]) for i in range(x.shape[0])])
+        """``self(x)`` for ``x`` of [rows, features] (rows <= :data:`MOST_ROWS`), every row bit-identical to
+        ``self`` of that row alone.
 
-    def agreeing_counts(self) -> tuple[int, ...]:
-        """The row counts (ascending, up to :data:`MOST_ROWS`) whose products give every row what a product of
-        :data:`MOST_ROWS` rows gives it, wherever the row sits and whatever the other rows hold, for this kernel,
-        shape and the current thread count. Probed once on crafted rows (:func:`_probe_rows`)."""
+        A product kernel picks its blocking by the number of rows, and another blocking can sum in another
+        order: on an AMD EPYC (Zen 4), oneDNN's packed bfloat16 products of SmolLM2's 576-wide projections and
+        head give one-row results for any count up to 16, but its down projection (576 x 1536) for none (2 to
+        16 rows agree with each other, not with one), and MKL's float32 products for none. So the rows take one
+        product, padded with zeros to the nearest count that gives one-row results (:meth:`one_row_counts`),
+        or, with none, one product each (the matrix then comes from the cache after the first)."""
+        count = x.shape[0]
+        if count == 1:
+            return self(x)
+        fit = next((m for m in self.one_row_counts() if m >= count), None)
+        if fit is None:
+            return torch.cat([self(x[i : i + 1]) for i in range(count)])
+        if fit == count:
+            return self(x)
+        return self(F.pad(x, (0, 0, 0, fit - count)))[:count]
+
+    def one_row_counts(self) -> tuple[int, ...]:
+        """The row counts (2 .. :data:`MOST_ROWS`, ascending) whose products give every row what a product of
+        that row alone gives, wherever it sits and whatever the other rows hold, for this kernel, shape and the
+        current thread count. Probed once on crafted rows (:func:`_probe_rows`)."""
         threads = torch.get_num_threads()
         if self._counts is None or self._counts[0] != threads:
             kind = "packed" if self.packed is not None else str(self.weight.dtype)
             key = (kind, *self.shape, self.bias is not None, threads)
-            if key not in _AGREEING_COUNTS:
-                _AGREEING_COUNTS[key] = _probe_rows(self)
-            self._counts = (threads, _AGREEING_COUNTS[key])
+            if key not in _ONE_ROW_COUNTS:
+                _ONE_ROW_COUNTS[key] = _probe_rows(self)
+            self._counts = (threads, _ONE_ROW_COUNTS[key])
         return self._counts[1]
 
 
 def _probe_rows(projection: Projection) -> tuple[int, ...]:
-    """:meth:`Projection.agreeing_counts`, measured on a projection of the same kernel and shape whose weights
+    """:meth:`Projection.one_row_counts`, measured on a projection of the same kernel and shape whose weights
     are all one, fed rows built to show any change in the order of summation: each holds ``+2**20`` and
     ``-2**20`` at random places among values in (-1, 1), so which small values are rounded away depends on where
-    the large ones fall in the order, and the exact sum (small) shows it even in bfloat16. A changed order
-    almost never shows in random rows' bfloat16 results (their rounding hides it)."""
+    the large ones fall in the order, and the exact sum (small) shows it even in bfloat16. (A changed order
+    seldom shows in random rows' bfloat16 results: their rounding hides it.)"""
     dtype = torch.bfloat16 if projection.packed is not None else projection.weight.dtype
     source = projection.packed if projection.packed is not None else projection.weight
     ones = torch.ones(projection.shape, dtype=dtype, device=source.device)
@@ -140,20 +133,20 @@ def _probe_rows(projection: Projection) -> tuple[int, ...]:
     probe = Projection(ones, bias, pack=projection.packed is not None)
     generator = torch.Generator().manual_seed(0)
     features = projection.shape[1]
-    agreeing = set(range(1, MOST_ROWS + 1))
+    counts = set(range(2, MOST_ROWS + 1))
     for _ in range(2):
         x = torch.rand(MOST_ROWS, features, generator=generator) * 2 - 1
         for row in x:
             large = torch.randperm(features, generator=generator)[:2]
             row[large[0]], row[large[1]] = 2.0**20, -(2.0**20)
         x = x.to(device=source.device, dtype=dtype)
-        reference = probe.product(x)
-        for m in list(agreeing):
-            alone = F.pad(x[:1], (0, 0, 0, m - 1))  # the first row among zeros
-            same = torch.equal(probe.product(x[:m]), reference[:m])
-            if not (same and torch.equal(probe.product(alone)[0], reference[0])):
-                agreeing.discard(m)
-    return tuple(sorted(agreeing))
+        alone = torch.cat([probe(x[i : i + 1]) for i in range(MOST_ROWS)])
+        for m in list(counts):
+            among_zeros = F.pad(x[:1], (0, 0, 0, m - 1))  # the first row, then zeros
+            same = torch.equal(probe(x[:m]), alone[:m])
+            if not (same and torch.equal(probe(among_zeros)[0], alone[0])):
+                counts.discard(m)
+    return tuple(sorted(counts))
 
 
 class MatVecLinear(nn.Linear):
